@@ -1,0 +1,177 @@
+"""Instrumented paired recording: FP and Q schedulers in lock-step along the FP trajectory.
+
+For each run (one seed, one batch) two schedulers of the same kind advance together. At every
+step both models are evaluated on the same state ``x_i``; the FP scheduler is fed the FP output,
+the Q scheduler the Q output (so a multistep solver keeps a Q history), and the trajectory
+continues along the FP branch:
+
+    x_{i+1}^fp = S_fp(x_i, m_fp(x_i)),   x_{i+1}^q = S_q(x_i, m_q(x_i)),   x_{i+1} := x_{i+1}^fp
+    Delta_i    = x_{i+1}^q - x_{i+1}^fp
+
+Each finished run is appended to the calibration store (see :mod:`qdrift_stats.store`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .errors import QDriftError
+from .pair import check_pair
+from .sampling import initial_noise, prepared_scheduler, run_sampler, scale_model_input
+from .schedulers import scheduler_identity, step_grid, step_kwargs
+from .store import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    append_run,
+    check_compatible,
+    package_version,
+    repair_store,
+    run_dataset,
+    store_attrs,
+)
+
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass(frozen=True)
+class RecordingPlan:
+    """What one ``record`` call asks for: the run seeds and their batch, on one step grid."""
+
+    pair_name: str
+    scheduler_name: str
+    steps: int
+    seeds: tuple[int, ...]
+    batch_size: int
+    trajectories: bool = False
+    dtype: str = "float32"
+
+
+def record_run(pair: Any, scheduler_name: str, steps: int, batch_size: int, seed: int, trajectories: bool = False) -> tuple[dict[str, np.ndarray], Any]:
+    """Record one paired run.
+
+    Returns:
+        ``(arrays, fp_scheduler)`` with arrays ``delta_x``, ``delta_out``, ``out_fp`` (and
+        ``traj_fp``, ``traj_q`` if asked), each float32 ``(steps, batch, *sample_shape)``.
+
+    Raises:
+        QDriftError: if either model produces a non-finite value.
+    """
+    sched_fp = prepared_scheduler(pair, scheduler_name, steps)
+    sched_q = prepared_scheduler(pair, scheduler_name, steps)
+    kw_fp, kw_q = step_kwargs(sched_fp), step_kwargs(sched_q)
+    x, cond = initial_noise(pair, sched_fp, batch_size, seed)
+    x_start = x.clone()
+    delta_x, delta_out, out_fp, traj_fp = [], [], [], []
+    with torch.no_grad():
+        for i, t in enumerate(sched_fp.timesteps):
+            model_input = scale_model_input(sched_fp, x, t)
+            scale_model_input(sched_q, x, t)  # keeps the Q scheduler's own bookkeeping in step
+            m_fp = pair.fp(model_input, t, **cond)
+            m_q = pair.q(model_input, t, **cond)
+            x_fp = sched_fp.step(m_fp, t, x, **kw_fp, return_dict=False)[0]
+            x_q = sched_q.step(m_q, t, x, **kw_q, return_dict=False)[0]
+            for name, value in (("m_fp", m_fp), ("m_q", m_q), ("x_fp", x_fp), ("x_q", x_q)):
+                if not bool(torch.isfinite(value).all()):
+                    raise QDriftError(f"non-finite {name} at run seed {seed}, step {i} (timestep {float(t):g}); nothing was written for this run")
+            delta_x.append(x_q - x_fp)
+            delta_out.append(m_q - m_fp)
+            out_fp.append(m_fp)
+            traj_fp.append(x_fp)
+            x = x_fp
+        arrays = {
+            "delta_x": _stack(delta_x),
+            "delta_out": _stack(delta_out),
+            "out_fp": _stack(out_fp),
+        }
+        if trajectories:
+            arrays["traj_fp"] = _stack(traj_fp)
+            sched_free = prepared_scheduler(pair, scheduler_name, steps)
+            traj_q: list[torch.Tensor] = []
+            run_sampler(pair.q, sched_free, x_start, cond, callback=lambda s: traj_q.append(s["x_next"]))
+            arrays["traj_q"] = _stack(traj_q)
+    return arrays, sched_fp
+
+
+def _stack(tensors: list[torch.Tensor]) -> np.ndarray:
+    return torch.stack(tensors).detach().float().cpu().numpy()
+
+
+def _store_attrs(pair: Any, plan: RecordingPlan, scheduler) -> dict[str, Any]:
+    identity = scheduler_identity(scheduler)
+    return {
+        "qdrift_schema": SCHEMA,
+        "qdrift_schema_version": SCHEMA_VERSION,
+        "pair": plan.pair_name,
+        "scheduler": identity["name"],
+        "scheduler_class": identity["class"],
+        "scheduler_config": json.dumps(identity["config"], sort_keys=True),
+        "steps": plan.steps,
+        "prediction_type": step_grid(scheduler).prediction_type,
+        "batch_size": plan.batch_size,
+        "sample_shape": list(pair.sample_shape),
+        "dtype": plan.dtype,
+        "trajectories": bool(plan.trajectories),
+        "package": "qdrift-stats",
+        "package_version": package_version(),
+    }
+
+
+def record(
+    pair: Any,
+    out: str | Path,
+    *,
+    pair_name: str,
+    scheduler_name: str,
+    steps: int,
+    runs: int,
+    batch_size: int,
+    seed: int,
+    trajectories: bool = False,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: Callable[[Iterable], Iterator] | None = None,
+) -> Path:
+    """Record ``runs`` paired runs (seeds ``seed .. seed + runs - 1``) into the store ``out``.
+
+    If ``out`` exists and was recorded with the same pair, scheduler, steps, batch and options,
+    only the seeds it lacks are recorded and appended (an interrupted recording resumes this way;
+    a partly written run is discarded first). A store of another configuration is refused unless
+    ``overwrite`` is set. Returns the store path.
+    """
+    check_pair(pair, pair_name)
+    if runs < 1 or batch_size < 1:
+        raise QDriftError("--runs and --batch must be positive")
+    if dtype not in _DTYPES:
+        raise QDriftError(f"--dtype must be one of {', '.join(_DTYPES)}")
+    out = Path(out)
+    plan = RecordingPlan(pair_name, scheduler_name, steps, tuple(range(seed, seed + runs)), batch_size, trajectories, dtype)
+    scheduler = prepared_scheduler(pair, scheduler_name, steps)
+    grid = step_grid(scheduler)
+    attrs = _store_attrs(pair, plan, scheduler)
+    done_seeds: set[int] = set()
+    if out.exists():
+        if overwrite:
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        else:
+            existing = store_attrs(out)
+            check_compatible(existing, attrs, out)
+            done = repair_store(out)
+            import zarr
+
+            done_seeds = set(int(s) for s in zarr.open_group(out, mode="r")["seed"][:done])
+    todo = [s for s in plan.seeds if s not in done_seeds]
+    coords = {"timestep": grid.timesteps, "a": grid.a, "b": grid.b, "a_next": grid.a_next, "b_next": grid.b_next}
+    run_index = len(done_seeds)
+    for run_seed in progress(todo) if progress else todo:
+        arrays, _ = record_run(pair, scheduler_name, steps, batch_size, run_seed, trajectories)
+        arrays = {k: v.astype(_DTYPES[dtype]) for k, v in arrays.items()}
+        append_run(out, run_dataset(arrays, run_seed, run_index, coords, attrs))
+        run_index += 1
+    return out

@@ -1,0 +1,182 @@
+"""The calibration store: a zarr v3 group written and read through xarray.
+
+Layout (schema ``qdrift-calibration``, version :data:`SCHEMA_VERSION`):
+
+- dimensions ``run``, ``step``, ``sample``, then the sample's own dims (``channel`` and, for
+  images, ``height``, ``width``; see :func:`sample_dims`);
+- variables ``delta_x`` (the per-step perturbation ``Delta_i = x_{i+1}^q - x_{i+1}^fp``, state
+  units), ``delta_out`` (``m_q - m_fp``, model-output units), ``out_fp`` (``m_fp``); optionally
+  ``traj_fp`` and ``traj_q``, the free-running FP and Q states after each step, for accumulation plots;
+- coordinates ``seed(run)``, ``timestep(step)``, ``a(step)``, ``b(step)`` (the state at the start of
+  the step is ``a x0 + b eps``), ``a_next(step)``, ``b_next(step)`` (the level the step lands on);
+- attributes: schema name and version, scheduler name, class and config (JSON), step count,
+  prediction type, pair name, batch size, package version, and ``runs_complete``.
+
+Runs are appended one at a time along ``run``. ``runs_complete`` is updated only after a run's
+arrays are fully written, so a recording killed mid-run loses at most that run: readers see the
+first ``runs_complete`` runs, and :func:`repair_store` trims the partial run before a resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from .errors import QDriftError
+
+SCHEMA = "qdrift-calibration"
+SCHEMA_VERSION = 1
+PERTURBATION_VARS = ("delta_x", "delta_out", "out_fp")
+TRAJECTORY_VARS = ("traj_fp", "traj_q")
+# Attributes that must agree before runs can be appended to an existing store.
+IDENTITY_ATTRS = ("pair", "scheduler", "scheduler_config", "steps", "batch_size", "sample_shape", "dtype", "trajectories")
+
+
+def sample_dims(sample_shape: tuple[int, ...]) -> tuple[str, ...]:
+    """Names of a sample's own dimensions: ``channel`` first, then ``height, width`` for images."""
+    if len(sample_shape) == 3:
+        return ("channel", "height", "width")
+    return ("channel",) + tuple(f"dim_{k}" for k in range(1, len(sample_shape)))
+
+
+def package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def run_dataset(arrays: dict[str, np.ndarray], seed: int, run_index: int, coords: dict[str, np.ndarray], attrs: dict[str, Any]) -> xr.Dataset:
+    """A one-run dataset ready to be appended.
+
+    Args:
+        arrays: name -> ``(step, sample, *sample_shape)`` array of one run.
+        coords: per-step coordinates ``timestep, a, b, a_next, b_next``, each ``(steps,)``.
+    """
+    first = next(iter(arrays.values()))
+    dims = ("run", "step", "sample") + sample_dims(first.shape[2:])
+    data_vars = {name: (dims, value[None]) for name, value in arrays.items()}
+    all_coords: dict[str, Any] = {
+        "run": ("run", np.array([run_index], dtype=np.int64)),
+        "seed": ("run", np.array([seed], dtype=np.int64)),
+        "step": ("step", np.arange(first.shape[0], dtype=np.int64)),
+    }
+    all_coords.update({name: ("step", np.asarray(value, dtype=np.float64)) for name, value in coords.items()})
+    return xr.Dataset(data_vars, coords=all_coords, attrs=attrs)
+
+
+def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
+    """One chunk per (run, step): a reader can stream steps in bounded memory."""
+    encoding = {}
+    for name, var in ds.data_vars.items():
+        chunks = tuple(1 if d in ("run", "step") else size for d, size in zip(var.dims, var.shape))
+        encoding[name] = {"chunks": chunks}
+    return encoding
+
+
+def append_run(path: str | Path, ds: xr.Dataset) -> int:
+    """Append one run (``ds`` from :func:`run_dataset`) to the store, creating it if needed.
+
+    Returns the new ``runs_complete``.
+    """
+    path = Path(path)
+    if not path.exists():
+        ds = ds.assign_attrs(runs_complete=0)
+        ds.to_zarr(path, mode="w-", zarr_format=3, consolidated=True, encoding=_encoding(ds))
+    else:
+        ds.drop_attrs().to_zarr(path, append_dim="run", zarr_format=3, consolidated=True)
+    group = zarr.open_group(path, mode="r+")
+    done = int(group["run"].shape[0])
+    group.attrs["runs_complete"] = done
+    zarr.consolidate_metadata(path)
+    return done
+
+
+def _check_schema(attrs: dict[str, Any], path: Path) -> None:
+    if attrs.get("qdrift_schema") != SCHEMA:
+        raise QDriftError(f"{path} is not a qdrift calibration store (schema {attrs.get('qdrift_schema')!r})")
+    version = attrs.get("qdrift_schema_version")
+    if version != SCHEMA_VERSION:
+        raise QDriftError(f"{path} has store schema version {version!r}; this qdrift-stats reads version {SCHEMA_VERSION}")
+
+
+def _open_group(path: Path, mode: str = "r"):
+    if not path.exists():
+        raise QDriftError(f"store {path} does not exist")
+    try:
+        return zarr.open_group(path, mode=mode, zarr_format=3)
+    except Exception as exc:  # zarr raises several types for a non-store folder
+        raise QDriftError(f"{path} is not a readable zarr v3 store ({type(exc).__name__})") from None
+
+
+def store_attrs(path: str | Path) -> dict[str, Any]:
+    """The store's attributes, after checking its schema."""
+    path = Path(path)
+    attrs = dict(_open_group(path).attrs)
+    _check_schema(attrs, path)
+    return attrs
+
+
+def repair_store(path: str | Path) -> int:
+    """Trim a run that was being written when a recording stopped; return ``runs_complete``."""
+    path = Path(path)
+    group = _open_group(path, mode="r+")
+    attrs = dict(group.attrs)
+    _check_schema(attrs, path)
+    done = int(attrs.get("runs_complete", 0))
+    changed = False
+    for name, array in group.arrays():
+        dims = getattr(array.metadata, "dimension_names", None) or ()
+        if dims and dims[0] == "run" and array.shape[0] != done:
+            array.resize((done,) + tuple(array.shape[1:]))
+            changed = True
+    if changed:
+        zarr.consolidate_metadata(path)
+    return done
+
+
+def open_store(path: str | Path) -> xr.Dataset:
+    """Open a calibration store lazily (dask-backed) after checking its schema.
+
+    Only the runs that were completely written are returned.
+    """
+    path = Path(path)
+    attrs = store_attrs(path)
+    done = int(attrs.get("runs_complete", 0))
+    try:
+        ds = xr.open_zarr(path, consolidated=True)
+    except Exception as exc:
+        raise QDriftError(
+            f"{path} could not be opened ({type(exc).__name__}); if a recording was interrupted, run the same 'qdrift record' again to resume"
+        ) from None
+    missing = [v for v in PERTURBATION_VARS if v not in ds]
+    if missing:
+        raise QDriftError(f"{path} lacks the variables {', '.join(missing)}")
+    if ds.sizes.get("run", 0) != done:
+        ds = ds.isel(run=slice(0, done))
+    if done == 0:
+        raise QDriftError(f"{path} holds no complete run")
+    return ds
+
+
+def scheduler_config_of(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler config recorded in a store's attributes, as a dict."""
+    return json.loads(attrs["scheduler_config"])
+
+
+def check_compatible(attrs: dict[str, Any], wanted: dict[str, Any], path: Path) -> None:
+    """Refuse to append to a store recorded under another configuration."""
+    for key in IDENTITY_ATTRS:
+        have, want = attrs.get(key), wanted.get(key)
+        if isinstance(have, list):
+            have = tuple(have)
+        if isinstance(want, list):
+            want = tuple(want)
+        if have != want:
+            raise QDriftError(
+                f"{path} was recorded with {key}={attrs.get(key)!r}, not {wanted.get(key)!r}; choose another --out or pass --overwrite"
+            )

@@ -1,0 +1,85 @@
+"""Quantization-error families for the analytic testbed.
+
+Each family maps the FP output ``m_fp`` (and the model input, for input-dependent errors) to a
+"quantized" output ``m_q``. They are chosen to probe the method's assumption that the error of a
+step behaves like independent zero-mean noise:
+
+- :class:`NoiseLikeError` - deterministic but decorrelated: ``amplitude * sin(G z + phi)`` with a
+  high-frequency random ``G``; the regime Q-Drift is derived for.
+- :class:`CorrelatedError` - signal-correlated: ``(1 + k) m_fp + mu``; not noise (PTQD's regime).
+- :class:`RoundingError` - the output rounded to a grid of width ``delta``; not noise either
+  (at small noise levels the error is ``-m_fp`` for small outputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class QuantizationError:
+    """Base class: ``error(m_fp, model_input, timestep) -> m_q`` (shapes equal)."""
+
+    name = "none"
+
+    def __call__(self, m_fp: torch.Tensor, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ZeroError(QuantizationError):
+    """No error: ``q`` equals ``fp``."""
+
+    name = "zero"
+
+    def __call__(self, m_fp, model_input, timestep):
+        return m_fp
+
+
+@dataclass
+class NoiseLikeError(QuantizationError):
+    """``m_q = m_fp + amplitude * sin(G z + phi)``, ``z`` the flattened model input.
+
+    ``G ~ N(0, frequency^2)`` is ``(d, d)`` and ``phi ~ U(0, 2 pi)``, both drawn from ``seed``. With
+    a high frequency the error decorrelates between nearby states and steps. Its per-coordinate
+    variance is about ``amplitude^2 / 2``.
+    """
+
+    dim: int
+    amplitude: float = 0.1
+    frequency: float = 40.0
+    seed: int = 1234
+    name = "noise"
+
+    def __post_init__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        self._G = torch.randn(self.dim, self.dim, generator=g, dtype=torch.float64) * self.frequency
+        self._phi = torch.rand(self.dim, generator=g, dtype=torch.float64) * 2 * torch.pi
+
+    def __call__(self, m_fp, model_input, timestep):
+        z = model_input.reshape(model_input.shape[0], -1).double()
+        err = self.amplitude * torch.sin(z @ self._G.T + self._phi)
+        return m_fp + err.reshape(m_fp.shape).to(m_fp.dtype)
+
+
+@dataclass
+class CorrelatedError(QuantizationError):
+    """``m_q = (1 + k) * m_fp + mu``: a scale error and a bias, both constant."""
+
+    k: float = -0.05
+    mu: float = 0.0
+    name = "correlated"
+
+    def __call__(self, m_fp, model_input, timestep):
+        return (1.0 + self.k) * m_fp + self.mu
+
+
+@dataclass
+class RoundingError(QuantizationError):
+    """``m_q = delta * round(m_fp / delta)``: output rounding to a uniform grid."""
+
+    delta: float = 0.25
+    name = "rounding"
+
+    def __call__(self, m_fp, model_input, timestep):
+        return torch.round(m_fp / self.delta) * self.delta

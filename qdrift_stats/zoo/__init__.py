@@ -1,0 +1,37 @@
+"""The digits zoo: small class-conditional diffusion models trained on scikit-learn's digits.
+
+- :func:`digits_unet_fp` / :func:`digits_dit_fp`: pairs whose ``q`` is the FP model (zero error);
+- :class:`DiffusersPair`: FP + quantized diffusers denoisers with classifier-free guidance;
+- :func:`calibration_inputs`: model calls for a PTQ method's activation statistics;
+- :func:`load_digits_unet`, :func:`load_digits_dit`: the shipped weights (``data/digits_*``).
+
+See ``docs/zoo.md``.
+"""
+
+from __future__ import annotations
+
+from .data import NULL_CLASS, NUM_CLASSES, SAMPLE_SHAPE, load_digits_tensors, to_model_range, to_pixels
+from .models import (
+    build_model,
+    load_digits_dit,
+    load_digits_model,
+    load_digits_unet,
+    load_scheduler_config,
+    scheduler_config,
+)
+from .pairs import (
+    DEFAULT_GUIDANCE_SCALE,
+    DiffusersPair,
+    calibration_inputs,
+    digits_dit_fp,
+    digits_pair,
+    digits_unet_fp,
+    sample_pair,
+)
+
+__all__ = [
+    "DEFAULT_GUIDANCE_SCALE", "DiffusersPair", "NULL_CLASS", "NUM_CLASSES", "SAMPLE_SHAPE", "build_model",
+    "calibration_inputs", "digits_dit_fp", "digits_pair", "digits_unet_fp", "load_digits_dit",
+    "load_digits_model", "load_digits_tensors", "load_digits_unet", "load_scheduler_config", "sample_pair",
+    "scheduler_config", "to_model_range", "to_pixels",
+]
