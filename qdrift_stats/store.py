@@ -86,13 +86,14 @@ def append_run(path: str | Path, ds: xr.Dataset) -> int:
     path = Path(path)
     if not path.exists():
         ds = ds.assign_attrs(runs_complete=0)
-        ds.to_zarr(path, mode="w-", zarr_format=3, consolidated=True, encoding=_encoding(ds))
+        ds.to_zarr(path, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
     else:
-        ds.drop_attrs().to_zarr(path, append_dim="run", zarr_format=3, consolidated=True)
+        # xarray rewrites the group's attributes on append: keep them, with the old run count.
+        done = int(zarr.open_group(path, mode="r").attrs.get("runs_complete", 0))
+        ds.assign_attrs(runs_complete=done).to_zarr(path, append_dim="run", zarr_format=3, consolidated=False)
     group = zarr.open_group(path, mode="r+")
     done = int(group["run"].shape[0])
     group.attrs["runs_complete"] = done
-    zarr.consolidate_metadata(path)
     return done
 
 
@@ -128,14 +129,10 @@ def repair_store(path: str | Path) -> int:
     attrs = dict(group.attrs)
     _check_schema(attrs, path)
     done = int(attrs.get("runs_complete", 0))
-    changed = False
-    for name, array in group.arrays():
+    for _, array in group.arrays():
         dims = getattr(array.metadata, "dimension_names", None) or ()
         if dims and dims[0] == "run" and array.shape[0] != done:
             array.resize((done,) + tuple(array.shape[1:]))
-            changed = True
-    if changed:
-        zarr.consolidate_metadata(path)
     return done
 
 
@@ -148,7 +145,7 @@ def open_store(path: str | Path) -> xr.Dataset:
     attrs = store_attrs(path)
     done = int(attrs.get("runs_complete", 0))
     try:
-        ds = xr.open_zarr(path, consolidated=True)
+        ds = xr.open_zarr(path, consolidated=False)
     except Exception as exc:
         raise QDriftError(
             f"{path} could not be opened ({type(exc).__name__}); if a recording was interrupted, run the same 'qdrift record' again to resume"

@@ -1,0 +1,185 @@
+"""The ``qdrift`` command line.
+
+Exit codes: 0 success; 2 bad input (one line on stderr, no traceback); 1 an internal error
+(one line; set ``QDRIFT_DEBUG=1`` for the traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import click
+
+from .errors import QDriftError
+from .schedulers import SCHEDULER_NAMES
+
+EPILOG_RECORD = """\b
+Example:
+  qdrift record --pair qdrift_stats.testbed:mixture_vp_noise --scheduler euler \\
+      --steps 50 --runs 5 --batch 64 --seed 0 --out calib.zarr
+"""
+EPILOG_FIT = """\b
+Example:
+  qdrift fit calib.zarr --out est.safetensors --correction shrink
+"""
+EPILOG_SAMPLE = """\b
+Example:
+  qdrift sample --pair qdrift_stats.testbed:mixture_vp_noise --scheduler euler --steps 50 \\
+      --num-samples 1000 --batch 250 --seed 7 --model q --estimator est.safetensors --out q.npy
+"""
+EPILOG_DEMO = """\b
+Example:
+  qdrift demo                 # about a minute on 2 CPU cores
+"""
+
+
+def _progress(label: str):
+    """A tqdm wrapper shown only on a terminal."""
+
+    def wrap(items: Iterable) -> Iterator:
+        from tqdm.auto import tqdm
+
+        items = list(items)
+        return iter(tqdm(items, desc=label, disable=not sys.stderr.isatty(), leave=False))
+
+    return wrap
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qdrift-stats", prog_name="qdrift")
+def cli() -> None:
+    """Quantization-aware sampling of diffusion models (Q-Drift): record, fit, sample."""
+
+
+@cli.command(epilog=EPILOG_RECORD)
+@click.option("--pair", required=True, help="Model pair MODULE:FACTORY.")
+@click.option("--scheduler", required=True, help=f"One of {', '.join(SCHEDULER_NAMES)}.")
+@click.option("--steps", required=True, type=int, help="Number of sampling steps.")
+@click.option("--runs", required=True, type=int, help="Number of paired calibration runs (seeds SEED..SEED+RUNS-1).")
+@click.option("--batch", required=True, type=int, help="Samples per run.")
+@click.option("--seed", required=True, type=int, help="Seed of the first run.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Calibration store (zarr v3 folder).")
+@click.option("--trajectories", is_flag=True, help="Also store free-running FP and Q trajectories (for accumulation plots).")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]), help="Storage dtype.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store recorded with other settings.")
+def record(pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, overwrite):
+    """Record paired FP/Q calibration runs into a zarr store.
+
+    An existing store with the same settings is extended: only missing seeds are recorded, so an
+    interrupted recording resumes where it stopped.
+    """
+    from .pair import load_pair
+    from .record import record as run_record
+
+    model_pair = load_pair(pair)
+    path = run_record(
+        model_pair,
+        out,
+        pair_name=pair,
+        scheduler_name=scheduler,
+        steps=steps,
+        runs=runs,
+        batch_size=batch,
+        seed=seed,
+        trajectories=trajectories,
+        dtype=dtype,
+        overwrite=overwrite,
+        progress=_progress("record"),
+    )
+    click.echo(f"recorded {runs} runs x {batch} samples, {steps} {scheduler} steps -> {path}")
+
+
+@cli.command(epilog=EPILOG_FIT)
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Estimator file (.safetensors).")
+@click.option("--estimator", "estimator_name", default="empirical", show_default=True, help="Estimator name.")
+@click.option("--correction", default="drift", show_default=True, type=click.Choice(["drift", "shrink"]), help="Correction form.")
+@click.option("--strength", default=1.0, show_default=True, type=float, help="Strength lambda multiplying the statistic.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing estimator file.")
+@click.option("--quiet", "-q", is_flag=True, help="Do not print the summary table.")
+def fit(store, out, estimator_name, correction, strength, overwrite, quiet):
+    """Fit the variance statistic from a calibration store and export it."""
+    from .estimators import get_estimator
+
+    fitted = get_estimator(estimator_name).fit(store)
+    fitted.export(out, correction=correction, strength=strength, provenance={"store": str(store)}, overwrite=overwrite)
+    if not quiet:
+        click.echo(fitted.summary())
+    click.echo(f"wrote {out}")
+
+
+@cli.command(epilog=EPILOG_SAMPLE)
+@click.option("--pair", required=True, help="Model pair MODULE:FACTORY.")
+@click.option("--scheduler", required=True, help=f"One of {', '.join(SCHEDULER_NAMES)}.")
+@click.option("--steps", required=True, type=int)
+@click.option("--num-samples", required=True, type=int)
+@click.option("--batch", required=True, type=int)
+@click.option("--seed", required=True, type=int, help="Seed of the first batch (batch k uses SEED+k).")
+@click.option("--model", required=True, type=click.Choice(["fp", "q"]))
+@click.option("--estimator", "estimator_path", type=click.Path(path_type=Path), help="Estimator file: turns on the correction.")
+@click.option("--correction", type=click.Choice(["drift", "shrink"]), help="Override the file's correction form.")
+@click.option("--strength", type=float, help="Override the file's strength.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .npy, float32 (M, *sample_shape).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def sample(pair, scheduler, steps, num_samples, batch, seed, model, estimator_path, correction, strength, out, overwrite):
+    """Draw final clean samples with the FP or Q model, optionally corrected."""
+    import numpy as np
+
+    from .export import EstimatorFile
+    from .pair import load_pair
+    from .sampling import sample as run_sample
+
+    if out.exists() and not overwrite:
+        raise QDriftError(f"{out} exists; pass --overwrite to replace it")
+    estimator = EstimatorFile.load(estimator_path) if estimator_path else None
+    model_pair = load_pair(pair)
+    samples = run_sample(
+        model_pair, scheduler, steps, num_samples, batch, seed, model=model, estimator=estimator,
+        correction=correction, strength=strength, progress=_progress("sample"),
+    )
+    np.save(out, samples)
+    for note in estimator.notes if estimator else []:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {samples.shape[0]} samples {tuple(samples.shape[1:])} -> {out}")
+
+
+@cli.command(epilog=EPILOG_DEMO)
+@click.option("--out", type=click.Path(path_type=Path), help="Keep the store and estimator files in this folder.")
+@click.option("--samples", "num_samples", default=4000, show_default=True, type=int, help="Samples per sampler and model.")
+def demo(out, num_samples):
+    """The whole chain on the embedded default (the mixture testbed): record, fit, correct, measure."""
+    from .demo import run_demo
+
+    click.echo(run_demo(out, num_samples=num_samples, progress=_progress("demo")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the CLI and turns errors into one line and an exit code."""
+    try:
+        result = cli.main(args=argv, prog_name="qdrift", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except QDriftError as exc:
+        click.echo(f"qdrift: error: {exc}", err=True)
+        code = 2
+    except click.exceptions.UsageError as exc:
+        click.echo(f"qdrift: error: {' '.join(exc.format_message().split())}", err=True)
+        code = 2
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("qdrift: interrupted", err=True)
+        code = 130
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        click.echo(f"qdrift: error: {exc.strerror or type(exc).__name__}: {exc.filename}", err=True)
+        code = 2
+    except Exception as exc:  # an internal error: one line, the traceback on request
+        if os.environ.get("QDRIFT_DEBUG"):
+            raise
+        click.echo(f"qdrift: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} (QDRIFT_DEBUG=1 shows the traceback)", err=True)
+        code = 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

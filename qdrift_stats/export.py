@@ -1,0 +1,254 @@
+"""Estimator files: one ``.safetensors`` file with the statistic and JSON metadata. Never pickle.
+
+Tensors (float64):
+
+- ``variance``: ``(steps,)`` or ``(steps, channels)``, the statistic ``v_i`` (state units squared);
+- ``timesteps``, ``a_next``, ``b_next``: ``(steps,)``, the step grid it was fitted on;
+- optional ``k``, ``mu``: the per-step output decomposition ``m_q - m_fp = k m_fp + mu + r``;
+- optional ``ci_low``, ``ci_high``: confidence bounds of ``variance``.
+
+Metadata: the safetensors header entry ``"qdrift"`` holds a JSON object::
+
+    {"format": "qdrift-estimator", "format_version": 1,
+     "scheduler": {"name": ..., "class": ..., "config": {...}}, "steps": N,
+     "estimator": {"name": ..., "params": {...}, "smooth": false},
+     "correction": {"form": "drift"|"shrink", "strength": 1.0},
+     "num_runs": R, "provenance": {"pair": ..., "seeds": [...], "package_version": ..., ...}}
+
+Loading checks the format; :meth:`EstimatorFile.variance_on` checks that a sampler's scheduler
+and step grid match, or interpolates ``log v`` over ``log b`` when the estimator is smooth, and
+says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .correction import CORRECTION_FORMS, correction_coefficients
+from .errors import QDriftError
+from .schedulers import StepGrid, scheduler_name, step_grid
+
+FORMAT = "qdrift-estimator"
+FORMAT_VERSION = 1
+METADATA_KEY = "qdrift"
+_REQUIRED_TENSORS = ("variance", "timesteps", "a_next", "b_next")
+_OPTIONAL_TENSORS = ("k", "mu", "ci_low", "ci_high")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EstimatorFile:
+    """A loaded (or ready-to-save) estimator: tensors as float64 numpy arrays plus metadata."""
+
+    tensors: dict[str, np.ndarray]
+    metadata: dict[str, Any]
+    path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_fitted(cls, fitted, correction: str = "drift", strength: float = 1.0, provenance: dict[str, Any] | None = None) -> "EstimatorFile":
+        """From a :class:`~qdrift_stats.estimators.base.FittedEstimator`."""
+        from . import __version__
+
+        if correction not in CORRECTION_FORMS:
+            raise QDriftError(f"unknown correction form {correction!r}; choose drift or shrink")
+        attrs = fitted.store_attrs
+        tensors = {
+            "variance": fitted.variance,
+            "timesteps": fitted.timesteps,
+            "a_next": fitted.a_next,
+            "b_next": fitted.b_next,
+            "ci_low": fitted.ci_low,
+            "ci_high": fitted.ci_high,
+        }
+        if fitted.k is not None:
+            tensors["k"] = fitted.k
+        if fitted.mu is not None:
+            tensors["mu"] = fitted.mu
+        scheduler_config = attrs.get("scheduler_config", "{}")
+        metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "scheduler": {
+                "name": attrs.get("scheduler"),
+                "class": attrs.get("scheduler_class"),
+                "config": json.loads(scheduler_config) if isinstance(scheduler_config, str) else scheduler_config,
+            },
+            "steps": int(fitted.num_steps),
+            "prediction_type": attrs.get("prediction_type"),
+            "estimator": {"name": fitted.name, "params": fitted.params, "smooth": bool(fitted.smooth)},
+            "correction": {"form": correction, "strength": float(strength)},
+            "num_runs": int(fitted.num_runs),
+            "provenance": {
+                "pair": attrs.get("pair"),
+                "seeds": [int(s) for s in fitted.seeds],
+                "batch_size": attrs.get("batch_size"),
+                "store_package_version": attrs.get("package_version"),
+                "package_version": __version__,
+                **(provenance or {}),
+            },
+        }
+        return cls({k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}, metadata)
+
+    @classmethod
+    def zeros_like_grid(cls, scheduler, correction: str = "drift") -> "EstimatorFile":
+        """A zero estimator for a configured scheduler: the corrected sampler equals the plain one."""
+        from . import __version__
+        from .schedulers import scheduler_identity
+
+        grid = step_grid(scheduler)
+        ident = scheduler_identity(scheduler)
+        tensors = {"variance": np.zeros(grid.num_steps), "timesteps": grid.timesteps, "a_next": grid.a_next, "b_next": grid.b_next}
+        metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "scheduler": ident,
+            "steps": grid.num_steps,
+            "prediction_type": grid.prediction_type,
+            "estimator": {"name": "zero", "params": {}, "smooth": False},
+            "correction": {"form": correction, "strength": 1.0},
+            "num_runs": 0,
+            "provenance": {"package_version": __version__},
+        }
+        return cls(tensors, metadata)
+
+    # ---- files --------------------------------------------------------------------------
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the file; refuse to replace an existing one unless ``overwrite``."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise QDriftError(f"{path} exists; pass --overwrite to replace it")
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in self.tensors.items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(self.metadata, sort_keys=True)})
+        os.replace(tmp, path)
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EstimatorFile":
+        """Read and validate an estimator file (safetensors only; nothing is unpickled)."""
+        path = Path(path)
+        if not path.is_file():
+            raise QDriftError(f"estimator file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k).double().numpy() for k in f.keys()}
+        except Exception as exc:
+            raise QDriftError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
+        try:
+            metadata = json.loads(header[METADATA_KEY])
+        except (KeyError, json.JSONDecodeError, TypeError):
+            raise QDriftError(f"{path} has no valid '{METADATA_KEY}' metadata: not a qdrift estimator file") from None
+        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+            raise QDriftError(f"{path} is not a qdrift estimator file (format {metadata.get('format') if isinstance(metadata, dict) else None!r})")
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise QDriftError(f"{path} has estimator format version {metadata.get('format_version')!r}; this qdrift-stats reads version {FORMAT_VERSION}")
+        missing = [k for k in _REQUIRED_TENSORS if k not in tensors]
+        if missing:
+            raise QDriftError(f"{path} lacks the tensors {', '.join(missing)}")
+        steps = len(tensors["timesteps"])
+        for k, v in tensors.items():
+            if k in _REQUIRED_TENSORS + _OPTIONAL_TENSORS and (v.ndim == 0 or v.shape[0] != steps):
+                raise QDriftError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, expected {steps} steps first")
+        if not np.all(np.isfinite(tensors["variance"])) or np.any(tensors["variance"] < 0):
+            raise QDriftError(f"{path}: variance must be finite and non-negative")
+        for key in ("scheduler", "correction", "estimator"):
+            if not isinstance(metadata.get(key), dict):
+                raise QDriftError(f"{path}: metadata lacks the '{key}' object")
+        if metadata["correction"].get("form") not in CORRECTION_FORMS:
+            raise QDriftError(f"{path}: unknown correction form {metadata['correction'].get('form')!r}")
+        return cls(tensors, metadata, path)
+
+    # ---- use ----------------------------------------------------------------------------
+    @property
+    def variance(self) -> np.ndarray:
+        return self.tensors["variance"]
+
+    @property
+    def steps(self) -> int:
+        return len(self.tensors["timesteps"])
+
+    @property
+    def scheduler_name(self) -> str:
+        return str(self.metadata["scheduler"].get("name"))
+
+    @property
+    def smooth(self) -> bool:
+        return bool(self.metadata["estimator"].get("smooth", False))
+
+    def _describe(self) -> str:
+        return f"{self.scheduler_name} with {self.steps} steps"
+
+    def variance_on(self, grid: StepGrid, name: str | None = None) -> np.ndarray:
+        """The statistic on a sampler's step grid; refuses a grid it was not fitted for.
+
+        Same scheduler and timesteps: the stored values. Same scheduler, another grid, smooth
+        estimator: ``log v`` interpolated linearly over ``log b_next`` (noted in ``self.notes``).
+        """
+        source = str(self.path) if self.path else "estimator"
+        name = name or grid.name
+        if name != self.scheduler_name:
+            raise QDriftError(f"{source} was fitted for scheduler {self.scheduler_name}, not {name}")
+        same = grid.num_steps == self.steps and np.allclose(grid.timesteps, self.tensors["timesteps"], rtol=0, atol=1e-6) and np.allclose(
+            grid.b_next, self.tensors["b_next"], rtol=1e-6, atol=1e-9
+        )
+        if same:
+            return self.variance
+        if not self.smooth:
+            raise QDriftError(
+                f"{source} was fitted for {self._describe()}, this sampler runs {name} with {grid.num_steps} steps; "
+                "re-record for this grid or export a smooth estimator"
+            )
+        variance = interpolate_log_b(self.tensors["b_next"], self.variance, grid.b_next)
+        note = f"{source}: interpolated from {self.steps} to {grid.num_steps} steps over log b"
+        self.notes.append(note)
+        log.warning(note)
+        return variance
+
+    def coefficients(self, grid: StepGrid, correction: str | None = None, strength: float | None = None) -> np.ndarray:
+        """Per-step pull coefficients on a grid (see :func:`qdrift_stats.correction.correction_coefficients`)."""
+        form = correction or self.metadata["correction"]["form"]
+        lam = self.metadata["correction"].get("strength", 1.0) if strength is None else strength
+        return correction_coefficients(self.variance_on(grid), grid.b_next, form, float(lam))
+
+    def corrector(self, scheduler, correction: str | None = None, strength: float | None = None, device=None, dtype=None):
+        """A :class:`~qdrift_stats.sampling.Corrector` for a scheduler after ``set_timesteps``."""
+        from .sampling import Corrector
+
+        grid = step_grid(scheduler)
+        device = torch.device(device) if device is not None else scheduler.timesteps.device
+        dtype = dtype or torch.float32
+        return Corrector(grid, self.coefficients(grid, correction, strength), device, dtype, k=self.tensors.get("k"), mu=self.tensors.get("mu"))
+
+
+def interpolate_log_b(b_from: np.ndarray, values: np.ndarray, b_to: np.ndarray) -> np.ndarray:
+    """Interpolate positive per-step ``values`` (``(steps[, channels])``) from one ``b`` grid to another.
+
+    Linear in ``(log b, log v)``, constant beyond the ends; 0 where the target ``b`` is 0.
+    """
+    keep = b_from > 0
+    xb = np.log(b_from[keep])
+    order = np.argsort(xb)
+    logv = np.log(np.maximum(values[keep], 1e-300))[order]
+    out_shape = (len(b_to),) + values.shape[1:]
+    out = np.zeros(out_shape)
+    target = b_to > 0
+    xt = np.log(b_to[target])
+    flat = logv.reshape(len(logv), -1)
+    cols = [np.exp(np.interp(xt, xb[order], flat[:, c])) for c in range(flat.shape[1])]
+    out[target] = np.stack(cols, axis=-1).reshape((target.sum(),) + values.shape[1:])
+    return out
