@@ -12,14 +12,18 @@ Layout (schema ``qdrift-calibration``, version :data:`SCHEMA_VERSION`):
 - attributes: schema name and version, scheduler name, class and config (JSON), step count,
   prediction type, pair name, batch size, package version, and ``runs_complete``.
 
-Runs are appended one at a time along ``run``. ``runs_complete`` is updated only after a run's
-arrays are fully written, so a recording killed mid-run loses at most that run: readers see the
-first ``runs_complete`` runs, and :func:`repair_store` trims the partial run before a resume.
+Runs are appended one at a time along ``run``. The consolidated metadata (read by
+``xarray.open_zarr``) and ``runs_complete`` are updated only after a run's arrays are fully
+written, so they act as the commit point: a recording killed mid-run loses at most that run,
+readers see the first ``runs_complete`` runs, and :func:`repair_store` trims the partial run
+before a resume.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,22 +82,32 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
     return encoding
 
 
+@contextmanager
+def _quiet_consolidation():
+    """zarr warns that consolidated metadata is not yet in the v3 spec; we rely on it on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        yield
+
+
 def append_run(path: str | Path, ds: xr.Dataset) -> int:
     """Append one run (``ds`` from :func:`run_dataset`) to the store, creating it if needed.
 
     Returns the new ``runs_complete``.
     """
     path = Path(path)
-    if not path.exists():
-        ds = ds.assign_attrs(runs_complete=0)
-        ds.to_zarr(path, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
-    else:
-        # xarray rewrites the group's attributes on append: keep them, with the old run count.
-        done = int(zarr.open_group(path, mode="r").attrs.get("runs_complete", 0))
-        ds.assign_attrs(runs_complete=done).to_zarr(path, append_dim="run", zarr_format=3, consolidated=False)
-    group = zarr.open_group(path, mode="r+")
-    done = int(group["run"].shape[0])
-    group.attrs["runs_complete"] = done
+    with _quiet_consolidation():
+        if not path.exists():
+            ds = ds.assign_attrs(runs_complete=0)
+            ds.to_zarr(path, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+        else:
+            # xarray rewrites the group's attributes on append: keep them, with the old run count.
+            done = int(zarr.open_group(path, mode="r", use_consolidated=False).attrs.get("runs_complete", 0))
+            ds.assign_attrs(runs_complete=done).to_zarr(path, append_dim="run", zarr_format=3, consolidated=False)
+        group = zarr.open_group(path, mode="r+", use_consolidated=False)
+        done = int(group["run"].shape[0])
+        group.attrs["runs_complete"] = done
+        zarr.consolidate_metadata(path)  # the commit point
     return done
 
 
@@ -109,7 +123,7 @@ def _open_group(path: Path, mode: str = "r"):
     if not path.exists():
         raise QDriftError(f"store {path} does not exist")
     try:
-        return zarr.open_group(path, mode=mode, zarr_format=3)
+        return zarr.open_group(path, mode=mode, zarr_format=3, use_consolidated=None if mode == "r" else False)
     except Exception as exc:  # zarr raises several types for a non-store folder
         raise QDriftError(f"{path} is not a readable zarr v3 store ({type(exc).__name__})") from None
 
@@ -133,6 +147,8 @@ def repair_store(path: str | Path) -> int:
         dims = getattr(array.metadata, "dimension_names", None) or ()
         if dims and dims[0] == "run" and array.shape[0] != done:
             array.resize((done,) + tuple(array.shape[1:]))
+    with _quiet_consolidation():
+        zarr.consolidate_metadata(path)
     return done
 
 
@@ -145,7 +161,7 @@ def open_store(path: str | Path) -> xr.Dataset:
     attrs = store_attrs(path)
     done = int(attrs.get("runs_complete", 0))
     try:
-        ds = xr.open_zarr(path, consolidated=False)
+        ds = xr.open_zarr(path, consolidated=True)
     except Exception as exc:
         raise QDriftError(
             f"{path} could not be opened ({type(exc).__name__}); if a recording was interrupted, run the same 'qdrift record' again to resume"

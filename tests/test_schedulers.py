@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.schedulers import SCHEDULER_NAMES, make_scheduler, step_grid, x0_from_output
+from qdrift_stats.testbed import FLOW_SCHEDULER_CONFIG, VP_SCHEDULER_CONFIG
+
+from .conftest import PAIR_FOR, VP_PAIR
+
+
+def config_for(name):
+    return VP_SCHEDULER_CONFIG if PAIR_FOR[name] == VP_PAIR else FLOW_SCHEDULER_CONFIG
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+@pytest.mark.parametrize("steps", [1, 7, 25])
+def test_step_grid_has_one_level_per_step_and_ends_clean(name, steps):
+    sched = make_scheduler(name, config_for(name))
+    sched.set_timesteps(steps)
+    grid = step_grid(sched)
+    assert grid.num_steps == steps == len(sched.timesteps)
+    for arr in (grid.a, grid.b, grid.a_next, grid.b_next):
+        assert arr.shape == (steps,) and np.all(np.isfinite(arr))
+    # levels decrease monotonically in noise and the last step lands on the clean sample
+    assert np.all(np.diff(np.concatenate([grid.b, grid.b_next[-1:]])) <= 1e-12)
+    assert grid.b_next[-1] == 0.0
+    assert np.allclose(grid.b[1:], grid.b_next[:-1]) and np.allclose(grid.a[1:], grid.a_next[:-1])
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_one_step_solver_moves_along_its_own_coordinates(name):
+    """With the exact output for a state a x0 + b eps, one scheduler step lands on a' x0 + b' eps."""
+    sched = make_scheduler(name, config_for(name))
+    sched.set_timesteps(10)
+    grid = step_grid(sched)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    x = grid.a[0] * x0 + grid.b[0] * eps
+    t = sched.timesteps[0]
+    if name.startswith("flow"):
+        out = eps - x0
+    else:
+        out = eps
+    x_next = sched.step(out, t, x, return_dict=False)[0]
+    expected = grid.a_next[0] * x0 + grid.b_next[0] * eps
+    torch.testing.assert_close(x_next, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample", "flow_prediction"])
+def test_x0_from_output_inverts_each_prediction_type(prediction):
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 5, 5, generator=g, dtype=torch.float64), torch.randn(2, 5, 5, generator=g, dtype=torch.float64)
+    if prediction == "flow_prediction":
+        a, b = 0.3, 0.7
+        out = eps - x0
+    else:
+        a, b = 1.0, 2.5  # Euler coordinates: the model sees x / sqrt(a^2 + b^2)
+        r = (a * a + b * b) ** 0.5
+        alpha, sigma = a / r, b / r
+        out = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0}[prediction]
+    x = a * x0 + b * eps
+    torch.testing.assert_close(x0_from_output(prediction, a, b, x, out), x0)
+
+
+def test_unknown_scheduler_is_refused_with_the_choices():
+    with pytest.raises(QDriftError, match="unknown scheduler 'heun'.*euler"):
+        make_scheduler("heun", VP_SCHEDULER_CONFIG)
+
+
+@pytest.mark.parametrize("name,config", [("euler", FLOW_SCHEDULER_CONFIG), ("flow-euler", VP_SCHEDULER_CONFIG)])
+def test_scheduler_of_the_wrong_kind_for_the_pair_is_refused(name, config):
+    with pytest.raises(QDriftError, match="needs a"):
+        make_scheduler(name, config)
