@@ -259,6 +259,11 @@ class TokenFakeQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantizer is None or x.numel() == 0:
             return x
+        if x.shape[self.channel_dim] == 1:
+            # One feature per token: asymmetric quantization with zero in range represents a single
+            # value exactly, so this is the identity. (torchao 0.18 also mis-reduces this case: a
+            # block of size 1 gives an empty reduction list and amin/amax then reduce everything.)
+            return x
         moved = self.channel_dim not in (-1, x.dim() - 1)
         y = x.movedim(self.channel_dim, -1).contiguous() if moved else x.contiguous()
         dtype = y.dtype
