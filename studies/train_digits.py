@@ -162,6 +162,7 @@ def train_classifier(epochs: int, seed: int, out: Path, batch_size: int = 64, lr
             print(f"[classifier] epoch {epoch + 1}/{epochs} loss {loss.item():.4f} test acc {acc:.4f}", flush=True)
     seconds = time.time() - t0
     model.eval()
+    model.set_feature_normalization(x_tr)
     with torch.no_grad():
         test_acc = (model(x_te).argmax(1) == y_te).float().mean().item()
         train_acc = (model(x_tr).argmax(1) == y_tr).float().mean().item()
@@ -253,7 +254,7 @@ def grid(out: Path, steps: int, guidance: float, seed: int) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4))
     for ax, (title, imgs) in zip(axes, panels):
         pix = to_pixels(imgs).squeeze(2)  # (10, cols, 8, 8)
-        mosaic = torch.ones(NUM_CLASSES * 9 - 1, cols * 9 - 1) * 16.0
+        mosaic = torch.zeros(NUM_CLASSES * 9 - 1, cols * 9 - 1)  # white separators
         for r in range(NUM_CLASSES):
             for c in range(cols):
                 mosaic[r * 9:r * 9 + 8, c * 9:c * 9 + 8] = pix[r, c]

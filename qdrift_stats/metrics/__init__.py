@@ -1,5 +1,16 @@
 """Sample-quality metrics: two-sample distances and image metrics in a classifier's feature space."""
 
+from .classifier import ClassifierFeatures, DigitsClassifier, load_digits_classifier
 from .distances import energy_distance
+from .images import (
+    bootstrap_ci,
+    class_consistency,
+    frechet_distance,
+    inception_fid,
+    kernel_inception_distance,
+)
 
-__all__ = ["energy_distance"]
+__all__ = [
+    "ClassifierFeatures", "DigitsClassifier", "bootstrap_ci", "class_consistency", "energy_distance",
+    "frechet_distance", "inception_fid", "kernel_inception_distance", "load_digits_classifier",
+]

@@ -1,6 +1,6 @@
 """A small digits classifier: the feature network of the digits image metrics.
 
-Its penultimate layer (64 features) plays the role Inception's pool layer plays for FID; its
+Its penultimate layer (64 features, taken before the ReLU and standardised) plays the role Inception's pool layer plays for FID; its
 argmax plays the role of CLIP for "does the sample show what it was conditioned on". Inputs are
 float ``(N, 1, 8, 8)`` images in ``[-1, 1]`` (see :mod:`qdrift_stats.zoo.data`).
 
@@ -45,17 +45,38 @@ class DigitsClassifier(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(num_features, num_classes)
         self.num_features = num_features
+        self.register_buffer("feature_mean", torch.zeros(num_features))
+        self.register_buffer("feature_scale", torch.ones(1))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate-layer features ``(N, num_features)`` (after ReLU)."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate layer before its ReLU: ``(N, num_features)``."""
         x = torch.relu(self.conv1(x))
         x = torch.nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
         x = torch.relu(self.conv3(x))
-        return torch.relu(self.fc(x.flatten(1)))
+        return self.fc(x.flatten(1))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Metric features: the penultimate layer (pre-ReLU, no dead units), centred and scaled.
+
+        ``(embed(x) - feature_mean) / feature_scale`` with the mean and one overall scale measured on
+        the training digits, so features have mean 0 and average variance 1 per dimension there
+        (KID's polynomial kernel assumes features of order one).
+        """
+        return (self.embed(x) - self.feature_mean) / self.feature_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``(N, num_classes)``."""
-        return self.head(self.drop(self.features(x)))
+        return self.head(self.drop(torch.relu(self.embed(x))))
+
+    @torch.no_grad()
+    def set_feature_normalization(self, images: torch.Tensor) -> None:
+        """Measure ``feature_mean`` and ``feature_scale`` on ``images`` (the training digits)."""
+        was_training = self.training
+        self.eval()
+        e = self.embed(images)
+        self.feature_mean.copy_(e.mean(0))
+        self.feature_scale.copy_(e.var(0).mean().sqrt().reshape(1))
+        self.train(was_training)
 
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write ``model.safetensors`` and ``config.json`` (plus ``extra`` entries) into ``folder``."""
