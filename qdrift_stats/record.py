@@ -25,7 +25,7 @@ import torch
 from .errors import QDriftError
 from .pair import check_pair
 from .sampling import initial_noise, prepared_scheduler, run_sampler, scale_model_input
-from .schedulers import scheduler_identity, step_grid, step_kwargs
+from .schedulers import output_gains, scheduler_identity, step_grid, step_kwargs
 from .store import (
     SCHEMA,
     SCHEMA_VERSION,
@@ -167,7 +167,14 @@ def record(
 
             done_seeds = set(int(s) for s in zarr.open_group(out, mode="r")["seed"][:done])
     todo = [s for s in plan.seeds if s not in done_seeds]
-    coords = {"timestep": grid.timesteps, "a": grid.a, "b": grid.b, "a_next": grid.a_next, "b_next": grid.b_next}
+    coords = {
+        "timestep": grid.timesteps,
+        "a": grid.a,
+        "b": grid.b,
+        "a_next": grid.a_next,
+        "b_next": grid.b_next,
+        "gain": output_gains(scheduler_name, pair.scheduler_config, steps),
+    }
     run_index = len(done_seeds)
     for run_seed in progress(todo) if progress else todo:
         arrays, _ = record_run(pair, scheduler_name, steps, batch_size, run_seed, trajectories)

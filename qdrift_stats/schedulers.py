@@ -184,6 +184,39 @@ def step_grid(scheduler) -> StepGrid:
     )
 
 
+def first_order_twin(name: str, config: dict[str, Any]):
+    """A first-order scheduler on the same grid: the scheduler itself for one-step solvers, and
+    DPM-Solver++ of order 1 (the exponential-integrator form of DDIM) for ``dpmpp-2m`` and
+    ``flow-dpmpp-2m``."""
+    scheduler = make_scheduler(name, config)
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config, solver_order=1)
+    return scheduler
+
+
+def output_gains(name: str, config: dict[str, Any], steps: int) -> np.ndarray:
+    """``(steps,)`` per-step gain ``c_i`` of the first-order step on the model output.
+
+    A first-order step is affine in (state, output): ``x_{i+1} = A_i x_i + c_i m_i``; stepping
+    from the state 0 with the output 1 gives ``c_i``. For a one-step solver the lock-step
+    perturbation is exactly ``Delta_i = c_i (m_q - m_fp)``; for a multistep solver
+    ``c_i^2 E (m_q - m_fp)^2`` is the variance a fresh output error injects at step ``i``
+    before the solver's history reuses it (see the first-order statistic in
+    :mod:`qdrift_stats.estimators.empirical`).
+    """
+    scheduler = first_order_twin(name, config)
+    scheduler.set_timesteps(steps)
+    zero = torch.zeros(1, dtype=torch.float64)
+    one = torch.ones(1, dtype=torch.float64)
+    kwargs = step_kwargs(scheduler)
+    gains = []
+    for t in scheduler.timesteps:
+        if hasattr(scheduler, "scale_model_input"):
+            scheduler.scale_model_input(zero, t)  # bookkeeping only: the state is 0
+        gains.append(float(scheduler.step(one, t, zero, **kwargs, return_dict=False)[0][0]))
+    return np.asarray(gains, dtype=np.float64)
+
+
 def step_kwargs(scheduler) -> dict[str, Any]:
     """Extra keyword arguments for ``scheduler.step`` that make the update deterministic (DDIM: eta 0)."""
     return {"eta": 0.0} if isinstance(scheduler, DDIMScheduler) else {}

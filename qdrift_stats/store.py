@@ -8,7 +8,9 @@ Layout (schema ``qdrift-calibration``, version :data:`SCHEMA_VERSION`):
   units), ``delta_out`` (``m_q - m_fp``, model-output units), ``out_fp`` (``m_fp``); optionally
   ``traj_fp`` and ``traj_q``, the free-running FP and Q states after each step, for accumulation plots;
 - coordinates ``seed(run)``, ``timestep(step)``, ``a(step)``, ``b(step)`` (the state at the start of
-  the step is ``a x0 + b eps``), ``a_next(step)``, ``b_next(step)`` (the level the step lands on);
+  the step is ``a x0 + b eps``), ``a_next(step)``, ``b_next(step)`` (the level the step lands on),
+  ``gain(step)`` (the first-order step's coefficient on the model output, see
+  :func:`qdrift_stats.schedulers.output_gains`);
 - attributes: schema name and version, scheduler name, class and config (JSON), step count,
   prediction type, pair name, batch size, package version, and ``runs_complete``.
 

@@ -14,6 +14,8 @@ from .empirical import EmpiricalEstimator
 ESTIMATORS: dict[str, Callable[[], Any]] = {
     "empirical": EmpiricalEstimator,
     "per-channel": lambda: EmpiricalEstimator(per_channel=True),
+    "first-order": lambda: EmpiricalEstimator(statistic="first-order"),
+    "first-order-per-channel": lambda: EmpiricalEstimator(per_channel=True, statistic="first-order"),
 }
 
 

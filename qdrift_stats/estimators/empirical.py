@@ -1,5 +1,15 @@
 """The empirical estimator: ``v_i = mean ||Delta_i||^2 / dim`` over runs and samples.
 
+Two statistics:
+
+- ``lockstep`` (the method's definition): the mean square of the recorded lock-step
+  perturbation ``delta_x``. For a multistep solver the Q scheduler carries a Q history, so
+  ``Delta_i`` holds the fresh error of step ``i`` *and* the reused errors of earlier steps; the
+  same error then counts in several ``v_i``.
+- ``first-order``: ``gain_i^2 * mean (m_q - m_fp)^2``, the variance a fresh output error injects
+  through the first-order step (``gain`` is a store coordinate). Identical to ``lockstep`` for
+  one-step solvers (Euler, DDIM, flow Euler); for DPM-Solver++ 2M it counts each error once.
+
 Runs are the independent units (a run is one seed; its samples share nothing else, but treating
 runs as the unit keeps the interval honest when a pair's conditions or noise correlate samples
 within a run). The estimate is the mean of the per-run values and its confidence interval is a
@@ -14,6 +24,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
+from ..errors import QDriftError
 from .base import FittedEstimator, as_dataset, check_finite_store, grid_of, reduce_dims
 
 
@@ -40,21 +51,33 @@ class EmpiricalEstimator:
     Args:
         per_channel: one value per channel (the first sample dim) instead of one per step.
         confidence: nominal level of the t-interval over runs.
+        statistic: ``"lockstep"`` or ``"first-order"`` (see the module docstring).
     """
 
     name = "empirical"
+    STATISTICS = ("lockstep", "first-order")
 
-    def __init__(self, per_channel: bool = False, confidence: float = 0.95):
+    def __init__(self, per_channel: bool = False, confidence: float = 0.95, statistic: str = "lockstep"):
+        if statistic not in self.STATISTICS:
+            raise QDriftError(f"unknown statistic {statistic!r}; choose lockstep or first-order")
         self.per_channel = per_channel
         self.confidence = confidence
+        self.statistic = statistic
 
     @property
     def params(self) -> dict:
-        return {"per_channel": self.per_channel, "confidence": self.confidence}
+        return {"per_channel": self.per_channel, "confidence": self.confidence, "statistic": self.statistic}
 
     def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
         ds = as_dataset(store)
-        per_run = per_run_second_moment(ds, "delta_x", self.per_channel).values
+        if self.statistic == "lockstep":
+            per_run = per_run_second_moment(ds, "delta_x", self.per_channel).values
+        else:
+            if "gain" not in ds.coords:
+                raise QDriftError("the store has no 'gain' coordinate (recorded by an older qdrift-stats); use the lockstep statistic")
+            gain2 = ds["gain"].values.astype(np.float64) ** 2
+            moment = per_run_second_moment(ds, "delta_out", self.per_channel).values
+            per_run = moment * gain2.reshape((1, -1) + (1,) * (moment.ndim - 2))
         check_finite_store(per_run)
         variance, low, high = t_interval(per_run, self.confidence)
         grid = grid_of(ds)

@@ -75,18 +75,20 @@ def evaluate_correction(
     sample_seed: int = 100_000,
     forms: tuple[str, ...] = ("drift", "shrink"),
     strength: float = 1.0,
+    estimator: Any = None,
     workdir: str | Path | None = None,
 ) -> CorrectionResult:
     """Record ``runs`` calibration runs, fit the empirical statistic, and compare FP, Q and corrected Q.
 
-    The estimator goes through an exported file (save + load), as in production.
+    ``estimator``: an unfitted estimator (default :class:`EmpiricalEstimator`). The fitted
+    statistic goes through an exported file (save + load), as in production.
     """
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workdir) if workdir is not None else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         store = root / f"{scheduler_name}_{steps}.zarr"
         record(pair, store, pair_name=pair_name, scheduler_name=scheduler_name, steps=steps, runs=runs, batch_size=batch, seed=calibration_seed, overwrite=True)
-        fitted = EmpiricalEstimator().fit(store)
+        fitted = (estimator or EmpiricalEstimator()).fit(store)
         path = root / f"{scheduler_name}_{steps}.safetensors"
         fitted.export(path, overwrite=True)
         estimator = EstimatorFile.load(path)
