@@ -11,6 +11,7 @@ name                       kind     quantization error
 ``mixture_vp_rounding``    VP eps   output rounded to a 0.25 grid
 ``mixture_flow_exact``     flow     none
 ``mixture_flow_noise``     flow     noise-like
+``mixture_flow_lowfreq``   flow     low-frequency sine: correlated along the trajectory
 ``mixture_flow_correlated`` flow    signal-correlated
 ``mixture_flow_rounding``  flow     output rounding
 ========================== ======== ==========================================
@@ -57,6 +58,11 @@ def mixture_flow_exact() -> MixturePair:
 
 def mixture_flow_noise() -> MixturePair:
     return _pair("flow", NoiseLikeError(DIM, amplitude=NOISE_AMPLITUDE["flow"]))
+
+
+def mixture_flow_lowfreq() -> MixturePair:
+    """Flow pair with a low-frequency (40) sine error: correlated along the trajectory."""
+    return _pair("flow", NoiseLikeError(DIM, amplitude=NOISE_AMPLITUDE["flow"], frequency=40.0))
 
 
 def mixture_flow_correlated() -> MixturePair:

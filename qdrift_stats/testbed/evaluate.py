@@ -32,6 +32,7 @@ class CorrectionResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     status: dict[str, str] = field(default_factory=dict)
     max_coefficient: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def closed(self, form: str, metric: str = "within_var") -> float:
         """Fraction of the FP-to-Q gap closed by ``form`` on ``metric`` (NaN if it diverged)."""
@@ -77,10 +78,11 @@ def evaluate_correction(
     strength: float = 1.0,
     estimator: Any = None,
     workdir: str | Path | None = None,
+    keep_samples: bool = False,
 ) -> CorrectionResult:
     """Record ``runs`` calibration runs, fit the empirical statistic, and compare FP, Q and corrected Q.
 
-    ``estimator``: an unfitted estimator (default :class:`EmpiricalEstimator`). The fitted
+    ``estimator``: an unfitted estimator (default: the first-order empirical statistic). The fitted
     statistic goes through an exported file (save + load), as in production.
     """
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +90,7 @@ def evaluate_correction(
         root.mkdir(parents=True, exist_ok=True)
         store = root / f"{scheduler_name}_{steps}.zarr"
         record(pair, store, pair_name=pair_name, scheduler_name=scheduler_name, steps=steps, runs=runs, batch_size=batch, seed=calibration_seed, overwrite=True)
-        fitted = (estimator or EmpiricalEstimator()).fit(store)
+        fitted = (estimator or EmpiricalEstimator(statistic="first-order")).fit(store)
         path = root / f"{scheduler_name}_{steps}.safetensors"
         fitted.export(path, overwrite=True)
         estimator = EstimatorFile.load(path)
@@ -106,6 +108,8 @@ def evaluate_correction(
 
             grid = step_grid(prepared_scheduler(pair, scheduler_name, steps))
             result.max_coefficient[form] = float(np.max(estimator.coefficients(grid, form, strength)))
+        if keep_samples:
+            result.extra["draws"] = draws
         q_metrics = None
         for model, samples in draws.items():
             result.metrics[model], result.status[model] = _measure(samples, pair, reference, q_metrics)

@@ -65,7 +65,8 @@ class GaussianMixture:
     def _log_components(self, x: torch.Tensor, a: float, b: float) -> torch.Tensor:
         """``(n, K)`` log of ``w_k N(x; a mu_k, (a^2 s^2 + b^2) I)``."""
         var = a * a * self.std**2 + b * b
-        sq = torch.cdist(x, a * self.means) ** 2
+        centers = a * self.means
+        sq = (x * x).sum(1, keepdim=True) - 2.0 * x @ centers.T + (centers * centers).sum(1)[None]
         return torch.log(self.weights)[None] - 0.5 * sq / var - 0.5 * self.dim * math.log(2 * math.pi * var)
 
     def log_prob(self, x: torch.Tensor, a: float = 1.0, b: float = 0.0) -> torch.Tensor:
