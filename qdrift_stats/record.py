@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+import zarr
 
 from .errors import QDriftError
 from .pair import check_pair
@@ -35,6 +36,7 @@ from .store import (
     repair_store,
     run_dataset,
     store_attrs,
+    writer_lock,
 )
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -155,30 +157,28 @@ def record(
     scheduler = prepared_scheduler(pair, scheduler_name, steps)
     grid = step_grid(scheduler)
     attrs = _store_attrs(pair, plan, scheduler)
-    done_seeds: set[int] = set()
-    if out.exists():
-        if overwrite:
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        else:
-            existing = store_attrs(out)
-            check_compatible(existing, attrs, out)
-            done = repair_store(out)
-            import zarr
-
-            done_seeds = set(int(s) for s in zarr.open_group(out, mode="r")["seed"][:done])
-    todo = [s for s in plan.seeds if s not in done_seeds]
-    coords = {
-        "timestep": grid.timesteps,
-        "a": grid.a,
-        "b": grid.b,
-        "a_next": grid.a_next,
-        "b_next": grid.b_next,
-        "gain": output_gains(scheduler_name, pair.scheduler_config, steps),
-    }
-    run_index = len(done_seeds)
-    for run_seed in progress(todo) if progress else todo:
-        arrays, _ = record_run(pair, scheduler_name, steps, batch_size, run_seed, trajectories)
-        arrays = {k: v.astype(_DTYPES[dtype]) for k, v in arrays.items()}
-        append_run(out, run_dataset(arrays, run_seed, run_index, coords, attrs))
-        run_index += 1
+    with writer_lock(out):
+        done_seeds: set[int] = set()
+        if out.exists():
+            if overwrite:
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            else:
+                check_compatible(store_attrs(out), attrs, out)
+                done = repair_store(out)
+                done_seeds = set(int(s) for s in zarr.open_group(out, mode="r")["seed"][:done])
+        todo = [s for s in plan.seeds if s not in done_seeds]
+        coords = {
+            "timestep": grid.timesteps,
+            "a": grid.a,
+            "b": grid.b,
+            "a_next": grid.a_next,
+            "b_next": grid.b_next,
+            "gain": output_gains(scheduler_name, pair.scheduler_config, steps),
+        }
+        run_index = len(done_seeds)
+        for run_seed in progress(todo) if progress else todo:
+            arrays, _ = record_run(pair, scheduler_name, steps, batch_size, run_seed, trajectories)
+            arrays = {k: v.astype(_DTYPES[dtype]) for k, v in arrays.items()}
+            append_run(out, run_dataset(arrays, run_seed, run_index, coords, attrs))
+            run_index += 1
     return out

@@ -85,6 +85,34 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
 
 
 @contextmanager
+def writer_lock(path: str | Path):
+    """Hold an exclusive lock on a store while writing it (a ``STORE.lock`` file beside it).
+
+    A second writer is refused at once with a one-line :class:`QDriftError`. The lock is an
+    ``flock``: the operating system releases it if the writer dies, so no stale lock survives a
+    kill. (Where ``fcntl`` does not exist, e.g. Windows, writers are not serialised.)
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise QDriftError(f"another process is writing {path}; wait for it to finish or choose another --out") from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
 def _quiet_consolidation():
     """zarr warns that consolidated metadata is not yet in the v3 spec; we rely on it on purpose."""
     with warnings.catch_warnings():
