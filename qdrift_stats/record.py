@@ -105,7 +105,8 @@ def _stack(tensors: list[torch.Tensor]) -> np.ndarray:
     return torch.stack(tensors).detach().float().cpu().numpy()
 
 
-def _store_attrs(pair: Any, plan: RecordingPlan, scheduler) -> dict[str, Any]:
+def recording_attrs(pair: Any, plan: RecordingPlan, scheduler) -> dict[str, Any]:
+    """The attributes a store of this recording carries (see :mod:`qdrift_stats.store`)."""
     identity = scheduler_identity(scheduler)
     return {
         "qdrift_schema": SCHEMA,
@@ -123,6 +124,42 @@ def _store_attrs(pair: Any, plan: RecordingPlan, scheduler) -> dict[str, Any]:
         "package": "qdrift-stats",
         "package_version": package_version(),
     }
+
+
+def step_coordinates(pair: Any, scheduler_name: str, steps: int) -> dict[str, np.ndarray]:
+    """Per-step coordinates of a store, each float64 ``(steps,)``: ``timestep, a, b, a_next, b_next, gain``."""
+    grid = step_grid(prepared_scheduler(pair, scheduler_name, steps))
+    return {
+        "timestep": grid.timesteps,
+        "a": grid.a,
+        "b": grid.b,
+        "a_next": grid.a_next,
+        "b_next": grid.b_next,
+        "gain": output_gains(scheduler_name, pair.scheduler_config, steps),
+    }
+
+
+def prepare_store(out: Path, attrs: dict[str, Any], overwrite: bool) -> set[int]:
+    """Before appending: remove the store (``overwrite``) or check it matches and trim a partial run.
+
+    Returns the seeds of its complete runs (empty for a new store). Call under :func:`writer_lock`.
+    """
+    if not out.exists():
+        return set()
+    if overwrite:
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+        return set()
+    check_compatible(store_attrs(out), attrs, out)
+    done = repair_store(out)
+    return {int(s) for s in zarr.open_group(out, mode="r")["seed"][:done]}
+
+
+def check_recording_args(runs: int, batch_size: int, dtype: str) -> None:
+    """One-line errors for the arguments every recording takes."""
+    if runs < 1 or batch_size < 1:
+        raise QDriftError("--runs and --batch must be positive")
+    if dtype not in _DTYPES:
+        raise QDriftError(f"--dtype must be one of {', '.join(_DTYPES)}")
 
 
 def record(
@@ -148,33 +185,14 @@ def record(
     ``overwrite`` is set. Returns the store path.
     """
     check_pair(pair, pair_name)
-    if runs < 1 or batch_size < 1:
-        raise QDriftError("--runs and --batch must be positive")
-    if dtype not in _DTYPES:
-        raise QDriftError(f"--dtype must be one of {', '.join(_DTYPES)}")
+    check_recording_args(runs, batch_size, dtype)
     out = Path(out)
     plan = RecordingPlan(pair_name, scheduler_name, steps, tuple(range(seed, seed + runs)), batch_size, trajectories, dtype)
-    scheduler = prepared_scheduler(pair, scheduler_name, steps)
-    grid = step_grid(scheduler)
-    attrs = _store_attrs(pair, plan, scheduler)
+    attrs = recording_attrs(pair, plan, prepared_scheduler(pair, scheduler_name, steps))
+    coords = step_coordinates(pair, scheduler_name, steps)
     with writer_lock(out):
-        done_seeds: set[int] = set()
-        if out.exists():
-            if overwrite:
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
-            else:
-                check_compatible(store_attrs(out), attrs, out)
-                done = repair_store(out)
-                done_seeds = set(int(s) for s in zarr.open_group(out, mode="r")["seed"][:done])
+        done_seeds = prepare_store(out, attrs, overwrite)
         todo = [s for s in plan.seeds if s not in done_seeds]
-        coords = {
-            "timestep": grid.timesteps,
-            "a": grid.a,
-            "b": grid.b,
-            "a_next": grid.a_next,
-            "b_next": grid.b_next,
-            "gain": output_gains(scheduler_name, pair.scheduler_config, steps),
-        }
         run_index = len(done_seeds)
         for run_seed in progress(todo) if progress else todo:
             arrays, _ = record_run(pair, scheduler_name, steps, batch_size, run_seed, trajectories)

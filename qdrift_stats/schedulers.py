@@ -223,12 +223,13 @@ def step_kwargs(scheduler) -> dict[str, Any]:
 
 
 def scheduler_identity(scheduler) -> dict[str, Any]:
-    """JSON-able description of a configured scheduler: name, class and config."""
-    return {
-        "name": scheduler_name(scheduler),
-        "class": type(scheduler).__name__,
-        "config": {k: _jsonable(v) for k, v in dict(scheduler.config).items()},
-    }
+    """JSON-able description of a configured scheduler: name, class and config.
+
+    diffusers' bookkeeping key ``_use_default_values`` is left out: it is built from a set, so its
+    order changes from one process to the next.
+    """
+    config = {k: _jsonable(v) for k, v in dict(scheduler.config).items() if k != "_use_default_values"}
+    return {"name": scheduler_name(scheduler), "class": type(scheduler).__name__, "config": config}
 
 
 def _jsonable(value: Any) -> Any:

@@ -211,10 +211,20 @@ def scheduler_config_of(attrs: dict[str, Any]) -> dict[str, Any]:
     return json.loads(attrs["scheduler_config"])
 
 
+def _public_config(value: Any) -> Any:
+    try:
+        config = json.loads(value) if isinstance(value, str) else dict(value or {})
+    except (TypeError, ValueError):
+        return value
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
 def check_compatible(attrs: dict[str, Any], wanted: dict[str, Any], path: Path) -> None:
     """Refuse to append to a store recorded under another configuration."""
     for key in IDENTITY_ATTRS:
         have, want = attrs.get(key), wanted.get(key)
+        if key == "scheduler_config":  # compare as data, without diffusers' "_" bookkeeping keys
+            have, want = (_public_config(v) for v in (have, want))
         if isinstance(have, list):
             have = tuple(have)
         if isinstance(want, list):

@@ -152,3 +152,18 @@ def test_a_writer_killed_hard_leaves_no_stale_lock(tmp_path, vp_pair):
     proc.wait()
     record(vp_pair, path, pair_name=VP_PAIR, scheduler_name="euler", steps=3, runs=1, batch_size=2, seed=0)
     assert open_store(path).sizes["run"] == 1
+
+
+def test_a_store_recorded_by_another_process_can_be_extended(tmp_path, vp_pair):
+    """diffusers' config carries a set-ordered key; the identity check must not depend on it."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "other_process.zarr"
+    args = ["--pair", VP_PAIR, "--scheduler", "dpmpp-2m", "--steps", "4", "--batch", "2", "--out", str(path)]
+    for hash_seed, runs in (("1", "1"), ("2", "2")):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        proc = subprocess.run([sys.executable, "-m", "qdrift_stats.cli", "record", *args, "--runs", runs, "--seed", "0"], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    assert list(open_store(path)["seed"].values) == [0, 1]

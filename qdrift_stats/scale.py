@@ -1,0 +1,258 @@
+"""Recording at scale: paired calibration runs sharded over a dask.distributed cluster.
+
+:func:`record_distributed` records the same runs as :func:`qdrift_stats.record.record` (seeds
+``seed .. seed + runs - 1``), but each run is computed by a cluster worker. The resulting store
+equals a serial ``record()`` of the same seeds bit for bit (values, coordinates, attributes and
+run order), provided the pair computes the same outputs in a worker as in the client process (true
+for the analytic testbed; a model whose CPU kernels depend on the thread count needs the same
+``torch.set_num_threads`` in both, since dask's nanny starts workers with ``OMP_NUM_THREADS=1``).
+
+Design: workers compute, the client writes.
+
+- A worker rebuilds the pair from its ``MODULE:FACTORY`` spec (once per worker thread, then
+  cached), runs :func:`~qdrift_stats.record.record_run` for one seed, casts to the storage dtype
+  and returns the arrays ``(steps, batch, *sample_shape)``. Workers never touch the store, so they
+  need no shared filesystem and cannot corrupt it by writing concurrently.
+- The client is the only writer. It appends finished runs with the same
+  :func:`~qdrift_stats.store.append_run` that ``record()`` uses, strictly in seed order: a run that
+  finishes before an earlier seed waits in client memory. So the store's layout, its ``run``
+  order and its commit point (``runs_complete`` + consolidated metadata, updated after each
+  appended run) are exactly those of a serial recording, and resuming works the same way (an
+  existing compatible store is repaired and only the missing seeds are recorded).
+- At most ``max_in_flight`` runs are submitted but not yet committed (computing on a worker or
+  waiting for an earlier seed). That bounds the client's memory and is what an interrupted
+  recording can lose: every run before the first unfinished seed is already committed.
+- If a run fails (e.g. a non-finite model output), the runs of earlier seeds are still committed,
+  as a serial recording would have, the later ones are cancelled, and the error is raised.
+
+The alternatives were rejected: region writes into a pre-sized store need a filesystem shared by
+all workers and leave holes whose commit point no longer is a simple run count; per-run temporary
+stores cost a second copy of every run on disk. The cost of this design is that every run crosses
+the network once to the client, which is small next to the model evaluations that produce it.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import QDriftError
+
+_local = threading.local()
+
+
+@dataclass(frozen=True)
+class RunFailure:
+    """A :class:`QDriftError` raised on a worker, returned as a value so the worker logs no traceback."""
+
+    message: str
+
+
+def _returning_failures(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except QDriftError as exc:
+            return RunFailure(str(exc))
+
+    return wrapped
+
+
+def _worker_pair(pair_spec: str) -> Any:
+    """The pair named ``pair_spec``, built once per worker thread (pairs need not be thread-safe)."""
+    pairs = getattr(_local, "pairs", None)
+    if pairs is None:
+        pairs = _local.pairs = {}
+    if pair_spec not in pairs:
+        from .pair import load_pair
+
+        pairs[pair_spec] = load_pair(pair_spec)
+    return pairs[pair_spec]
+
+
+@_returning_failures
+def describe_recording(pair_spec: str, scheduler_name: str, steps: int, runs: int, batch_size: int, seed: int, trajectories: bool, dtype: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Store attributes and per-step coordinates of a recording (runs where the pair can be built).
+
+    Returns:
+        ``(attrs, coords)``: the store attributes ``record()`` would write, and its per-step
+        coordinates ``timestep, a, b, a_next, b_next, gain``, each float64 ``(steps,)``.
+    """
+    from .record import RecordingPlan, recording_attrs, step_coordinates
+    from .sampling import prepared_scheduler
+
+    pair = _worker_pair(pair_spec)
+    plan = RecordingPlan(pair_spec, scheduler_name, steps, tuple(range(seed, seed + runs)), batch_size, trajectories, dtype)
+    attrs = recording_attrs(pair, plan, prepared_scheduler(pair, scheduler_name, steps))
+    return attrs, step_coordinates(pair, scheduler_name, steps)
+
+
+@_returning_failures
+def record_one_run(pair_spec: str, scheduler_name: str, steps: int, batch_size: int, seed: int, trajectories: bool, dtype: str) -> dict[str, np.ndarray]:
+    """One paired run computed where it is called (a worker): name -> ``(steps, batch, *sample_shape)`` in ``dtype``."""
+    from .record import _DTYPES, record_run
+
+    arrays, _ = record_run(_worker_pair(pair_spec), scheduler_name, steps, batch_size, seed, trajectories)
+    return {name: value.astype(_DTYPES[dtype]) for name, value in arrays.items()}
+
+
+def _connect(client: Any, scheduler_address: str | None, n_workers: int, processes: bool) -> tuple[Any, Callable[[], None]]:
+    """A ``distributed.Client`` and a function that closes what this call opened."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise QDriftError("distributed recording needs dask.distributed: pip install 'qdrift-stats[scale]'") from None
+    if client is not None and scheduler_address is not None:
+        raise QDriftError("give either a client or a scheduler address, not both")
+    if client is not None:
+        return client, lambda: None
+    if scheduler_address is not None:
+        try:
+            remote = Client(scheduler_address, timeout=30)
+        except (OSError, TimeoutError) as exc:
+            raise QDriftError(f"cannot reach the dask scheduler at {scheduler_address} ({type(exc).__name__})") from None
+        return remote, remote.close
+    if n_workers < 1:
+        raise QDriftError(f"--workers must be at least 1, got {n_workers}")
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=processes, dashboard_address=":0")  # any free port: never clashes
+    local = Client(cluster)
+
+    def close() -> None:
+        local.close()
+        cluster.close()
+
+    return local, close
+
+
+def record_distributed(
+    pair_spec: str,
+    out: str | Path,
+    *,
+    scheduler_name: str,
+    steps: int,
+    runs: int,
+    batch_size: int,
+    seed: int,
+    trajectories: bool = False,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    client: Any = None,
+    scheduler_address: str | None = None,
+    n_workers: int = 2,
+    processes: bool = True,
+    max_in_flight: int | None = None,
+    on_commit: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Record ``runs`` paired runs (seeds ``seed .. seed + runs - 1``) on a dask cluster into ``out``.
+
+    Same arguments and store as :func:`qdrift_stats.record.record`, with the pair given by its
+    ``MODULE:FACTORY`` spec (it is built on the workers; the client never loads the models).
+
+    Args:
+        client: an existing ``distributed.Client`` (left open), or
+        scheduler_address: the address of a running scheduler (``tcp://host:8786``), or neither:
+            a ``LocalCluster`` of ``n_workers`` single-threaded workers (worker processes if
+            ``processes``, else threads of this process) is started and closed.
+        max_in_flight: most runs submitted but not yet committed (default: twice the cluster's
+            worker threads); bounds the client's memory and what an interruption can lose.
+        on_commit: called as ``on_commit(seed, runs_complete)`` after each run is committed.
+
+    Returns:
+        The store path. Raises :class:`QDriftError` for bad input, a failing run or an unreachable
+        scheduler (runs of earlier seeds stay committed).
+    """
+    from .record import check_recording_args, prepare_store
+    from .store import append_run, run_dataset, writer_lock
+
+    check_recording_args(runs, batch_size, dtype)
+    out = Path(out)
+    client, close = _connect(client, scheduler_address, n_workers, processes)
+    futures: dict[Any, int] = {}
+    try:
+        described = client.submit(
+            describe_recording, pair_spec, scheduler_name, steps, runs, batch_size, seed, trajectories, dtype, pure=False
+        ).result()
+        if isinstance(described, RunFailure):
+            raise QDriftError(described.message)
+        attrs, coords = described
+        with writer_lock(out):
+            done_seeds = prepare_store(out, attrs, overwrite)
+            todo = [s for s in range(seed, seed + runs) if s not in done_seeds]
+            run_index = len(done_seeds)
+            if not todo:
+                return out
+            window = max_in_flight or 2 * max(1, sum(client.nthreads().values()))
+
+            def submit(s: int):
+                return client.submit(record_one_run, pair_spec, scheduler_name, steps, batch_size, s, trajectories, dtype, pure=False)
+
+            def commit(k: int, s: int, arrays: dict[str, np.ndarray]) -> None:
+                runs_complete = append_run(out, run_dataset(arrays, s, run_index + k, coords, attrs))
+                if on_commit is not None:
+                    on_commit(s, runs_complete)
+
+            _commit_in_seed_order(todo, window, submit, commit, futures)
+    finally:
+        for future in futures:
+            future.cancel()
+        close()
+    return out
+
+
+def _commit_in_seed_order(todo: list[int], window: int, submit: Callable[[int], Any], commit: Callable[[int, int, dict], None], futures: dict[Any, int]) -> None:
+    """Run ``submit(seed)`` for every seed of ``todo`` with at most ``window`` uncommitted, and call
+    ``commit(k, seed, arrays)`` for ``todo[k]`` in order as soon as ``todo[:k+1]`` have all finished.
+
+    On a failed seed: later seeds are cancelled, earlier ones are still committed, then the error is
+    raised. ``futures`` (future -> seed) holds what is outstanding, for the caller to cancel.
+    """
+    from distributed import as_completed
+
+    pending = iter(todo)
+    finished: dict[int, dict[str, np.ndarray]] = {}
+    failed: tuple[int, BaseException] | None = None
+    ready = as_completed()
+
+    def submit_next() -> None:
+        s = next(pending, None)
+        if s is not None and failed is None:
+            future = submit(s)
+            futures[future] = s
+            ready.add(future)
+
+    for _ in range(min(window, len(todo))):
+        submit_next()
+    committed = 0
+    for future in ready:
+        s = futures.pop(future, None)
+        if s is None:  # cancelled below
+            continue
+        result = future.result() if future.status != "error" else RunFailure("")
+        if isinstance(result, RunFailure):
+            error = QDriftError(result.message) if result.message else future.exception()
+            if failed is None or s < failed[0]:
+                failed = (s, error)
+            for other, other_seed in list(futures.items()):
+                if other_seed > failed[0]:  # a serial recording would never have reached these
+                    futures.pop(other)
+                    other.cancel()
+        elif failed is None or s < failed[0]:
+            finished[s] = result
+        future.release()
+        while committed < len(todo) and todo[committed] in finished:
+            commit(committed, todo[committed], finished.pop(todo[committed]))
+            committed += 1
+        if failed is not None and not any(other_seed < failed[0] for other_seed in futures.values()):
+            break
+        submit_next()
+    if failed is not None:
+        raise failed[1]
+
+
+__all__ = ["record_distributed", "record_one_run", "describe_recording", "RunFailure"]
