@@ -5,7 +5,9 @@ Tensors (float64):
 - ``variance``: ``(steps,)`` or ``(steps, channels)``, the statistic ``v_i`` (state units squared);
 - ``timesteps``, ``a_next``, ``b_next``: ``(steps,)``, the step grid it was fitted on;
 - optional ``k``, ``mu``: the per-step output decomposition ``m_q - m_fp = k m_fp + mu + r``;
-- optional ``ci_low``, ``ci_high``: confidence bounds of ``variance``.
+- optional ``ci_low``, ``ci_high``: confidence bounds of ``variance``;
+- optional ``curve_log_b``, ``curve_log_u``, ``curve_log_kappa``: ``(points,)``, a smooth
+  estimator's model over ``log b`` (see :mod:`qdrift_stats.estimators.smooth`).
 
 Metadata: the safetensors header entry ``"qdrift"`` holds a JSON object::
 
@@ -13,11 +15,13 @@ Metadata: the safetensors header entry ``"qdrift"`` holds a JSON object::
      "scheduler": {"name": ..., "class": ..., "config": {...}}, "steps": N,
      "estimator": {"name": ..., "params": {...}, "smooth": false},
      "correction": {"form": "drift"|"shrink", "strength": 1.0},
-     "num_runs": R, "provenance": {"pair": ..., "seeds": [...], "package_version": ..., ...}}
+     "num_runs": R, "provenance": {"pair": ..., "seeds": [...], "package_version": ...,
+                                   "model": ... (optional), "recipe": ... (optional), ...}}
 
-Loading checks the format; :meth:`EstimatorFile.variance_on` checks that a sampler's scheduler
-and step grid match, or interpolates ``log v`` over ``log b`` when the estimator is smooth, and
-says so.
+Loading checks the format; :meth:`EstimatorFile.check_scheduler` checks the scheduler's name,
+class and config, :meth:`EstimatorFile.variance_on` the step grid (both refuse, or interpolate when
+the estimator is smooth, and say so), :meth:`EstimatorFile.check_provenance` the model and recipe
+identifiers a user gives. The format and its versioning are documented in ``docs/estimator-format.md``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ FORMAT_VERSION = 1
 METADATA_KEY = "qdrift"
 _REQUIRED_TENSORS = ("variance", "timesteps", "a_next", "b_next")
 _OPTIONAL_TENSORS = ("k", "mu", "ci_low", "ci_high")
+# A smooth estimator's model over log b (not per step): (points,) each, see variance_on.
+CURVE_TENSORS = ("curve_log_b", "curve_log_u", "curve_log_kappa")
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,7 @@ class EstimatorFile:
             tensors["k"] = fitted.k
         if fitted.mu is not None:
             tensors["mu"] = fitted.mu
+        tensors.update(fitted.extra.get("tensors", {}))  # a smooth estimator's curves (see variance_on)
         scheduler_config = attrs.get("scheduler_config", "{}")
         metadata = {
             "format": FORMAT,
@@ -88,7 +95,7 @@ class EstimatorFile:
             },
             "steps": int(fitted.num_steps),
             "prediction_type": attrs.get("prediction_type"),
-            "estimator": {"name": fitted.name, "params": fitted.params, "smooth": bool(fitted.smooth)},
+            "estimator": {"name": fitted.name, "params": fitted.params, "smooth": bool(fitted.smooth), **_smooth_model(fitted)},
             "correction": {"form": correction, "strength": float(strength)},
             "num_runs": int(fitted.num_runs),
             "provenance": {
@@ -97,6 +104,7 @@ class EstimatorFile:
                 "batch_size": attrs.get("batch_size"),
                 "store_package_version": attrs.get("package_version"),
                 "package_version": __version__,
+                **{key: attrs[attr] for key, attr in (("model", "model_id"), ("recipe", "recipe")) if attrs.get(attr)},
                 **(provenance or {}),
             },
         }
@@ -164,6 +172,9 @@ class EstimatorFile:
         for k, v in tensors.items():
             if k in _REQUIRED_TENSORS + _OPTIONAL_TENSORS and (v.ndim == 0 or v.shape[0] != steps):
                 raise QDriftError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, expected {steps} steps first")
+        curves = [tensors[k] for k in CURVE_TENSORS if k in tensors]
+        if curves and (len({c.shape for c in curves}) != 1 or curves[0].ndim != 1 or not all(np.all(np.isfinite(c)) for c in curves)):
+            raise QDriftError(f"{path}: the smooth model's curves must be finite and of one length")
         if not np.all(np.isfinite(tensors["variance"])) or np.any(tensors["variance"] < 0):
             raise QDriftError(f"{path}: variance must be finite and non-negative")
         for key in ("scheduler", "correction", "estimator"):
@@ -197,24 +208,31 @@ class EstimatorFile:
         """The statistic on a sampler's step grid; refuses a grid it was not fitted for.
 
         Same scheduler and timesteps: the stored values. Same scheduler, another grid, smooth
-        estimator: ``log v`` interpolated linearly over ``log b_next`` (noted in ``self.notes``).
+        estimator: with the smooth model's output-space curves (``curve_log_b``, ``curve_log_u``,
+        see :mod:`qdrift_stats.estimators.smooth`) the curve evaluated at the new levels and mapped
+        with the new grid's solver gains; without them ``log v`` interpolated linearly over
+        ``log b_next``. Either way it is noted in ``self.notes``.
         """
         source = str(self.path) if self.path else "estimator"
         name = name or grid.name
         if name != self.scheduler_name:
             raise QDriftError(f"{source} was fitted for scheduler {self.scheduler_name}, not {name}")
-        same = grid.num_steps == self.steps and np.allclose(grid.timesteps, self.tensors["timesteps"], rtol=0, atol=1e-6) and np.allclose(
-            grid.b_next, self.tensors["b_next"], rtol=1e-6, atol=1e-9
-        )
-        if same:
+        if self._same_grid(grid):
             return self.variance
         if not self.smooth:
             raise QDriftError(
                 f"{source} was fitted for {self._describe()}, this sampler runs {name} with {grid.num_steps} steps; "
                 "re-record for this grid or export a smooth estimator"
             )
-        variance = interpolate_log_b(self.tensors["b_next"], self.variance, grid.b_next)
-        note = f"{source}: interpolated from {self.steps} to {grid.num_steps} steps over log b"
+        if CURVE_TENSORS[0] in self.tensors and CURVE_TENSORS[1] in self.tensors:
+            from .estimators.smooth import variance_from_curves
+
+            variance = variance_from_curves(self.tensors, self.metadata["scheduler"], grid)
+            how = "its output-space curve and the new grid's solver gains"
+        else:
+            variance = interpolate_log_b(self.tensors["b_next"], self.variance, grid.b_next)
+            how = "linear interpolation of log v"
+        note = f"{source}: interpolated from {self.steps} to {grid.num_steps} steps over log b ({how})"
         self.notes.append(note)
         log.warning(note)
         return variance
@@ -230,9 +248,119 @@ class EstimatorFile:
         from .sampling import Corrector
 
         grid = step_grid(scheduler)
+        self.check_scheduler(scheduler)
         device = torch.device(device) if device is not None else scheduler.timesteps.device
         dtype = dtype or torch.float32
-        return Corrector(grid, self.coefficients(grid, correction, strength), device, dtype, k=self.tensors.get("k"), mu=self.tensors.get("mu"))
+        coefficients = self.coefficients(grid, correction, strength)
+        k, mu = self.decomposition_on(grid)
+        return Corrector(grid, coefficients, device, dtype, k=k, mu=mu)
+
+    # ---- provenance -----------------------------------------------------------------------
+    def _same_grid(self, grid: StepGrid) -> bool:
+        return grid.num_steps == self.steps and np.allclose(grid.timesteps, self.tensors["timesteps"], rtol=0, atol=1e-6) and np.allclose(
+            grid.b_next, self.tensors["b_next"], rtol=1e-6, atol=1e-9
+        )
+
+    def check_scheduler(self, scheduler) -> None:
+        """Refuse a scheduler of another class or config than the file was calibrated with.
+
+        Keys that change the solver or the meaning of the model output (:data:`SOLVER_CONFIG_KEYS`)
+        must always agree. Any other difference (keys present on both sides; ``_``-prefixed metadata
+        ignored) changes only the step grid: a smooth estimator is then interpolated (a warning and a
+        line in ``notes``), any other is refused. Raises :class:`QDriftError` with one line.
+        """
+        source = str(self.path) if self.path else "estimator"
+        current_name = scheduler_name(scheduler)
+        if current_name != self.scheduler_name:
+            raise QDriftError(f"{source} was fitted for scheduler {self.scheduler_name}, not {current_name}")
+        recorded = self.metadata["scheduler"]
+        recorded_class = recorded.get("class")
+        if recorded_class and recorded_class != type(scheduler).__name__:
+            raise QDriftError(f"{source} was calibrated with {recorded_class}, not {type(scheduler).__name__}; re-record with this scheduler")
+        differing = config_differences(recorded.get("config") or {}, dict(scheduler.config))
+        if not differing:
+            return
+        key, (have, want) = next(iter(differing.items()))
+        structural = [k for k in differing if k in SOLVER_CONFIG_KEYS]
+        if structural or not self.smooth:
+            key = structural[0] if structural else key
+            have, want = differing[key]
+            hint = "re-record with this scheduler" if structural else "re-record with this scheduler or export a smooth estimator"
+            raise QDriftError(f"{source} was calibrated with {recorded_class or self.scheduler_name} {key}={have!r}, this scheduler has {key}={want!r}; {hint}")
+        note = f"{source}: scheduler config differs in {', '.join(sorted(differing))}; the smooth estimator is interpolated to this grid"
+        if note not in self.notes:
+            self.notes.append(note)
+            log.warning(note)
+
+    def check_provenance(self, model: str | None = None, recipe: str | None = None) -> None:
+        """Refuse a model or PTQ recipe identifier other than the one the file records.
+
+        ``None`` skips a check; an identifier the file does not record is noted (and logged), not refused.
+        """
+        source = str(self.path) if self.path else "estimator"
+        provenance = self.metadata.get("provenance") or {}
+        for label, given in (("model", model), ("recipe", recipe)):
+            if given is None:
+                continue
+            recorded = provenance.get(label)
+            if recorded is None:
+                note = f"{source} records no {label} identifier; cannot check {given!r}"
+                self.notes.append(note)
+                log.warning(note)
+            elif str(recorded) != str(given):
+                raise QDriftError(f"{source} was calibrated for {label} {recorded!r}, not {given!r}; re-calibrate for this {label}")
+
+    def decomposition_on(self, grid: StepGrid) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The output decomposition ``(k, mu)`` on a sampler's grid (``None`` where the file has none).
+
+        On the fitted grid: the stored values; on another grid (smooth estimators only, after
+        :meth:`variance_on` has accepted it): linear interpolation over the timestep, constant beyond
+        the ends (``k`` and ``mu`` describe the model at its input timestep, not the step size).
+        """
+        k, mu = self.tensors.get("k"), self.tensors.get("mu")
+        if (k is None and mu is None) or self._same_grid(grid):
+            return k, mu
+        return tuple(None if v is None else interpolate_over_timesteps(self.tensors["timesteps"], v, grid.timesteps) for v in (k, mu))
+
+
+#: Scheduler config keys that change the solver or the meaning of the model output: an estimator
+#: calibrated under other values is refused even when it is smooth.
+SOLVER_CONFIG_KEYS: tuple[str, ...] = (
+    "prediction_type", "algorithm_type", "solver_order", "solver_type", "use_flow_sigmas",
+    "thresholding", "clip_sample", "lower_order_final", "euler_at_final", "variance_type",
+)
+
+
+def _comparable(value: Any) -> Any:
+    from .schedulers import _jsonable
+
+    return json.loads(json.dumps(_jsonable(value)))
+
+
+def config_differences(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (recorded, current)}`` for config keys present in both whose values differ (``_`` keys ignored)."""
+    differing = {}
+    for key in sorted(set(recorded) & set(current)):
+        if key.startswith("_"):
+            continue
+        have, want = _comparable(recorded[key]), _comparable(current[key])
+        if have != want:
+            differing[key] = (have, want)
+    return differing
+
+
+def interpolate_over_timesteps(t_from: np.ndarray, values: np.ndarray, t_to: np.ndarray) -> np.ndarray:
+    """Per-step ``values`` (``(steps[, channels])``) moved to other timesteps: linear, constant beyond the ends."""
+    order = np.argsort(t_from)
+    flat = np.asarray(values, dtype=np.float64)[order].reshape(len(t_from), -1)
+    cols = [np.interp(np.asarray(t_to, dtype=np.float64), np.asarray(t_from, dtype=np.float64)[order], flat[:, c]) for c in range(flat.shape[1])]
+    return np.stack(cols, axis=-1).reshape((len(t_to),) + np.shape(values)[1:])
+
+
+def _smooth_model(fitted) -> dict[str, Any]:
+    """The metadata entry describing a smooth estimator's curves, if it has any."""
+    model = fitted.extra.get("smooth_model")
+    return {"smooth_model": model} if model else {}
 
 
 def interpolate_log_b(b_from: np.ndarray, values: np.ndarray, b_to: np.ndarray) -> np.ndarray:

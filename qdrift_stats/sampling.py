@@ -52,6 +52,7 @@ class Corrector:
         if coefficients.shape[0] != grid.num_steps:
             raise QDriftError(f"correction has {coefficients.shape[0]} steps but the sampler has {grid.num_steps}")
         self.grid = grid
+        self._host = (coefficients, k, mu)  # float64 originals, for :meth:`to`
         self.coefficients = torch.as_tensor(coefficients, device=device, dtype=dtype)
         # Decided on the host once: steps whose coefficient is 0 everywhere are skipped entirely.
         self.active: list[bool] = [bool(np.any(row != 0)) for row in coefficients.reshape(grid.num_steps, -1)]
@@ -67,6 +68,12 @@ class Corrector:
             self.scale = torch.as_tensor(1.0 / (1.0 + k), device=device, dtype=dtype)
             self.shift = torch.as_tensor(mu, device=device, dtype=dtype)
             self.output_active = [bool(np.any(kk != 0) or np.any(mm != 0)) for kk, mm in zip(k.reshape(len(k), -1), mu.reshape(len(mu), -1))]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "Corrector":
+        """The same correction with its per-step tensors on ``device`` in ``dtype`` (one transfer each,
+        from the float64 host values, so no precision is lost on the way)."""
+        coefficients, k, mu = self._host
+        return Corrector(self.grid, coefficients, torch.device(device), dtype, k=k, mu=mu)
 
     def correct_output(self, i: int, model_output: torch.Tensor) -> torch.Tensor:
         """The decomposition's output correction ``(m_q - mu_i) / (1 + k_i)`` (identity without one)."""

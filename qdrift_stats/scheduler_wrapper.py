@@ -1,0 +1,369 @@
+"""Q-Drift inside diffusers pipelines: a scheduler wrapper that corrects every step.
+
+One line turns the correction on in any pipeline whose scheduler is supported
+(:data:`qdrift_stats.schedulers.SCHEDULER_NAMES`)::
+
+    pipe.scheduler = QDriftScheduler(pipe.scheduler, "estimator.safetensors")
+    images = pipe(...).images
+
+:class:`QDriftScheduler` keeps the diffusers scheduler interface: ``config``, ``timesteps``,
+``init_noise_sigma``, ``order``, ``scale_model_input`` and every other attribute are the wrapped
+scheduler's (:class:`SchedulerProxy`); ``set_timesteps`` and ``step`` report the wrapped scheduler's
+signatures to :func:`inspect.signature` (pipelines read them to decide whether to pass ``eta``,
+``generator``, custom ``timesteps`` / ``sigmas``); ``save_pretrained`` / ``from_pretrained`` write and
+read the wrapped scheduler's config plus the estimator file next to it, so a saved pipeline reloads
+with the correction on.
+
+What ``step(model_output, timestep, sample)`` does at step ``i`` (the state before the step and the
+model output are both arguments of ``step``, so no extra model call is needed):
+
+1. optional output correction ``m <- (m - mu_i) / (1 + k_i)`` (estimator files with a decomposition);
+2. the wrapped scheduler's own step, ``x_{i+1} = S(sample, m)``;
+3. the Q-Drift pull ``x_{i+1} <- x_{i+1} - c_i (x_{i+1} - a_{i+1} x0_hat_i)`` with ``x0_hat_i`` from
+   ``(sample, m)`` (:class:`qdrift_stats.sampling.Corrector`).
+
+GPU readiness: the per-step coefficients are computed on the host once per ``set_timesteps`` and
+moved to the sample's device and dtype once (on the first step that sees that device and dtype);
+inside ``step`` nothing reads a tensor value on the host (no ``.item()``, no ``bool(tensor)``) and
+nothing is copied between devices. Steps with a zero coefficient are skipped on the host, so a zero
+estimator (or strength 0) returns the wrapped scheduler's output object untouched, bit for bit.
+
+The step index is a counter reset by ``set_timesteps`` and moved by ``set_begin_index`` (img2img
+pipelines), checked against the wrapped scheduler's own ``step_index`` where it has one.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from diffusers import SchedulerMixin  # also the name diffusers looks up in this module to load it
+
+from .correction import CORRECTION_FORMS
+from .errors import QDriftError
+from .export import EstimatorFile
+from .sampling import Corrector
+from .schedulers import scheduler_name
+
+ESTIMATOR_FILE_NAME = "qdrift_estimator.safetensors"
+WRAPPER_CONFIG_NAME = "qdrift_scheduler.json"
+WRAPPER_FORMAT = "qdrift-scheduler"
+WRAPPER_FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
+
+
+class _WrappedSignature:
+    """Method descriptor: the proxy's method, reporting the wrapped scheduler's signature.
+
+    ``inspect.signature(proxy.step)`` gives ``inspect.signature(proxy.scheduler.step)``, so pipelines
+    that inspect the scheduler (``"eta" in signature(scheduler.step).parameters``) behave exactly as
+    with the plain scheduler. The signature is read once per proxy and cached.
+    """
+
+    def __init__(self, func: Callable[..., Any]):
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Callable[..., Any]:
+        if instance is None:
+            return self.func
+        bound = functools.partial(self.func, instance)
+        bound.__signature__ = instance._wrapped_signature(self.name)  # type: ignore[attr-defined]
+        return bound
+
+
+def mirrors_wrapped_signature(func: Callable[..., Any]) -> _WrappedSignature:
+    """Decorator for :class:`SchedulerProxy` methods that stand in for the wrapped scheduler's."""
+    return _WrappedSignature(func)
+
+
+class SchedulerProxy(SchedulerMixin):
+    """A diffusers scheduler that forwards everything to the scheduler it wraps.
+
+    Reading an attribute the proxy does not define reads the wrapped scheduler's; setting one sets
+    the wrapped scheduler's (pipelines such as Stable Diffusion patch ``scheduler._internal_dict``).
+    Subclasses list their own attributes in ``_proxy_attributes`` and override ``set_timesteps`` /
+    ``step`` (decorated with :func:`mirrors_wrapped_signature`). It is a ``SchedulerMixin`` so that
+    ``DiffusionPipeline.save_pretrained`` / ``from_pretrained`` treat it as a scheduler.
+    """
+
+    _proxy_attributes: frozenset[str] = frozenset({"scheduler", "_signatures"})
+
+    def __init__(self, scheduler: Any):
+        if not callable(getattr(scheduler, "step", None)) or not callable(getattr(scheduler, "set_timesteps", None)):
+            raise QDriftError(f"expected a diffusers scheduler, got {type(scheduler).__name__}")
+        object.__setattr__(self, "scheduler", scheduler)
+        object.__setattr__(self, "_signatures", {})
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails. Never forward dunders or the proxy's own slots (copy
+        # and pickle probe for them before __dict__ is filled).
+        if name.startswith("__") or name in type(self)._proxy_attributes:
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in type(self)._proxy_attributes:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.scheduler, name, value)
+
+    def __len__(self) -> int:
+        return len(self.scheduler)
+
+    def _wrapped_signature(self, name: str) -> inspect.Signature:
+        signature = self._signatures.get(name)
+        if signature is None:
+            signature = self._signatures[name] = inspect.signature(getattr(self.scheduler, name))
+        return signature
+
+    @property
+    def config(self):
+        """The wrapped scheduler's config (a diffusers ``FrozenDict``)."""
+        return self.scheduler.config
+
+    @property
+    def compatibles(self) -> list:
+        return self.scheduler.compatibles
+
+    @mirrors_wrapped_signature
+    def set_timesteps(self, *args: Any, **kwargs: Any) -> Any:
+        return self.scheduler.set_timesteps(*args, **kwargs)
+
+    @mirrors_wrapped_signature
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        return self.scheduler.step(*args, **kwargs)
+
+
+def prev_sample_of(step_output: Any) -> torch.Tensor:
+    """The new state in a scheduler step's return value (``.prev_sample`` or element 0 of a tuple)."""
+    return step_output[0] if isinstance(step_output, tuple) else step_output.prev_sample
+
+
+def with_prev_sample(step_output: Any, prev_sample: torch.Tensor) -> Any:
+    """The step's return value, same type, with the new state replaced by ``prev_sample``."""
+    if isinstance(step_output, tuple):
+        return (prev_sample,) + tuple(step_output[1:])
+    step_output.prev_sample = prev_sample  # diffusers BaseOutput keeps the attribute and the item in sync
+    return step_output
+
+
+class QDriftScheduler(SchedulerProxy):
+    """A diffusers scheduler with the Q-Drift correction applied after every step.
+
+    Args:
+        scheduler: a supported diffusers scheduler (DDIM, Euler, DPM-Solver++ 2M, flow-matching Euler,
+            flow DPM-Solver++), configured as the estimator was calibrated.
+        estimator: an :class:`~qdrift_stats.export.EstimatorFile` or the path of one.
+        correction, strength: override the file's correction form (``"drift"``/``"shrink"``) and
+            strength ``lambda``.
+        model, recipe: optional identifiers of the model and PTQ recipe in use; refused (one-line
+            :class:`QDriftError`) when the file records different ones.
+
+    Raises:
+        QDriftError: the scheduler's class or config differs from the file's (unless the estimator is
+            smooth and the difference is in the step grid only: then it is interpolated, with a
+            warning and a line in :attr:`notes`); later, in ``set_timesteps``, when the step grid
+            differs and the estimator is not smooth.
+    """
+
+    _proxy_attributes = SchedulerProxy._proxy_attributes | frozenset(
+        {"estimator", "correction", "strength", "model", "recipe", "corrector", "_correctors", "_step_counter"}
+    )
+
+    def __init__(
+        self,
+        scheduler: Any,
+        estimator: EstimatorFile | str | Path,
+        *,
+        correction: str | None = None,
+        strength: float | None = None,
+        model: str | None = None,
+        recipe: str | None = None,
+    ):
+        if isinstance(scheduler, QDriftScheduler):
+            raise QDriftError("the scheduler is already a QDriftScheduler; wrap the plain diffusers scheduler (wrapper.scheduler)")
+        super().__init__(scheduler)
+        if correction is not None and correction not in CORRECTION_FORMS:
+            raise QDriftError(f"unknown correction form {correction!r}; choose drift or shrink")
+        if strength is not None and not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength >= 0):
+            raise QDriftError(f"strength must be a finite non-negative number, got {strength!r}")
+        self.estimator = estimator if isinstance(estimator, EstimatorFile) else EstimatorFile.load(estimator)
+        self.correction = correction
+        self.strength = None if strength is None else float(strength)
+        self.model = model
+        self.recipe = recipe
+        scheduler_name(scheduler)  # refuses an unsupported scheduler class now, not at the first step
+        self.estimator.check_scheduler(scheduler)
+        self.estimator.check_provenance(model=model, recipe=recipe)
+        self.corrector: Corrector | None = None
+        self._correctors: dict[tuple[torch.device, torch.dtype], Corrector] = {}
+        self._step_counter = 0
+
+    def __repr__(self) -> str:
+        form = self.correction or self.estimator.metadata["correction"]["form"]
+        source = self.estimator.path.name if self.estimator.path else self.estimator.metadata["estimator"].get("name")
+        return f"QDriftScheduler({type(self.scheduler).__name__}, estimator={source!r}, correction={form!r})"
+
+    @property
+    def notes(self) -> list[str]:
+        """What the estimator file said while being applied (e.g. that it was interpolated)."""
+        return self.estimator.notes
+
+    # ---- diffusers interface --------------------------------------------------------------
+    @mirrors_wrapped_signature
+    def set_timesteps(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped ``set_timesteps``, then the correction for the new step grid.
+
+        Refuses (QDriftError) a grid the estimator was not fitted for, or interpolates a smooth one.
+        """
+        result = self.scheduler.set_timesteps(*args, **kwargs)
+        self._prepare_corrector()
+        return result
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at step ``begin_index`` (img2img pipelines skip the first steps of the grid)."""
+        inner = getattr(self.scheduler, "set_begin_index", None)
+        if inner is not None:
+            inner(begin_index)
+        self._step_counter = int(begin_index)
+
+    @mirrors_wrapped_signature
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped step followed by the Q-Drift correction; returns the wrapped step's output type.
+
+        Shapes: ``model_output`` and ``sample`` ``(batch, channels, ...)``, any device and dtype; the
+        correction runs on the new state's device and dtype.
+        """
+        corrector = self.corrector
+        if corrector is None:  # wrapped after set_timesteps (a hand-written loop): prepare once, now
+            if not getattr(self.scheduler, "num_inference_steps", None):
+                raise QDriftError("QDriftScheduler.step called before set_timesteps")
+            self._prepare_corrector()
+            corrector = self.corrector
+        i = self._step_counter
+        if i >= corrector.grid.num_steps:
+            raise QDriftError(f"step {i} is past the {corrector.grid.num_steps} steps set by set_timesteps")
+        if corrector.output_active[i]:
+            model_output = self._corrector_on(model_output).correct_output(i, model_output)
+        output = self.scheduler.step(model_output, timestep, sample, *args, **kwargs)
+        self._step_counter = i + 1
+        inner_index = getattr(self.scheduler, "_step_index", None)
+        if isinstance(inner_index, int) and inner_index != i + 1:
+            raise QDriftError(
+                f"step index out of sync: QDriftScheduler is at step {i}, the wrapped scheduler at {inner_index - 1}; "
+                "call set_begin_index on the wrapper, not on the wrapped scheduler"
+            )
+        if not corrector.active[i]:
+            return output
+        prev_sample = prev_sample_of(output)
+        corrected = self._corrector_on(prev_sample)(i, sample, model_output, prev_sample)
+        return with_prev_sample(output, corrected)
+
+    # ---- the corrector ----------------------------------------------------------------------
+    def _prepare_corrector(self) -> None:
+        """Build the host-side correction for the scheduler's current grid and reset the step counter."""
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        device = timesteps.device if isinstance(timesteps, torch.Tensor) else torch.device("cpu")
+        corrector = self.estimator.corrector(
+            self.scheduler, correction=self.correction, strength=self.strength, device=device, dtype=torch.float32
+        )
+        self.corrector = corrector
+        self._correctors = {(corrector.coefficients.device, torch.float32): corrector}
+        self._step_counter = 0
+
+    def _corrector_on(self, like: torch.Tensor) -> Corrector:
+        """The corrector with its tensors on ``like``'s device and dtype (moved once, then cached)."""
+        key = (like.device, like.dtype)
+        corrector = self._correctors.get(key)
+        if corrector is None:
+            corrector = self._correctors[key] = self.corrector.to(like.device, like.dtype)
+        return corrector
+
+    # ---- files ------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write the wrapped scheduler's ``scheduler_config.json``, the estimator file and the wrapper's options.
+
+        The folder also loads as the plain scheduler with the wrapped class's ``from_pretrained``.
+        """
+        if push_to_hub:
+            raise QDriftError("QDriftScheduler.save_pretrained does not push to a hub; save locally and upload the folder")
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.scheduler.save_pretrained(str(folder))
+        EstimatorFile(dict(self.estimator.tensors), dict(self.estimator.metadata)).save(folder / ESTIMATOR_FILE_NAME, overwrite=True)
+        options = {
+            "format": WRAPPER_FORMAT,
+            "format_version": WRAPPER_FORMAT_VERSION,
+            "estimator_file": ESTIMATOR_FILE_NAME,
+            "wrapped_class": type(self.scheduler).__name__,
+            "correction": self.correction,
+            "strength": self.strength,
+            "model": self.model,
+            "recipe": self.recipe,
+        }
+        (folder / WRAPPER_CONFIG_NAME).write_text(json.dumps(options, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        subfolder: str | None = None,
+        *,
+        model: str | None = None,
+        recipe: str | None = None,
+        **kwargs: Any,
+    ) -> "QDriftScheduler":
+        """Load a folder written by :meth:`save_pretrained` (local folders only; hub options are ignored).
+
+        ``model`` / ``recipe`` override the identifiers saved with the wrapper.
+        """
+        import diffusers
+
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        options_file = folder / WRAPPER_CONFIG_NAME
+        if not options_file.is_file():
+            raise QDriftError(f"{folder} holds no {WRAPPER_CONFIG_NAME}: not a saved QDriftScheduler")
+        try:
+            options = json.loads(options_file.read_text())
+        except json.JSONDecodeError:
+            raise QDriftError(f"{options_file} is not valid JSON") from None
+        if options.get("format") != WRAPPER_FORMAT or options.get("format_version") != WRAPPER_FORMAT_VERSION:
+            raise QDriftError(
+                f"{options_file} has format {options.get('format')!r} version {options.get('format_version')!r}; "
+                f"this qdrift-stats reads {WRAPPER_FORMAT!r} version {WRAPPER_FORMAT_VERSION}"
+            )
+        class_name = str(options.get("wrapped_class"))
+        scheduler_class = getattr(diffusers, class_name, None)
+        if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+            raise QDriftError(f"{options_file} names the scheduler class {class_name!r}, which diffusers does not have")
+        scheduler = scheduler_class.from_pretrained(str(folder))
+        estimator = EstimatorFile.load(folder / str(options.get("estimator_file", ESTIMATOR_FILE_NAME)))
+        return cls(
+            scheduler,
+            estimator,
+            correction=options.get("correction"),
+            strength=options.get("strength"),
+            model=model if model is not None else options.get("model"),
+            recipe=recipe if recipe is not None else options.get("recipe"),
+        )
+
+
+__all__ = [
+    "ESTIMATOR_FILE_NAME",
+    "QDriftScheduler",
+    "SchedulerMixin",
+    "SchedulerProxy",
+    "WRAPPER_CONFIG_NAME",
+    "mirrors_wrapped_signature",
+    "prev_sample_of",
+    "with_prev_sample",
+]
