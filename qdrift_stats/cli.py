@@ -65,12 +65,24 @@ def cli() -> None:
 @click.option("--trajectories", is_flag=True, help="Also store free-running FP and Q trajectories (for accumulation plots).")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]), help="Storage dtype.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store recorded with other settings.")
-def record(pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, overwrite):
+@click.option("--workers", type=int, help="Record on a local dask cluster of N worker processes (same store as without).")
+@click.option("--scheduler-address", help="Record on a running dask cluster, e.g. tcp://host:8786 (same store as without).")
+def record(pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, overwrite, workers, scheduler_address):
     """Record paired FP/Q calibration runs into a zarr store.
 
     An existing store with the same settings is extended: only missing seeds are recorded, so an
-    interrupted recording resumes where it stopped.
+    interrupted recording resumes where it stopped. With --workers or --scheduler-address the runs
+    are computed on a dask cluster (the pair is built on each worker) and written here in seed order.
     """
+    if workers is not None or scheduler_address is not None:
+        from .scale import record_distributed
+
+        path = record_distributed(
+            pair, out, scheduler_name=scheduler, steps=steps, runs=runs, batch_size=batch, seed=seed, trajectories=trajectories,
+            dtype=dtype, overwrite=overwrite, scheduler_address=scheduler_address, n_workers=workers if workers is not None else 2,
+        )
+        click.echo(f"recorded {runs} runs x {batch} samples, {steps} {scheduler} steps -> {path}")
+        return
     from .pair import load_pair
     from .record import record as run_record
 
@@ -95,8 +107,10 @@ def record(pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, 
 @cli.command(epilog=EPILOG_FIT)
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Estimator file (.safetensors).")
-@click.option("--estimator", "estimator_name", default="empirical", show_default=True, help="Estimator name.")
-@click.option("--correction", default="drift", show_default=True, type=click.Choice(["drift", "shrink"]), help="Correction form.")
+@click.option("--estimator", "estimator_name", default="first-order", show_default=True,
+              help="Estimator name: first-order (default; equals the lock-step 'empirical' statistic for one-step solvers), empirical, per-channel, ...")
+@click.option("--correction", default="shrink", show_default=True, type=click.Choice(["drift", "shrink"]),
+              help="Correction form: shrink (exact for a Gaussian convolution, never diverges) or drift (first order).")
 @click.option("--strength", default=1.0, show_default=True, type=float, help="Strength lambda multiplying the statistic.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing estimator file.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the summary table.")
@@ -154,6 +168,122 @@ def demo(out, num_samples):
     from .demo import run_demo
 
     click.echo(run_demo(out, num_samples=num_samples, progress=_progress("demo")))
+
+
+EPILOG_PLOT = """\b
+Example:
+  qdrift plot accumulation calib.zarr --estimator est.safetensors --out accumulation.png
+  qdrift plot variance calib.zarr --fit empirical --fit per-channel --out variance.png
+  qdrift plot runs-needed cv.zarr --out runs_needed.png
+  qdrift plot diagnostics calib.zarr --out diagnostics.png
+"""
+
+
+@cli.command(epilog=EPILOG_PLOT)
+@click.argument("kind", metavar="KIND", type=click.Choice(["accumulation", "variance", "runs-needed", "diagnostics"]))
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Figure file (.png, .pdf or .svg).")
+@click.option("--estimator", "estimator_path", type=click.Path(path_type=Path),
+              help="Estimator file: the correction (accumulation, required) or one more estimate to compare (variance).")
+@click.option("--pair", help="Model pair MODULE:FACTORY (accumulation; default: the store's recorded pair).")
+@click.option("--fit", "fit_names", multiple=True,
+              help="variance of a store: estimator to fit (repeatable; 'all': every registered one; default: empirical, first-order, decomposed, smooth-glm, robust).")
+@click.option("--x", "x_axis", type=click.Choice(["b", "step"]), help="x axis: noise level b (log) or step.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing figure file.")
+def plot(kind, source, out, estimator_path, pair, fit_names, x_axis, overwrite):
+    """Draw a figure: noise accumulation, the variance statistic, runs needed or diagnostics.
+
+    KIND is accumulation, variance, runs-needed or diagnostics. SOURCE is a calibration store (accumulation: recorded with --trajectories), an estimator
+    file (variance), or a saved runs-needed / diagnostics Dataset (zarr or netCDF).
+    """
+    from .plots import figure_for, save_figure
+
+    if out.exists() and not overwrite:
+        raise QDriftError(f"{out} exists; pass --overwrite to replace it")
+    fig = figure_for(kind, source, estimator=estimator_path, pair=pair, fits=fit_names, x=x_axis)
+    save_figure(fig, out)
+    click.echo(f"wrote {kind} figure -> {out}")
+
+
+EPILOG_DIAGNOSE = """\b
+Example:
+  qdrift diagnose calib.zarr
+  qdrift diagnose calib.zarr --json --out diagnostics.zarr
+"""
+
+
+@cli.command(epilog=EPILOG_DIAGNOSE)
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict, summaries and per-step values as JSON.")
+@click.option("--out", type=click.Path(path_type=Path), help="Also save the per-step diagnostics Dataset (zarr), e.g. for 'qdrift plot diagnostics'.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def diagnose(store, as_json, out, overwrite):
+    """Check Q-Drift's noise assumption on a calibration store; say which estimator and correction to use.
+
+    Per step: kurtosis and Jarque-Bera normality of the perturbation, its correlation with the
+    model output (R^2), whether the Q output lies on a grid, the spread across channels; across
+    steps: Ljung-Box autocorrelation of each sample's standardised errors.
+    """
+    import json
+    import shutil
+    import warnings
+
+    from .diagnostics import diagnose as run_diagnose
+    from .diagnostics import report, to_json
+
+    if out is not None and out.exists() and not overwrite:
+        raise QDriftError(f"{out} exists; pass --overwrite to replace it")
+    diag = run_diagnose(store)
+    if out is not None:
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            diag.to_zarr(out, mode="w", zarr_format=3, consolidated=False)
+    click.echo(json.dumps(to_json(diag), indent=1) if as_json else report(diag))
+
+
+EPILOG_CV = """\b
+Example:
+  qdrift cv calib.zarr --out cv.zarr
+  qdrift cv calib.zarr --out cv.zarr --estimator robust --no-strength --json
+"""
+
+
+@cli.command(epilog=EPILOG_CV)
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Results (zarr); an interrupted run with the same settings resumes.")
+@click.option("--estimator", "estimator_name", default="first-order", show_default=True, help="Estimator name (as for 'qdrift fit').")
+@click.option("--splits", "n_splits", default=50, show_default=True, type=int, help="Most random subsets of runs per calibration count.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the splits.")
+@click.option("--tolerance", default=0.1, show_default=True, type=float, help="Relative error for 'runs needed'.")
+@click.option("--confidence", default=0.95, show_default=True, type=float, help="Probability for 'runs needed'.")
+@click.option("--strength/--no-strength", default=None,
+              help="Choose the correction form and strength by CV (re-samples the pair). Default: when the store's pair can be loaded.")
+@click.option("--pair", help="Model pair MODULE:FACTORY for the strength search (default: the store's recorded pair).")
+@click.option("--samples", "num_samples", default=1024, show_default=True, type=int, help="Samples per sampler and fold in the strength search.")
+@click.option("--json", "as_json", is_flag=True, help="Print the headline numbers as JSON.")
+@click.option("--overwrite", is_flag=True, help="Start over, replacing an existing --out.")
+def cv(store, out, estimator_name, n_splits, seed, tolerance, confidence, strength, pair, num_samples, as_json, overwrite):
+    """Cross-validate over calibration runs: error against the number of runs, runs needed, correction strength.
+
+    Runs are the groups. For N = 1..M-1 runs, repeated random subsets are fitted and scored
+    against the all-runs fit and on the held-out runs; each N is saved as it finishes.
+    """
+    import json
+
+    from .validate import cross_validate
+
+    model_pair = None
+    if pair:
+        from .pair import load_pair
+
+        model_pair = load_pair(pair)
+    result = cross_validate(
+        store, out, estimator=estimator_name, n_splits=n_splits, seed=seed, strength=strength, pair=model_pair,
+        num_samples=num_samples, overwrite=overwrite, progress=_progress("cv"),
+    )
+    click.echo(json.dumps(result.to_json(tolerance, confidence), indent=1) if as_json else result.summary(tolerance, confidence))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,6 +172,8 @@ class EstimatorFile:
         for k, v in tensors.items():
             if k in _REQUIRED_TENSORS + _OPTIONAL_TENSORS and (v.ndim == 0 or v.shape[0] != steps):
                 raise QDriftError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, expected {steps} steps first")
+            if (k in _REQUIRED_TENSORS + _OPTIONAL_TENSORS and v.ndim > 2) or (k in ("timesteps", "a_next", "b_next") and v.ndim != 1):
+                raise QDriftError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, expected (steps,) or (steps, channels)")
         curves = [tensors[k] for k in CURVE_TENSORS if k in tensors]
         if curves and (len({c.shape for c in curves}) != 1 or curves[0].ndim != 1 or not all(np.all(np.isfinite(c)) for c in curves)):
             raise QDriftError(f"{path}: the smooth model's curves must be finite and of one length")

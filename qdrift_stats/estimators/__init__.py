@@ -9,13 +9,24 @@ from typing import Any, Callable
 
 from ..errors import QDriftError
 from .base import FittedEstimator
+from .decomposed import DecomposedEstimator
 from .empirical import EmpiricalEstimator
+from .moment import MomentEstimator
+from .robust import RobustEstimator
+from .smooth import SmoothGLMEstimator, SmoothLowessEstimator
 
 ESTIMATORS: dict[str, Callable[[], Any]] = {
     "empirical": EmpiricalEstimator,
     "per-channel": lambda: EmpiricalEstimator(per_channel=True),
     "first-order": lambda: EmpiricalEstimator(statistic="first-order"),
     "first-order-per-channel": lambda: EmpiricalEstimator(per_channel=True, statistic="first-order"),
+    "decomposed": DecomposedEstimator,
+    "smooth-glm": SmoothGLMEstimator,
+    "smooth-lowess": SmoothLowessEstimator,
+    "robust": RobustEstimator,
+    "robust-huber": lambda: RobustEstimator(method="huber"),
+    "robust-mad": lambda: RobustEstimator(method="mad"),
+    "moment": MomentEstimator,  # re-samples the pair named in the store
 }
 
 
@@ -27,4 +38,7 @@ def get_estimator(name: str) -> Any:
         raise QDriftError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}") from None
 
 
-__all__ = ["ESTIMATORS", "EmpiricalEstimator", "FittedEstimator", "get_estimator"]
+__all__ = [
+    "ESTIMATORS", "DecomposedEstimator", "EmpiricalEstimator", "FittedEstimator", "MomentEstimator", "RobustEstimator",
+    "SmoothGLMEstimator", "SmoothLowessEstimator", "get_estimator",
+]

@@ -1,0 +1,137 @@
+"""Robust estimators of the variance statistic, for heavy-tailed quantization errors.
+
+The empirical statistic ``mean ||Delta_i||^2 / dim`` is dominated by a few large values when the
+error is heavy-tailed (outlier channels, saturating activations); the correction then over-pulls
+the typical sample. The robust statistic is computed per run and step over the run's values of
+``delta_x`` (samples x elements; a fixed random subsample of at most ``max_points`` per run),
+with statsmodels' robust scales:
+
+- ``"winsor"`` (default): the second moment of the values winsorized at ``median +- c * s``, with
+  ``s`` the normalised MAD (statsmodels ``robust.scale.mad``) and ``c = 3.5``. It equals the plain
+  mean square for any error within ``c`` robust standard deviations of the median: bounded errors
+  (the testbed's sinusoidal and rounding errors) are never clipped, a Gaussian loses 0.1%, and
+  values beyond the bound weigh as if they sat on it.
+- ``"huber"``: Huber's proposal-2 location and scale (statsmodels ``robust.scale.Huber``), ``v =
+  loc^2 + scale^2``. Consistent for Gaussian errors only: it overstates a bounded error's variance
+  (by about 28% for the testbed's sinusoid).
+- ``"mad"``: ``v = median^2 + MAD^2`` (normalised MAD). Gaussian-consistent, most robust, and
+  about 2.2x the variance of a sinusoidal error.
+
+The estimate is the mean of the per-run values. Its interval is a Student-t interval over runs
+(``ci="t"``, as for the empirical estimator) or a percentile bootstrap over runs (``ci="bootstrap"``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from statsmodels.robust import scale
+
+from ..errors import QDriftError
+from .base import FittedEstimator, as_dataset, check_finite_store, grid_of
+from .decomposed import pooled_step_values, subsample_index
+from .empirical import t_interval
+
+ROBUST_METHODS: tuple[str, ...] = ("winsor", "huber", "mad")
+
+
+def robust_second_moment(values: np.ndarray, method: str = "winsor", c: float = 3.5) -> float:
+    """Robust version of ``mean(values^2)`` for a 1-d array (see the module docstring for ``method``)."""
+    values = np.asarray(values, dtype=np.float64)
+    center = float(np.median(values))
+    spread = float(scale.mad(values))
+    if spread == 0.0:  # more than half the values equal: nothing to be robust against
+        return float(np.mean(values**2))
+    if method == "winsor":
+        clipped = np.clip(values, center - c * spread, center + c * spread)
+        return float(np.mean(clipped**2))
+    if method == "mad":
+        return center**2 + spread**2
+    if method == "huber":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                loc, s = scale.Huber()(values)
+            except ValueError:  # no convergence: fall back to the MAD
+                return center**2 + spread**2
+        return float(loc) ** 2 + float(s) ** 2
+    raise QDriftError(f"unknown robust method {method!r}; choose one of {', '.join(ROBUST_METHODS)}")
+
+
+def bootstrap_interval(per_run: np.ndarray, confidence: float, draws: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap over runs (axis 0) of the mean; NaN with fewer than two runs."""
+    runs = per_run.shape[0]
+    if runs < 2:
+        nan = np.full(per_run.shape[1:], np.nan)
+        return nan, nan
+    rng = np.random.default_rng(seed)
+    means = per_run[rng.integers(0, runs, (draws, runs))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail], axis=0)
+    return low, high
+
+
+class RobustEstimator:
+    """Per-step robust second moment of ``delta_x`` (per run, averaged over runs).
+
+    Args:
+        method: ``"winsor"``, ``"huber"`` or ``"mad"`` (module docstring).
+        c: winsorizing bound in robust standard deviations (``"winsor"`` only).
+        ci: ``"t"`` (Student-t over runs) or ``"bootstrap"`` (percentile bootstrap over runs).
+        confidence: nominal level of the interval.
+        bootstrap: number of resamples for ``ci="bootstrap"``.
+        max_points: most values per run and step (a fixed random subsample beyond that).
+        seed: seed of the subsample and the bootstrap.
+    """
+
+    name = "robust"
+
+    def __init__(self, method: str = "winsor", c: float = 3.5, ci: str = "t", confidence: float = 0.95, bootstrap: int = 2000,
+                 max_points: int = 100_000, seed: int = 0):
+        if method not in ROBUST_METHODS:
+            raise QDriftError(f"unknown robust method {method!r}; choose one of {', '.join(ROBUST_METHODS)}")
+        if ci not in ("t", "bootstrap"):
+            raise QDriftError(f"ci must be t or bootstrap, got {ci!r}")
+        self.method = method
+        self.c = c
+        self.ci = ci
+        self.confidence = confidence
+        self.bootstrap = bootstrap
+        self.max_points = max_points
+        self.seed = seed
+
+    @property
+    def params(self) -> dict:
+        return {"method": self.method, "c": self.c, "ci": self.ci, "confidence": self.confidence, "bootstrap": self.bootstrap,
+                "max_points": self.max_points, "seed": self.seed}
+
+    def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
+        ds = as_dataset(store)
+        runs, steps = ds.sizes["run"], ds.sizes["step"]
+        index = subsample_index(ds, self.max_points * runs, self.seed)
+        per_run = np.zeros((runs, steps))
+        for i in range(steps):
+            values = pooled_step_values(ds, ("delta_x",), i, index)["delta_x"]
+            check_finite_store(values)
+            per_run[:, i] = [robust_second_moment(values[r], self.method, self.c) for r in range(runs)]
+        variance, low, high = t_interval(per_run, self.confidence)
+        if self.ci == "bootstrap":
+            low, high = bootstrap_interval(per_run, self.confidence, self.bootstrap, self.seed)
+        grid = grid_of(ds)
+        return FittedEstimator(
+            name=self.name,
+            params=self.params,
+            variance=variance,
+            ci_low=low,
+            ci_high=high,
+            confidence=self.confidence,
+            per_run=per_run,
+            timesteps=grid["timestep"],
+            a_next=grid["a_next"],
+            b_next=grid["b_next"],
+            store_attrs=dict(ds.attrs),
+            seeds=np.asarray(ds["seed"].values),
+        )

@@ -1,0 +1,310 @@
+"""The decomposed, smooth, robust and moment estimators against the testbed's ground truth."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from qdrift_stats import testbed
+from qdrift_stats.estimators import (
+    ESTIMATORS,
+    DecomposedEstimator,
+    EmpiricalEstimator,
+    MomentEstimator,
+    RobustEstimator,
+    SmoothGLMEstimator,
+    SmoothLowessEstimator,
+    get_estimator,
+)
+from qdrift_stats.estimators.robust import robust_second_moment
+from qdrift_stats.estimators.smooth import first_order_gain, solver_gains
+from qdrift_stats.export import EstimatorFile
+from qdrift_stats.record import record, record_run
+from qdrift_stats.sampling import prepared_scheduler, sample
+from qdrift_stats.schedulers import step_grid
+from qdrift_stats.store import open_store, run_dataset
+from qdrift_stats.testbed.errors import NoiseLikeError, QuantizationError
+
+
+@dataclass
+class SpikyError(QuantizationError):
+    """Noise-like error plus sparse spikes: ``A sin(G z + phi)`` and, on a fraction ``rate`` of the
+    elements, ``+-spike * A`` (deterministic, from a second high-frequency phase). Heavy-tailed."""
+
+    dim: int
+    amplitude: float = 0.5
+    spike: float = 10.0
+    rate: float = 0.02
+    name = "spiky"
+
+    def __post_init__(self):
+        self._base = NoiseLikeError(self.dim, amplitude=self.amplitude)
+        g = torch.Generator().manual_seed(4321)
+        self._G = torch.randn(self.dim, self.dim, generator=g, dtype=torch.float64) * 40.0
+        self._phi = torch.rand(self.dim, generator=g, dtype=torch.float64) * 2 * torch.pi
+        # |sin| of a uniform phase exceeds cos(pi rate / 2) with probability ``rate``
+        self._threshold = math.cos(math.pi * self.rate / 2)
+
+    def __call__(self, m_fp, model_input, timestep):
+        z = model_input.reshape(model_input.shape[0], -1).double()
+        w = torch.sin(z @ self._G.T + self._phi)
+        spikes = self.spike * self.amplitude * torch.sign(w) * (w.abs() > self._threshold)
+        return self._base(m_fp, model_input, timestep) + spikes.reshape(m_fp.shape).to(m_fp.dtype)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The testbed's tiny tensors run faster on one thread, much faster when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def spiky_pair():
+    return testbed.MixturePair(testbed.default_mixture(), kind="vp", error=SpikyError(testbed.DIM))
+
+
+def _record(tmp, pair_name, scheduler, steps, runs=4, batch=32, seed=0):
+    path = tmp / f"{pair_name}_{scheduler}_{steps}.zarr"
+    pair = getattr(testbed, pair_name)() if pair_name.startswith("mixture") else spiky_pair()
+    module = "qdrift_stats.testbed" if pair_name.startswith("mixture") else "tests.test_estimators_more"
+    record(pair, path, pair_name=f"{module}:{pair_name}", scheduler_name=scheduler, steps=steps, runs=runs, batch_size=batch, seed=seed)
+    return open_store(path).load()
+
+
+def memory_store(pair, scheduler, steps, runs, batch, seed) -> xr.Dataset:
+    """A recording assembled in memory (arrays and step coordinates, no attributes): enough for the
+    empirical and robust estimators, and much faster than a zarr store. One paired run of
+    ``runs * batch`` samples is split into ``runs`` groups of ``batch``: its samples are independent
+    draws, so the groups are independent runs for the estimators' purposes."""
+    grid = step_grid(prepared_scheduler(pair, scheduler, steps))
+    coords = {"timestep": grid.timesteps, "a": grid.a, "b": grid.b, "a_next": grid.a_next, "b_next": grid.b_next}
+    arrays = record_run(pair, scheduler, steps, runs * batch, seed)[0]
+    parts = [run_dataset({k: v[:, r * batch:(r + 1) * batch] for k, v in arrays.items()}, seed * 1000 + r, r, coords, {}) for r in range(runs)]
+    return xr.concat(parts, dim="run")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("more")
+    vp = testbed.mixture_vp_noise()
+    return {
+        "vp_corr": _record(tmp, "mixture_vp_correlated", "euler", 8),
+        "flow_corr": _record(tmp, "mixture_flow_correlated", "flow-euler", 8),
+        "vp_noise": _record(tmp, "mixture_vp_noise", "euler", 10),
+        "vp_noise_20": memory_store(vp, "euler", 20, 4, 32, 50),
+        "ddim_noise": _record(tmp, "mixture_vp_noise", "ddim", 10),
+        "ddim_noise_20": memory_store(vp, "ddim", 20, 4, 32, 50),
+        "dpm_noise": _record(tmp, "mixture_vp_noise", "dpmpp-2m", 10),
+        "dpm_noise_20": memory_store(vp, "dpmpp-2m", 20, 4, 32, 50),
+        "vp_exact": _record(tmp, "mixture_vp_exact", "euler", 6, runs=2, batch=8),
+        "spiky": memory_store(spiky_pair(), "euler", 8, 4, 32, 0),
+    }
+
+
+def truth_euler(ds):
+    """Euler, noise-like error: ``v_i = (b_next - b)^2 A^2 / 2`` (see tests/test_estimators.py)."""
+    return (ds["b_next"].values - ds["b"].values) ** 2 * testbed.NOISE_AMPLITUDE["vp"] ** 2 / 2
+
+
+# ---- decomposed ------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", ["vp_corr", "flow_corr"])
+def test_decomposed_recovers_the_scale_error_of_the_correlated_pair(stores, key):
+    fitted = DecomposedEstimator().fit(stores[key])
+    applied = fitted.extra["applied"]
+    assert applied.sum() >= len(applied) - 1  # at most the last step (FP output ~ 0) is left alone
+    np.testing.assert_allclose(fitted.k[applied], -0.05, atol=1e-3)
+    np.testing.assert_allclose(fitted.mu[applied], 0.0, atol=1e-3)
+    assert np.all(fitted.extra["r2"][applied] > 0.99)
+    # m_q = 0.95 m_fp exactly: once (m_q - mu) / (1 + k) is applied nothing is left to correct
+    raw = EmpiricalEstimator().fit(stores[key]).variance
+    assert np.all(fitted.variance[applied] <= 1e-6 * raw[applied])
+
+
+def test_decomposed_leaves_the_noise_pair_undecomposed_and_equals_the_empirical_statistic(stores):
+    fitted = DecomposedEstimator().fit(stores["vp_noise"])
+    assert not fitted.extra["applied"].any() and np.all(fitted.k == 0) and np.all(fitted.mu == 0)
+    np.testing.assert_allclose(fitted.variance, EmpiricalEstimator().fit(stores["vp_noise"]).variance, rtol=1e-4)
+
+
+def test_decomposed_gains_reproduce_the_multistep_perturbation(stores):
+    """DPM-Solver++ 2M: delta_x = c delta_out + d delta_out_prev exactly, so v equals the lock-step statistic."""
+    ds = stores["dpm_noise"]
+    fitted = DecomposedEstimator(statistic="lockstep").fit(ds)
+    assert np.any(fitted.extra["gain_previous"] != 0)
+    np.testing.assert_allclose(fitted.variance, EmpiricalEstimator().fit(ds).variance, rtol=1e-3)
+
+
+def test_decomposed_fitted_gain_of_a_one_step_solver_is_the_first_order_gain(stores):
+    ds = stores["vp_noise"]
+    lockstep = DecomposedEstimator(statistic="lockstep").fit(ds)
+    first = DecomposedEstimator().fit(ds)
+    np.testing.assert_allclose(lockstep.extra["gain"], first.extra["gain"], rtol=1e-4)
+    np.testing.assert_allclose(lockstep.variance, first.variance, rtol=1e-3)
+
+
+def test_decomposed_estimator_file_makes_the_corrected_sampler_follow_fp(stores, tmp_path):
+    fitted = DecomposedEstimator().fit(stores["vp_corr"])
+    fitted.export(tmp_path / "d.safetensors", correction="shrink")
+    est = EstimatorFile.load(tmp_path / "d.safetensors")
+    assert "k" in est.tensors and "mu" in est.tensors
+    pair = testbed.mixture_vp_correlated()
+    fp = sample(pair, "euler", 8, 64, 64, 5, model="fp")
+    q = sample(pair, "euler", 8, 64, 64, 5, model="q")
+    corrected = sample(pair, "euler", 8, 64, 64, 5, model="q", estimator=est)
+    gap_q, gap_corrected = np.abs(q - fp).mean(), np.abs(corrected - fp).mean()
+    assert gap_corrected < 0.01 * gap_q
+    assert "k" in fitted.summary()
+
+
+# ---- smooth ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheduler,config", [("euler", "vp"), ("ddim", "vp"), ("flow-euler", "flow")])
+def test_solver_probe_gains_equal_the_analytic_first_order_gain(scheduler, config):
+    pair = testbed.mixture_vp_noise() if config == "vp" else testbed.mixture_flow_noise()
+    scheduler_obj = prepared_scheduler(pair, scheduler, 12)
+    grid = step_grid(scheduler_obj)
+    c, d = solver_gains(prepared_scheduler(pair, scheduler, 12))
+    np.testing.assert_allclose(c, first_order_gain(grid.prediction_type, grid.a, grid.b, grid.a_next, grid.b_next), rtol=1e-5)
+    assert np.all(d == 0)
+
+
+@pytest.mark.parametrize("estimator", [SmoothGLMEstimator, SmoothLowessEstimator])
+@pytest.mark.parametrize("key", ["vp_noise", "ddim_noise"])
+def test_smooth_interpolation_to_another_step_count_matches_a_direct_fit(stores, tmp_path, estimator, key):
+    """One-step solvers: v_i = c_i^2 u(b_i) exactly, so the 10-step model predicts the 20-step statistic
+    up to sampling noise (a few percent with 4 runs x 32 samples x 8 dims)."""
+    fitted = estimator().fit(stores[key])
+    assert fitted.smooth
+    fitted.export(tmp_path / "s.safetensors")
+    est = EstimatorFile.load(tmp_path / "s.safetensors")
+    scheduler = stores[key].attrs["scheduler"]
+    grid = step_grid(prepared_scheduler(testbed.mixture_vp_noise(), scheduler, 20))
+    v = est.variance_on(grid)
+    direct = EmpiricalEstimator().fit(stores[f"{key}_20"]).variance
+    keep = grid.b_next > 0
+    np.testing.assert_allclose(v[keep], direct[keep], rtol=0.15)
+    assert any("interpolated from 10 to 20 steps" in n for n in est.notes)
+
+
+def test_smooth_glm_on_its_own_grid_agrees_with_the_truth(stores):
+    ds = stores["vp_noise"]
+    fitted = SmoothGLMEstimator().fit(ds)
+    keep = ds["b_next"].values > 0
+    np.testing.assert_allclose(fitted.variance[keep], truth_euler(ds)[keep], rtol=0.1)
+    assert np.all(fitted.ci_low <= fitted.variance) and np.all(fitted.variance <= fitted.ci_high)
+
+
+def test_multistep_interpolation_is_better_with_the_step_correlation_model(stores, tmp_path):
+    """DPM-Solver++ 2M: consecutive output errors correlate at high noise; dropping the correlation
+    curve (independence across steps) must do worse on the 20-step grid than keeping it."""
+    fitted = SmoothGLMEstimator(statistic="lockstep").fit(stores["dpm_noise"])
+    assert "curve_log_kappa" in fitted.extra["tensors"]
+    fitted.export(tmp_path / "m.safetensors")
+    grid = step_grid(prepared_scheduler(testbed.mixture_vp_noise(), "dpmpp-2m", 20))
+    direct = EmpiricalEstimator().fit(stores["dpm_noise_20"]).variance
+    keep = grid.b_next > 0
+    with_model = EstimatorFile.load(tmp_path / "m.safetensors")
+    without = EstimatorFile.load(tmp_path / "m.safetensors")
+    del without.tensors["curve_log_kappa"]
+    err = lambda v: np.sqrt(np.mean(np.log(v[keep] / direct[keep]) ** 2))  # noqa: E731
+    assert err(with_model.variance_on(grid)) < err(without.variance_on(grid))
+
+
+def test_first_order_smooth_statistic_of_a_multistep_solver_interpolates_like_a_one_step_one(stores, tmp_path):
+    """First-order statistic: v_i = c_i^2 E delta_out_i^2 with the first-order gain, on any grid."""
+    fitted = SmoothGLMEstimator().fit(stores["dpm_noise"])
+    assert "curve_log_kappa" not in fitted.extra["tensors"]
+    fitted.export(tmp_path / "f.safetensors")
+    grid = step_grid(prepared_scheduler(testbed.mixture_vp_noise(), "dpmpp-2m", 20))
+    ds = stores["dpm_noise_20"]
+    gain = first_order_gain(grid.prediction_type, grid.a, grid.b, grid.a_next, grid.b_next)
+    direct = gain**2 * (ds["delta_out"].astype("float64") ** 2).mean(("run", "sample", "channel")).values
+    keep = grid.b_next > 0
+    np.testing.assert_allclose(EstimatorFile.load(tmp_path / "f.safetensors").variance_on(grid)[keep], direct[keep], rtol=0.15)
+
+
+def test_smooth_estimators_of_an_exact_pair_are_zero_everywhere(stores, tmp_path):
+    for estimator in (SmoothGLMEstimator, SmoothLowessEstimator):
+        fitted = estimator().fit(stores["vp_exact"])
+        assert np.all(fitted.variance == 0)
+        fitted.export(tmp_path / f"{fitted.name}.safetensors")
+        grid = step_grid(prepared_scheduler(testbed.mixture_vp_exact(), "euler", 9))
+        assert np.all(EstimatorFile.load(tmp_path / f"{fitted.name}.safetensors").variance_on(grid) == 0)
+
+
+# ---- robust --------------------------------------------------------------------------------------
+def test_winsorized_moment_equals_the_mean_square_of_a_bounded_error_and_clips_spikes():
+    rng = np.random.default_rng(0)
+    bounded = np.sin(rng.uniform(0, 2 * np.pi, 20_000))
+    assert robust_second_moment(bounded) == pytest.approx(np.mean(bounded**2), rel=1e-12)
+    spiky = bounded.copy()
+    spiky[:200] = 50.0  # 1% of the values
+    # each clipped value weighs at most (c * MAD-scale)^2
+    assert robust_second_moment(spiky) < np.mean(bounded**2) + 0.01 * (3.5 * 1.2) ** 2
+    assert np.mean(spiky**2) > 40 * np.mean(bounded**2)
+
+
+def test_robust_estimator_follows_the_core_of_a_heavy_tailed_error(stores):
+    """Spiky pair: core variance c_i^2 A^2 / 2; 2% spikes of 10 A make the mean square 5x larger."""
+    ds = stores["spiky"]
+    core = truth_euler(ds)
+    empirical = EmpiricalEstimator().fit(ds).variance
+    robust = RobustEstimator().fit(ds).variance
+    keep = ds["b_next"].values > 0
+    assert np.all(empirical[keep] > 3 * core[keep])
+    # clipping at 3.5 robust sd leaves at most rate * (3.5 * 1.05 A c)^2 on top of the core
+    assert np.all(robust[keep] < core[keep] * (1 + 0.02 * 2 * (3.5 * 1.05) ** 2) * 1.15)
+    assert np.all(robust[keep] > 0.85 * core[keep])
+
+
+def test_robust_estimator_on_bounded_noise_matches_the_empirical_one(stores):
+    ds = stores["vp_noise"]
+    np.testing.assert_allclose(RobustEstimator().fit(ds).variance, EmpiricalEstimator().fit(ds).variance, rtol=1e-10)
+    boot = RobustEstimator(ci="bootstrap", bootstrap=200).fit(ds)
+    assert np.all(boot.ci_low <= boot.variance) and np.all(boot.variance <= boot.ci_high)
+
+
+# ---- moment ----------------------------------------------------------------------------------------
+def test_moment_matching_finds_nothing_to_correct_on_an_exact_pair(stores):
+    fitted = MomentEstimator().fit(stores["vp_exact"])
+    assert np.all(fitted.variance == 0)
+
+
+def test_moment_matching_corrects_the_noise_pair(stores):
+    ds = stores["vp_noise"]
+    fitted = MomentEstimator().fit(ds)
+    keep = ds["b_next"].values > 0
+    assert np.all(fitted.variance >= 0) and np.all(fitted.variance[~keep] == 0)
+    assert np.mean(fitted.variance[keep] > 0) > 0.5
+    assert fitted.params["form"] == "shrink"
+
+
+# ---- coverage, registry --------------------------------------------------------------------------
+def test_intervals_cover_the_true_variance_over_seeds():
+    """A small coverage check: 20 seeds x 5 correctable steps, nominal 95%, loose bound 80%."""
+    pair = testbed.mixture_vp_noise()
+    hits = {"empirical": [], "robust": []}
+    for s in range(20):
+        ds = memory_store(pair, "euler", 6, 4, 32, 100 + 4 * s)
+        truth, keep = truth_euler(ds), ds["b_next"].values > 0
+        for name in hits:
+            fitted = get_estimator(name).fit(ds)
+            hits[name].extend(((fitted.ci_low <= truth) & (truth <= fitted.ci_high))[keep])
+    for name, h in hits.items():
+        assert np.mean(h) >= 0.8, name
+
+
+def test_new_estimators_are_registered_and_fit_from_the_command_line(stores, tmp_path):
+    for name in ("decomposed", "smooth-glm", "smooth-lowess", "robust", "robust-huber", "robust-mad", "moment"):
+        assert name in ESTIMATORS
+    from qdrift_stats.cli import main
+
+    path = tmp_path / "store.zarr"
+    record(testbed.mixture_vp_noise(), path, pair_name="qdrift_stats.testbed:mixture_vp_noise", scheduler_name="euler", steps=5, runs=2, batch_size=8, seed=0)
+    assert main(["fit", str(path), "--out", str(tmp_path / "e.safetensors"), "--estimator", "smooth-glm", "-q"]) == 0
+    est = EstimatorFile.load(tmp_path / "e.safetensors")
+    assert est.smooth and "curve_log_u" in est.tensors and est.metadata["estimator"]["smooth_model"]["space"] == "output"
