@@ -75,18 +75,15 @@ def accumulation_dataset(pair: Any, store: xr.Dataset | str | Path, estimator: A
         runs: use only the first ``runs`` runs (default all).
 
     Returns:
-        Dataset with, for the states after each step,
-
-        - ``dist_q``, ``dist_corrected`` ``(run, step, sample)``: pathwise distance to the paired
-          FP state, the RMS over the sample dims of ``x_q - x_fp`` (resp. corrected), state units;
-        - ``var_fp``, ``var_q``, ``var_corrected`` ``(run, step)``: the spread of the states, their
-          variance over the run's samples averaged over the sample dims, state units^2 (Q-Drift
-          aims to make ``var_corrected`` equal ``var_fp``, not the paths equal);
-        - ``per_step_rms(step)``: ``sqrt(v_i)`` of the estimator (channel mean for a per-channel
-          one), the size of one step's perturbation, state units;
-
-        coordinates ``seed(run)``, ``timestep, b, b_next(step)``; attributes pair, scheduler,
-        steps, correction, strength, estimator.
+        Dataset with, for the states after each step: ``dist_q``, ``dist_corrected``
+        ``(run, step, sample)``, the pathwise distance to the paired FP state (RMS over the sample
+        dims of ``x_q - x_fp``, resp. corrected; state units); ``var_fp``, ``var_q``,
+        ``var_corrected`` ``(run, step)``, the spread of the states (variance over the run's
+        samples averaged over the sample dims, state units^2; Q-Drift aims to make
+        ``var_corrected`` equal ``var_fp``, not the paths equal); ``per_step_rms(step)``, the
+        estimator's ``sqrt(v_i)`` (channel mean for a per-channel one), state units; coordinates
+        ``seed(run)``, ``timestep, b, b_next(step)``; attributes pair, scheduler, steps,
+        correction, strength, estimator.
 
     Raises:
         QDriftError: the store has no trajectories, or the pair does not reproduce its FP trajectory.
