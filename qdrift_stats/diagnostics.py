@@ -47,6 +47,7 @@ import zarr
 from scipy import stats
 from statsmodels.stats.diagnostic import acorr_ljungbox
 
+from .store import storage_errors_as_qdrift
 from .errors import QDriftError
 from .estimators.base import as_dataset, check_finite_store, grid_of
 from .estimators.decomposed import output_regression, pooled_step_values, subsample_index
@@ -118,6 +119,7 @@ def _ljung_box(ds: xr.Dataset, v: np.ndarray, max_series: int, lags: int, seed: 
     return float(np.mean(rejected)), float(np.mean(lag1)), len(rejected)
 
 
+@storage_errors_as_qdrift
 def diagnose(store: xr.Dataset | str | Path, *, max_points: int = 100_000, max_series: int = 512, lb_lags: int | None = None, seed: int = 0) -> xr.Dataset:
     """Per-step diagnostics of a calibration store, and their summaries, as an xarray Dataset.
 

@@ -23,7 +23,9 @@ before a resume.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,8 +41,45 @@ SCHEMA = "qdrift-calibration"
 SCHEMA_VERSION = 1
 PERTURBATION_VARS = ("delta_x", "delta_out", "out_fp")
 TRAJECTORY_VARS = ("traj_fp", "traj_q")
+# Coordinates every reader needs (``gain`` is optional: stores of older versions lack it).
+REQUIRED_COORDS = ("seed", "timestep", "a", "b", "a_next", "b_next")
 # Attributes that must agree before runs can be appended to an existing store.
 IDENTITY_ATTRS = ("pair", "scheduler", "scheduler_config", "steps", "batch_size", "sample_shape", "dtype", "trajectories")
+
+
+def _raised_by_storage(exc: BaseException | None, depth: int = 0) -> bool:
+    """Whether an exception came out of zarr or its codecs (a damaged chunk or metadata)."""
+    if exc is None or depth > 5:
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if any(f"{os.sep}{package}{os.sep}" in filename for package in ("zarr", "numcodecs")):
+            return True
+        tb = tb.tb_next
+    return _raised_by_storage(exc.__cause__ or exc.__context__, depth + 1)
+
+
+def storage_errors_as_qdrift(func):
+    """Decorator for functions that read a store lazily: a damaged chunk becomes a one-line :class:`QDriftError`.
+
+    Stores are opened lazily, so a corrupt chunk only shows when an estimator computes; zarr's
+    decoding error would otherwise escape as a bare ``RuntimeError``/``ValueError``.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except QDriftError:
+            raise
+        except Exception as exc:
+            if not _raised_by_storage(exc):
+                raise
+            detail = " ".join(str(exc).split())[:200]
+            raise QDriftError(f"the calibration store has a damaged or unreadable chunk ({type(exc).__name__}: {detail}); re-record the affected runs") from None
+
+    return wrapper
 
 
 def sample_dims(sample_shape: tuple[int, ...]) -> tuple[str, ...]:
@@ -189,16 +228,28 @@ def open_store(path: str | Path) -> xr.Dataset:
     """
     path = Path(path)
     attrs = store_attrs(path)
-    done = int(attrs.get("runs_complete", 0))
+    done = attrs.get("runs_complete", 0)
+    if isinstance(done, bool) or not isinstance(done, (int, np.integer)) or done < 0:
+        raise QDriftError(f"{path} has an invalid runs_complete attribute {done!r}; re-record the store")
+    done = int(done)
+    if "scheduler_config" in attrs:
+        try:
+            config = json.loads(attrs["scheduler_config"])
+        except (TypeError, ValueError):
+            config = None
+        if not isinstance(config, dict):
+            raise QDriftError(f"{path} has an invalid scheduler_config attribute (not a JSON object); re-record the store")
     try:
         ds = xr.open_zarr(path, consolidated=True)
     except Exception as exc:
         raise QDriftError(
             f"{path} could not be opened ({type(exc).__name__}); if a recording was interrupted, run the same 'qdrift record' again to resume"
         ) from None
-    missing = [v for v in PERTURBATION_VARS if v not in ds]
+    missing = [v for v in PERTURBATION_VARS + REQUIRED_COORDS if v not in ds.variables]
     if missing:
         raise QDriftError(f"{path} lacks the variables {', '.join(missing)}")
+    if done > ds.sizes.get("run", 0):
+        raise QDriftError(f"{path} says {done} runs are complete but holds {ds.sizes.get('run', 0)}; re-record the store")
     if ds.sizes.get("run", 0) != done:
         ds = ds.isel(run=slice(0, done))
     if done == 0:

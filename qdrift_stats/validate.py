@@ -68,6 +68,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from .store import storage_errors_as_qdrift
 from .diagnostics import readable
 from .errors import QDriftError
 from .estimators import EmpiricalEstimator, RobustEstimator, get_estimator
@@ -448,6 +449,7 @@ def _strength_part(ds_mem: xr.Dataset, pair: Any, estimator_name: str, forms: tu
     )
 
 
+@storage_errors_as_qdrift
 def cross_validate(
     store: xr.Dataset | str | Path,
     out: str | Path | None = None,

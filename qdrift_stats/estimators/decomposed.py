@@ -51,6 +51,7 @@ import numpy as np
 import statsmodels.api as sm
 import xarray as xr
 
+from ..store import storage_errors_as_qdrift
 from ..errors import QDriftError
 from .base import FittedEstimator, as_dataset, check_finite_store, grid_of
 from .empirical import t_interval
@@ -173,6 +174,7 @@ class DecomposedEstimator:
         return {"confidence": self.confidence, "max_points": self.max_points, "seed": self.seed, "min_r2": self.min_r2, "min_scale": self.min_scale,
                 "statistic": self.statistic}
 
+    @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> DecomposedFit:
         ds = as_dataset(store)
         steps = ds.sizes["step"]

@@ -24,6 +24,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
+from ..store import storage_errors_as_qdrift
 from ..errors import QDriftError
 from .base import FittedEstimator, as_dataset, check_finite_store, grid_of, reduce_dims
 
@@ -68,6 +69,7 @@ class EmpiricalEstimator:
     def params(self) -> dict:
         return {"per_channel": self.per_channel, "confidence": self.confidence, "statistic": self.statistic}
 
+    @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
         ds = as_dataset(store)
         if self.statistic == "lockstep":

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..store import storage_errors_as_qdrift
 from ..correction import CORRECTION_FORMS
 from ..errors import QDriftError
 from ..pair import check_pair, load_pair
@@ -145,6 +146,7 @@ class MomentEstimator:
             raise QDriftError("the moment estimator re-samples the pair; the store names none, pass the pair")
         return load_pair(str(name))
 
+    @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
         ds = as_dataset(store)
         pair = self._pair(ds)

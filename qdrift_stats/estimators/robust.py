@@ -30,6 +30,7 @@ import numpy as np
 import xarray as xr
 from statsmodels.robust import scale
 
+from ..store import storage_errors_as_qdrift
 from ..errors import QDriftError
 from .base import FittedEstimator, as_dataset, check_finite_store, grid_of
 from .decomposed import pooled_step_values, subsample_index
@@ -108,6 +109,7 @@ class RobustEstimator:
         return {"method": self.method, "c": self.c, "ci": self.ci, "confidence": self.confidence, "bootstrap": self.bootstrap,
                 "max_points": self.max_points, "seed": self.seed}
 
+    @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
         ds = as_dataset(store)
         runs, steps = ds.sizes["run"], ds.sizes["step"]

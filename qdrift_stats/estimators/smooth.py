@@ -67,6 +67,7 @@ from scipy import stats
 from scipy.interpolate import BSpline
 from statsmodels.nonparametric.smoothers_lowess import lowess
 
+from ..store import storage_errors_as_qdrift
 from ..errors import QDriftError
 from ..schedulers import FLOW_PREDICTION, step_grid, step_kwargs
 from .base import FittedEstimator, as_dataset, check_finite_store, grid_of, reduce_dims
@@ -357,6 +358,7 @@ class SmoothGLMEstimator(_SmoothBase):
     def params(self) -> dict:
         return {"df": self.df, "confidence": self.confidence, "cov_type": self.cov_type, "statistic": self.statistic, "model": "gamma-glm-log-link-bspline"}
 
+    @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
         ds = as_dataset(store)
         prep = self._prepare(ds)
@@ -414,6 +416,7 @@ class SmoothLowessEstimator(_SmoothBase):
         return {"frac": self.frac, "iterations": self.iterations, "bootstrap": self.bootstrap, "confidence": self.confidence, "seed": self.seed,
                 "statistic": self.statistic}
 
+    @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
         ds = as_dataset(store)
         prep = self._prepare(ds)
