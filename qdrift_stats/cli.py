@@ -67,7 +67,8 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing store recorded with other settings.")
 @click.option("--workers", type=int, help="Record on a local dask cluster of N worker processes (same store as without).")
 @click.option("--scheduler-address", help="Record on a running dask cluster, e.g. tcp://host:8786 (same store as without).")
-def record(pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, overwrite, workers, scheduler_address):
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (store, runs, seeds).")
+def record(pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, overwrite, workers, scheduler_address, as_json):
     """Record paired FP/Q calibration runs into a zarr store.
 
     An existing store with the same settings is extended: only missing seeds are recorded, so an
@@ -81,7 +82,7 @@ def record(pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, 
             pair, out, scheduler_name=scheduler, steps=steps, runs=runs, batch_size=batch, seed=seed, trajectories=trajectories,
             dtype=dtype, overwrite=overwrite, scheduler_address=scheduler_address, n_workers=workers if workers is not None else 2,
         )
-        click.echo(f"recorded {runs} runs x {batch} samples, {steps} {scheduler} steps -> {path}")
+        _report_recording(path, runs, batch, steps, scheduler, as_json)
         return
     from .pair import load_pair
     from .record import record as run_record
@@ -101,7 +102,20 @@ def record(pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, 
         overwrite=overwrite,
         progress=_progress("record"),
     )
-    click.echo(f"recorded {runs} runs x {batch} samples, {steps} {scheduler} steps -> {path}")
+    _report_recording(path, runs, batch, steps, scheduler, as_json)
+
+
+def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: str, as_json: bool) -> None:
+    if not as_json:
+        click.echo(f"recorded {runs} runs x {batch} samples, {steps} {scheduler} steps -> {path}")
+        return
+    import json
+
+    from .store import open_store
+
+    ds = open_store(path)
+    seeds = [int(s) for s in ds["seed"].values]
+    click.echo(json.dumps({"store": str(path), "runs_complete": len(seeds), "seeds": seeds, "steps": steps, "scheduler": scheduler, "batch": batch}))
 
 
 @cli.command(epilog=EPILOG_FIT)
@@ -114,12 +128,28 @@ def record(pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, 
 @click.option("--strength", default=1.0, show_default=True, type=float, help="Strength lambda multiplying the statistic.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing estimator file.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the summary table.")
-def fit(store, out, estimator_name, correction, strength, overwrite, quiet):
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate (per step, with its CI) as JSON instead of the table.")
+def fit(store, out, estimator_name, correction, strength, overwrite, quiet, as_json):
     """Fit the variance statistic from a calibration store and export it."""
     from .estimators import get_estimator
 
     fitted = get_estimator(estimator_name).fit(store)
     fitted.export(out, correction=correction, strength=strength, provenance={"store": str(store)}, overwrite=overwrite)
+    if as_json:
+        import json
+
+        import numpy as np
+
+        def listed(a):
+            return np.where(np.isfinite(a), a, None).tolist()
+
+        click.echo(json.dumps({
+            "estimator_file": str(out), "estimator": fitted.name, "params": fitted.params, "correction": correction,
+            "strength": strength, "scheduler": fitted.scheduler_name, "steps": fitted.num_steps, "num_runs": fitted.num_runs,
+            "timesteps": listed(fitted.timesteps), "variance": listed(fitted.variance), "ci_low": listed(fitted.ci_low),
+            "ci_high": listed(fitted.ci_high), "confidence": fitted.confidence,
+        }))
+        return
     if not quiet:
         click.echo(fitted.summary())
     click.echo(f"wrote {out}")
@@ -138,7 +168,8 @@ def fit(store, out, estimator_name, correction, strength, overwrite, quiet):
 @click.option("--strength", type=float, help="Override the file's strength.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .npy, float32 (M, *sample_shape).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def sample(pair, scheduler, steps, num_samples, batch, seed, model, estimator_path, correction, strength, out, overwrite):
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (output file, shape, notes).")
+def sample(pair, scheduler, steps, num_samples, batch, seed, model, estimator_path, correction, strength, out, overwrite, as_json):
     """Draw final clean samples with the FP or Q model, optionally corrected."""
     import numpy as np
 
@@ -154,8 +185,15 @@ def sample(pair, scheduler, steps, num_samples, batch, seed, model, estimator_pa
         model_pair, scheduler, steps, num_samples, batch, seed, model=model, estimator=estimator,
         correction=correction, strength=strength, progress=_progress("sample"),
     )
-    np.save(out, samples)
-    for note in estimator.notes if estimator else []:
+    with open(out, "wb") as handle:  # np.save(path) would append ".npy" to another suffix
+        np.save(handle, samples)
+    notes = list(estimator.notes) if estimator else []
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"out": str(out), "shape": list(samples.shape), "model": model, "corrected": estimator is not None, "notes": notes}))
+        return
+    for note in notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {samples.shape[0]} samples {tuple(samples.shape[1:])} -> {out}")
 

@@ -102,7 +102,21 @@ def test_console_script_exits_2_on_bad_input(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "unknown scheduler" in proc.stderr
 
 
+def test_json_output_for_scripting(tmp_path, capsys):
+    import json
+
+    store, est, out = tmp_path / "c.zarr", tmp_path / "e.safetensors", tmp_path / "s.npy"
+    code, text, _ = run(capsys, *record_args(store), "--json")
+    assert code == 0 and json.loads(text)["seeds"] == [0, 1]
+    code, text, _ = run(capsys, "fit", str(store), "--out", str(est), "--json")
+    fitted = json.loads(text)
+    assert code == 0 and fitted["steps"] == 6 and len(fitted["variance"]) == 6 and fitted["num_runs"] == 2
+    code, text, _ = run(capsys, "sample", "--pair", VP_PAIR, "--scheduler", "euler", "--steps", "6", "--num-samples", "3", "--batch", "3",
+                        "--seed", "0", "--model", "q", "--estimator", str(est), "--out", str(out), "--json")
+    assert code == 0 and json.loads(text)["shape"] == [3, 8] and np.load(out).shape == (3, 8)
+
+
 def test_help_shows_an_example_for_each_verb(capsys):
-    for verb in ("record", "fit", "sample", "demo"):
+    for verb in ("record", "fit", "sample", "demo", "diagnose", "cv", "plot"):
         code, out, _ = run(capsys, verb, "--help")
         assert code == 0 and "Example:" in out and f"qdrift {verb}" in out
