@@ -64,7 +64,7 @@ class EstimatorFile:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_fitted(cls, fitted, correction: str = "drift", strength: float = 1.0, provenance: dict[str, Any] | None = None) -> "EstimatorFile":
+    def from_fitted(cls, fitted, correction: str = "shrink", strength: float = 1.0, provenance: dict[str, Any] | None = None) -> "EstimatorFile":
         """From a :class:`~qdrift_stats.estimators.base.FittedEstimator`."""
         from . import __version__
 
@@ -111,7 +111,7 @@ class EstimatorFile:
         return cls({k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}, metadata)
 
     @classmethod
-    def zeros_like_grid(cls, scheduler, correction: str = "drift") -> "EstimatorFile":
+    def zeros_like_grid(cls, scheduler, correction: str = "shrink") -> "EstimatorFile":
         """A zero estimator for a configured scheduler: the corrected sampler equals the plain one."""
         from . import __version__
         from .schedulers import scheduler_identity

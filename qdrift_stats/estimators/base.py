@@ -126,7 +126,7 @@ class FittedEstimator:
             lines.append(f"{i:>5} {self.timesteps[i]:>9.2f} {self.b_next[i]:>9.4f} {v[i]:>11.4e} {lo[i]:>12.4e} {hi[i]:>11.4e}  {ratio:>10.3e}")
         return "\n".join(head + lines)
 
-    def export(self, path: str | Path, correction: str = "drift", strength: float = 1.0, provenance: dict[str, Any] | None = None, overwrite: bool = False):
+    def export(self, path: str | Path, correction: str = "shrink", strength: float = 1.0, provenance: dict[str, Any] | None = None, overwrite: bool = False):
         """Write the estimator file (safetensors + JSON metadata); returns the :class:`EstimatorFile`."""
         from ..export import EstimatorFile
 
