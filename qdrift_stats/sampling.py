@@ -21,7 +21,7 @@ import torch
 from .correction import apply_correction, correction_coefficients
 from .errors import QDriftError
 from .pair import pair_conditions, pair_device, pair_dtype
-from .schedulers import StepGrid, make_scheduler, step_grid, step_kwargs
+from .schedulers import StepGrid, make_scheduler, step_kwargs
 
 ModelFn = Callable[..., torch.Tensor]
 StepCallback = Callable[[dict[str, Any]], None]

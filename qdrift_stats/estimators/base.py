@@ -68,6 +68,21 @@ class FittedEstimator:
     smooth: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def on_store(cls, ds: xr.Dataset, estimator: Any, variance: np.ndarray, ci_low: np.ndarray, ci_high: np.ndarray, per_run: np.ndarray, **fields: Any):
+        """A fitted estimate on a store's step grid, carrying the store's attributes and seeds.
+
+        ``estimator`` supplies ``name``, ``params`` and ``confidence``; ``fields`` are further
+        attributes (``k``, ``mu``, ``smooth``, ``extra``, or ``seeds`` to override the store's).
+        """
+        grid = grid_of(ds)
+        fields.setdefault("seeds", np.asarray(ds["seed"].values))
+        return cls(
+            name=estimator.name, params=estimator.params, variance=variance, ci_low=ci_low, ci_high=ci_high,
+            confidence=estimator.confidence, per_run=per_run, timesteps=grid["timestep"], a_next=grid["a_next"],
+            b_next=grid["b_next"], store_attrs=dict(ds.attrs), **fields,
+        )
+
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)

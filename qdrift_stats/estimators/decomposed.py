@@ -213,20 +213,8 @@ class DecomposedEstimator:
             per_run[:, i] = np.mean(e**2, axis=1)
             previous = {"delta_out": values["delta_out"], "residual": residual}
         variance, low, high = t_interval(per_run, self.confidence)
-        grid = grid_of(ds)
-        return DecomposedFit(
-            name=self.name,
-            params=self.params,
-            variance=variance,
-            ci_low=low,
-            ci_high=high,
-            confidence=self.confidence,
-            per_run=per_run,
-            timesteps=grid["timestep"],
-            a_next=grid["a_next"],
-            b_next=grid["b_next"],
-            store_attrs=dict(ds.attrs),
-            seeds=np.asarray(ds["seed"].values),
+        return DecomposedFit.on_store(
+            ds, self, variance, low, high, per_run,
             k=k,
             mu=mu,
             extra={

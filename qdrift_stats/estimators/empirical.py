@@ -26,7 +26,7 @@ from scipy import stats
 
 from ..store import storage_errors_as_qdrift
 from ..errors import QDriftError
-from .base import FittedEstimator, as_dataset, check_finite_store, grid_of, reduce_dims
+from .base import FittedEstimator, as_dataset, check_finite_store, reduce_dims
 
 
 def per_run_second_moment(ds: xr.Dataset, variable: str = "delta_x", per_channel: bool = False) -> xr.DataArray:
@@ -82,18 +82,6 @@ class EmpiricalEstimator:
             per_run = moment * gain2.reshape((1, -1) + (1,) * (moment.ndim - 2))
         check_finite_store(per_run)
         variance, low, high = t_interval(per_run, self.confidence)
-        grid = grid_of(ds)
-        return FittedEstimator(
-            name=self.name,
-            params=self.params,
-            variance=variance,
-            ci_low=low,
-            ci_high=high,
-            confidence=self.confidence,
-            per_run=per_run,
-            timesteps=grid["timestep"],
-            a_next=grid["a_next"],
-            b_next=grid["b_next"],
-            store_attrs=dict(ds.attrs),
-            seeds=np.asarray(ds["seed"].values),
+        return FittedEstimator.on_store(
+            ds, self, variance, low, high, per_run,
         )

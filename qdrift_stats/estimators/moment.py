@@ -47,7 +47,7 @@ from ..errors import QDriftError
 from ..pair import check_pair, load_pair
 from ..sampling import initial_noise, prepared_scheduler, scale_model_input
 from ..schedulers import step_grid, step_kwargs
-from .base import FittedEstimator, as_dataset, grid_of
+from .base import FittedEstimator, as_dataset
 from .empirical import t_interval
 
 
@@ -156,19 +156,8 @@ class MomentEstimator:
         for r, seed in enumerate(seeds):
             per_run[r], capped[r] = matched_run(pair, scheduler_name, steps, batch, int(seed), self.form, self.min_factor)
         variance, low, high = t_interval(per_run, self.confidence)
-        grid = grid_of(ds)
-        return FittedEstimator(
-            name=self.name,
-            params=self.params,
-            variance=variance,
-            ci_low=low,
-            ci_high=high,
-            confidence=self.confidence,
-            per_run=per_run,
-            timesteps=grid["timestep"],
-            a_next=grid["a_next"],
-            b_next=grid["b_next"],
-            store_attrs=dict(ds.attrs),
+        return FittedEstimator.on_store(
+            ds, self, variance, low, high, per_run,
             seeds=seeds,
             extra={"correction_form": self.form, "capped": capped},
         )

@@ -32,7 +32,7 @@ from statsmodels.robust import scale
 
 from ..store import storage_errors_as_qdrift
 from ..errors import QDriftError
-from .base import FittedEstimator, as_dataset, check_finite_store, grid_of
+from .base import FittedEstimator, as_dataset, check_finite_store
 from .decomposed import pooled_step_values, subsample_index
 from .empirical import t_interval
 
@@ -122,18 +122,6 @@ class RobustEstimator:
         variance, low, high = t_interval(per_run, self.confidence)
         if self.ci == "bootstrap":
             low, high = bootstrap_interval(per_run, self.confidence, self.bootstrap, self.seed)
-        grid = grid_of(ds)
-        return FittedEstimator(
-            name=self.name,
-            params=self.params,
-            variance=variance,
-            ci_low=low,
-            ci_high=high,
-            confidence=self.confidence,
-            per_run=per_run,
-            timesteps=grid["timestep"],
-            a_next=grid["a_next"],
-            b_next=grid["b_next"],
-            store_attrs=dict(ds.attrs),
-            seeds=np.asarray(ds["seed"].values),
+        return FittedEstimator.on_store(
+            ds, self, variance, low, high, per_run,
         )
