@@ -18,12 +18,16 @@ each, and FD between them). The Fréchet distances use torchmetrics ``FrechetInc
 on features extracted once per sample set (an identity feature module; the reference statistics
 are kept with ``reset_real_features=False``), so a bootstrap resample costs no network call.
 
-    python studies/replication_table.py                 # the table (about 40 minutes on 2 shared cores)
+    python studies/replication_table.py                 # the table: 20 cells, 51 min on 2 cores shared with other jobs
+    python studies/replication_table.py --full          # only the first scheduler of each model: 14 cells, ~38 min
     python studies/replication_table.py --quick         # a smoke run, not for the docs
     python studies/replication_table.py fp-reference    # data/zoo_fp_reference.json (for the test)
     python studies/replication_table.py control         # the corrections applied to FP (adds rows to the CSV)
     python studies/replication_table.py report          # re-render the docs sections from the CSV
     python studies/replication_table.py pair-errors     # the named pairs' output errors (docs/zoo.md)
+
+The docs were made by ``table``, then ``control``, then ``report --reading --header '...'`` (the header
+names the table run and its time; ``report`` re-renders from the CSV without sampling).
 
 Writes ``docs/results/replication_table.csv``, ``docs/img/replication_grid_*.png`` and the sections
 ``replication_table`` and ``zoo_fp_reproduction`` of ``docs/results.md``.
@@ -298,6 +302,13 @@ def signed_ci(row, key, spec="+.3f") -> str:
     return f"{f(row.get(key), spec)} [{f(row.get(key + '_lo'), spec)}, {f(row.get(key + '_hi'), spec)}]"
 
 
+def _gap(q: dict, r: dict, metric: str) -> str:
+    """Fraction of the FP-to-Q gap closed, shown only where the gap itself is measurable."""
+    if not float(q.get(f"q_minus_fp_{metric}_lo", "nan")) > 0:
+        return "—"
+    return f"{100 * r[f'gap_closed_{metric}']:.0f}%" if f"gap_closed_{metric}" in r else "n/a"
+
+
 def _outside(r: dict, q: dict) -> str:
     """'' when the corrected consistency lies in Q's interval, else whether it is above or below it."""
     value = float(r.get("consistency", "nan"))
@@ -333,8 +344,8 @@ def main_table(rows: list[dict]) -> str:
 def fp_distance_table(rows: list[dict]) -> str:
     lines = [
         "| model | scheduler | recipe | FD→FP: FP (noise floor) | Q | Q − FP [paired CI] | drift | drift − Q [paired CI] | drift "
-        "| shrink | shrink − Q [paired CI] | shrink | max pull coefficient: drift | shrink |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shrink | shrink − Q [paired CI] | shrink | gap closed: drift | shrink | max pull coefficient: drift | shrink |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, group in _groups(rows):
         fp, q, dr, sh = group["fp"], group["q"], group["drift"], group["shrink"]
@@ -342,6 +353,7 @@ def fp_distance_table(rows: list[dict]) -> str:
             f"| {key[0]} | {key[1]} | {key[2]} | {f(fp['fd_fp'])} | {f(q['fd_fp'])} | {signed_ci(q, 'q_minus_fp_fp')} "
             f"| {f(dr.get('fd_fp'))} | {signed_ci(dr, 'diff_fp')} | {_mark(dr.get('verdict_fp', ''))} "
             f"| {f(sh.get('fd_fp'))} | {signed_ci(sh, 'diff_fp')} | {_mark(sh.get('verdict_fp', ''))} "
+            f"| {_gap(q, dr, 'fp')} | {_gap(q, sh, 'fp')} "
             f"| {f(dr.get('max_coefficient'), '.3g')} | {f(sh.get('max_coefficient'), '.3g')} |"
         )
     return "\n".join(lines)
@@ -371,6 +383,19 @@ def stability_table(rows: list[dict]) -> str:
 def _degradation_mark(q: dict, metric: str) -> str:
     lo, hi = float(q.get(f"q_minus_fp_{metric}_lo", "nan")), float(q.get(f"q_minus_fp_{metric}_hi", "nan"))
     return "" if lo > 0 else " (Q *better* than FP)" if hi < 0 else " (n.s.)"
+
+
+def stability_note(rows: list[dict]) -> str:
+    spreads = []
+    for r in rows:
+        if r["form"] == "fp":
+            values = [float(r["fd_test"])] + [float(v) for v in str(r["fd_test_other_seeds"]).split(";") if v]
+            spreads.append((max(values) - min(values), r["model"], r["scheduler"]))
+    worst = max(spreads)
+    return (f"Unpaired, the FP distance to the test digits moves by up to {worst[0]:.2f} between FP sets of "
+            f"{rows[0]['num_samples']} samples from different seeds ({worst[1]}, {worst[2]}): differences between rows "
+            "smaller than that mean nothing unless paired. Every comparison below is paired (same seeds, same "
+            "bootstrap indices), which removes most of that noise.")
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -558,6 +583,9 @@ def read_csv(path: Path) -> list[dict]:
             for k, v in raw.items():
                 if v == "" or v is None:
                     continue
+                if k in ("fd_test_other_seeds",):  # a ';'-joined list
+                    row[k] = v
+                    continue
                 try:
                     row[k] = float(v) if k not in ("steps", "num_samples") else int(v)
                 except ValueError:
@@ -604,6 +632,49 @@ def pair_errors(args) -> None:
             num = sum(float((o - r).pow(2).sum()) for o, r in zip(outs, refs))
             den = sum(float(r.pow(2).sum()) for r in refs)
             print(f"| `{pair_name(kind, recipe)}` | {kind} | `{recipe}` | {math.sqrt(num / den):.4f} | {seconds:.1f} |", flush=True)
+
+
+# --- the reading of the recorded run (hand-written; shown by `report --reading`) ----------------
+
+READING = """**Reading** (written by hand for the run recorded in the CSV; re-read it if the table is regenerated).
+
+- *Degradation.* The UNet degrades measurably under `w3a4` (FD to the test digits +2.46 on DDIM, +4.14 on Euler,
+  +2.27 on DPM-Solver++ 2M), `w4a8` (+1.88), `svdquant-w4a4` (+0.19 to +0.21), `mixdq-w4a8` (+0.08) and, on the
+  distance to FP only, `w4a4` (+0.49). `w8a8` and `mixdq-w5a8` do not degrade it at all: those rows test nothing.
+  The DiT is far more robust: on the distance to the test digits no recipe degrades it measurably (two `svdquant-w4a4`
+  cells are even significantly *closer* to the test digits than FP); on the distance to FP, `w3a4` (+0.70 flow Euler, +0.76
+  flow DPM-Solver++), `w4a4` (+0.20), `mixdq-w4a8` (+0.16) and `mixdq-w5a8` (+0.11) do, `w8a8`, `w4a8` and
+  `svdquant-w4a4` do not. Six of the 20 cells show no measurable degradation on either distance.
+- *Drift, UNet.* Where the UNet degrades clearly, the first-order drift repairs part of it on the one-step
+  samplers: `w3a4` closes 45% (DDIM) and 49% (Euler) of the gap in FD to FP, 48% / 54% in FD to the test digits,
+  and raises class consistency (0.937 -> 0.965 on DDIM, 0.873 -> 0.930 on Euler, i.e. above Q's interval, not
+  below); `w4a4` 21%, `svdquant-w4a4` 9-10%, `w4a8` 2%. On DPM-Solver++ 2M it closes 17% (`w3a4`), as the testbed
+  predicted for the multistep solver. The control shows this is a repair: the same correction applied to the FP
+  sampler leaves its distance to FP unchanged (+0.04 and +0.06, CIs include 0), although about a quarter of the
+  gain in FD to the test digits (-0.29 of -1.17 on DDIM) is a generic effect that FP + drift shows too. The drift
+  coefficient exceeds 1 on the last corrected step (up to 14, target level `b = 0.01`), so it overshoots there;
+  at 25 steps that step carries little noise and did no visible harm.
+- *Drift, DiT.* On flow Euler the first-order drift is unusable at 25 steps: diffusers' grid ends at the level
+  `sigma = 0.001` before 0, where `v / (2 b^2)` reaches 21-1464, and the samples turn to noise for `w4a4`, `w3a4` and
+  `svdquant-w4a4` (FD 2.3-28; see the grid) - the divergence the method predicts for the first-order form at small
+  `b`. Its "helps" on the test-digit distance (`w8a8`, `w4a8`, `mixdq-*`) is, where a control was run, not a
+  repair: FP + drift with the same estimator moves the distance by the same amount (-0.28 vs -0.27 for `w8a8`,
+  -0.62 vs -0.51 for `w4a8`) and does not bring the samples closer to FP (`w4a8`: it moves them away, +0.22 for
+  FP, +0.35 for Q). The only DiT gain in distance to FP is marginal (`mixdq-w5a8`, -0.012 [-0.029, -0.001]). On flow
+  DPM-Solver++ 2M (last nonzero level 0.04, coefficients <= 0.4) it is neutral everywhere, including `w3a4`
+  whose degradation (+0.76) it leaves in place.
+- *Shrink.* Never diverges and never hurts by more than 0.03. It helps the UNet under `w3a4` on every scheduler
+  (closing 16-19% of the gap to FP) and slightly under `w4a4` / `svdquant-w4a4` on DDIM (9% / 6%); it is
+  neutral on the DiT everywhere. Its effect on FP itself is at most 0.03 in every control.
+- *Class consistency.* Shrink stays within Q's interval everywhere except DiT flow Euler `w4a4` (0.999 against
+  Q's degenerate [1.000, 1.000]: one sample in 1000); on the UNet under `w3a4` the drift *raises* it above Q's
+  interval (DDIM and Euler), and so does shrink on Euler. The drift loses it exactly where it overshoots on
+  flow Euler (0.24-0.98).
+- *So:* on these real networks the correction helps the U-Net where quantization hurts it (drift more than shrink,
+  both on one-step samplers, much less on DPM-Solver++), does nothing measurable for the DiT, and the first-order
+  drift must not be used on a grid with a tiny last noise level (flow Euler here); shrink is the safe form.
+  Neither is a large effect next to the degradation: the best case, `w3a4` on Euler, still leaves half the gap.
+"""
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -677,6 +748,7 @@ def main() -> None:
     parser.add_argument("--controls", nargs="*", default=["unet:ddim:w3a4", "unet:euler:w3a4", "dit:flow-euler:w8a8",
                                                   "dit:flow-euler:w4a8", "dit:flow-euler:w3a4"],
                         help="control: cells whose correction is also applied to the FP sampler")
+    parser.add_argument("--reading", action="store_true", help="report: include the hand-written reading of the recorded run")
     parser.add_argument("--header", default=None, help="report: the first line of the section (what generated the table)")
     parser.add_argument("--replicates", type=int, default=8, help="fp-reference: other seeds for the CI")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -738,6 +810,8 @@ def write_report(rows: list[dict], args, header: str, grids: list[str]) -> None:
         "",
         stability_table(rows),
         "",
+        stability_note(rows),
+        "",
         "FD to the test digits:",
         "",
         main_table(rows),
@@ -745,12 +819,14 @@ def write_report(rows: list[dict], args, header: str, grids: list[str]) -> None:
         "FD to the FP distribution (reference: an independent FP set, seeds 200000+; what the correction aims to restore). "
         "The last two columns give the largest per-step pull coefficient `c_i` of each form on this grid (drift "
         "`v_i / (2 b_{i+1}^2)`, shrink `1 - b_{i+1} / sqrt(b_{i+1}^2 + v_i)`): a drift coefficient above 1 moves the state "
-        "past `a x0_hat`, i.e. the first-order form overshoots there.",
+        "past `a x0_hat`, i.e. the first-order form overshoots there. 'Gap closed' = (Q − corrected) / (Q − FP), shown "
+        "only where `Q − FP` is measurable (100% = back to the FP distance, negative = worse than no correction).",
         "",
         fp_distance_table(rows),
         "",
         *[line + "\n" for line in summary(rows)],
         *control_lines(rows),
+        *([READING, ""] if args.reading else []),
         *[f"![{Path(g).stem}]({Path(g).relative_to('docs')})" for g in grids],
     ]
     if grids:
