@@ -150,6 +150,16 @@ class FittedEstimator:
         return est
 
 
+STATISTICS: tuple[str, ...] = ("lockstep", "first-order")
+
+
+def check_statistic(statistic: str) -> str:
+    """Validate a statistic name (see :mod:`qdrift_stats.estimators.empirical`); return it."""
+    if statistic not in STATISTICS:
+        raise QDriftError(f"unknown statistic {statistic!r}; choose lockstep or first-order")
+    return statistic
+
+
 def check_finite_store(per_run: np.ndarray, what: str = "delta_x") -> None:
     if not np.all(np.isfinite(per_run)):
         raise QDriftError(f"the store's {what} holds non-finite values; re-record the affected runs")

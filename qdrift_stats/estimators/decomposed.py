@@ -52,8 +52,7 @@ import statsmodels.api as sm
 import xarray as xr
 
 from ..store import storage_errors_as_qdrift
-from ..errors import QDriftError
-from .base import FittedEstimator, as_dataset, check_finite_store, grid_of
+from .base import FittedEstimator, as_dataset, check_finite_store, check_statistic, grid_of
 from .empirical import t_interval
 
 MULTISTEP_SCHEDULERS: tuple[str, ...] = ("dpmpp-2m", "flow-dpmpp-2m")
@@ -160,9 +159,7 @@ class DecomposedEstimator:
 
     def __init__(self, confidence: float = 0.95, max_points: int = 200_000, seed: int = 0, min_r2: float = 0.01, min_scale: float = 0.5,
                  statistic: str = "first-order"):
-        if statistic not in ("lockstep", "first-order"):
-            raise QDriftError(f"unknown statistic {statistic!r}; choose lockstep or first-order")
-        self.statistic = statistic
+        self.statistic = check_statistic(statistic)
         self.confidence = confidence
         self.max_points = max_points
         self.seed = seed

@@ -26,7 +26,7 @@ from scipy import stats
 
 from ..store import storage_errors_as_qdrift
 from ..errors import QDriftError
-from .base import FittedEstimator, as_dataset, check_finite_store, reduce_dims
+from .base import FittedEstimator, STATISTICS, as_dataset, check_finite_store, check_statistic, reduce_dims
 
 
 def per_run_second_moment(ds: xr.Dataset, variable: str = "delta_x", per_channel: bool = False) -> xr.DataArray:
@@ -56,11 +56,10 @@ class EmpiricalEstimator:
     """
 
     name = "empirical"
-    STATISTICS = ("lockstep", "first-order")
+    STATISTICS = STATISTICS
 
     def __init__(self, per_channel: bool = False, confidence: float = 0.95, statistic: str = "lockstep"):
-        if statistic not in self.STATISTICS:
-            raise QDriftError(f"unknown statistic {statistic!r}; choose lockstep or first-order")
+        check_statistic(statistic)
         self.per_channel = per_channel
         self.confidence = confidence
         self.statistic = statistic

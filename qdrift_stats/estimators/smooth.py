@@ -70,7 +70,7 @@ from statsmodels.nonparametric.smoothers_lowess import lowess
 from ..store import storage_errors_as_qdrift
 from ..errors import QDriftError
 from ..schedulers import FLOW_PREDICTION, step_grid, step_kwargs
-from .base import FittedEstimator, as_dataset, check_finite_store, grid_of, reduce_dims
+from .base import FittedEstimator, STATISTICS, as_dataset, check_finite_store, check_statistic, grid_of, reduce_dims
 from .decomposed import MULTISTEP_SCHEDULERS
 
 CURVE_POINTS = 256
@@ -228,11 +228,10 @@ class _SmoothBase:
 
     name = "smooth"
 
-    STATISTICS = ("first-order", "lockstep")
+    STATISTICS = STATISTICS
 
     def __init__(self, confidence: float = 0.95, statistic: str = "first-order"):
-        if statistic not in self.STATISTICS:
-            raise QDriftError(f"unknown statistic {statistic!r}; choose first-order or lockstep")
+        check_statistic(statistic)
         self.confidence = confidence
         self.statistic = statistic
 
