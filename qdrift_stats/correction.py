@@ -8,10 +8,18 @@ correction pulls it towards ``a_{i+1} * x0_hat_i`` along the score of the next m
 with, for ``gamma_i = lambda * v_i / b_{i+1}^2`` (``v_i`` the per-step variance statistic,
 ``lambda`` the strength),
 
-- ``drift``  (first order, as derived): ``c_i = gamma_i / 2``;
+- ``drift``  (first order, as derived): ``c_i = min(gamma_i / 2, 1)``;
 - ``shrink`` (exact for a Gaussian convolution, always stable): ``c_i = 1 - 1 / sqrt(1 + gamma_i)``.
 
-Both agree to first order in ``gamma``. ``c_i = 0`` where ``b_{i+1} = 0`` (no correction on a
+Both agree to first order in ``gamma``. The drift form is clipped at ``c = 1``, where the state
+lands on ``a_{i+1} x0_hat_i``: the correction must leave a fraction ``(1 - c)^2`` of the residual's
+variance, a number in ``[0, 1]`` for any ``v_i >= 0``, and every ``c`` in ``(1, inf)`` gives either a
+sign-flipped residual (``c < 2``) or an amplified one. ``gamma / 2 > 1`` happens only where the
+first-order expansion is void (``v_i > 2 b_{i+1}^2``: more variance to remove than the state holds),
+typically on a scheduler's last nonzero level (FlowMatchEuler's ``sigma = 1/1000``), where the
+unclipped drift multiplies the residual by up to ``-1400`` (``studies/replication_table.py``).
+The derivation's literal, unclipped form is kept for studies as ``"drift-unclipped"``; it is not
+a form an estimator file or the command line takes. ``c_i = 0`` where ``b_{i+1} = 0`` (no correction on a
 step that lands on the clean sample). Writing the update as ``x - c * (x - a x0)`` makes a zero
 coefficient leave ``x`` unchanged bit for bit.
 
@@ -29,7 +37,11 @@ import torch
 from .errors import QDriftError
 
 CorrectionForm = Literal["drift", "shrink"]
+#: The forms an estimator file and the command line take.
 CORRECTION_FORMS: tuple[str, ...] = ("drift", "shrink")
+#: The derivation's drift without the clip at ``c = 1``: for studies of where it diverges.
+UNCLIPPED_DRIFT = "drift-unclipped"
+STUDY_FORMS: tuple[str, ...] = CORRECTION_FORMS + (UNCLIPPED_DRIFT,)
 
 
 def correction_coefficients(
@@ -40,13 +52,14 @@ def correction_coefficients(
     Args:
         variance: ``(steps,)`` or ``(steps, channels)``, the variance statistic ``v_i`` in state units^2.
         b_next: ``(steps,)``, the noise level each step lands on.
-        form: ``"drift"`` or ``"shrink"``.
+        form: ``"drift"``, ``"shrink"`` or, for studies, ``"drift-unclipped"``.
         strength: ``lambda``, multiplies ``v_i``.
 
     Returns:
-        float64 array of the shape of ``variance``; 0 where ``b_next`` is 0.
+        float64 array of the shape of ``variance``; 0 where ``b_next`` is 0. In ``[0, 1]`` for
+        ``drift`` and ``shrink``; ``gamma / 2`` without bound for ``drift-unclipped``.
     """
-    if form not in CORRECTION_FORMS:
+    if form not in STUDY_FORMS:
         raise QDriftError(f"unknown correction form {form!r}; choose drift or shrink")
     variance = np.asarray(variance, dtype=np.float64)
     b_next = np.asarray(b_next, dtype=np.float64)
@@ -59,8 +72,10 @@ def correction_coefficients(
     b2 = (b_next**2).reshape((-1,) + (1,) * (variance.ndim - 1))
     with np.errstate(divide="ignore", invalid="ignore"):
         gamma = np.where(b2 > 0, strength * variance / np.where(b2 > 0, b2, 1.0), 0.0)
-    if form == "drift":
+    if form == UNCLIPPED_DRIFT:
         return gamma / 2.0
+    if form == "drift":
+        return np.minimum(gamma / 2.0, 1.0)
     return 1.0 - 1.0 / np.sqrt(1.0 + gamma)
 
 
@@ -80,5 +95,8 @@ def apply_correction(x_next: torch.Tensor, x0_hat: torch.Tensor, a_next: torch.T
 
 
 def divergence_risk(variance: np.ndarray, b_next: np.ndarray, strength: float = 1.0) -> np.ndarray:
-    """``lambda v_i / (2 b_{i+1}^2)`` per step: the drift form overshoots as this nears 1."""
-    return correction_coefficients(variance, b_next, "drift", strength)
+    """``lambda v_i / (2 b_{i+1}^2)`` per step: the unclipped drift overshoots as this nears 1.
+
+    Where it exceeds 1 the ``drift`` form is clipped (module docstring) and no longer first order.
+    """
+    return correction_coefficients(variance, b_next, UNCLIPPED_DRIFT, strength)

@@ -11,7 +11,8 @@ digits classifier's feature space (``qdrift_stats.metrics``):
   what the correction tries to restore (the FP row shows this distance's own noise floor);
 - paired bootstrap intervals of the differences ``corrected - Q`` and ``Q - FP`` (the generated sets
   share their seeds, so they are resampled jointly: the same indices for every set);
-- class consistency (fraction classified as their conditioning label) with a bootstrap interval.
+- class consistency (fraction classified as their conditioning label) with a Wilson interval (a proportion:
+  a bootstrap of 1000 hits in 1000 collapses to [1, 1]); "within Q's CI" compares the corrected value with it.
 
 The FP sampler's stability is measured by FP sample sets from other seeds (FD to the test digits of
 each, and FD between them). The Fréchet distances use torchmetrics ``FrechetInceptionDistance``
@@ -52,7 +53,7 @@ from torch import nn
 
 from qdrift_stats.estimators import EmpiricalEstimator
 from qdrift_stats.export import EstimatorFile
-from qdrift_stats.metrics import bootstrap_ci, class_consistency, frechet_distance
+from qdrift_stats.metrics import bootstrap_ci, class_consistency_ci, frechet_distance
 from qdrift_stats.metrics.images import default_features
 from qdrift_stats.record import record
 from qdrift_stats.sampling import initial_noise, prepared_scheduler, sample
@@ -73,6 +74,7 @@ CALIBRATION_RUN_SEED = 0
 SAMPLE_SEED = 100_000  # FP, Q and corrected samples (batch k uses SAMPLE_SEED + k)
 FP_OTHER_SEEDS = (200_000, 300_000)  # independent FP sets: the FP reference and a stability check
 BATCH = 250
+_TOL = 1e-9  # a Wilson bound of 1 computes as 1 - 1e-16
 DIVERGED = "diverged"
 PARTIAL = Path(tempfile.gettempdir()) / "qdrift_replication_table"  # per-setting CSVs while it runs
 REFERENCE_JSON = ROOT / "data" / "zoo_fp_reference.json"
@@ -202,7 +204,8 @@ def fp_setting(model: str, scheduler: str, args, test_features: torch.Tensor, ex
 
 
 def consistency(images: np.ndarray, labels: np.ndarray, n_boot: int) -> tuple[float, float, float]:
-    return bootstrap_ci(class_consistency, images, labels=labels, n_boot=n_boot, seed=2)
+    """Class consistency with its Wilson interval (a binomial proportion; ``n_boot`` is unused)."""
+    return class_consistency_ci(images, labels)
 
 
 def fp_row(setting: Setting, args) -> dict:
@@ -248,6 +251,8 @@ def cell(setting: Setting, recipe: str, args, keep: dict) -> list[dict]:
                "calibration_seconds": calib_seconds, "quantize_seconds": quantize_seconds}
         if form != "q":
             row["max_coefficient"] = float(np.max(estimator.coefficients(step, form)))
+        if form == "drift":  # what the derivation's drift would apply without the clip at 1
+            row["max_coefficient_unclipped"] = float(np.max(estimator.coefficients(step, "drift-unclipped")))
         if s.status == DIVERGED:
             nan = float("nan")
             row.update({k: nan for k in ("fd_test", "fd_test_lo", "fd_test_hi", "fd_fp", "consistency")})
@@ -271,7 +276,7 @@ def cell(setting: Setting, recipe: str, args, keep: dict) -> list[dict]:
                             f"verdict_{metric}": verdict(d_lo, d_hi)})
             row["gap_closed_test"] = gap_closed(fp_fd_test, rows[0]["fd_test"], est)
             row["gap_closed_fp"] = gap_closed(fp_fd_fp, rows[0]["fd_fp"], row["fd_fp"])
-            row["consistency_within_q_ci"] = bool(rows[0]["consistency_lo"] <= cc <= rows[0]["consistency_hi"])
+            row["consistency_within_q_ci"] = bool(rows[0]["consistency_lo"] - _TOL <= cc <= rows[0]["consistency_hi"] + _TOL)
         rows.append(row)
     return rows
 
@@ -312,7 +317,7 @@ def _gap(q: dict, r: dict, metric: str) -> str:
 def _outside(r: dict, q: dict) -> str:
     """'' when the corrected consistency lies in Q's interval, else whether it is above or below it."""
     value = float(r.get("consistency", "nan"))
-    if math.isnan(value) or q.get("consistency_lo", 0) <= value <= q.get("consistency_hi", 1):
+    if math.isnan(value) or q.get("consistency_lo", 0) - _TOL <= value <= q.get("consistency_hi", 1) + _TOL:
         return ""
     return " (above Q's CI)" if value > q["consistency_hi"] else " (**below** Q's CI)"
 
@@ -344,8 +349,8 @@ def main_table(rows: list[dict]) -> str:
 def fp_distance_table(rows: list[dict]) -> str:
     lines = [
         "| model | scheduler | recipe | FD→FP: FP (noise floor) | Q | Q − FP [paired CI] | drift | drift − Q [paired CI] | drift "
-        "| shrink | shrink − Q [paired CI] | shrink | gap closed: drift | shrink | max pull coefficient: drift | shrink |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shrink | shrink − Q [paired CI] | shrink | gap closed: drift | shrink | max pull coefficient: unclipped | drift | shrink |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, group in _groups(rows):
         fp, q, dr, sh = group["fp"], group["q"], group["drift"], group["shrink"]
@@ -354,7 +359,8 @@ def fp_distance_table(rows: list[dict]) -> str:
             f"| {f(dr.get('fd_fp'))} | {signed_ci(dr, 'diff_fp')} | {_mark(dr.get('verdict_fp', ''))} "
             f"| {f(sh.get('fd_fp'))} | {signed_ci(sh, 'diff_fp')} | {_mark(sh.get('verdict_fp', ''))} "
             f"| {_gap(q, dr, 'fp')} | {_gap(q, sh, 'fp')} "
-            f"| {f(dr.get('max_coefficient'), '.3g')} | {f(sh.get('max_coefficient'), '.3g')} |"
+            f"| {f(dr.get('max_coefficient_unclipped'), '.3g')} | {f(dr.get('max_coefficient'), '.3g')} "
+            f"| {f(sh.get('max_coefficient'), '.3g')} |"
         )
     return "\n".join(lines)
 
@@ -417,6 +423,13 @@ def summary(rows: list[dict]) -> list[str]:
                    + ", ".join(f"{k[0]}/{k[1]}/{k[2]}" for k in neither) + ".")
     else:
         out.append("Every cell degrades measurably on at least one of the two distances.")
+    recipes: dict[str, list[str]] = {}
+    for k, g in cells:
+        recipes.setdefault(k[2], [])
+        if measurable(g["q"], "test") or measurable(g["q"], "fp"):
+            recipes[k[2]].append(f"{k[0]}/{k[1]}")
+    out.append("**Per recipe**, the cells where it degrades measurably (either distance): "
+               + "; ".join(f"{r}: {', '.join(c) if c else '**none**'}" for r, c in recipes.items()) + ".")
     for metric, label in (("test", "FD to the test digits"), ("fp", "FD to the FP distribution")):
         for form in FORMS:
             buckets: dict[str, list[str]] = {}
@@ -817,9 +830,10 @@ def write_report(rows: list[dict], args, header: str, grids: list[str]) -> None:
         main_table(rows),
         "",
         "FD to the FP distribution (reference: an independent FP set, seeds 200000+; what the correction aims to restore). "
-        "The last two columns give the largest per-step pull coefficient `c_i` of each form on this grid (drift "
-        "`v_i / (2 b_{i+1}^2)`, shrink `1 - b_{i+1} / sqrt(b_{i+1}^2 + v_i)`): a drift coefficient above 1 moves the state "
-        "past `a x0_hat`, i.e. the first-order form overshoots there. 'Gap closed' = (Q − corrected) / (Q − FP), shown "
+        "The last three columns give the largest per-step pull coefficient `c_i` on this grid: the derivation's "
+        "first-order drift `v_i / (2 b_{i+1}^2)` (unclipped), and what the drift and shrink forms apply (drift clipped "
+        "at 1, shrink `1 - b_{i+1} / sqrt(b_{i+1}^2 + v_i)`): an unclipped coefficient above 1 would move the state past "
+        "`a x0_hat`, so the drift form is clipped there (`qdrift_stats.correction`). 'Gap closed' = (Q − corrected) / (Q − FP), shown "
         "only where `Q − FP` is measurable (100% = back to the FP distance, negative = worse than no correction).",
         "",
         fp_distance_table(rows),

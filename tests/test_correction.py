@@ -20,7 +20,26 @@ def test_drift_and_shrink_agree_to_first_order_and_shrink_stays_below_one():
     np.testing.assert_allclose(correction_coefficients(small, b_next, "shrink"), correction_coefficients(small, b_next, "drift"), rtol=2e-3)
     huge = np.array([1e2, 1e4, 1e8, 1e12])
     assert np.all(correction_coefficients(huge, b_next, "shrink") < 1.0)
-    assert np.all(correction_coefficients(huge, b_next, "drift") > 1.0)  # the drift form overshoots
+    assert np.all(correction_coefficients(huge, b_next, "drift-unclipped") > 1.0)  # the derivation's drift overshoots
+    np.testing.assert_array_equal(correction_coefficients(huge, b_next, "drift"), 1.0)  # clipped onto a * x0_hat
+
+
+def test_drift_is_clipped_exactly_where_the_first_order_coefficient_passes_one():
+    b_next = np.array([1.0, 1.0, 1.0, 0.1, 0.0])
+    v = np.array([0.5, 2.0, 4.0, 1.0, 1.0])
+    literal = correction_coefficients(v, b_next, "drift-unclipped")
+    np.testing.assert_allclose(literal, [0.25, 1.0, 2.0, 50.0, 0.0])
+    np.testing.assert_allclose(correction_coefficients(v, b_next, "drift"), [0.25, 1.0, 1.0, 1.0, 0.0])
+    # a clipped step lands on a * x0_hat: the residual is removed, never sign-flipped or amplified
+    x, x0 = torch.tensor([[3.0]]), torch.tensor([[1.0]])
+    c = torch.tensor(correction_coefficients(np.array([4.0]), np.array([0.1]), "drift")[0])
+    assert apply_correction(x, x0, 0.5, c).item() == pytest.approx(0.5)
+
+
+def test_the_unclipped_drift_is_not_a_file_or_command_line_form():
+    from qdrift_stats.correction import CORRECTION_FORMS
+
+    assert "drift-unclipped" not in CORRECTION_FORMS
 
 
 def test_shrink_matches_the_exact_gaussian_variance_map():

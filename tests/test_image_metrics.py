@@ -15,6 +15,7 @@ from qdrift_stats.metrics.images import (  # noqa: E402
     INCEPTION_WEIGHTS_ENV,
     bootstrap_ci,
     class_consistency,
+    class_consistency_ci,
     find_inception_weights,
     frechet_distance,
     inception_fid,
@@ -162,3 +163,18 @@ def test_inception_fid_without_weights_is_a_one_line_user_error(tmp_path, monkey
     fake.write_bytes(b"")
     monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(fake))
     assert find_inception_weights() == fake
+
+
+def test_class_consistency_ci_is_a_wilson_interval_that_does_not_collapse_at_one(digits):
+    from statsmodels.stats.proportion import proportion_confint
+
+    x, y = digits
+    value, low, high = class_consistency_ci(x, y)
+    assert value == pytest.approx(class_consistency(x, y))
+    hits = round(value * len(x))
+    assert (low, high) == pytest.approx(proportion_confint(hits, len(x), method="wilson"))
+    assert low <= value <= high
+    if hits == len(x):  # every sample right: the interval still admits a miss
+        assert low < 1.0 and high == pytest.approx(1.0)
+    wrong = class_consistency_ci(x, (y + 1) % 10)
+    assert wrong[1] <= wrong[0] < wrong[2] < low  # 0 hits: the interval starts at 0 and still admits some

@@ -106,8 +106,8 @@ def test_correction_coefficients_are_finite_and_shrink_is_a_fraction(data, steps
     # that lands on the clean sample.
     zero = (variance == 0) | (strength == 0) | np.broadcast_to(b_col == 0, shape)
     assert np.all(c[zero] == 0.0)
+    assert np.all(c <= 1.0)  # both forms: never past a * x0_hat
     if form == "shrink":
-        assert np.all(c <= 1.0)
         gamma = strength * variance / np.where(b_col > 0, b_col, 1.0) ** 2
         moderate = gamma < 1e12  # beyond, 1 - 1/sqrt(1 + gamma) rounds to 1 in float64
         assert np.all(c[moderate] < 1.0)

@@ -5,12 +5,13 @@ from .distances import energy_distance
 from .images import (
     bootstrap_ci,
     class_consistency,
+    class_consistency_ci,
     frechet_distance,
     inception_fid,
     kernel_inception_distance,
 )
 
 __all__ = [
-    "ClassifierFeatures", "DigitsClassifier", "bootstrap_ci", "class_consistency", "energy_distance",
+    "ClassifierFeatures", "DigitsClassifier", "bootstrap_ci", "class_consistency", "class_consistency_ci", "energy_distance",
     "frechet_distance", "inception_fid", "kernel_inception_distance", "load_digits_classifier",
 ]

@@ -125,6 +125,24 @@ def class_consistency(samples: Any, labels: Any, classifier: nn.Module | None = 
     return float((pred == y).float().mean())
 
 
+def class_consistency_ci(samples: Any, labels: Any, classifier: nn.Module | None = None,
+                         confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(consistency, low, high)``: :func:`class_consistency` with a Wilson score interval.
+
+    Class consistency is a binomial proportion (``hits`` of ``n`` samples), so its interval comes from
+    statsmodels' ``proportion_confint(method="wilson")``, not a bootstrap: near 1 a percentile
+    bootstrap collapses (1000 hits of 1000 resample to ``[1, 1]``, claiming certainty), while the
+    Wilson interval stays honest (``[0.9962, 1]`` for 1000 of 1000).
+    """
+    from statsmodels.stats.proportion import proportion_confint
+
+    value = class_consistency(samples, labels, classifier)
+    n = len(_as_images(samples, "samples"))
+    hits = int(round(value * n))
+    low, high = proportion_confint(hits, n, alpha=1 - confidence, method="wilson")
+    return value, float(low), float(high)
+
+
 def bootstrap_ci(metric: Callable[..., Any], samples: Any, *, labels: Any = None, n_boot: int = 200,
                  confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """``(estimate, low, high)``: ``metric`` on all generated ``samples`` and a percentile bootstrap interval.
