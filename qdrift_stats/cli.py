@@ -124,7 +124,7 @@ def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: 
 @click.option("--estimator", "estimator_name", default="first-order", show_default=True,
               help="Estimator name: first-order (default; equals the lock-step 'empirical' statistic for one-step solvers), empirical, per-channel, ...")
 @click.option("--correction", default="shrink", show_default=True, type=click.Choice(["drift", "shrink"]),
-              help="Correction form: shrink (exact for a Gaussian convolution, never diverges) or drift (first order).")
+              help="Correction form: shrink (exact for a Gaussian convolution, never diverges) or drift (first order, clipped at 1).")
 @click.option("--strength", default=1.0, show_default=True, type=float, help="Strength lambda multiplying the statistic.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing estimator file.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the summary table.")
