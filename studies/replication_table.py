@@ -653,40 +653,38 @@ READING = """**Reading** (written by hand for the run recorded in the CSV; re-re
 
 - *Degradation.* The UNet degrades measurably under `w3a4` (FD to the test digits +2.46 on DDIM, +4.14 on Euler,
   +2.27 on DPM-Solver++ 2M), `w4a8` (+1.88), `svdquant-w4a4` (+0.19 to +0.21), `mixdq-w4a8` (+0.08) and, on the
-  distance to FP only, `w4a4` (+0.49). `w8a8` and `mixdq-w5a8` do not degrade it at all: those rows test nothing.
-  The DiT is far more robust: on the distance to the test digits no recipe degrades it measurably (two `svdquant-w4a4`
-  cells are even significantly *closer* to the test digits than FP); on the distance to FP, `w3a4` (+0.70 flow Euler, +0.76
-  flow DPM-Solver++), `w4a4` (+0.20), `mixdq-w4a8` (+0.16) and `mixdq-w5a8` (+0.11) do, `w8a8`, `w4a8` and
-  `svdquant-w4a4` do not. Six of the 20 cells show no measurable degradation on either distance.
-- *Drift, UNet.* Where the UNet degrades clearly, the first-order drift repairs part of it on the one-step
-  samplers: `w3a4` closes 45% (DDIM) and 49% (Euler) of the gap in FD to FP, 48% / 54% in FD to the test digits,
-  and raises class consistency (0.937 -> 0.965 on DDIM, 0.873 -> 0.930 on Euler, i.e. above Q's interval, not
-  below); `w4a4` 21%, `svdquant-w4a4` 9-10%, `w4a8` 2%. On DPM-Solver++ 2M it closes 17% (`w3a4`), as the testbed
-  predicted for the multistep solver. The control shows this is a repair: the same correction applied to the FP
-  sampler leaves its distance to FP unchanged (+0.04 and +0.06, CIs include 0), although about a quarter of the
-  gain in FD to the test digits (-0.29 of -1.17 on DDIM) is a generic effect that FP + drift shows too. The drift
-  coefficient exceeds 1 on the last corrected step (up to 14, target level `b = 0.01`), so it overshoots there;
-  at 25 steps that step carries little noise and did no visible harm.
-- *Drift, DiT.* On flow Euler the first-order drift is unusable at 25 steps: diffusers' grid ends at the level
-  `sigma = 0.001` before 0, where `v / (2 b^2)` reaches 21-1464, and the samples turn to noise for `w4a4`, `w3a4` and
-  `svdquant-w4a4` (FD 2.3-28; see the grid) - the divergence the method predicts for the first-order form at small
-  `b`. Its "helps" on the test-digit distance (`w8a8`, `w4a8`, `mixdq-*`) is, where a control was run, not a
-  repair: FP + drift with the same estimator moves the distance by the same amount (-0.28 vs -0.27 for `w8a8`,
-  -0.62 vs -0.51 for `w4a8`) and does not bring the samples closer to FP (`w4a8`: it moves them away, +0.22 for
-  FP, +0.35 for Q). The only DiT gain in distance to FP is marginal (`mixdq-w5a8`, -0.012 [-0.029, -0.001]). On flow
-  DPM-Solver++ 2M (last nonzero level 0.04, coefficients <= 0.4) it is neutral everywhere, including `w3a4`
-  whose degradation (+0.76) it leaves in place.
-- *Shrink.* Never diverges and never hurts by more than 0.03. It helps the UNet under `w3a4` on every scheduler
-  (closing 16-19% of the gap to FP) and slightly under `w4a4` / `svdquant-w4a4` on DDIM (9% / 6%); it is
-  neutral on the DiT everywhere. Its effect on FP itself is at most 0.03 in every control.
-- *Class consistency.* Shrink stays within Q's interval everywhere except DiT flow Euler `w4a4` (0.999 against
-  Q's degenerate [1.000, 1.000]: one sample in 1000); on the UNet under `w3a4` the drift *raises* it above Q's
-  interval (DDIM and Euler), and so does shrink on Euler. The drift loses it exactly where it overshoots on
-  flow Euler (0.24-0.98).
-- *So:* on these real networks the correction helps the U-Net where quantization hurts it (drift more than shrink,
-  both on one-step samplers, much less on DPM-Solver++), does nothing measurable for the DiT, and the first-order
-  drift must not be used on a grid with a tiny last noise level (flow Euler here); shrink is the safe form.
-  Neither is a large effect next to the degradation: the best case, `w3a4` on Euler, still leaves half the gap.
+  distance to FP only, `w4a4` (+0.49). The DiT is far more robust: on the distance to the test digits no recipe
+  degrades it measurably (the `svdquant-w4a4` cells are even significantly *closer* to the test digits than FP); on
+  the distance to FP, `w3a4` (+0.70 flow Euler, +0.76 flow DPM-Solver++), `w4a4` (+0.20), `mixdq-w4a8` (+0.16) and
+  `mixdq-w5a8` (+0.11) do. Per recipe, every recipe but one degrades measurably in at least one cell; **`w8a8`
+  degrades neither model** (paired `Q − FP` to FP +0.003 [-0.046, +0.041] UNet, +0.010 [-0.023, +0.039] DiT): 8-bit
+  is lossless here, and its rows are controls that test nothing. Six of the 20 cells show no measurable
+  degradation on either distance.
+- *Drift and shrink, UNet.* Where the UNet degrades clearly, both forms repair part of it, about equally: under
+  `w3a4` the (clipped) drift closes 19% (DDIM), 21% (Euler) and 17% (DPM-Solver++ 2M) of the gap in FD to FP, shrink
+  18%, 20% and 16%; in FD to the test digits 20% / 23% / 16% (drift) and 19% / 20% / 16% (shrink). Under `w4a4` both
+  close 9%, under `svdquant-w4a4` 5-6% (DDIM), under `w4a8` 1%. The control shows this is a repair: the same
+  corrections applied to the FP sampler move its distance to FP by -0.012 / -0.011 and its distance to the test
+  digits by +0.014 to +0.017.
+- *The clip costs the UNet part of its gain.* Before the drift was clipped at `c = 1`, the same script (commit
+  `05d1c20`, its CSV kept as `docs/results/replication_table_unclipped_drift.csv`) closed 45% (DDIM) and 49% (Euler)
+  of the `w3a4` gap with the derivation's drift. The difference comes from the last corrected step (target level
+  `b = 0.01`, unclipped `c` = 13.6 and 14.3): it multiplies the residual by about -13 and the final model call
+  denoises that again - a re-noising effect outside the derivation, and the very mechanism that destroyed the DiT
+  (below). The library keeps the clip.
+- *DiT.* Both forms are neutral on every DiT cell in FD to FP, including `w3a4` whose degradation (+0.70, +0.76)
+  they leave in place. The clip is what makes the drift usable here: FlowMatchEuler's grid ends at `sigma = 0.001`,
+  where the unclipped `v / (2 b^2)` reaches 21-1464 ('max pull coefficient: unclipped'); the earlier run's samples
+  turned to noise for `w4a4`, `w3a4` and `svdquant-w4a4` (FD to FP 3.8-32 in the kept CSV), now they are within
+  0.01 of Q. One "hurts" remains, drift on `mixdq-w4a8` in FD to the test digits: +0.003 [+0.0003, +0.006].
+- *Class consistency* (Wilson intervals): no corrected row falls below Q's interval. Under `w3a4` on Euler both
+  forms raise it above Q's interval (0.904 drift, 0.899 shrink, Q 0.873 [0.851, 0.892]); everywhere else the
+  corrected value lies inside.
+- *So:* on these real networks the correction repairs a fifth of the U-Net's `w3a4` degradation (either form,
+  every scheduler), a tenth of `w4a4`'s, and does nothing measurable for the DiT. It never moves FD the
+  wrong way by more than 0.01 (to FP) or 0.03 (to the test digits), only once measurably (+0.003), and never costs
+  class consistency. Neither form is a large effect next to the degradation: the best case leaves about 80% of
+  the gap.
 """
 
 
