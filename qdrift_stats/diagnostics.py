@@ -258,7 +258,8 @@ def classify(diag: xr.Dataset) -> dict[str, Any]:
         caveats.append(f"the error's size differs across channels (median CV {spread:.2f} > {CHANNEL_SPREAD}): consider the per-channel estimator")
     correction = "drift" if pull < DRIFT_SAFE_PULL else "shrink"
     if correction == "shrink":
-        reasons.append(f"shrink form: the drift form's pull v/(2 b_next^2) reaches {pull:.2f} (>= {DRIFT_SAFE_PULL}), where it overshoots or diverges")
+        reasons.append(f"shrink form: the drift form's pull v/(2 b_next^2) reaches {pull:.2f} (>= {DRIFT_SAFE_PULL}), where the first-order drift is "
+                       "no longer accurate (it is clipped at 1); shrink is exact there for a Gaussian")
     else:
         reasons.append(f"either form: the drift pull stays below {DRIFT_SAFE_PULL} ({pull:.3f}); drift is the derivation's own form")
     if regime == "noise-like":
