@@ -79,3 +79,47 @@ def test_signal_correlated_error_is_not_what_the_plain_correction_repairs():
     pair = testbed.mixture_vp_correlated()
     result = evaluate_correction(pair, "ddim", 25, num_samples=2000, forms=("shrink",))
     assert result.closed("shrink") < 0.3  # "drift alone fixed little" (method.md); the decomposed estimator is the remedy
+
+
+# ---- the Gaussian-marginal noise-like error ----------------------------------------------------------
+def test_gaussian_noise_error_has_an_exactly_gaussian_marginal_of_the_sine_variance():
+    """``A / sqrt(2) Phi^-1(u)``, ``u`` a triangle wave of a high-frequency phase: N(0, A^2 / 2), deterministic."""
+    from scipy import stats
+
+    from qdrift_stats.testbed.errors import GaussianNoiseError, NoiseLikeError
+
+    amplitude = 0.5
+    gauss, sine = GaussianNoiseError(testbed.DIM, amplitude=amplitude), NoiseLikeError(testbed.DIM, amplitude=amplitude)
+    z = torch.randn(25_000, testbed.DIM, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    zero = torch.zeros_like(z)
+    err = gauss(zero, z, None).flatten().numpy()
+    # 200k values: se of the mean A/sqrt(2n) = 0.0008, of the variance ~0.3%, of the kurtosis ~0.011
+    assert abs(err.mean()) < 0.004
+    assert err.var() == pytest.approx(amplitude**2 / 2, rel=0.015)
+    assert stats.kurtosis(err, fisher=False) == pytest.approx(3.0, abs=0.06)
+    assert stats.kstest(err / (amplitude / math.sqrt(2)), "norm").pvalue > 0.001
+    assert stats.kurtosis(sine(zero, z, None).flatten().numpy(), fisher=False) == pytest.approx(1.5, abs=0.06)  # arcsine
+    torch.testing.assert_close(gauss(zero, z, None), gauss(zero, z, None))  # deterministic
+
+
+@pytest.mark.parametrize("factory,scheduler", [(testbed.mixture_vp_gauss, "euler"), (testbed.mixture_flow_gauss, "flow-euler")])
+def test_gaussian_pairs_are_noise_like_along_the_trajectory(factory, scheduler):
+    """Perturbations are Gaussian (excess kurtosis ~0) and decorrelated across steps (lag-1 ~ -1/steps, the
+    centring bias of a 10-step series), and the lock-step variance is ``c_i^2 A^2 / 2`` as for the sine pairs."""
+    from qdrift_stats.diagnostics import classify, diagnose
+    from qdrift_stats.estimators import EmpiricalEstimator
+
+    from .test_estimators_more import memory_store
+
+    torch.set_num_threads(1)
+    ds = memory_store(factory(), scheduler, 10, 4, 32, 3).assign_attrs(pair="gauss", scheduler=scheduler, batch_size=32)
+    diag = diagnose(ds, max_series=128)
+    assert classify(diag)["regime"] == "noise-like"
+    assert abs(float(diag["lag1_autocorr"])) < 0.2
+    kurt = diag["kurtosis"].values[ds["b_next"].values > 0]
+    assert abs(kurt.mean()) < 0.15 and np.all(np.abs(kurt) < 0.6)  # se per step ~0.15 (1024 values); the sine: -1.5
+    kind = "vp" if scheduler == "euler" else "flow"
+    truth = (ds["b_next"].values - ds["b"].values) ** 2 * testbed.NOISE_AMPLITUDE[kind] ** 2 / 2
+    keep = ds["b_next"].values > 0
+    ratio = EmpiricalEstimator().fit(ds).variance[keep] / truth[keep]
+    assert abs(ratio.mean() - 1) < 0.05  # 9 steps x 1024 values: se of the mean ratio ~1.5%

@@ -379,13 +379,30 @@ class SmoothGLMEstimator(_SmoothBase):
             result = model.fit(**fit_kwargs)
             prediction = result.get_prediction(log_b_basis(log_b, knots))
             u_fit = np.asarray(prediction.predicted_mean) * unit
-            ci = np.asarray(prediction.conf_int(alpha=1 - self.confidence)) * unit
+            if "cov_type" in fit_kwargs:
+                ci = self._cluster_interval(result, log_b_basis(log_b, knots), runs) * unit
+            else:
+                ci = np.asarray(prediction.conf_int(alpha=1 - self.confidence)) * unit
             curve_b = self._curve_grid(log_b[usable])
             at_levels = np.log(np.asarray(result.predict(log_b_basis(log_b[usable], knots))) * unit)
             order = np.argsort(log_b[usable])
             curve_u = np.interp(curve_b, log_b[usable][order], at_levels[order])
         extra = {"df_used": df, "dispersion": float(result.scale), "usable": usable}
         return self._result(ds, prep, u_fit, ci[:, 0], ci[:, 1], curve_b, curve_u, extra)
+
+
+    def _cluster_interval(self, result, exog: np.ndarray, runs: int) -> np.ndarray:
+        """``(steps, 2)`` interval of the mean from the run-clustered covariance, referred to t with ``runs - 1`` df.
+
+        With 5 clusters the sandwich covariance is itself a noisy estimate; the normal quantile that
+        statsmodels' prediction uses (it ignores the fit's ``df_resid_inference`` of ``runs - 1``) gave
+        90-92% coverage for a nominal 95% on the testbed (``studies/coverage.py``). The interval is
+        built on the link scale and mapped through ``exp``, as statsmodels does for the GLM's own one.
+        """
+        eta = exog @ np.asarray(result.params)
+        se = np.sqrt(np.einsum("ij,jk,ik->i", exog, np.asarray(result.cov_params()), exog))
+        q = stats.t.ppf(0.5 + self.confidence / 2, max(runs - 1, 1))
+        return np.exp(np.stack([eta - q * se, eta + q * se], axis=1))
 
 
 class SmoothLowessEstimator(_SmoothBase):

@@ -7,19 +7,26 @@ name                       kind     quantization error
 ========================== ======== ==========================================
 ``mixture_vp_exact``       VP eps   none (q == fp)
 ``mixture_vp_noise``       VP eps   noise-like (the embedded default)
+``mixture_vp_gauss``       VP eps   noise-like with a Gaussian marginal
 ``mixture_vp_correlated``  VP eps   signal-correlated, ``0.95 * m_fp``
 ``mixture_vp_rounding``    VP eps   output rounded to a 0.25 grid
 ``mixture_flow_exact``     flow     none
 ``mixture_flow_noise``     flow     noise-like
+``mixture_flow_gauss``     flow     noise-like with a Gaussian marginal
 ``mixture_flow_lowfreq``   flow     low-frequency sine: correlated along the trajectory
 ``mixture_flow_correlated`` flow    signal-correlated
 ``mixture_flow_rounding``  flow     output rounding
 ========================== ======== ==========================================
+
+The noise-like sine error ``A sin(G z + phi)`` has a bounded (arcsine) marginal; the ``_gauss``
+pairs use :class:`~.errors.GaussianNoiseError`, the same phase mapped to an exactly Gaussian
+marginal of the same variance ``A^2 / 2`` (same ``A``), so the true statistic of both is
+``v_i = c_i^2 A^2 / 2`` for a one-step solver with gain ``c_i``.
 """
 
 from __future__ import annotations
 
-from .errors import CorrelatedError, NoiseLikeError, QuantizationError, RoundingError, ZeroError
+from .errors import CorrelatedError, GaussianNoiseError, NoiseLikeError, QuantizationError, RoundingError, ZeroError
 from .metrics import gap_closed, mixture_metrics, negative_log_likelihood, within_mode_variance
 from .mixture import FLOW_SCHEDULER_CONFIG, VP_SCHEDULER_CONFIG, GaussianMixture, MixturePair
 
@@ -44,6 +51,11 @@ def mixture_vp_noise() -> MixturePair:
     return _pair("vp", NoiseLikeError(DIM, amplitude=NOISE_AMPLITUDE["vp"]))
 
 
+def mixture_vp_gauss() -> MixturePair:
+    """VP pair with a Gaussian-marginal noise-like error (variance ``A^2 / 2`` as ``mixture_vp_noise``)."""
+    return _pair("vp", GaussianNoiseError(DIM, amplitude=NOISE_AMPLITUDE["vp"]))
+
+
 def mixture_vp_correlated() -> MixturePair:
     return _pair("vp", CorrelatedError(k=-0.05))
 
@@ -58,6 +70,11 @@ def mixture_flow_exact() -> MixturePair:
 
 def mixture_flow_noise() -> MixturePair:
     return _pair("flow", NoiseLikeError(DIM, amplitude=NOISE_AMPLITUDE["flow"]))
+
+
+def mixture_flow_gauss() -> MixturePair:
+    """Flow pair with a Gaussian-marginal noise-like error (variance ``A^2 / 2`` as ``mixture_flow_noise``)."""
+    return _pair("flow", GaussianNoiseError(DIM, amplitude=NOISE_AMPLITUDE["flow"]))
 
 
 def mixture_flow_lowfreq() -> MixturePair:
@@ -79,6 +96,7 @@ __all__ = [
     "QuantizationError",
     "ZeroError",
     "NoiseLikeError",
+    "GaussianNoiseError",
     "CorrelatedError",
     "RoundingError",
     "VP_SCHEDULER_CONFIG",

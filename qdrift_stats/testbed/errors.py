@@ -6,6 +6,9 @@ step behaves like independent zero-mean noise:
 
 - :class:`NoiseLikeError` - deterministic but decorrelated: ``amplitude * sin(G z + phi)`` with a
   high-frequency random ``G``; the regime Q-Drift is derived for.
+- :class:`GaussianNoiseError` - the same construction with an exactly Gaussian marginal
+  (``amplitude / sqrt(2) * Phi^-1(u)``, ``u`` a triangle wave of the same phase): the regime in
+  which the Gaussian-consistent robust scales (Huber, MAD) estimate the variance itself.
 - :class:`CorrelatedError` - signal-correlated: ``(1 + k) m_fp + mu``; not noise (PTQD's regime).
 - :class:`RoundingError` - the output rounded to a grid of width ``delta``; not noise either
   (at small noise levels the error is ``-m_fp`` for small outputs).
@@ -13,6 +16,7 @@ step behaves like independent zero-mean noise:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +68,29 @@ class NoiseLikeError(QuantizationError):
     def __call__(self, m_fp, model_input, timestep):
         z = model_input.reshape(model_input.shape[0], -1).double()
         err = self.amplitude * torch.sin(z @ self._G.T + self._phi)
+        return m_fp + err.reshape(m_fp.shape).to(m_fp.dtype)
+
+
+@dataclass
+class GaussianNoiseError(NoiseLikeError):
+    """``m_q = m_fp + amplitude / sqrt(2) * Phi^-1(u)``, ``u = 1/2 + arcsin(sin(G z + phi)) / pi``.
+
+    The phase ``theta = G z + phi`` is that of :class:`NoiseLikeError` (same ``G``, ``phi``, seed and
+    frequency, so the same decorrelation along a trajectory). ``arcsin(sin theta)`` is a triangle
+    wave, so ``u`` is exactly ``Uniform(0, 1)`` where the phase is uniform modulo ``2 pi``, and the
+    error, ``Phi^-1`` being the standard normal quantile function, is exactly ``N(0, amplitude^2 / 2)``:
+    the same per-coordinate variance as the sinusoid (the testbed's truth formula is unchanged), but
+    with a Gaussian marginal instead of the sinusoid's bounded arcsine one. ``u`` is clamped to
+    ``[1e-12, 1 - 1e-12]`` (the error is at most about 7 standard deviations).
+    """
+
+    name = "gaussian-noise"
+
+    def __call__(self, m_fp, model_input, timestep):
+        z = model_input.reshape(model_input.shape[0], -1).double()
+        u = 0.5 + torch.arcsin(torch.sin(z @ self._G.T + self._phi)) / torch.pi
+        u = u.clamp(1e-12, 1 - 1e-12)
+        err = self.amplitude / math.sqrt(2.0) * torch.special.ndtri(u)
         return m_fp + err.reshape(m_fp.shape).to(m_fp.dtype)
 
 
