@@ -203,15 +203,15 @@ def fp_setting(model: str, scheduler: str, args, test_features: torch.Tensor, ex
                    FrechetToReference(others[0].features))
 
 
-def consistency(images: np.ndarray, labels: np.ndarray, n_boot: int) -> tuple[float, float, float]:
-    """Class consistency with its Wilson interval (a binomial proportion; ``n_boot`` is unused)."""
+def consistency(images: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+    """Class consistency with its Wilson interval (a binomial proportion)."""
     return class_consistency_ci(images, labels)
 
 
 def fp_row(setting: Setting, args) -> dict:
     fp = setting.fp
     est, lo, hi = bootstrap_ci(setting.fd_test, fp.features, n_boot=args.bootstrap, seed=3)
-    cc, cc_lo, cc_hi = consistency(fp.images, setting.labels, args.bootstrap)
+    cc, cc_lo, cc_hi = consistency(fp.images, setting.labels)
     other_fd_test = [setting.fd_test(s.features) for s in setting.fp_other]
     return {
         "model": setting.model, "scheduler": setting.scheduler, "steps": args.steps, "recipe": "fp", "form": "fp",
@@ -260,7 +260,7 @@ def cell(setting: Setting, recipe: str, args, keep: dict) -> list[dict]:
             rows.append(row)
             continue
         est, lo, hi = bootstrap_ci(setting.fd_test, s.features, n_boot=args.bootstrap, seed=3)
-        cc, cc_lo, cc_hi = consistency(s.images, setting.labels, args.bootstrap)
+        cc, cc_lo, cc_hi = consistency(s.images, setting.labels)
         row.update({"fd_test": est, "fd_test_lo": lo, "fd_test_hi": hi, "fd_fp": setting.fd_fp(s.features),
                     "consistency": cc, "consistency_lo": cc_lo, "consistency_hi": cc_hi})
         if form == "q":
