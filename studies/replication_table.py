@@ -656,10 +656,11 @@ READING = """**Reading** (written by hand for the run recorded in the CSV; re-re
   distance to FP only, `w4a4` (+0.49). The DiT is far more robust: on the distance to the test digits no recipe
   degrades it measurably (the `svdquant-w4a4` cells are even significantly *closer* to the test digits than FP); on
   the distance to FP, `w3a4` (+0.70 flow Euler, +0.76 flow DPM-Solver++), `w4a4` (+0.20), `mixdq-w4a8` (+0.16) and
-  `mixdq-w5a8` (+0.11) do. Per recipe, every recipe but one degrades measurably in at least one cell; **`w8a8`
-  degrades neither model** (paired `Q − FP` to FP +0.003 [-0.046, +0.041] UNet, +0.010 [-0.023, +0.039] DiT): 8-bit
-  is lossless here, and its rows are controls that test nothing. Six of the 20 cells show no measurable
-  degradation on either distance.
+  `mixdq-w5a8` (+0.11) do. Per recipe, every recipe but one degrades measurably in at least one cell at this sample
+  size; **`w8a8` degrades neither model measurably here** (paired `Q − FP` to FP +0.003 [-0.046, +0.041] UNet,
+  +0.010 [-0.023, +0.039] DiT). With 20x the samples it does, by about 0.01 on both models and on two seed sets
+  (`studies/degradation_power.py`, next subsection): 8-bit is close to lossless, and at 1000 samples its rows
+  cannot judge the correction. Six of the 20 cells show no measurable degradation on either distance.
 - *Drift and shrink, UNet.* Where the UNet degrades clearly, both forms repair part of it, about equally: under
   `w3a4` the (clipped) drift closes 19% (DDIM), 21% (Euler) and 17% (DPM-Solver++ 2M) of the gap in FD to FP, shrink
   18%, 20% and 16%; in FD to the test digits 20% / 23% / 16% (drift) and 19% / 20% / 16% (shrink). Under `w4a4` both
