@@ -16,6 +16,7 @@ from qdrift_stats.metrics.images import (  # noqa: E402
     bootstrap_ci,
     class_consistency,
     class_consistency_ci,
+    class_hits,
     find_inception_weights,
     frechet_distance,
     inception_fid,
@@ -106,8 +107,19 @@ def test_class_consistency_counts_matches(digits):
     x, y = digits
     assert class_consistency(x, (y + 1) % 10) < 0.05
     assert class_consistency(x[:4], torch.full((4,), 10)) == 0.0  # the null class never matches
-    with pytest.raises(QDriftError):
+    with pytest.raises(QDriftError, match="4 samples but 3 labels"):
         class_consistency(x[:4], y[:3])
+
+
+def test_class_hits_are_paired_per_sample(digits):
+    x, y = digits[0][:60], digits[1][:60]
+    wrong = torch.arange(60) % 3 == 0  # every third label shifted: the (accurate) classifier matches none of them
+    labels = torch.where(wrong, (y + 1) % 10, y)
+    hits = class_hits(x, labels)
+    assert hits.dtype == bool and hits.shape == (60,)
+    assert not hits[wrong.numpy()].any()
+    assert hits.mean() == pytest.approx(class_consistency(x, labels))
+    assert (hits == class_hits(x, labels)).all()  # deterministic, same order as the samples
 
 
 def test_bootstrap_ci(digits):

@@ -6,12 +6,13 @@ from .images import (
     bootstrap_ci,
     class_consistency,
     class_consistency_ci,
+    class_hits,
     frechet_distance,
     inception_fid,
     kernel_inception_distance,
 )
 
 __all__ = [
-    "ClassifierFeatures", "DigitsClassifier", "bootstrap_ci", "class_consistency", "class_consistency_ci", "energy_distance",
+    "ClassifierFeatures", "DigitsClassifier", "bootstrap_ci", "class_consistency", "class_consistency_ci", "class_hits", "energy_distance",
     "frechet_distance", "inception_fid", "kernel_inception_distance", "load_digits_classifier",
 ]

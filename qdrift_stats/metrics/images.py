@@ -103,18 +103,19 @@ def kernel_inception_distance(real: Any, fake: Any, subset_size: int | None = No
 
 
 @torch.no_grad()
-def class_consistency(samples: Any, labels: Any, classifier: nn.Module | None = None) -> float:
-    """Fraction of ``samples`` that ``classifier`` (default: the digits classifier) assigns to their ``labels``.
+def class_hits(samples: Any, labels: Any, classifier: nn.Module | None = None) -> np.ndarray:
+    """Per sample: does ``classifier`` (default: the digits classifier) assign it to its label? ``(N,)`` bool.
 
     Images are clamped to ``[-1, 1]`` first. Labels outside ``0..num_classes-1`` (e.g. the null
-    class of an unconditional sample) never count as consistent.
+    class of an unconditional sample) never count as consistent. Two sample sets drawn from the same
+    seeds give paired hit vectors (e.g. for statsmodels' McNemar test).
     """
     from .classifier import default_classifier
 
     x = _as_images(samples, "samples").clamp(-1.0, 1.0)
     y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).long().reshape(-1)
     if len(y) != len(x):
-        raise QDriftError(f"class_consistency got {len(x)} samples but {len(y)} labels")
+        raise QDriftError(f"class labels: got {len(x)} samples but {len(y)} labels")
     model = classifier if classifier is not None else default_classifier()
     was_training = model.training
     model.eval()
@@ -122,7 +123,15 @@ def class_consistency(samples: Any, labels: Any, classifier: nn.Module | None = 
         pred = torch.cat([model(x[i:i + _BATCH]).argmax(1) for i in range(0, len(x), _BATCH)])
     finally:
         model.train(was_training)
-    return float((pred == y).float().mean())
+    return (pred == y.to(pred.device)).cpu().numpy()
+
+
+def class_consistency(samples: Any, labels: Any, classifier: nn.Module | None = None) -> float:
+    """Fraction of ``samples`` that ``classifier`` (default: the digits classifier) assigns to their ``labels``.
+
+    The mean of :func:`class_hits`: images clamped to ``[-1, 1]``, labels outside the classes never match.
+    """
+    return float(class_hits(samples, labels, classifier).mean())
 
 
 def class_consistency_ci(samples: Any, labels: Any, classifier: nn.Module | None = None,
