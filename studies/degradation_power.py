@@ -43,7 +43,8 @@ from qdrift_stats.zoo import digits_pair, load_digits_tensors, named_pair
 from qdrift_stats.zoo.named import pair_name
 
 from _report import ROOT, command_line, write_section
-from replication_table import FP_OTHER_SEEDS, SAMPLE_SEED, FrechetToReference, draw, features_of, paired_difference
+from replication_table import (FP_OTHER_SEEDS, SAMPLE_SEED, FrechetToReference, draw, features_of, paired_difference,
+                               write_csv)
 
 warnings.filterwarnings("ignore")
 
@@ -155,14 +156,6 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
     return [r for r in old if key(r) not in fresh] + new
 
 
-def write_csv(rows: list[dict]) -> None:
-    CSV.parent.mkdir(parents=True, exist_ok=True)
-    with CSV.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", nargs="?", default="run", choices=("run", "report"))
@@ -179,7 +172,7 @@ def main() -> None:
     if args.command == "run":
         start = time.time()
         rows = merge(read_csv(), run(args))
-        write_csv(rows)
+        write_csv(rows, CSV)
         header = args.header or (f"`{command_line()}` ({(time.time() - start) / 60:.1f} min on 2 cores): "
                                  f"{args.samples} samples per set, {args.steps} steps, guidance 2.0, "
                                  f"{args.bootstrap} paired bootstrap resamples, KID over {args.blocks} blocks.")
