@@ -14,7 +14,7 @@
 # # A tour of the diagnostics: does the quantization error behave like noise?
 #
 # Q-Drift assumes each step's quantization error is independent, zero-mean noise unrelated to the
-# signal. `qdrift_stats.diagnostics.diagnose` (`qdrift diagnose STORE`) tests each part of that on
+# signal. `qdrift_stats.validate.diagnostics.diagnose` (`qdrift diagnose STORE`) tests each part of that on
 # a calibration store and recommends an estimator and a correction form. Here it meets three
 # testbed pairs whose error is known by construction:
 #
@@ -37,9 +37,9 @@ from pathlib import Path
 from IPython.display import Image, display
 
 from qdrift_stats import testbed
-from qdrift_stats.diagnostics import diagnose, report
-from qdrift_stats.plots import plot_diagnostics
-from qdrift_stats.record import record
+from qdrift_stats.validate.diagnostics import diagnose, report
+from qdrift_stats.plots.figures import plot_diagnostics
+from qdrift_stats.record.lockstep import record
 
 warnings.filterwarnings("ignore")
 SMALL = os.environ.get("QDRIFT_NOTEBOOK_SMALL") == "1"

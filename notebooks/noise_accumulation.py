@@ -31,8 +31,8 @@ import numpy as np
 
 from qdrift_stats import testbed
 from qdrift_stats.estimators import get_estimator
-from qdrift_stats.plots import accumulation_dataset, plot_accumulation
-from qdrift_stats.record import record
+from qdrift_stats.plots.figures import accumulation_dataset, plot_accumulation
+from qdrift_stats.record.lockstep import record
 
 warnings.filterwarnings("ignore")
 SMALL = os.environ.get("QDRIFT_NOTEBOOK_SMALL") == "1"

@@ -18,7 +18,7 @@
 # quantized model sampled in lock-step from the same seed). This notebook answers the question a
 # deployer asks first: **how many runs are enough?**
 #
-# Cross-validation over runs (`qdrift_stats.validate.cross_validate`, or `qdrift cv` on the
+# Cross-validation over runs (`qdrift_stats.validate.crossval.cross_validate`, or `qdrift cv` on the
 # command line) fits the statistic on random subsets of `N` runs and scores each against the
 # all-runs fit; `runs_needed(tolerance, confidence)` reads the learning curve.
 #
@@ -34,9 +34,9 @@ from pathlib import Path
 from IPython.display import Image, display
 
 from qdrift_stats import testbed
-from qdrift_stats.plots import plot_runs_needed
-from qdrift_stats.record import record
-from qdrift_stats.validate import cross_validate
+from qdrift_stats.plots.figures import plot_runs_needed
+from qdrift_stats.record.lockstep import record
+from qdrift_stats.validate.crossval import cross_validate
 
 warnings.filterwarnings("ignore")
 SMALL = os.environ.get("QDRIFT_NOTEBOOK_SMALL") == "1"

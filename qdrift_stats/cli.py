@@ -13,8 +13,8 @@ from typing import Iterable, Iterator
 
 import click
 
-from .errors import QDriftError
-from .schedulers import SCHEDULER_NAMES
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.schedulers.base import SCHEDULER_NAMES
 
 EPILOG_RECORD = """\b
 Example:
@@ -76,7 +76,7 @@ def record(pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, 
     are computed on a dask cluster (the pair is built on each worker) and written here in seed order.
     """
     if workers is not None or scheduler_address is not None:
-        from .scale import record_distributed
+        from qdrift_stats.record.distributed import record_distributed
 
         path = record_distributed(
             pair, out, scheduler_name=scheduler, steps=steps, runs=runs, batch_size=batch, seed=seed, trajectories=trajectories,
@@ -84,8 +84,8 @@ def record(pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, 
         )
         _report_recording(path, runs, batch, steps, scheduler, as_json)
         return
-    from .pair import load_pair
-    from .record import record as run_record
+    from qdrift_stats.pair import load_pair
+    from qdrift_stats.record.lockstep import record as run_record
 
     model_pair = load_pair(pair)
     path = run_record(
@@ -111,7 +111,7 @@ def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: 
         return
     import json
 
-    from .store import open_store
+    from qdrift_stats.record.store import open_store
 
     ds = open_store(path)
     seeds = [int(s) for s in ds["seed"].values]
@@ -131,7 +131,7 @@ def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: 
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate (per step, with its CI) as JSON instead of the table.")
 def fit(store, out, estimator_name, correction, strength, overwrite, quiet, as_json):
     """Fit the variance statistic from a calibration store and export it."""
-    from .estimators import get_estimator
+    from qdrift_stats.estimators import get_estimator
 
     fitted = get_estimator(estimator_name).fit(store)
     fitted.export(out, correction=correction, strength=strength, provenance={"store": str(store)}, overwrite=overwrite)
@@ -173,9 +173,9 @@ def sample(pair, scheduler, steps, num_samples, batch, seed, model, estimator_pa
     """Draw final clean samples with the FP or Q model, optionally corrected."""
     import numpy as np
 
-    from .export import EstimatorFile
-    from .pair import load_pair
-    from .sampling import sample as run_sample
+    from qdrift_stats.correct.estimator_file import EstimatorFile
+    from qdrift_stats.pair import load_pair
+    from qdrift_stats.correct.sample import sample as run_sample
 
     if out.exists() and not overwrite:
         raise QDriftError(f"{out} exists; pass --overwrite to replace it")
@@ -203,7 +203,7 @@ def sample(pair, scheduler, steps, num_samples, batch, seed, model, estimator_pa
 @click.option("--samples", "num_samples", default=4000, show_default=True, type=int, help="Samples per sampler and model.")
 def demo(out, num_samples):
     """The whole chain on the embedded default (the mixture testbed): record, fit, correct, measure."""
-    from .demo import run_demo
+    from qdrift_stats.demo import run_demo
 
     click.echo(run_demo(out, num_samples=num_samples, progress=_progress("demo")))
 
@@ -234,7 +234,7 @@ def plot(kind, source, out, estimator_path, pair, fit_names, x_axis, overwrite):
     KIND is accumulation, variance, runs-needed or diagnostics. SOURCE is a calibration store (accumulation: recorded with --trajectories), an estimator
     file (variance), or a saved runs-needed / diagnostics Dataset (zarr or netCDF).
     """
-    from .plots import figure_for, save_figure
+    from qdrift_stats.plots.figures import figure_for, save_figure
 
     if out.exists() and not overwrite:
         raise QDriftError(f"{out} exists; pass --overwrite to replace it")
@@ -266,8 +266,8 @@ def diagnose(store, as_json, out, overwrite):
     import shutil
     import warnings
 
-    from .diagnostics import diagnose as run_diagnose
-    from .diagnostics import report, to_json
+    from qdrift_stats.validate.diagnostics import diagnose as run_diagnose
+    from qdrift_stats.validate.diagnostics import report, to_json
 
     if out is not None and out.exists() and not overwrite:
         raise QDriftError(f"{out} exists; pass --overwrite to replace it")
@@ -310,11 +310,11 @@ def cv(store, out, estimator_name, n_splits, seed, tolerance, confidence, streng
     """
     import json
 
-    from .validate import cross_validate
+    from qdrift_stats.validate.crossval import cross_validate
 
     model_pair = None
     if pair:
-        from .pair import load_pair
+        from qdrift_stats.pair import load_pair
 
         model_pair = load_pair(pair)
     result = cross_validate(

@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from . import testbed
-from .testbed.evaluate import evaluate_correction
+from qdrift_stats import testbed
+from qdrift_stats.testbed.evaluate import evaluate_correction
 
 DEMO_CASES = (
     ("mixture_vp_noise", "euler"),

@@ -23,7 +23,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
-from .errors import QDriftError
+from qdrift_stats.errors import QDriftError
 
 
 @runtime_checkable

@@ -4,8 +4,8 @@
                                        [--estimators empirical per-channel first-order]
                                        [--store /tmp/qdrift_bench_fit.zarr] [--keep]
 
-1. Writes a synthetic store in the exact calibration-store schema (:mod:`qdrift_stats.store`),
-   one run at a time with :func:`~qdrift_stats.store.run_dataset` / :func:`~qdrift_stats.store.append_run`,
+1. Writes a synthetic store in the exact calibration-store schema (:mod:`qdrift_stats.record.store`),
+   one run at a time with :func:`~qdrift_stats.record.store.run_dataset` / :func:`~qdrift_stats.record.store.append_run`,
    so the writer never holds more than one run (``steps x batch x shape`` per variable). The
    variables are float16 ``(run, step, sample, channel, height, width)``, one zarr chunk per
    ``(run, step)``; ``delta_x`` of step ``i`` is Gaussian with variance ``v_i`` (log-spaced from
@@ -76,10 +76,10 @@ def write_store(path: Path, runs: int, steps: int, batch: int, shape: tuple[int,
         ``(runs, steps, 1 + channels)``: ``[..., 0]`` the mean square over samples and all sample
         dims, ``[..., 1:]`` the same per channel.
     """
-    from qdrift_stats.record import RecordingPlan, _store_attrs
-    from qdrift_stats.sampling import prepared_scheduler
-    from qdrift_stats.schedulers import output_gains, step_grid
-    from qdrift_stats.store import append_run, run_dataset
+    from qdrift_stats.record.lockstep import RecordingPlan, _store_attrs
+    from qdrift_stats.loop import prepared_scheduler
+    from qdrift_stats.schedulers.base import output_gains, step_grid
+    from qdrift_stats.record.store import append_run, run_dataset
     from qdrift_stats.testbed import VP_SCHEDULER_CONFIG
 
     class _ShapeOnly:
@@ -131,7 +131,7 @@ def reference_for(name: str, refs: dict[str, np.ndarray]) -> np.ndarray | None:
 def fit_child(store: str, name: str) -> None:
     """Runs in a fresh process: fit and print ``{baseline_mb, peak_mb, seconds, per_run}`` as JSON."""
     from qdrift_stats.estimators import get_estimator
-    from qdrift_stats.store import open_store
+    from qdrift_stats.record.store import open_store
 
     baseline = _hwm_mb()
     start = time.perf_counter()

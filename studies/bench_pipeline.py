@@ -41,9 +41,9 @@ from diffusers.utils.torch_utils import randn_tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, command_line, write_section  # noqa: E402
 
-from qdrift_stats.export import EstimatorFile  # noqa: E402
-from qdrift_stats.scheduler_wrapper import QDriftScheduler  # noqa: E402
-from qdrift_stats.schedulers import make_scheduler  # noqa: E402
+from qdrift_stats.correct.estimator_file import EstimatorFile  # noqa: E402
+from qdrift_stats.correct.diffusers import QDriftScheduler  # noqa: E402
+from qdrift_stats.schedulers.base import make_scheduler  # noqa: E402
 from qdrift_stats.zoo import NULL_CLASS, NUM_CLASSES, build_model, load_digits_unet, load_scheduler_config  # noqa: E402
 from qdrift_stats.zoo.models import model_folder  # noqa: E402
 

@@ -51,10 +51,10 @@ from qdrift_stats.estimators import (
     SmoothGLMEstimator,
     SmoothLowessEstimator,
 )
-from qdrift_stats.record import record
-from qdrift_stats.sampling import prepared_scheduler
-from qdrift_stats.schedulers import step_grid
-from qdrift_stats.store import open_store
+from qdrift_stats.record.lockstep import record
+from qdrift_stats.loop import prepared_scheduler
+from qdrift_stats.schedulers.base import step_grid
+from qdrift_stats.record.store import open_store
 
 from _report import ROOT, command_line, write_section
 

@@ -13,8 +13,8 @@ with trajectories; estimator file: empirical, drift form, strength 1. The same a
     qdrift plot runs-needed calib.zarr --out docs/img/runs_needed.png
     qdrift plot diagnostics calib.zarr --out docs/img/diagnostics.png
 
-(``runs-needed`` of a store runs :func:`qdrift_stats.validate.runs_needed_dataset`, the learning
-curve without the strength search; ``diagnostics`` runs :func:`qdrift_stats.diagnostics.diagnose`.)
+(``runs-needed`` of a store runs :func:`qdrift_stats.validate.crossval.runs_needed_dataset`, the learning
+curve without the strength search; ``diagnostics`` runs :func:`qdrift_stats.validate.diagnostics.diagnose`.)
 About 40 s on 2 CPU cores.
 """
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from qdrift_stats import testbed
 from qdrift_stats.estimators import EmpiricalEstimator
-from qdrift_stats.plots import figure_for, save_figure
-from qdrift_stats.record import record
+from qdrift_stats.plots.figures import figure_for, save_figure
+from qdrift_stats.record.lockstep import record
 
 PAIR = "qdrift_stats.testbed:mixture_vp_noise"
 FIGURES = {"accumulation": "accumulation.png", "variance": "variance.png", "runs-needed": "runs_needed.png", "diagnostics": "diagnostics.png"}

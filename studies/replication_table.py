@@ -53,12 +53,13 @@ import torch
 from torch import nn
 
 from qdrift_stats.estimators import EmpiricalEstimator
-from qdrift_stats.export import EstimatorFile
+from qdrift_stats.correct.estimator_file import EstimatorFile
 from qdrift_stats.metrics import bootstrap_ci, class_consistency_ci, class_hits, frechet_distance
 from qdrift_stats.metrics.images import default_features
-from qdrift_stats.record import record
-from qdrift_stats.sampling import initial_noise, prepared_scheduler, sample
-from qdrift_stats.schedulers import step_grid
+from qdrift_stats.record.lockstep import record
+from qdrift_stats.loop import initial_noise, prepared_scheduler
+from qdrift_stats.correct.sample import sample
+from qdrift_stats.schedulers.base import step_grid
 from qdrift_stats.testbed.metrics import gap_closed
 from qdrift_stats.zoo import ZOO_RECIPES, digits_pair, load_digits_tensors, named_pair, quantized_digits_model, to_pixels
 from qdrift_stats.zoo.named import CALIBRATION_CALLS, CALIBRATION_SEED, pair_name
@@ -860,7 +861,7 @@ def write_report(rows: list[dict], args, header: str, grids: list[str]) -> None:
         "The last three columns give the largest per-step pull coefficient `c_i` on this grid: the derivation's "
         "first-order drift `v_i / (2 b_{i+1}^2)` (unclipped), and what the drift and shrink forms apply (drift clipped "
         "at 1, shrink `1 - b_{i+1} / sqrt(b_{i+1}^2 + v_i)`): an unclipped coefficient above 1 would move the state past "
-        "`a x0_hat`, so the drift form is clipped there (`qdrift_stats.correction`). 'Gap closed' = (Q − corrected) / (Q − FP), shown "
+        "`a x0_hat`, so the drift form is clipped there (`qdrift_stats.correct.coefficients`). 'Gap closed' = (Q − corrected) / (Q − FP), shown "
         "only where `Q − FP` is measurable (100% = back to the FP distance, negative = worse than no correction).",
         "",
         fp_distance_table(rows),

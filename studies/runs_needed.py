@@ -1,6 +1,6 @@
 """How many calibration runs does each pair need? Cross-validation over runs, checked against the truth.
 
-For each pair: record ``M`` paired calibration runs, run ``qdrift_stats.validate.cross_validate``
+For each pair: record ``M`` paired calibration runs, run ``qdrift_stats.validate.crossval.cross_validate``
 (first-order statistic, the default of ``qdrift fit``; up to 200 random subsets per count) and ask
 ``runs_needed(tolerance, 0.95)`` for tolerances 10% and 5%: the number of runs whose fit has an
 RMS relative error over the correctable steps within the tolerance with probability 0.95. "5 runs
@@ -32,9 +32,9 @@ import torch
 
 from qdrift_stats import testbed
 from qdrift_stats.estimators import EmpiricalEstimator
-from qdrift_stats.record import record
-from qdrift_stats.store import open_store
-from qdrift_stats.validate import cross_validate
+from qdrift_stats.record.lockstep import record
+from qdrift_stats.record.store import open_store
+from qdrift_stats.validate.crossval import cross_validate
 
 from _report import ROOT, command_line, write_section
 

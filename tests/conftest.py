@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qdrift_stats import testbed
-from qdrift_stats.record import record
+from qdrift_stats.record.lockstep import record
 
 VP_PAIR = "qdrift_stats.testbed:mixture_vp_noise"
 FLOW_PAIR = "qdrift_stats.testbed:mixture_flow_noise"

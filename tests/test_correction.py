@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from qdrift_stats.correction import apply_correction, correction_coefficients
+from qdrift_stats.correct.coefficients import apply_correction, correction_coefficients
 from qdrift_stats.errors import QDriftError
 
 
@@ -37,7 +37,7 @@ def test_drift_is_clipped_exactly_where_the_first_order_coefficient_passes_one()
 
 
 def test_the_unclipped_drift_is_not_a_file_or_command_line_form():
-    from qdrift_stats.correction import CORRECTION_FORMS
+    from qdrift_stats.correct.coefficients import CORRECTION_FORMS
 
     assert "drift-unclipped" not in CORRECTION_FORMS
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from qdrift_stats import testbed, validate
-from qdrift_stats.record import record
-from qdrift_stats.validate import cross_validate, open_cv
+from qdrift_stats import testbed
+from qdrift_stats.validate import crossval
+from qdrift_stats.record.lockstep import record
+from qdrift_stats.validate.crossval import cross_validate, open_cv
 
 PAIR = "qdrift_stats.testbed:mixture_vp_noise"
 SETTINGS = dict(estimator="empirical", n_splits=6, seed=3)
@@ -50,7 +51,7 @@ def assert_same_result(a: xr.Dataset, b: xr.Dataset) -> None:
 def counting(monkeypatch, fail_on: int | None = None):
     """Wrap ``_count_piece``: record each calibration count computed; raise on the ``fail_on``-th call."""
     calls: list[int] = []
-    original = validate._count_piece
+    original = crossval._count_piece
 
     def wrapped(*args, **kwargs):
         calls.append(int(args[6]))
@@ -58,7 +59,7 @@ def counting(monkeypatch, fail_on: int | None = None):
             raise Interrupted()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(validate, "_count_piece", wrapped)
+    monkeypatch.setattr(crossval, "_count_piece", wrapped)
     return calls
 
 
@@ -78,7 +79,7 @@ def test_interrupted_between_counts_resumes_with_only_the_missing_counts(store, 
 
 def test_interrupted_while_a_part_is_written_recomputes_that_part(store, reference, tmp_path, monkeypatch):
     out = tmp_path / "cv.zarr"
-    original = validate._write_part
+    original = crossval._write_part
     written: list[str] = []
 
     def write_then_die(path, name, piece):
@@ -88,7 +89,7 @@ def test_interrupted_while_a_part_is_written_recomputes_that_part(store, referen
             raise Interrupted()
         original(path, name, piece)
 
-    monkeypatch.setattr(validate, "_write_part", write_then_die)
+    monkeypatch.setattr(crossval, "_write_part", write_then_die)
     with pytest.raises(Interrupted):
         cross_validate(store, out, strength=False, **SETTINGS)
     assert written == ["n0001", "n0002"]
@@ -101,11 +102,11 @@ def test_interrupted_while_a_part_is_written_recomputes_that_part(store, referen
 
 def test_interrupted_in_the_strength_search_resumes_to_the_same_choice(store, reference, tmp_path, monkeypatch):
     out = tmp_path / "cv.zarr"
-    original = validate._strength_part
-    monkeypatch.setattr(validate, "_strength_part", lambda *a, **k: (_ for _ in ()).throw(Interrupted()))
+    original = crossval._strength_part
+    monkeypatch.setattr(crossval, "_strength_part", lambda *a, **k: (_ for _ in ()).throw(Interrupted()))
     with pytest.raises(Interrupted):
         cross_validate(store, out, **SETTINGS, **STRENGTH)
-    monkeypatch.setattr(validate, "_strength_part", original)
+    monkeypatch.setattr(crossval, "_strength_part", original)
     calls = counting(monkeypatch)
     resumed = cross_validate(store, out, **SETTINGS, **STRENGTH)
     assert calls == []  # every count was committed before the search started

@@ -8,8 +8,8 @@ import xarray as xr
 
 from qdrift_stats import testbed
 from qdrift_stats.cli import main
-from qdrift_stats.diagnostics import classify, diagnose, lattice_fraction, report, to_json
-from qdrift_stats.record import record
+from qdrift_stats.validate.diagnostics import classify, diagnose, lattice_fraction, report, to_json
+from qdrift_stats.record.lockstep import record
 
 from .test_estimators_more import memory_store, one_torch_thread, spiky_pair  # noqa: F401 (one_torch_thread: autouse fixture)
 

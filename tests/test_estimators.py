@@ -5,7 +5,7 @@ import xarray as xr
 from qdrift_stats import testbed
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators import EmpiricalEstimator, get_estimator
-from qdrift_stats.record import record
+from qdrift_stats.record.lockstep import record
 
 from .conftest import VP_PAIR
 

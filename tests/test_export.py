@@ -7,9 +7,9 @@ from safetensors.torch import save_file
 
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators import EmpiricalEstimator
-from qdrift_stats.export import EstimatorFile, interpolate_log_b
-from qdrift_stats.sampling import prepared_scheduler
-from qdrift_stats.schedulers import step_grid
+from qdrift_stats.correct.estimator_file import EstimatorFile, interpolate_log_b
+from qdrift_stats.loop import prepared_scheduler
+from qdrift_stats.schedulers.base import step_grid
 
 
 def test_round_trip_keeps_tensors_and_metadata(tmp_path, small_store):

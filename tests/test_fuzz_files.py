@@ -46,7 +46,7 @@ def make_base(folder: Path) -> tuple[Path, Path]:
     """Record the valid store and fit the valid estimator file in ``folder``."""
     from qdrift_stats import testbed
     from qdrift_stats.estimators import EmpiricalEstimator
-    from qdrift_stats.record import record
+    from qdrift_stats.record.lockstep import record
 
     folder.mkdir(parents=True, exist_ok=True)
     store, est = folder / "base.zarr", folder / "base.safetensors"
@@ -515,7 +515,7 @@ def _checked(kind: str, reader: str, folder: Path, allowed: set[str], run: Calla
 
 def read_store(kind: str, store: Path, folder: Path) -> list[Outcome]:
     from qdrift_stats.estimators import EmpiricalEstimator
-    from qdrift_stats.store import open_store
+    from qdrift_stats.record.store import open_store
 
     outcomes = [_checked(kind, "open_store + fit", folder, set(), lambda: _api(lambda: EmpiricalEstimator().fit(open_store(store))))]
     est = folder / "fitted.safetensors"
@@ -529,8 +529,8 @@ def read_store(kind: str, store: Path, folder: Path) -> list[Outcome]:
 
 def read_estimator(kind: str, est: Path, folder: Path) -> list[Outcome]:
     from qdrift_stats import testbed
-    from qdrift_stats.export import EstimatorFile
-    from qdrift_stats.schedulers import make_scheduler
+    from qdrift_stats.correct.estimator_file import EstimatorFile
+    from qdrift_stats.schedulers.base import make_scheduler
 
     def api():
         scheduler = make_scheduler(SCHEDULER, testbed.mixture_vp_noise().scheduler_config)
@@ -601,7 +601,7 @@ PER_KIND = int(os.environ.get("QDRIFT_FUZZ_PER_KIND", "3"))
 # strict test below then passes).
 # Crashes found by fuzzing and not fixed yet, as (readers, error text, why). Empty: the two found
 # (a damaged chunk escaping the lazy fit as RuntimeError; a data_type mismatch escaping as
-# ValueError) are turned into one-line errors by qdrift_stats.store.storage_errors_as_qdrift.
+# ValueError) are turned into one-line errors by qdrift_stats.record.store.storage_errors_as_qdrift.
 KNOWN_LIBRARY_BUGS: list[tuple[tuple[str, ...], str, str]] = []
 
 
@@ -666,7 +666,7 @@ def test_an_unreadable_store_keeps_an_existing_estimator_untouched(base_files, t
         "scheduler_config-not-object", "no-b", "no-seed"])
 def test_store_damage_found_by_fuzzing_is_refused_by_open_store(base_files, tmp_path, damage):
     from qdrift_stats.errors import QDriftError
-    from qdrift_stats.store import open_store
+    from qdrift_stats.record.store import open_store
 
     store = tmp_path / "s.zarr"
     shutil.copytree(base_files[0], store)
@@ -685,7 +685,7 @@ def variable_missing_named(path: Path, name: str) -> None:
 @pytest.mark.parametrize("name,shape", [("timesteps", (STEPS, 2)), ("b_next", (STEPS, 2, 2)), ("variance", (STEPS, 2, 2))])
 def test_estimator_tensors_of_too_many_dims_are_refused(base_files, tmp_path, name, shape):
     from qdrift_stats.errors import QDriftError
-    from qdrift_stats.export import EstimatorFile
+    from qdrift_stats.correct.estimator_file import EstimatorFile
 
     est = tmp_path / "e.safetensors"
     tensors, metadata = _load_parts(base_files[1])

@@ -30,11 +30,11 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators import EmpiricalEstimator
-from qdrift_stats.export import EstimatorFile
-from qdrift_stats.pipeline import calibrate_pipeline
+from qdrift_stats.correct.estimator_file import EstimatorFile
+from qdrift_stats.record.pipelines import calibrate_pipeline
 from qdrift_stats.quantize import quantize
-from qdrift_stats.scheduler_wrapper import QDriftScheduler
-from qdrift_stats.store import open_store
+from qdrift_stats.correct.diffusers import QDriftScheduler
+from qdrift_stats.record.store import open_store
 
 STEPS = 5
 LABELS = [1, 2, 3]
@@ -310,7 +310,7 @@ def test_a_wrapped_pipeline_round_trips_through_save_pretrained(dit, dit_estimat
     expected = dit_images(pipe)
     pipe.save_pretrained(tmp_path / "saved")
     index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
-    assert index["scheduler"] == ["qdrift_stats.scheduler_wrapper", "QDriftScheduler"]
+    assert index["scheduler"] == ["qdrift_stats.correct.diffusers", "QDriftScheduler"]
     reloaded = quiet(DiTPipeline.from_pretrained(tmp_path / "saved"))
     assert isinstance(reloaded.scheduler, QDriftScheduler) and reloaded.scheduler.strength == 0.5
     assert torch.equal(dit_images(reloaded), expected)

@@ -10,9 +10,9 @@ from qdrift_stats import plots, testbed
 from qdrift_stats.cli import main
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators import EmpiricalEstimator, FittedEstimator
-from qdrift_stats.export import EstimatorFile
-from qdrift_stats.record import record
-from qdrift_stats.store import open_store
+from qdrift_stats.correct.estimator_file import EstimatorFile
+from qdrift_stats.record.lockstep import record
+from qdrift_stats.record.store import open_store
 
 from .conftest import VP_PAIR
 
@@ -140,9 +140,9 @@ def test_diagnostics_figure_has_one_panel_per_diagnostic():
         plots.plot_diagnostics(diagnostics_dataset(["something_else"], scalars=False))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("qdrift_stats.diagnostics") is None, reason="no diagnostics module")
+@pytest.mark.skipif(importlib.util.find_spec("qdrift_stats.validate.diagnostics") is None, reason="no diagnostics module")
 def test_diagnostics_figure_draws_what_diagnose_returns(traj_store):
-    from qdrift_stats.diagnostics import diagnose
+    from qdrift_stats.validate.diagnostics import diagnose
 
     fig = plots.plot_diagnostics(diagnose(traj_store[0]))
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
@@ -174,7 +174,7 @@ def test_qdrift_plot_writes_png_figures(tmp_path, capsys, traj_store):
     code, _, err = run(capsys, "plot", "runs-needed", cv, "--out", tmp_path / "runs.png")
     assert code == 0, err
     assert (tmp_path / "runs.png").read_bytes()[:8] == PNG_MAGIC
-    for kind, module in (("runs-needed", "qdrift_stats.validate"), ("diagnostics", "qdrift_stats.diagnostics")):
+    for kind, module in (("runs-needed", "qdrift_stats.validate.crossval"), ("diagnostics", "qdrift_stats.validate.diagnostics")):
         if importlib.util.find_spec(module) is not None:  # computed from the store by that module
             out = tmp_path / f"{kind}-of-store.png"
             code, _, err = run(capsys, "plot", kind, store, "--out", out)
@@ -190,5 +190,5 @@ def test_qdrift_plot_bad_input_is_one_line_and_exit_2(tmp_path, capsys, traj_sto
     (tmp_path / "taken.png").write_bytes(b"")
     one_line_error(*run(capsys, "plot", "variance", store, "--out", tmp_path / "taken.png")[::2], "--overwrite")
     one_line_error(*run(capsys, "plot", "variance", store, "--fit", "no-such-estimator", "--out", tmp_path / "x.png")[::2], "unknown estimator")
-    if importlib.util.find_spec("qdrift_stats.validate") is None:
-        one_line_error(*run(capsys, "plot", "runs-needed", store, "--out", tmp_path / "x.png")[::2], "needs qdrift_stats.validate")
+    if importlib.util.find_spec("qdrift_stats.validate.crossval") is None:
+        one_line_error(*run(capsys, "plot", "runs-needed", store, "--out", tmp_path / "x.png")[::2], "needs qdrift_stats.validate.crossval")

@@ -13,10 +13,10 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qdrift_stats.correction import apply_correction, correction_coefficients
+from qdrift_stats.correct.coefficients import apply_correction, correction_coefficients
 from qdrift_stats.estimators import EmpiricalEstimator
-from qdrift_stats.schedulers import FLOW_PREDICTION, SCHEDULER_NAMES, make_scheduler, step_grid, x0_from_output
-from qdrift_stats.store import run_dataset
+from qdrift_stats.schedulers.base import FLOW_PREDICTION, SCHEDULER_NAMES, make_scheduler, step_grid, x0_from_output
+from qdrift_stats.record.store import run_dataset
 from qdrift_stats.testbed import FLOW_SCHEDULER_CONFIG, VP_SCHEDULER_CONFIG
 
 FAST = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

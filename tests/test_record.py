@@ -8,8 +8,8 @@ import zarr
 
 from qdrift_stats import testbed
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.record import record
-from qdrift_stats.store import SCHEMA, SCHEMA_VERSION, open_store
+from qdrift_stats.record.lockstep import record
+from qdrift_stats.record.store import SCHEMA, SCHEMA_VERSION, open_store
 
 from .conftest import VP_PAIR
 
@@ -125,7 +125,7 @@ def test_image_shaped_samples_get_channel_height_width_dims(tmp_path):
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_store(tmp_path, vp_pair):
-    from qdrift_stats.store import writer_lock
+    from qdrift_stats.record.store import writer_lock
 
     path = tmp_path / "busy.zarr"
     with writer_lock(path):
@@ -141,7 +141,7 @@ def test_a_writer_killed_hard_leaves_no_stale_lock(tmp_path, vp_pair):
 
     path = tmp_path / "killed.zarr"
     code = (
-        "import sys, time; from qdrift_stats.store import writer_lock\n"
+        "import sys, time; from qdrift_stats.record.store import writer_lock\n"
         f"with writer_lock({str(path)!r}):\n    print('locked', flush=True); time.sleep(60)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

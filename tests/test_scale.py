@@ -7,9 +7,9 @@ import xarray as xr
 from qdrift_stats import testbed
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators import EmpiricalEstimator
-from qdrift_stats.record import record
-from qdrift_stats.scale import record_distributed
-from qdrift_stats.store import open_store
+from qdrift_stats.record.lockstep import record
+from qdrift_stats.record.distributed import record_distributed
+from qdrift_stats.record.store import open_store
 
 from .conftest import VP_PAIR
 

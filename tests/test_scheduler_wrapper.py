@@ -11,10 +11,11 @@ from diffusers import EulerDiscreteScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.export import EstimatorFile
-from qdrift_stats.sampling import Corrector, initial_noise, prepared_scheduler, run_sampler
-from qdrift_stats.scheduler_wrapper import ESTIMATOR_FILE_NAME, WRAPPER_CONFIG_NAME, QDriftScheduler
-from qdrift_stats.schedulers import SCHEDULER_NAMES, make_scheduler, step_grid, step_kwargs
+from qdrift_stats.correct.estimator_file import EstimatorFile
+from qdrift_stats.correct.corrector import Corrector
+from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler
+from qdrift_stats.correct.diffusers import ESTIMATOR_FILE_NAME, WRAPPER_CONFIG_NAME, QDriftScheduler
+from qdrift_stats.schedulers.base import SCHEDULER_NAMES, make_scheduler, step_grid, step_kwargs
 
 from .conftest import pair_for
 
@@ -171,7 +172,7 @@ def test_smooth_estimator_is_interpolated_to_another_grid_and_says_so(caplog):
     est = estimator_for(pair, "euler", variance=np.linspace(1e-3, 1e-4, STEPS), k=np.full(STEPS, 0.02))
     est.metadata["estimator"]["smooth"] = True
     wrapped = QDriftScheduler(make_scheduler("euler", {**pair.scheduler_config, "timestep_spacing": "trailing"}), est)
-    with caplog.at_level(logging.WARNING, logger="qdrift_stats.export"):
+    with caplog.at_level(logging.WARNING, logger="qdrift_stats.correct.estimator_file"):
         wrapped.set_timesteps(16)
     assert any("interpolated from 10 to 16 steps" in n for n in wrapped.notes)
     assert any("config differs in timestep_spacing" in n for n in wrapped.notes)

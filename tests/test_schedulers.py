@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.schedulers import SCHEDULER_NAMES, make_scheduler, step_grid, x0_from_output
+from qdrift_stats.schedulers.base import SCHEDULER_NAMES, make_scheduler, step_grid, x0_from_output
 from qdrift_stats.testbed import FLOW_SCHEDULER_CONFIG, VP_SCHEDULER_CONFIG
 
 from .conftest import PAIR_FOR, VP_PAIR

@@ -41,7 +41,7 @@ def test_exact_samples_have_the_true_within_mode_variance_and_log_density():
 
 @pytest.mark.parametrize("kind,scheduler", [("vp", "ddim"), ("flow", "flow-euler")])
 def test_fp_sampler_with_the_exact_denoiser_approaches_the_data(kind, scheduler):
-    from qdrift_stats.sampling import sample
+    from qdrift_stats.correct.sample import sample
 
     pair = MixturePair(testbed.default_mixture(), kind=kind)
     coarse = sample(pair, scheduler, 10, 3000, 3000, 0, model="fp")
@@ -106,7 +106,7 @@ def test_gaussian_noise_error_has_an_exactly_gaussian_marginal_of_the_sine_varia
 def test_gaussian_pairs_are_noise_like_along_the_trajectory(factory, scheduler):
     """Perturbations are Gaussian (excess kurtosis ~0) and decorrelated across steps (lag-1 ~ -1/steps, the
     centring bias of a 10-step series), and the lock-step variance is ``c_i^2 A^2 / 2`` as for the sine pairs."""
-    from qdrift_stats.diagnostics import classify, diagnose
+    from qdrift_stats.validate.diagnostics import classify, diagnose
     from qdrift_stats.estimators import EmpiricalEstimator
 
     from .test_estimators_more import memory_store

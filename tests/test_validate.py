@@ -8,12 +8,13 @@ import pytest
 import xarray as xr
 import zarr
 
-from qdrift_stats import testbed, validate
+from qdrift_stats import testbed
+from qdrift_stats.validate import crossval
 from qdrift_stats.cli import main
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators import get_estimator
-from qdrift_stats.record import record
-from qdrift_stats.validate import CVResult, cross_validate, open_cv, run_subsets
+from qdrift_stats.record.lockstep import record
+from qdrift_stats.validate.crossval import CVResult, cross_validate, open_cv, run_subsets
 
 from .test_estimators_more import memory_store, one_torch_thread  # noqa: F401 (one_torch_thread: autouse fixture)
 
@@ -84,8 +85,8 @@ def test_an_interrupted_cross_validation_resumes_without_recomputing(small_zarr,
     # simulate a crash while N = 2 was being written: its part exists but is not marked complete
     zarr.open_group(out, path="parts/n0002", mode="r+").attrs["complete"] = False
     calls = []
-    original = validate._count_piece
-    monkeypatch.setattr(validate, "_count_piece", lambda *a, **k: calls.append(a[6]) or original(*a, **k))
+    original = crossval._count_piece
+    monkeypatch.setattr(crossval, "_count_piece", lambda *a, **k: calls.append(a[6]) or original(*a, **k))
     resumed = cross_validate(small_zarr, out, estimator="empirical", strength=False)
     assert calls == [2]
     xr.testing.assert_allclose(full.dataset["rel_error"], resumed.dataset["rel_error"])

@@ -96,7 +96,7 @@ def test_unknown_named_pair_is_a_user_error():
 def test_shipped_models_reproduce_their_fp_distance(kind):
     """A fresh load of the shipped weights reproduces the FP distance recorded by the replication study."""
     from qdrift_stats.metrics import frechet_distance
-    from qdrift_stats.sampling import sample
+    from qdrift_stats.correct.sample import sample
 
     recorded = json.loads(REFERENCE.read_text())["models"][kind]
     s = recorded["setting"]

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..errors import QDriftError
-from .base import FittedEstimator
-from .decomposed import DecomposedEstimator
-from .empirical import EmpiricalEstimator
-from .moment import MomentEstimator
-from .robust import RobustEstimator
-from .smooth import SmoothGLMEstimator, SmoothLowessEstimator
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.estimators.base import FittedEstimator
+from qdrift_stats.estimators.decomposed import DecomposedEstimator
+from qdrift_stats.estimators.empirical import EmpiricalEstimator
+from qdrift_stats.estimators.moment import MomentEstimator
+from qdrift_stats.estimators.robust import RobustEstimator
+from qdrift_stats.estimators.smooth import SmoothGLMEstimator, SmoothLowessEstimator
 
 ESTIMATORS: dict[str, Callable[[], Any]] = {
     "empirical": EmpiricalEstimator,

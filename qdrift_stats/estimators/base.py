@@ -4,7 +4,7 @@
 ``variance`` (``(steps,)`` or ``(steps, channels)``, state units squared), its confidence interval,
 the per-run values it was computed from, the step grid it belongs to, and the store's identity;
 ``summary()`` prints a table a person can read, ``to_dataset()`` gives an xarray Dataset and
-``export(path, ...)`` writes the estimator file (:mod:`qdrift_stats.export`).
+``export(path, ...)`` writes the estimator file (:mod:`qdrift_stats.correct.estimator_file`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ..errors import QDriftError
-from ..store import open_store, sample_dims
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.record.store import open_store, sample_dims
 
 
 def as_dataset(store: xr.Dataset | str | Path) -> xr.Dataset:
@@ -143,7 +143,7 @@ class FittedEstimator:
 
     def export(self, path: str | Path, correction: str = "shrink", strength: float = 1.0, provenance: dict[str, Any] | None = None, overwrite: bool = False):
         """Write the estimator file (safetensors + JSON metadata); returns the :class:`EstimatorFile`."""
-        from ..export import EstimatorFile
+        from qdrift_stats.correct.estimator_file import EstimatorFile
 
         est = EstimatorFile.from_fitted(self, correction=correction, strength=strength, provenance=provenance)
         est.save(path, overwrite=overwrite)

@@ -9,7 +9,7 @@ Per step ``i``, pooled over runs, samples and sample elements (a random subsampl
 gives ``k_i`` (a scale error), ``mu_i`` (a bias, output units) and the residual ``r``. Their
 confidence intervals are cluster-robust with runs as clusters (plain OLS intervals with one run),
 and ``R^2_i`` says how much of the output error the signal explains (used by
-:mod:`qdrift_stats.diagnostics`).
+:mod:`qdrift_stats.validate.diagnostics`).
 
 A step is decomposed only where the signal explains something (``R^2_i >= min_r2``, default 0.01)
 and the scale error leaves the output usable (``1 + k_i >= 0.5``); elsewhere ``k_i = mu_i = 0``
@@ -17,7 +17,7 @@ and the step is corrected as plain noise. Without this, a step where the FP outp
 (the last Euler step) gets a large, meaningless ``k`` from noise, and a step whose Q output is
 constant (rounding to 0) would divide by ``1 + k = 0``. Such steps are listed in ``extra["notes"]``.
 
-The sampler first maps the Q output to ``(m_q - mu_i) / (1 + k_i)`` (:class:`qdrift_stats.sampling.Corrector`),
+The sampler first maps the Q output to ``(m_q - mu_i) / (1 + k_i)`` (:class:`qdrift_stats.correct.corrector.Corrector`),
 which equals ``m_fp + r / (1 + k_i)``; Q-Drift then corrects what is left. So the variance
 statistic this estimator exports is that of the *residual* perturbation in state units.
 
@@ -51,9 +51,9 @@ import numpy as np
 import statsmodels.api as sm
 import xarray as xr
 
-from ..store import storage_errors_as_qdrift
-from .base import FittedEstimator, as_dataset, check_finite_store, check_statistic, grid_of
-from .empirical import t_interval
+from qdrift_stats.record.store import storage_errors_as_qdrift
+from qdrift_stats.estimators.base import FittedEstimator, as_dataset, check_finite_store, check_statistic, grid_of
+from qdrift_stats.estimators.empirical import t_interval
 
 MULTISTEP_SCHEDULERS: tuple[str, ...] = ("dpmpp-2m", "flow-dpmpp-2m")
 
@@ -176,7 +176,7 @@ class DecomposedEstimator:
         ds = as_dataset(store)
         steps = ds.sizes["step"]
         multistep = str(ds.attrs.get("scheduler")) in MULTISTEP_SCHEDULERS
-        from .smooth import first_order_gain  # smooth imports this module
+        from qdrift_stats.estimators.smooth import first_order_gain  # smooth imports this module
 
         coords = grid_of(ds)
         first_gain = first_order_gain(str(ds.attrs.get("prediction_type", "epsilon")), coords["a"], coords["b"], coords["a_next"], coords["b_next"])

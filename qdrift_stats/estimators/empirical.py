@@ -24,9 +24,9 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from ..store import storage_errors_as_qdrift
-from ..errors import QDriftError
-from .base import FittedEstimator, STATISTICS, as_dataset, check_finite_store, check_statistic, reduce_dims
+from qdrift_stats.record.store import storage_errors_as_qdrift
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.estimators.base import FittedEstimator, STATISTICS, as_dataset, check_finite_store, check_statistic, reduce_dims
 
 
 def per_run_second_moment(ds: xr.Dataset, variable: str = "delta_x", per_channel: bool = False) -> xr.DataArray:

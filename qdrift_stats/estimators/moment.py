@@ -63,14 +63,14 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..store import storage_errors_as_qdrift
-from ..correction import CORRECTION_FORMS
-from ..errors import QDriftError
-from ..pair import check_pair, load_pair
-from ..sampling import initial_noise, prepared_scheduler, scale_model_input
-from ..schedulers import step_grid, step_kwargs
-from .base import FittedEstimator, as_dataset
-from .empirical import t_interval
+from qdrift_stats.record.store import storage_errors_as_qdrift
+from qdrift_stats.correct.coefficients import CORRECTION_FORMS
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.pair import check_pair, load_pair
+from qdrift_stats.loop import initial_noise, prepared_scheduler, scale_model_input
+from qdrift_stats.schedulers.base import step_grid, step_kwargs
+from qdrift_stats.estimators.base import FittedEstimator, as_dataset
+from qdrift_stats.estimators.empirical import t_interval
 
 
 _FLOAT_RESOLUTION = 1e-6  # relative: differences below it are float32 rounding, not excess

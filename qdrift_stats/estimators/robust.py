@@ -43,11 +43,11 @@ import xarray as xr
 from scipy import stats
 from statsmodels.robust import scale
 
-from ..store import storage_errors_as_qdrift
-from ..errors import QDriftError
-from .base import FittedEstimator, as_dataset, check_finite_store
-from .decomposed import pooled_step_values, subsample_index
-from .empirical import t_interval
+from qdrift_stats.record.store import storage_errors_as_qdrift
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.estimators.base import FittedEstimator, as_dataset, check_finite_store
+from qdrift_stats.estimators.decomposed import pooled_step_values, subsample_index
+from qdrift_stats.estimators.empirical import t_interval
 
 ROBUST_METHODS: tuple[str, ...] = ("winsor", "huber", "mad")
 

@@ -35,7 +35,7 @@ one pass of ``scheduler.step`` on unit probes, exact because every supported ste
 model outputs), so nothing re-implements a solver. The exported file stores the curves
 (``curve_log_b``, ``curve_log_u`` and, for the lock-step statistic of a multistep solver,
 ``curve_log_kappa``) and
-:meth:`qdrift_stats.export.EstimatorFile.variance_on` evaluates them on another step count of the
+:meth:`qdrift_stats.correct.estimator_file.EstimatorFile.variance_on` evaluates them on another step count of the
 same scheduler (:func:`variance_from_curves`).
 
 - :class:`SmoothGLMEstimator`: a Gamma GLM with log link (statsmodels ``GLM``) of the per-run
@@ -67,11 +67,11 @@ from scipy import stats
 from scipy.interpolate import BSpline
 from statsmodels.nonparametric.smoothers_lowess import lowess
 
-from ..store import storage_errors_as_qdrift
-from ..errors import QDriftError
-from ..schedulers import FLOW_PREDICTION, step_grid, step_kwargs
-from .base import FittedEstimator, STATISTICS, as_dataset, check_finite_store, check_statistic, grid_of, reduce_dims
-from .decomposed import MULTISTEP_SCHEDULERS
+from qdrift_stats.record.store import storage_errors_as_qdrift
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.schedulers.base import FLOW_PREDICTION, step_grid, step_kwargs
+from qdrift_stats.estimators.base import FittedEstimator, STATISTICS, as_dataset, check_finite_store, check_statistic, grid_of, reduce_dims
+from qdrift_stats.estimators.decomposed import MULTISTEP_SCHEDULERS
 
 CURVE_POINTS = 256
 _LOG_ZERO = -700.0  # log of a curve that is zero everywhere (exp underflows to 0)
@@ -84,7 +84,7 @@ def first_order_gain(prediction_type: str, a: np.ndarray, b: np.ndarray, a_next:
     The step is ``x_next = a_next x0_hat + b_next eps_hat`` with ``eps_hat = (x - a x0_hat) / b``,
     so the gain is ``(a_next - b_next a / b) * d x0_hat / d output``, where ``d x0_hat / d output``
     is ``-b / a`` (epsilon), ``-b / sqrt(a^2 + b^2)`` (v), ``1`` (sample), ``-b`` (flow velocity);
-    see :func:`qdrift_stats.schedulers.x0_from_output`. Arrays ``(steps,)``, float64.
+    see :func:`qdrift_stats.schedulers.base.x0_from_output`. Arrays ``(steps,)``, float64.
     """
     a, b, a_next, b_next = (np.asarray(v, dtype=np.float64) for v in (a, b, a_next, b_next))
     if prediction_type == "epsilon":
@@ -108,7 +108,7 @@ def solver_gains(scheduler) -> tuple[np.ndarray, np.ndarray]:
     elsewhere, and the state is held at 0, so step ``i`` returns ``c_i`` for probe ``i`` and ``d_i``
     for probe ``i - 1``. ``d`` is 0 for one-step solvers.
     """
-    from ..sampling import scale_model_input
+    from qdrift_stats.loop import scale_model_input
 
     n = len(scheduler.timesteps)
     kwargs = step_kwargs(scheduler)
@@ -154,7 +154,7 @@ def variance_from_curves(tensors: dict[str, np.ndarray], identity: dict[str, Any
 
     ``tensors``: ``curve_log_b`` (increasing), ``curve_log_u`` and optionally ``curve_log_kappa``,
     each ``(points,)``; ``identity``: the file's scheduler metadata; ``grid``: the sampler's
-    :class:`~qdrift_stats.schedulers.StepGrid`. Curves are constant beyond their range. One-step
+    :class:`~qdrift_stats.schedulers.base.StepGrid`. Curves are constant beyond their range. One-step
     solvers and the first-order statistic take their gains from the grid (:func:`first_order_gain`);
     the lock-step statistic of a multistep solver (a ``curve_log_kappa`` is stored) from the
     recorded scheduler rebuilt with the grid's step count (:func:`solver_gains`).

@@ -1,8 +1,8 @@
 """Sample-quality metrics: two-sample distances and image metrics in a classifier's feature space."""
 
-from .classifier import ClassifierFeatures, DigitsClassifier, load_digits_classifier
-from .distances import energy_distance
-from .images import (
+from qdrift_stats.metrics.classifier import ClassifierFeatures, DigitsClassifier, load_digits_classifier
+from qdrift_stats.metrics.distances import energy_distance
+from qdrift_stats.metrics.images import (
     bootstrap_ci,
     class_consistency,
     class_consistency_ci,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import QDriftError
+from qdrift_stats.errors import QDriftError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

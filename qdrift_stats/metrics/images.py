@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import QDriftError
+from qdrift_stats.errors import QDriftError
 
 #: File name of torch-fidelity's Inception-v3 weights (what torchmetrics' FID uses).
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -49,7 +49,7 @@ def _as_images(x: Any, name: str) -> torch.Tensor:
 
 def default_features() -> nn.Module:
     """The digits classifier's penultimate layer as a torchmetrics feature module."""
-    from .classifier import ClassifierFeatures
+    from qdrift_stats.metrics.classifier import ClassifierFeatures
 
     return ClassifierFeatures()
 
@@ -110,7 +110,7 @@ def class_hits(samples: Any, labels: Any, classifier: nn.Module | None = None) -
     class of an unconditional sample) never count as consistent. Two sample sets drawn from the same
     seeds give paired hit vectors (e.g. for statsmodels' McNemar test).
     """
-    from .classifier import default_classifier
+    from qdrift_stats.metrics.classifier import default_classifier
 
     x = _as_images(samples, "samples").clamp(-1.0, 1.0)
     y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).long().reshape(-1)

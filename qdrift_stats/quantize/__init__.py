@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from ..errors import QDriftError
+from qdrift_stats.errors import QDriftError
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def quantize(
 
 def __getattr__(name: str) -> Any:
     if name == "_call":
-        from .fake import _call
+        from qdrift_stats.quantize.fake import _call
 
         return _call
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import QDriftError
+from qdrift_stats.errors import QDriftError
 
 Calibration = Sequence[tuple[tuple, dict]]
 

@@ -30,8 +30,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..errors import QDriftError
-from .fake import (
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.quantize.fake import (
     Calibration,
     check_calibration,
     fake_quant_layer,

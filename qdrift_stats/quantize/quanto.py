@@ -31,8 +31,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import QDriftError
-from .fake import Calibration, _quiet_import_logs, check_calibration, finish
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.quantize.fake import Calibration, _quiet_import_logs, check_calibration, finish
 
 with _quiet_import_logs():
     from optimum.quanto import Calibration as QuantoCalibration

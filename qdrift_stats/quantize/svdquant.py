@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import QDriftError
-from .fake import (
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.quantize.fake import (
     Calibration,
     TokenFakeQuantizer,
     _QuantLayer,

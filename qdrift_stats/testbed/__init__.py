@@ -26,9 +26,9 @@ marginal of the same variance ``A^2 / 2`` (same ``A``), so the true statistic of
 
 from __future__ import annotations
 
-from .errors import CorrelatedError, GaussianNoiseError, NoiseLikeError, QuantizationError, RoundingError, ZeroError
-from .metrics import gap_closed, mixture_metrics, negative_log_likelihood, within_mode_variance
-from .mixture import FLOW_SCHEDULER_CONFIG, VP_SCHEDULER_CONFIG, GaussianMixture, MixturePair
+from qdrift_stats.testbed.errors import CorrelatedError, GaussianNoiseError, NoiseLikeError, QuantizationError, RoundingError, ZeroError
+from qdrift_stats.testbed.metrics import gap_closed, mixture_metrics, negative_log_likelihood, within_mode_variance
+from qdrift_stats.testbed.mixture import FLOW_SCHEDULER_CONFIG, VP_SCHEDULER_CONFIG, GaussianMixture, MixturePair
 
 DIM = 8
 NOISE_AMPLITUDE = {"vp": 0.5, "flow": 1.0}

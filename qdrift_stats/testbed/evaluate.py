@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from ..estimators import EmpiricalEstimator
-from ..export import EstimatorFile
-from ..record import record
-from ..sampling import sample
-from .metrics import gap_closed, mixture_metrics
-from .mixture import MixturePair
+from qdrift_stats.estimators import EmpiricalEstimator
+from qdrift_stats.correct.estimator_file import EstimatorFile
+from qdrift_stats.record.lockstep import record
+from qdrift_stats.correct.sample import sample
+from qdrift_stats.testbed.metrics import gap_closed, mixture_metrics
+from qdrift_stats.testbed.mixture import MixturePair
 
 DIVERGED = "diverged"
 
@@ -103,8 +103,8 @@ def evaluate_correction(
         }
         for form in forms:
             draws[form] = sample(pair, scheduler_name, steps, num_samples, batch_size, sample_seed, model="q", estimator=estimator, correction=form, strength=strength)
-            from ..sampling import prepared_scheduler
-            from ..schedulers import step_grid
+            from qdrift_stats.loop import prepared_scheduler
+            from qdrift_stats.schedulers.base import step_grid
 
             grid = step_grid(prepared_scheduler(pair, scheduler_name, steps))
             result.max_coefficient[form] = float(np.max(estimator.coefficients(grid, form, strength)))

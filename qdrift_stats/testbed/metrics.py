@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..metrics.distances import energy_distance
-from .mixture import GaussianMixture
+from qdrift_stats.metrics.distances import energy_distance
+from qdrift_stats.testbed.mixture import GaussianMixture
 
 
 def _flat(samples: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..schedulers import FLOW_PREDICTION
-from .errors import QuantizationError, ZeroError
+from qdrift_stats.schedulers.base import FLOW_PREDICTION
+from qdrift_stats.testbed.errors import QuantizationError, ZeroError
 
 VP_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,

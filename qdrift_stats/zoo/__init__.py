@@ -12,8 +12,8 @@ See ``docs/zoo.md``.
 
 from __future__ import annotations
 
-from .data import NULL_CLASS, NUM_CLASSES, SAMPLE_SHAPE, load_digits_tensors, to_model_range, to_pixels
-from .models import (
+from qdrift_stats.zoo.data import NULL_CLASS, NUM_CLASSES, SAMPLE_SHAPE, load_digits_tensors, to_model_range, to_pixels
+from qdrift_stats.zoo.models import (
     build_model,
     load_digits_dit,
     load_digits_model,
@@ -21,7 +21,7 @@ from .models import (
     load_scheduler_config,
     scheduler_config,
 )
-from .pairs import (
+from qdrift_stats.zoo.pairs import (
     DEFAULT_GUIDANCE_SCALE,
     DiffusersPair,
     calibration_inputs,
@@ -30,7 +30,7 @@ from .pairs import (
     digits_unet_fp,
     sample_pair,
 )
-from .named import (
+from qdrift_stats.zoo.named import (
     NAMED_PAIRS,
     ZOO_RECIPES,
     build_quantized_digits_model,

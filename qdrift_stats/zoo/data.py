@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..errors import QDriftError
+from qdrift_stats.errors import QDriftError
 
 #: Number of classes; index ``NULL_CLASS`` is the "no label" class used for classifier-free guidance.
 NUM_CLASSES = 10

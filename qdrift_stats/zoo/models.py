@@ -22,8 +22,8 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import QDriftError
-from .data import NULL_CLASS, NUM_CLASSES
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.zoo.data import NULL_CLASS, NUM_CLASSES
 
 MODEL_KINDS = ("unet", "dit")
 FOLDERS = {"unet": "digits_unet", "dit": "digits_dit"}

@@ -20,9 +20,9 @@ from functools import lru_cache
 
 from torch import nn
 
-from ..errors import QDriftError
-from .models import MODEL_KINDS, load_digits_model
-from .pairs import DEFAULT_GUIDANCE_SCALE, DiffusersPair, calibration_inputs, digits_pair
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.zoo.models import MODEL_KINDS, load_digits_model
+from qdrift_stats.zoo.pairs import DEFAULT_GUIDANCE_SCALE, DiffusersPair, calibration_inputs, digits_pair
 
 #: The recipes every shipped model is offered under (see ``qdrift_stats.quantize.RECIPES``).
 ZOO_RECIPES: tuple[str, ...] = ("w8a8", "w4a8", "w4a4", "w3a4", "svdquant-w4a4", "mixdq-w4a8", "mixdq-w5a8")
@@ -45,7 +45,7 @@ NAMED_PAIRS: dict[str, tuple[str, str]] = {
 def build_quantized_digits_model(kind: str, recipe: str, *, calibration_calls: int = CALIBRATION_CALLS,
                                  calibration_seed: int = CALIBRATION_SEED) -> nn.Module:
     """A fresh quantized copy of the shipped ``kind`` model under ``recipe`` (not cached)."""
-    from ..quantize import quantize, recipe_info
+    from qdrift_stats.quantize import quantize, recipe_info
 
     if kind not in MODEL_KINDS:
         raise QDriftError(f"digits model kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import QDriftError
-from .data import NULL_CLASS, NUM_CLASSES, SAMPLE_SHAPE, load_digits_tensors
-from .models import MODEL_KINDS, load_digits_model, load_scheduler_config
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.zoo.data import NULL_CLASS, NUM_CLASSES, SAMPLE_SHAPE, load_digits_tensors
+from qdrift_stats.zoo.models import MODEL_KINDS, load_digits_model, load_scheduler_config
 
 DEFAULT_GUIDANCE_SCALE = 2.0
 
@@ -155,7 +155,7 @@ def calibration_inputs(model_kind: str, n: int = 32, seed: int = 0, batch_size: 
     x0_all, y_all = load_digits_tensors("train")
     gen = torch.Generator().manual_seed(int(seed))
     if model_kind == "unet":
-        from .models import UNET_SCHEDULER_CONFIG as cfg
+        from qdrift_stats.zoo.models import UNET_SCHEDULER_CONFIG as cfg
 
         betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], cfg["num_train_timesteps"], dtype=torch.float64)
         abar = torch.cumprod(1.0 - betas, 0).float()

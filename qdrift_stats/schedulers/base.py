@@ -32,7 +32,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 
-from .errors import QDriftError
+from qdrift_stats.errors import QDriftError
 
 SCHEDULER_NAMES: tuple[str, ...] = ("euler", "ddim", "dpmpp-2m", "flow-euler", "flow-dpmpp-2m")
 VP_SCHEDULERS: tuple[str, ...] = ("euler", "ddim", "dpmpp-2m")

@@ -10,7 +10,7 @@ Layout (schema ``qdrift-calibration``, version :data:`SCHEMA_VERSION`):
 - coordinates ``seed(run)``, ``timestep(step)``, ``a(step)``, ``b(step)`` (the state at the start of
   the step is ``a x0 + b eps``), ``a_next(step)``, ``b_next(step)`` (the level the step lands on),
   ``gain(step)`` (the first-order step's coefficient on the model output, see
-  :func:`qdrift_stats.schedulers.output_gains`);
+  :func:`qdrift_stats.schedulers.base.output_gains`);
 - attributes: schema name and version, scheduler name, class and config (JSON), step count,
   prediction type, pair name, batch size, package version, and ``runs_complete``.
 
@@ -35,7 +35,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from .errors import QDriftError
+from qdrift_stats.errors import QDriftError
 
 SCHEMA = "qdrift-calibration"
 SCHEMA_VERSION = 1
@@ -90,7 +90,7 @@ def sample_dims(sample_shape: tuple[int, ...]) -> tuple[str, ...]:
 
 
 def package_version() -> str:
-    from . import __version__
+    from qdrift_stats import __version__
 
     return __version__
 

@@ -38,9 +38,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .correction import CORRECTION_FORMS, correction_coefficients
-from .errors import QDriftError
-from .schedulers import StepGrid, scheduler_name, step_grid
+from qdrift_stats.correct.coefficients import CORRECTION_FORMS, correction_coefficients
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.schedulers.base import StepGrid, scheduler_name, step_grid
 
 FORMAT = "qdrift-estimator"
 FORMAT_VERSION = 1
@@ -66,7 +66,7 @@ class EstimatorFile:
     @classmethod
     def from_fitted(cls, fitted, correction: str = "shrink", strength: float = 1.0, provenance: dict[str, Any] | None = None) -> "EstimatorFile":
         """From a :class:`~qdrift_stats.estimators.base.FittedEstimator`."""
-        from . import __version__
+        from qdrift_stats import __version__
 
         if correction not in CORRECTION_FORMS:
             raise QDriftError(f"unknown correction form {correction!r}; choose drift or shrink")
@@ -113,8 +113,8 @@ class EstimatorFile:
     @classmethod
     def zeros_like_grid(cls, scheduler, correction: str = "shrink") -> "EstimatorFile":
         """A zero estimator for a configured scheduler: the corrected sampler equals the plain one."""
-        from . import __version__
-        from .schedulers import scheduler_identity
+        from qdrift_stats import __version__
+        from qdrift_stats.schedulers.base import scheduler_identity
 
         grid = step_grid(scheduler)
         ident = scheduler_identity(scheduler)
@@ -227,7 +227,7 @@ class EstimatorFile:
                 "re-record for this grid or export a smooth estimator"
             )
         if CURVE_TENSORS[0] in self.tensors and CURVE_TENSORS[1] in self.tensors:
-            from .estimators.smooth import variance_from_curves
+            from qdrift_stats.estimators.smooth import variance_from_curves
 
             variance = variance_from_curves(self.tensors, self.metadata["scheduler"], grid)
             how = "its output-space curve and the new grid's solver gains"
@@ -240,14 +240,14 @@ class EstimatorFile:
         return variance
 
     def coefficients(self, grid: StepGrid, correction: str | None = None, strength: float | None = None) -> np.ndarray:
-        """Per-step pull coefficients on a grid (see :func:`qdrift_stats.correction.correction_coefficients`)."""
+        """Per-step pull coefficients on a grid (see :func:`qdrift_stats.correct.coefficients.correction_coefficients`)."""
         form = correction or self.metadata["correction"]["form"]
         lam = self.metadata["correction"].get("strength", 1.0) if strength is None else strength
         return correction_coefficients(self.variance_on(grid), grid.b_next, form, float(lam))
 
     def corrector(self, scheduler, correction: str | None = None, strength: float | None = None, device=None, dtype=None):
-        """A :class:`~qdrift_stats.sampling.Corrector` for a scheduler after ``set_timesteps``."""
-        from .sampling import Corrector
+        """A :class:`~qdrift_stats.correct.corrector.Corrector` for a scheduler after ``set_timesteps``."""
+        from qdrift_stats.correct.corrector import Corrector
 
         grid = step_grid(scheduler)
         self.check_scheduler(scheduler)
@@ -334,7 +334,7 @@ SOLVER_CONFIG_KEYS: tuple[str, ...] = (
 
 
 def _comparable(value: Any) -> Any:
-    from .schedulers import _jsonable
+    from qdrift_stats.schedulers.base import _jsonable
 
     return json.loads(json.dumps(_jsonable(value)))
 

@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import QDriftError
+from qdrift_stats.errors import QDriftError
 
 CorrectionForm = Literal["drift", "shrink"]
 #: The forms an estimator file and the command line take.

@@ -68,12 +68,12 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from .store import storage_errors_as_qdrift
-from .diagnostics import readable
-from .errors import QDriftError
-from .estimators import EmpiricalEstimator, RobustEstimator, get_estimator
-from .estimators.base import FittedEstimator, as_dataset
-from .estimators.empirical import per_run_second_moment
+from qdrift_stats.record.store import storage_errors_as_qdrift
+from qdrift_stats.validate.diagnostics import readable
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.estimators import EmpiricalEstimator, RobustEstimator, get_estimator
+from qdrift_stats.estimators.base import FittedEstimator, as_dataset
+from qdrift_stats.estimators.empirical import per_run_second_moment
 
 CV_SCHEMA = "qdrift-cv"
 CV_SCHEMA_VERSION = 1
@@ -394,9 +394,9 @@ def _strength_part(ds_mem: xr.Dataset, pair: Any, estimator_name: str, forms: tu
     """The strength search (module docstring): energy distance of corrected Q to FP, K-fold over runs."""
     from sklearn.model_selection import KFold
 
-    from .export import EstimatorFile
-    from .metrics.distances import energy_distance
-    from .sampling import sample
+    from qdrift_stats.correct.estimator_file import EstimatorFile
+    from qdrift_stats.metrics.distances import energy_distance
+    from qdrift_stats.correct.sample import sample
 
     runs = ds_mem.sizes["run"]
     scheduler, steps = str(ds_mem.attrs["scheduler"]), int(ds_mem.sizes["step"])
@@ -553,7 +553,7 @@ def _with_strength(result: xr.Dataset, ds_mem: xr.Dataset, path: Path | None, es
         result.attrs["strength_skipped"] = "not asked"
         return result
     if pair is None:
-        from .pair import load_pair
+        from qdrift_stats.pair import load_pair
 
         name = str(ds_mem.attrs.get("pair", ""))
         try:

@@ -8,7 +8,7 @@ continues along the FP branch:
     x_{i+1}^fp = S_fp(x_i, m_fp(x_i)),   x_{i+1}^q = S_q(x_i, m_q(x_i)),   x_{i+1} := x_{i+1}^fp
     Delta_i    = x_{i+1}^q - x_{i+1}^fp
 
-Each finished run is appended to the calibration store (see :mod:`qdrift_stats.store`).
+Each finished run is appended to the calibration store (see :mod:`qdrift_stats.record.store`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import zarr
 
-from .errors import QDriftError
-from .pair import check_pair
-from .sampling import initial_noise, prepared_scheduler, run_sampler, scale_model_input
-from .schedulers import output_gains, scheduler_identity, step_grid, step_kwargs
-from .store import (
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.pair import check_pair
+from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler, scale_model_input
+from qdrift_stats.schedulers.base import output_gains, scheduler_identity, step_grid, step_kwargs
+from qdrift_stats.record.store import (
     SCHEMA,
     SCHEMA_VERSION,
     append_run,
@@ -106,7 +106,7 @@ def _stack(tensors: list[torch.Tensor]) -> np.ndarray:
 
 
 def recording_attrs(pair: Any, plan: RecordingPlan, scheduler) -> dict[str, Any]:
-    """The attributes a store of this recording carries (see :mod:`qdrift_stats.store`)."""
+    """The attributes a store of this recording carries (see :mod:`qdrift_stats.record.store`)."""
     identity = scheduler_identity(scheduler)
     return {
         "qdrift_schema": SCHEMA,

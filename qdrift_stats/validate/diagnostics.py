@@ -47,11 +47,11 @@ import zarr
 from scipy import stats
 from statsmodels.stats.diagnostic import acorr_ljungbox
 
-from .store import storage_errors_as_qdrift
-from .errors import QDriftError
-from .estimators.base import as_dataset, check_finite_store, grid_of
-from .estimators.decomposed import output_regression, pooled_step_values, subsample_index
-from .estimators.empirical import per_run_second_moment
+from qdrift_stats.record.store import storage_errors_as_qdrift
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.estimators.base import as_dataset, check_finite_store, grid_of
+from qdrift_stats.estimators.decomposed import output_regression, pooled_step_values, subsample_index
+from qdrift_stats.estimators.empirical import per_run_second_moment
 
 CORRELATED_R2 = 0.5
 PARTLY_CORRELATED_R2 = 0.1
@@ -138,7 +138,7 @@ def diagnose(store: xr.Dataset | str | Path, *, max_points: int = 100_000, max_s
 def readable(store: Any):
     """Context manager: a failure to decode a store's chunks (a damaged file) becomes a one-line :class:`QDriftError`.
 
-    Used around the readers of this module and :mod:`qdrift_stats.validate` (dask reads lazily, so
+    Used around the readers of this module and :mod:`qdrift_stats.validate.crossval` (dask reads lazily, so
     the damage shows only when values are computed).
     """
     try:

@@ -10,7 +10,7 @@ Input layouts:
   the pair and an estimator file);
 - variance: :meth:`FittedEstimator.to_dataset() <qdrift_stats.estimators.base.FittedEstimator.to_dataset>`
   of any estimator (``variance``, optional ``ci_low``/``ci_high`` over ``step`` [``channel``],
-  coordinate ``b_next``), or an :class:`~qdrift_stats.export.EstimatorFile`;
+  coordinate ``b_next``), or an :class:`~qdrift_stats.correct.estimator_file.EstimatorFile`;
 - runs needed: a cross-validation Dataset (see :func:`plot_runs_needed`);
 - diagnostics: a per-step diagnostics Dataset (see :func:`plot_diagnostics`).
 
@@ -29,7 +29,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from .errors import QDriftError
+from qdrift_stats.errors import QDriftError
 
 BAND = (0.1, 0.9)
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -61,8 +61,8 @@ def accumulation_dataset(pair: Any, store: xr.Dataset | str | Path, estimator: A
 
     For each run of ``store`` (recorded with ``--trajectories``) the corrected, free-running Q
     trajectory is re-sampled from the run's seed (same initial noise and conditions as the
-    recording) with :func:`~qdrift_stats.sampling.run_sampler` and the estimator's
-    :class:`~qdrift_stats.sampling.Corrector`; the stored ``traj_fp`` and ``traj_q`` give the FP
+    recording) with :func:`~qdrift_stats.loop.run_sampler` and the estimator's
+    :class:`~qdrift_stats.correct.corrector.Corrector`; the stored ``traj_fp`` and ``traj_q`` give the FP
     and uncorrected Q trajectories. The first FP and Q steps of each run are recomputed and
     compared with the store (two extra model calls per run) so that a different pair is refused.
     One run is held in memory at a time.
@@ -70,7 +70,7 @@ def accumulation_dataset(pair: Any, store: xr.Dataset | str | Path, estimator: A
     Args:
         pair: the model pair the store was recorded with, or its ``MODULE:FACTORY`` spec.
         store: calibration store path or Dataset with ``traj_fp`` and ``traj_q``.
-        estimator: :class:`~qdrift_stats.export.EstimatorFile` or its path, fitted on this grid.
+        estimator: :class:`~qdrift_stats.correct.estimator_file.EstimatorFile` or its path, fitted on this grid.
         correction, strength: override the file's correction form and strength.
         runs: use only the first ``runs`` runs (default all).
 
@@ -90,11 +90,11 @@ def accumulation_dataset(pair: Any, store: xr.Dataset | str | Path, estimator: A
     """
     import torch
 
-    from .estimators.base import as_dataset
-    from .export import EstimatorFile
-    from .pair import check_pair, load_pair
-    from .sampling import initial_noise, prepared_scheduler, run_sampler, scale_model_input
-    from .schedulers import step_grid, step_kwargs
+    from qdrift_stats.estimators.base import as_dataset
+    from qdrift_stats.correct.estimator_file import EstimatorFile
+    from qdrift_stats.pair import check_pair, load_pair
+    from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler, scale_model_input
+    from qdrift_stats.schedulers.base import step_grid, step_kwargs
 
     ds = as_dataset(store)
     if any(v not in ds for v in ("traj_fp", "traj_q")):
@@ -271,9 +271,9 @@ def variance_dataset(estimate: Any) -> xr.Dataset:
     """A Dataset with ``variance`` (and CI bounds) over ``step`` [``channel``] with coordinate ``b_next``.
 
     Accepts a :class:`~qdrift_stats.estimators.base.FittedEstimator` (or anything with
-    ``to_dataset()``), an :class:`~qdrift_stats.export.EstimatorFile`, or such a Dataset.
+    ``to_dataset()``), an :class:`~qdrift_stats.correct.estimator_file.EstimatorFile`, or such a Dataset.
     """
-    from .export import EstimatorFile
+    from qdrift_stats.correct.estimator_file import EstimatorFile
 
     if isinstance(estimate, xr.Dataset):
         ds = estimate
@@ -413,7 +413,7 @@ def _runs_needed(n: np.ndarray, upper: np.ndarray, tolerance: float) -> int | No
 def plot_runs_needed(cv: xr.Dataset, tolerance: float | None = None) -> Figure:
     """Relative error of the fitted statistic against the number of calibration runs (a learning curve).
 
-    Layout (what :func:`qdrift_stats.validate.cross_validate` writes): dims ``n_runs`` (coordinate:
+    Layout (what :func:`qdrift_stats.validate.crossval.cross_validate` writes): dims ``n_runs`` (coordinate:
     the number of calibration runs fitted) and ``repeat`` (random subsets of that many runs;
     NaN-padded), and the variable ``rel_error(n_runs, repeat[, ...])``, the relative error of an
     ``n_runs``-run estimate (dimensionless; further dims such as ``step`` are averaged). Optional
@@ -472,10 +472,10 @@ def plot_runs_needed(cv: xr.Dataset, tolerance: float | None = None) -> Figure:
 # ---------------------------------------------------------------------------------------------
 
 def _thresholds() -> dict[str, float]:
-    """The regime thresholds of :mod:`qdrift_stats.diagnostics` (its constants; these defaults without it)."""
+    """The regime thresholds of :mod:`qdrift_stats.validate.diagnostics` (its constants; these defaults without it)."""
     values = {"HEAVY_KURTOSIS": 1.5, "CORRELATED_R2": 0.5, "PARTLY_CORRELATED_R2": 0.1, "LATTICE_FRACTION": 0.2, "AUTOCORRELATED_REJECT": 0.5}
     try:
-        from . import diagnostics
+        from qdrift_stats import diagnostics
     except ImportError:
         return values
     return {k: float(getattr(diagnostics, k, v)) for k, v in values.items()}
@@ -516,7 +516,7 @@ def _verdict_lines(diag: xr.Dataset, width: int = 70) -> list[str]:
 def plot_diagnostics(diag: xr.Dataset, x: str = "step") -> Figure:
     """Panels of the diagnostics of Q-Drift's noise assumption, one per diagnostic found.
 
-    Layout: what :func:`qdrift_stats.diagnostics.diagnose` returns. Per-step variables over
+    Layout: what :func:`qdrift_stats.validate.diagnostics.diagnose` returns. Per-step variables over
     ``step`` (coordinate ``b_next`` for ``x="b"``): ``kurtosis`` (excess kurtosis of the per-step
     error; 0 Gaussian), ``jb_pvalue`` (Jarque-Bera), ``r2`` (R^2 of ``m_q - m_fp`` on ``m_fp``),
     ``lattice`` (distinct Q output values per value), optionally ``ljung_box_pvalue`` per step.
@@ -524,7 +524,7 @@ def plot_diagnostics(diag: xr.Dataset, x: str = "step") -> Figure:
     standardised per-step errors the test rejects at 5%) and ``lag1_autocorr``: drawn as bars
     against the 5% a test rejects by chance. Further dims of a per-step variable (``run``,
     ``channel``, ...) are summarised by the median and a 10-90% band. Reference lines: the regime
-    thresholds of :mod:`qdrift_stats.diagnostics`. The attributes ``regime``, ``estimator`` and
+    thresholds of :mod:`qdrift_stats.validate.diagnostics`. The attributes ``regime``, ``estimator`` and
     ``correction``, when present, are the figure's title; ``reasons`` and ``caveats`` (JSON lists)
     fill a free panel.
 
@@ -622,13 +622,13 @@ PLOT_KINDS: tuple[str, ...] = ("accumulation", "variance", "runs-needed", "diagn
 DEFAULT_VARIANCE_FITS: tuple[str, ...] = ("empirical", "first-order", "decomposed", "smooth-glm", "robust")
 # Functions a module may offer to compute a kind's Dataset from a calibration store, tried in order.
 _PRODUCERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "runs-needed": ("qdrift_stats.validate", ("runs_needed_dataset", "runs_needed", "cross_validate", "cv_dataset")),
-    "diagnostics": ("qdrift_stats.diagnostics", ("diagnostics_dataset", "diagnose", "diagnostics")),
+    "runs-needed": ("qdrift_stats.validate.crossval", ("runs_needed_dataset", "runs_needed", "cross_validate", "cv_dataset")),
+    "diagnostics": ("qdrift_stats.validate.diagnostics", ("diagnostics_dataset", "diagnose", "diagnostics")),
 }
 
 
 def _is_store(path: Path) -> bool:
-    from .store import SCHEMA
+    from qdrift_stats.record.store import SCHEMA
 
     if not path.is_dir():
         return False
@@ -697,21 +697,21 @@ def figure_for(kind: str, source: str | Path, *, estimator: str | Path | None = 
     if not source.exists():
         raise QDriftError(f"{source} does not exist")
     if kind == "accumulation":
-        from .store import store_attrs
+        from qdrift_stats.record.store import store_attrs
 
         if estimator is None:
             raise QDriftError("'qdrift plot accumulation' needs --estimator EST.safetensors (the correction to apply)")
         pair = pair or str(store_attrs(source).get("pair"))
         return plot_accumulation(accumulation_dataset(pair, source, estimator), x=x or "b")
     if kind == "variance":
-        from .export import EstimatorFile
+        from qdrift_stats.correct.estimator_file import EstimatorFile
 
         estimates: list[Any] = []
         if source.suffix == ".safetensors":
             estimates.append(EstimatorFile.load(source))
         else:
-            from .estimators import ESTIMATORS, get_estimator
-            from .store import open_store
+            from qdrift_stats.estimators import ESTIMATORS, get_estimator
+            from qdrift_stats.record.store import open_store
 
             ds = open_store(source)
             names = list(fits) if fits else [n for n in DEFAULT_VARIANCE_FITS if n in ESTIMATORS]

@@ -1,6 +1,6 @@
 """Recording at scale: paired calibration runs sharded over a dask.distributed cluster.
 
-:func:`record_distributed` records the same runs as :func:`qdrift_stats.record.record` (seeds
+:func:`record_distributed` records the same runs as :func:`qdrift_stats.record.lockstep.record` (seeds
 ``seed .. seed + runs - 1``), but each run is computed by a cluster worker. The resulting store
 equals a serial ``record()`` of the same seeds bit for bit (values, coordinates, attributes and
 run order), provided the pair computes the same outputs in a worker as in the client process (true
@@ -10,11 +10,11 @@ for the analytic testbed; a model whose CPU kernels depend on the thread count n
 Design: workers compute, the client writes.
 
 - A worker rebuilds the pair from its ``MODULE:FACTORY`` spec (once per worker thread, then
-  cached), runs :func:`~qdrift_stats.record.record_run` for one seed, casts to the storage dtype
+  cached), runs :func:`~qdrift_stats.record.lockstep.record_run` for one seed, casts to the storage dtype
   and returns the arrays ``(steps, batch, *sample_shape)``. Workers never touch the store, so they
   need no shared filesystem and cannot corrupt it by writing concurrently.
 - The client is the only writer. It appends finished runs with the same
-  :func:`~qdrift_stats.store.append_run` that ``record()`` uses, strictly in seed order: a run that
+  :func:`~qdrift_stats.record.store.append_run` that ``record()`` uses, strictly in seed order: a run that
   finishes before an earlier seed waits in client memory. So the store's layout, its ``run``
   order and its commit point (``runs_complete`` + consolidated metadata, updated after each
   appended run) are exactly those of a serial recording, and resuming works the same way (an
@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import QDriftError
+from qdrift_stats.errors import QDriftError
 
 _local = threading.local()
 
@@ -70,7 +70,7 @@ def _worker_pair(pair_spec: str) -> Any:
     if pairs is None:
         pairs = _local.pairs = {}
     if pair_spec not in pairs:
-        from .pair import load_pair
+        from qdrift_stats.pair import load_pair
 
         pairs[pair_spec] = load_pair(pair_spec)
     return pairs[pair_spec]
@@ -84,8 +84,8 @@ def describe_recording(pair_spec: str, scheduler_name: str, steps: int, runs: in
         ``(attrs, coords)``: the store attributes ``record()`` would write, and its per-step
         coordinates ``timestep, a, b, a_next, b_next, gain``, each float64 ``(steps,)``.
     """
-    from .record import RecordingPlan, recording_attrs, step_coordinates
-    from .sampling import prepared_scheduler
+    from qdrift_stats.record.lockstep import RecordingPlan, recording_attrs, step_coordinates
+    from qdrift_stats.loop import prepared_scheduler
 
     pair = _worker_pair(pair_spec)
     plan = RecordingPlan(pair_spec, scheduler_name, steps, tuple(range(seed, seed + runs)), batch_size, trajectories, dtype)
@@ -96,7 +96,7 @@ def describe_recording(pair_spec: str, scheduler_name: str, steps: int, runs: in
 @_returning_failures
 def record_one_run(pair_spec: str, scheduler_name: str, steps: int, batch_size: int, seed: int, trajectories: bool, dtype: str) -> dict[str, np.ndarray]:
     """One paired run computed where it is called (a worker): name -> ``(steps, batch, *sample_shape)`` in ``dtype``."""
-    from .record import _DTYPES, record_run
+    from qdrift_stats.record.lockstep import _DTYPES, record_run
 
     arrays, _ = record_run(_worker_pair(pair_spec), scheduler_name, steps, batch_size, seed, trajectories)
     return {name: value.astype(_DTYPES[dtype]) for name, value in arrays.items()}
@@ -151,7 +151,7 @@ def record_distributed(
 ) -> Path:
     """Record ``runs`` paired runs (seeds ``seed .. seed + runs - 1``) on a dask cluster into ``out``.
 
-    Same arguments and store as :func:`qdrift_stats.record.record`, with the pair given by its
+    Same arguments and store as :func:`qdrift_stats.record.lockstep.record`, with the pair given by its
     ``MODULE:FACTORY`` spec (it is built on the workers; the client never loads the models).
 
     Args:
@@ -167,8 +167,8 @@ def record_distributed(
         The store path. Raises :class:`QDriftError` for bad input, a failing run or an unreachable
         scheduler (runs of earlier seeds stay committed).
     """
-    from .record import check_recording_args, prepare_store
-    from .store import append_run, run_dataset, writer_lock
+    from qdrift_stats.record.lockstep import check_recording_args, prepare_store
+    from qdrift_stats.record.store import append_run, run_dataset, writer_lock
 
     check_recording_args(runs, batch_size, dtype)
     out = Path(out)

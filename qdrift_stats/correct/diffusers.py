@@ -1,7 +1,7 @@
 """Q-Drift inside diffusers pipelines: a scheduler wrapper that corrects every step.
 
 One line turns the correction on in any pipeline whose scheduler is supported
-(:data:`qdrift_stats.schedulers.SCHEDULER_NAMES`)::
+(:data:`qdrift_stats.schedulers.base.SCHEDULER_NAMES`)::
 
     pipe.scheduler = QDriftScheduler(pipe.scheduler, "estimator.safetensors")
     images = pipe(...).images
@@ -20,7 +20,7 @@ model output are both arguments of ``step``, so no extra model call is needed):
 1. optional output correction ``m <- (m - mu_i) / (1 + k_i)`` (estimator files with a decomposition);
 2. the wrapped scheduler's own step, ``x_{i+1} = S(sample, m)``;
 3. the Q-Drift pull ``x_{i+1} <- x_{i+1} - c_i (x_{i+1} - a_{i+1} x0_hat_i)`` with ``x0_hat_i`` from
-   ``(sample, m)`` (:class:`qdrift_stats.sampling.Corrector`).
+   ``(sample, m)`` (:class:`qdrift_stats.correct.corrector.Corrector`).
 
 GPU readiness: the per-step coefficients are computed on the host once per ``set_timesteps`` and
 moved to the sample's device and dtype once (on the first step that sees that device and dtype);
@@ -45,11 +45,11 @@ from typing import Any, Callable
 import torch
 from diffusers import SchedulerMixin  # also the name diffusers looks up in this module to load it
 
-from .correction import CORRECTION_FORMS
-from .errors import QDriftError
-from .export import EstimatorFile
-from .sampling import Corrector
-from .schedulers import scheduler_name
+from qdrift_stats.correct.coefficients import CORRECTION_FORMS
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.correct.estimator_file import EstimatorFile
+from qdrift_stats.correct.corrector import Corrector
+from qdrift_stats.schedulers.base import scheduler_name
 
 ESTIMATOR_FILE_NAME = "qdrift_estimator.safetensors"
 WRAPPER_CONFIG_NAME = "qdrift_scheduler.json"
@@ -162,7 +162,7 @@ class QDriftScheduler(SchedulerProxy):
     Args:
         scheduler: a supported diffusers scheduler (DDIM, Euler, DPM-Solver++ 2M, flow-matching Euler,
             flow DPM-Solver++), configured as the estimator was calibrated.
-        estimator: an :class:`~qdrift_stats.export.EstimatorFile` or the path of one.
+        estimator: an :class:`~qdrift_stats.correct.estimator_file.EstimatorFile` or the path of one.
         correction, strength: override the file's correction form (``"drift"``/``"shrink"``) and
             strength ``lambda``.
         model, recipe: optional identifiers of the model and PTQ recipe in use; refused (one-line

@@ -1,6 +1,6 @@
 """Paired calibration through real diffusers pipelines: :func:`calibrate_pipeline`.
 
-It writes the same calibration store as ``qdrift record`` (:mod:`qdrift_stats.store`), from a
+It writes the same calibration store as ``qdrift record`` (:mod:`qdrift_stats.record.store`), from a
 full-precision pipeline and its quantized twin (e.g. the same pipeline with its ``unet`` /
 ``transformer`` replaced by ``qdrift_stats.quantize.quantize(...)``)::
 
@@ -25,7 +25,7 @@ are exactly the *guided* outputs the scheduler sees.
    history), and hands ``x_{i+1}^fp`` back, so the Q pipeline follows the FP trajectory.
 
 Per step, ``delta_x = x_{i+1}^q - x_{i+1}^fp``, ``delta_out = m_q - m_fp`` and ``out_fp = m_fp`` are
-the lock-step quantities of :mod:`qdrift_stats.record` (see ``shared/method.md``). A pipeline that
+the lock-step quantities of :mod:`qdrift_stats.record.lockstep` (see ``shared/method.md``). A pipeline that
 steps a batch holding the same samples twice (``DiTPipeline`` steps the conditional and the
 unconditional copy of each latent) is recorded once per image. Optional trajectories add a third,
 free-running Q pass (``traj_q``). Each finished run is appended to the store; an existing store of the
@@ -49,10 +49,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import QDriftError
-from .scheduler_wrapper import SchedulerProxy, mirrors_wrapped_signature, prev_sample_of, with_prev_sample
-from .schedulers import scheduler_identity, step_grid
-from .store import SCHEMA, SCHEMA_VERSION, append_run, check_compatible, package_version, repair_store, run_dataset, store_attrs
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.correct.diffusers import SchedulerProxy, mirrors_wrapped_signature, prev_sample_of, with_prev_sample
+from qdrift_stats.schedulers.base import scheduler_identity, step_grid
+from qdrift_stats.record.store import SCHEMA, SCHEMA_VERSION, append_run, check_compatible, package_version, repair_store, run_dataset, store_attrs
 
 DENOISER_NAMES: tuple[str, ...] = ("unet", "transformer")
 _LATENT_KWARGS: tuple[str, ...] = ("sample", "hidden_states", "x")
@@ -372,7 +372,7 @@ def calibrate_pipeline(
     Args:
         fp_pipe, q_pipe: pipelines of the same kind whose denoisers (``unet`` / ``transformer``)
             are the full-precision model and its quantized twin. ``fp_pipe.scheduler`` (a supported
-            scheduler: :data:`qdrift_stats.schedulers.SCHEDULER_NAMES`) drives both; ``q_pipe``'s own
+            scheduler: :data:`qdrift_stats.schedulers.base.SCHEDULER_NAMES`) drives both; ``q_pipe``'s own
             scheduler is not used. Neither pipeline is changed.
         out: the store (zarr v3). An existing store of the same configuration is resumed.
         seeds: one run per seed; a run is one pipeline call with every prompt / class label, its

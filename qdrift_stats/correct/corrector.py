@@ -1,0 +1,95 @@
+"""The Q-Drift corrector: the per-step update applied after a scheduler step, on the state's device.
+
+A :class:`Corrector` holds, for one step grid, the pull coefficients ``c_i`` (and optionally the
+PTQD-style output decomposition ``k_i, mu_i``) as tensors on the sampler's device and dtype; the
+denoising loop (:func:`qdrift_stats.loop.run_sampler`) or the diffusers wrapper
+(:class:`qdrift_stats.correct.diffusers.QDriftScheduler`) calls it once per step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qdrift_stats.correct.coefficients import apply_correction, correction_coefficients
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.schedulers import StepGrid
+
+
+class Corrector:
+    """Applies the Q-Drift correction after each scheduler step of one sampling run.
+
+    Args:
+        grid: the scheduler's step coordinates.
+        coefficients: ``(steps,)`` or ``(steps, channels)`` pull coefficients ``c_i`` (see
+            :func:`qdrift_stats.correct.coefficients.correction_coefficients`).
+        device, dtype: those of the sampler's state; coefficients are moved there once.
+        k, mu: optional ``(steps[, channels])`` decomposition of the output error
+            ``m_q - m_fp = k m_fp + mu + r``; the output is first mapped to ``(m_q - mu) / (1 + k)``.
+    """
+
+    def __init__(
+        self,
+        grid: StepGrid,
+        coefficients: np.ndarray,
+        device: torch.device,
+        dtype: torch.dtype,
+        k: np.ndarray | None = None,
+        mu: np.ndarray | None = None,
+    ):
+        coefficients = np.asarray(coefficients, dtype=np.float64)
+        if coefficients.shape[0] != grid.num_steps:
+            raise QDriftError(f"correction has {coefficients.shape[0]} steps but the sampler has {grid.num_steps}")
+        self.grid = grid
+        self._host = (coefficients, k, mu)  # float64 originals, for :meth:`to`
+        self.coefficients = torch.as_tensor(coefficients, device=device, dtype=dtype)
+        # Decided on the host once: steps whose coefficient is 0 everywhere are skipped entirely.
+        self.active: list[bool] = [bool(np.any(row != 0)) for row in coefficients.reshape(grid.num_steps, -1)]
+        self.scale = self.shift = None
+        self.output_active = [False] * grid.num_steps
+        if k is not None or mu is not None:
+            k = np.zeros_like(coefficients) if k is None else np.asarray(k, dtype=np.float64)
+            mu = np.zeros_like(k) if mu is None else np.asarray(mu, dtype=np.float64)
+            if k.shape[0] != grid.num_steps or mu.shape[0] != grid.num_steps:
+                raise QDriftError(f"decomposition has {k.shape[0]} steps but the sampler has {grid.num_steps}")
+            if np.any(1.0 + k <= 0):
+                raise QDriftError("decomposition coefficient k must be > -1 at every step")
+            self.scale = torch.as_tensor(1.0 / (1.0 + k), device=device, dtype=dtype)
+            self.shift = torch.as_tensor(mu, device=device, dtype=dtype)
+            self.output_active = [bool(np.any(kk != 0) or np.any(mm != 0)) for kk, mm in zip(k.reshape(len(k), -1), mu.reshape(len(mu), -1))]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "Corrector":
+        """The same correction with its per-step tensors on ``device`` in ``dtype`` (one transfer each,
+        from the float64 host values, so no precision is lost on the way)."""
+        coefficients, k, mu = self._host
+        return Corrector(self.grid, coefficients, torch.device(device), dtype, k=k, mu=mu)
+
+    def correct_output(self, i: int, model_output: torch.Tensor) -> torch.Tensor:
+        """The decomposition's output correction ``(m_q - mu_i) / (1 + k_i)`` (identity without one)."""
+        if not self.output_active[i]:
+            return model_output
+        return _channelwise(self.scale[i], model_output) * (model_output - _channelwise(self.shift[i], model_output))
+
+    @classmethod
+    def from_variance(
+        cls,
+        grid: StepGrid,
+        variance: np.ndarray,
+        form: str,
+        strength: float,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> "Corrector":
+        return cls(grid, correction_coefficients(variance, grid.b_next, form, strength), device, dtype)
+
+    def __call__(self, i: int, x: torch.Tensor, model_output: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
+        """Corrected ``x_next`` for step ``i`` (``x``: state before the step, same shapes)."""
+        if not self.active[i]:
+            return x_next
+        x0_hat = self.grid.x0_from_output(i, x, model_output)
+        return apply_correction(x_next, x0_hat, float(self.grid.a_next[i]), self.coefficients[i])
+
+
+def _channelwise(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a 0-d or ``(channels,)`` tensor over ``(batch, channels, ...)``."""
+    return value.reshape((1, -1) + (1,) * (like.ndim - 2)) if value.ndim else value

@@ -1,0 +1,91 @@
+"""Sampling loops: plain diffusers sampling, optionally Q-Drift-corrected, in the k-diffusion style.
+
+The loop is exactly the one a diffusers pipeline runs,
+
+    x = randn(batch, *sample_shape) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        out = model(scheduler.scale_model_input(x, t), t, **cond)
+        x = scheduler.step(out, t, x).prev_sample
+
+with one optional hook after each step: a :class:`Corrector` that moves ``x`` by the Q-Drift
+correction, using only the step's own model output (no extra model call).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.pair import pair_conditions, pair_device, pair_dtype
+from qdrift_stats.schedulers.base import StepGrid, make_scheduler, step_kwargs
+
+ModelFn = Callable[..., torch.Tensor]
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+def scale_model_input(scheduler, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``scheduler.scale_model_input(x, t)``, or ``x`` for schedulers without it (flow matching)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return scale(x, t) if scale is not None else x
+
+
+def initial_noise(pair: Any, scheduler, batch_size: int, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The starting state and the conditions of one run.
+
+    One ``torch.Generator`` (CPU, seeded with ``seed``) draws the noise ``(batch, *sample_shape)``
+    first, then the pair's conditions, so a seed fixes both. The noise is drawn in float32 on the
+    CPU (as diffusers' ``randn_tensor`` does for a CPU generator), then moved to the pair's device
+    and dtype and scaled by ``init_noise_sigma``.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn((batch_size, *pair.sample_shape), generator=generator, dtype=torch.float32)
+    cond = pair_conditions(pair, batch_size, generator)
+    x = noise.to(device=pair_device(pair), dtype=pair_dtype(pair))
+    init_sigma = getattr(scheduler, "init_noise_sigma", None)  # flow-matching schedulers have none
+    if init_sigma is not None:
+        x = x * init_sigma
+    return x, cond
+
+
+def run_sampler(
+    model: ModelFn,
+    scheduler,
+    x: torch.Tensor,
+    cond: dict[str, Any] | None = None,
+    corrector: Any = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run a configured scheduler from state ``x``; return the final state.
+
+    Args:
+        model: ``model(model_input, timestep, **cond) -> output`` (a pair's ``fp`` or ``q``).
+        scheduler: a diffusers scheduler after ``set_timesteps``.
+        x: ``(batch, *sample_shape)`` initial state (already scaled by ``init_noise_sigma``).
+        corrector: optional Q-Drift correction applied after each step.
+        callback: optional, called after each step with ``{"i", "t", "x", "x_next", "output"}``.
+    """
+    cond = cond or {}
+    kwargs = step_kwargs(scheduler)
+    for i, t in enumerate(scheduler.timesteps):
+        model_input = scale_model_input(scheduler, x, t)
+        output = model(model_input, t, **cond)
+        if corrector is not None:
+            output = corrector.correct_output(i, output)
+        x_next = scheduler.step(output, t, x, **kwargs, return_dict=False)[0]
+        if corrector is not None:
+            x_next = corrector(i, x, output, x_next)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x_next": x_next, "output": output})
+        x = x_next
+    return x
+
+
+def prepared_scheduler(pair: Any, scheduler_name: str, steps: int):
+    """A fresh scheduler of the given name for the pair, with ``set_timesteps(steps)`` done."""
+    if not isinstance(steps, int) or steps < 1:
+        raise QDriftError(f"--steps must be a positive integer, got {steps!r}")
+    scheduler = make_scheduler(scheduler_name, pair.scheduler_config)
+    scheduler.set_timesteps(steps, device=pair_device(pair))
+    return scheduler
