@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import click
 
@@ -62,13 +62,23 @@ def cli() -> None:
 @click.option("--batch", required=True, type=int, help="Samples per run.")
 @click.option("--seed", required=True, type=int, help="Seed of the first run.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Calibration store (zarr v3 folder).")
-@click.option("--trajectories", is_flag=True, help="Also store free-running FP and Q trajectories (for accumulation plots).")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]), help="Storage dtype.")
+@click.option(
+    "--trajectories", is_flag=True, help="Also store free-running FP and Q trajectories (for accumulation plots)."
+)
+@click.option(
+    "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]), help="Storage dtype."
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store recorded with other settings.")
-@click.option("--workers", type=int, help="Record on a local dask cluster of N worker processes (same store as without).")
-@click.option("--scheduler-address", help="Record on a running dask cluster, e.g. tcp://host:8786 (same store as without).")
+@click.option(
+    "--workers", type=int, help="Record on a local dask cluster of N worker processes (same store as without)."
+)
+@click.option(
+    "--scheduler-address", help="Record on a running dask cluster, e.g. tcp://host:8786 (same store as without)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (store, runs, seeds).")
-def record(pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, overwrite, workers, scheduler_address, as_json):
+def record(
+    pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, overwrite, workers, scheduler_address, as_json
+):
     """Record paired FP/Q calibration runs into a zarr store.
 
     An existing store with the same settings is extended: only missing seeds are recorded, so an
@@ -79,8 +89,18 @@ def record(pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, 
         from qdrift_stats.record.distributed import record_distributed
 
         path = record_distributed(
-            pair, out, scheduler_name=scheduler, steps=steps, runs=runs, batch_size=batch, seed=seed, trajectories=trajectories,
-            dtype=dtype, overwrite=overwrite, scheduler_address=scheduler_address, n_workers=workers if workers is not None else 2,
+            pair,
+            out,
+            scheduler_name=scheduler,
+            steps=steps,
+            runs=runs,
+            batch_size=batch,
+            seed=seed,
+            trajectories=trajectories,
+            dtype=dtype,
+            overwrite=overwrite,
+            scheduler_address=scheduler_address,
+            n_workers=workers if workers is not None else 2,
         )
         _report_recording(path, runs, batch, steps, scheduler, as_json)
         return
@@ -115,20 +135,45 @@ def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: 
 
     ds = open_store(path)
     seeds = [int(s) for s in ds["seed"].values]
-    click.echo(json.dumps({"store": str(path), "runs_complete": len(seeds), "seeds": seeds, "steps": steps, "scheduler": scheduler, "batch": batch}))
+    click.echo(
+        json.dumps(
+            {
+                "store": str(path),
+                "runs_complete": len(seeds),
+                "seeds": seeds,
+                "steps": steps,
+                "scheduler": scheduler,
+                "batch": batch,
+            }
+        )
+    )
 
 
 @cli.command(epilog=EPILOG_FIT)
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Estimator file (.safetensors).")
-@click.option("--estimator", "estimator_name", default="first-order", show_default=True,
-              help="Estimator name: first-order (default; equals the lock-step 'empirical' statistic for one-step solvers), empirical, per-channel, ...")
-@click.option("--correction", default="shrink", show_default=True, type=click.Choice(["drift", "shrink"]),
-              help="Correction form: shrink (exact for a Gaussian convolution, never diverges) or drift (first order, clipped at 1).")
-@click.option("--strength", default=1.0, show_default=True, type=float, help="Strength lambda multiplying the statistic.")
+@click.option(
+    "--estimator",
+    "estimator_name",
+    default="first-order",
+    show_default=True,
+    help="Estimator name: first-order (default; equals the lock-step 'empirical' statistic for one-step solvers), empirical, per-channel, ...",
+)
+@click.option(
+    "--correction",
+    default="shrink",
+    show_default=True,
+    type=click.Choice(["drift", "shrink"]),
+    help="Correction form: shrink (exact for a Gaussian convolution, never diverges) or drift (first order, clipped at 1).",
+)
+@click.option(
+    "--strength", default=1.0, show_default=True, type=float, help="Strength lambda multiplying the statistic."
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing estimator file.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the summary table.")
-@click.option("--json", "as_json", is_flag=True, help="Print the estimate (per step, with its CI) as JSON instead of the table.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the estimate (per step, with its CI) as JSON instead of the table."
+)
 def fit(store, out, estimator_name, correction, strength, overwrite, quiet, as_json):
     """Fit the variance statistic from a calibration store and export it."""
     from qdrift_stats.estimators import get_estimator
@@ -143,12 +188,25 @@ def fit(store, out, estimator_name, correction, strength, overwrite, quiet, as_j
         def listed(a):
             return np.where(np.isfinite(a), a, None).tolist()
 
-        click.echo(json.dumps({
-            "estimator_file": str(out), "estimator": fitted.name, "params": fitted.params, "correction": correction,
-            "strength": strength, "scheduler": fitted.scheduler_name, "steps": fitted.num_steps, "num_runs": fitted.num_runs,
-            "timesteps": listed(fitted.timesteps), "variance": listed(fitted.variance), "ci_low": listed(fitted.ci_low),
-            "ci_high": listed(fitted.ci_high), "confidence": fitted.confidence,
-        }))
+        click.echo(
+            json.dumps(
+                {
+                    "estimator_file": str(out),
+                    "estimator": fitted.name,
+                    "params": fitted.params,
+                    "correction": correction,
+                    "strength": strength,
+                    "scheduler": fitted.scheduler_name,
+                    "steps": fitted.num_steps,
+                    "num_runs": fitted.num_runs,
+                    "timesteps": listed(fitted.timesteps),
+                    "variance": listed(fitted.variance),
+                    "ci_low": listed(fitted.ci_low),
+                    "ci_high": listed(fitted.ci_high),
+                    "confidence": fitted.confidence,
+                }
+            )
+        )
         return
     if not quiet:
         click.echo(fitted.summary())
@@ -163,27 +221,52 @@ def fit(store, out, estimator_name, correction, strength, overwrite, quiet, as_j
 @click.option("--batch", required=True, type=int)
 @click.option("--seed", required=True, type=int, help="Seed of the first batch (batch k uses SEED+k).")
 @click.option("--model", required=True, type=click.Choice(["fp", "q"]))
-@click.option("--estimator", "estimator_path", type=click.Path(path_type=Path), help="Estimator file: turns on the correction.")
+@click.option(
+    "--estimator", "estimator_path", type=click.Path(path_type=Path), help="Estimator file: turns on the correction."
+)
 @click.option("--correction", type=click.Choice(["drift", "shrink"]), help="Override the file's correction form.")
 @click.option("--strength", type=float, help="Override the file's strength.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .npy, float32 (M, *sample_shape).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (output file, shape, notes).")
-def sample(pair, scheduler, steps, num_samples, batch, seed, model, estimator_path, correction, strength, out, overwrite, as_json):
+def sample(
+    pair,
+    scheduler,
+    steps,
+    num_samples,
+    batch,
+    seed,
+    model,
+    estimator_path,
+    correction,
+    strength,
+    out,
+    overwrite,
+    as_json,
+):
     """Draw final clean samples with the FP or Q model, optionally corrected."""
     import numpy as np
 
     from qdrift_stats.correct.estimator_file import EstimatorFile
-    from qdrift_stats.pair import load_pair
     from qdrift_stats.correct.sample import sample as run_sample
+    from qdrift_stats.pair import load_pair
 
     if out.exists() and not overwrite:
         raise QDriftError(f"{out} exists; pass --overwrite to replace it")
     estimator = EstimatorFile.load(estimator_path) if estimator_path else None
     model_pair = load_pair(pair)
     samples = run_sample(
-        model_pair, scheduler, steps, num_samples, batch, seed, model=model, estimator=estimator,
-        correction=correction, strength=strength, progress=_progress("sample"),
+        model_pair,
+        scheduler,
+        steps,
+        num_samples,
+        batch,
+        seed,
+        model=model,
+        estimator=estimator,
+        correction=correction,
+        strength=strength,
+        progress=_progress("sample"),
     )
     with open(out, "wb") as handle:  # np.save(path) would append ".npy" to another suffix
         np.save(handle, samples)
@@ -191,7 +274,17 @@ def sample(pair, scheduler, steps, num_samples, batch, seed, model, estimator_pa
     if as_json:
         import json
 
-        click.echo(json.dumps({"out": str(out), "shape": list(samples.shape), "model": model, "corrected": estimator is not None, "notes": notes}))
+        click.echo(
+            json.dumps(
+                {
+                    "out": str(out),
+                    "shape": list(samples.shape),
+                    "model": model,
+                    "corrected": estimator is not None,
+                    "notes": notes,
+                }
+            )
+        )
         return
     for note in notes:
         click.echo(f"note: {note}", err=True)
@@ -200,7 +293,9 @@ def sample(pair, scheduler, steps, num_samples, batch, seed, model, estimator_pa
 
 @cli.command(epilog=EPILOG_DEMO)
 @click.option("--out", type=click.Path(path_type=Path), help="Keep the store and estimator files in this folder.")
-@click.option("--samples", "num_samples", default=4000, show_default=True, type=int, help="Samples per sampler and model.")
+@click.option(
+    "--samples", "num_samples", default=4000, show_default=True, type=int, help="Samples per sampler and model."
+)
 def demo(out, num_samples):
     """The whole chain on the embedded default (the mixture testbed): record, fit, correct, measure."""
     from qdrift_stats.demo import run_demo
@@ -221,11 +316,19 @@ Example:
 @click.argument("kind", metavar="KIND", type=click.Choice(["accumulation", "variance", "runs-needed", "diagnostics"]))
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Figure file (.png, .pdf or .svg).")
-@click.option("--estimator", "estimator_path", type=click.Path(path_type=Path),
-              help="Estimator file: the correction (accumulation, required) or one more estimate to compare (variance).")
+@click.option(
+    "--estimator",
+    "estimator_path",
+    type=click.Path(path_type=Path),
+    help="Estimator file: the correction (accumulation, required) or one more estimate to compare (variance).",
+)
 @click.option("--pair", help="Model pair MODULE:FACTORY (accumulation; default: the store's recorded pair).")
-@click.option("--fit", "fit_names", multiple=True,
-              help="variance of a store: estimator to fit (repeatable; 'all': every registered one; default: empirical, first-order, decomposed, smooth-glm, robust).")
+@click.option(
+    "--fit",
+    "fit_names",
+    multiple=True,
+    help="variance of a store: estimator to fit (repeatable; 'all': every registered one; default: empirical, first-order, decomposed, smooth-glm, robust).",
+)
 @click.option("--x", "x_axis", type=click.Choice(["b", "step"]), help="x axis: noise level b (log) or step.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing figure file.")
 def plot(kind, source, out, estimator_path, pair, fit_names, x_axis, overwrite):
@@ -253,7 +356,11 @@ Example:
 @cli.command(epilog=EPILOG_DIAGNOSE)
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict, summaries and per-step values as JSON.")
-@click.option("--out", type=click.Path(path_type=Path), help="Also save the per-step diagnostics Dataset (zarr), e.g. for 'qdrift plot diagnostics'.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Also save the per-step diagnostics Dataset (zarr), e.g. for 'qdrift plot diagnostics'.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 def diagnose(store, as_json, out, overwrite):
     """Check Q-Drift's noise assumption on a calibration store; say which estimator and correction to use.
@@ -290,19 +397,49 @@ Example:
 
 @cli.command(epilog=EPILOG_CV)
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Results (zarr); an interrupted run with the same settings resumes.")
-@click.option("--estimator", "estimator_name", default="first-order", show_default=True, help="Estimator name (as for 'qdrift fit').")
-@click.option("--splits", "n_splits", default=50, show_default=True, type=int, help="Most random subsets of runs per calibration count.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Results (zarr); an interrupted run with the same settings resumes.",
+)
+@click.option(
+    "--estimator",
+    "estimator_name",
+    default="first-order",
+    show_default=True,
+    help="Estimator name (as for 'qdrift fit').",
+)
+@click.option(
+    "--splits",
+    "n_splits",
+    default=50,
+    show_default=True,
+    type=int,
+    help="Most random subsets of runs per calibration count.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the splits.")
 @click.option("--tolerance", default=0.1, show_default=True, type=float, help="Relative error for 'runs needed'.")
 @click.option("--confidence", default=0.95, show_default=True, type=float, help="Probability for 'runs needed'.")
-@click.option("--strength/--no-strength", default=None,
-              help="Choose the correction form and strength by CV (re-samples the pair). Default: when the store's pair can be loaded.")
+@click.option(
+    "--strength/--no-strength",
+    default=None,
+    help="Choose the correction form and strength by CV (re-samples the pair). Default: when the store's pair can be loaded.",
+)
 @click.option("--pair", help="Model pair MODULE:FACTORY for the strength search (default: the store's recorded pair).")
-@click.option("--samples", "num_samples", default=1024, show_default=True, type=int, help="Samples per sampler and fold in the strength search.")
+@click.option(
+    "--samples",
+    "num_samples",
+    default=1024,
+    show_default=True,
+    type=int,
+    help="Samples per sampler and fold in the strength search.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the headline numbers as JSON.")
 @click.option("--overwrite", is_flag=True, help="Start over, replacing an existing --out.")
-def cv(store, out, estimator_name, n_splits, seed, tolerance, confidence, strength, pair, num_samples, as_json, overwrite):
+def cv(
+    store, out, estimator_name, n_splits, seed, tolerance, confidence, strength, pair, num_samples, as_json, overwrite
+):
     """Cross-validate over calibration runs: error against the number of runs, runs needed, correction strength.
 
     Runs are the groups. For N = 1..M-1 runs, repeated random subsets are fitted and scored
@@ -318,10 +455,22 @@ def cv(store, out, estimator_name, n_splits, seed, tolerance, confidence, streng
 
         model_pair = load_pair(pair)
     result = cross_validate(
-        store, out, estimator=estimator_name, n_splits=n_splits, seed=seed, strength=strength, pair=model_pair,
-        num_samples=num_samples, overwrite=overwrite, progress=_progress("cv"),
+        store,
+        out,
+        estimator=estimator_name,
+        n_splits=n_splits,
+        seed=seed,
+        strength=strength,
+        pair=model_pair,
+        num_samples=num_samples,
+        overwrite=overwrite,
+        progress=_progress("cv"),
     )
-    click.echo(json.dumps(result.to_json(tolerance, confidence), indent=1) if as_json else result.summary(tolerance, confidence))
+    click.echo(
+        json.dumps(result.to_json(tolerance, confidence), indent=1)
+        if as_json
+        else result.summary(tolerance, confidence)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,7 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an internal error: one line, the traceback on request
         if os.environ.get("QDRIFT_DEBUG"):
             raise
-        click.echo(f"qdrift: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} (QDRIFT_DEBUG=1 shows the traceback)", err=True)
+        click.echo(
+            f"qdrift: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} (QDRIFT_DEBUG=1 shows the traceback)",
+            err=True,
+        )
         code = 1
     return code
 

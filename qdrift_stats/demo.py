@@ -8,8 +8,8 @@ and Q corrected by both forms, from the same seeds; print the exact metrics.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from qdrift_stats import testbed
 from qdrift_stats.testbed.evaluate import evaluate_correction
@@ -27,7 +27,12 @@ def _fmt(value: float, spec: str = ".4f") -> str:
     return "  n/a " if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def run_demo(out: str | Path | None = None, num_samples: int = 4000, steps: int = 50, progress: Callable[[Iterable], Iterator] | None = None) -> str:
+def run_demo(
+    out: str | Path | None = None,
+    num_samples: int = 4000,
+    steps: int = 50,
+    progress: Callable[[Iterable], Iterator] | None = None,
+) -> str:
     """Run the demo; return the results table as text."""
     import torch
 
@@ -51,7 +56,14 @@ def _run_demo(out, num_samples, steps, progress) -> str:
     for pair_name, scheduler in progress(cases) if progress else cases:
         pair = getattr(testbed, pair_name)()
         workdir = Path(out) / scheduler if out else None
-        r = evaluate_correction(pair, scheduler, steps, pair_name=f"qdrift_stats.testbed:{pair_name}", num_samples=num_samples, workdir=workdir)
+        r = evaluate_correction(
+            pair,
+            scheduler,
+            steps,
+            pair_name=f"qdrift_stats.testbed:{pair_name}",
+            num_samples=num_samples,
+            workdir=workdir,
+        )
         m = r.metrics
         lines.append(
             f"{scheduler:<14} {_fmt(m['fp']['within_var'])} {_fmt(m['q']['within_var'])} {_fmt(m['drift']['within_var'])} {_fmt(m['shrink']['within_var'])} "

@@ -13,13 +13,14 @@ correction, using only the step's own model output (no extra model call).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.pair import pair_conditions, pair_device, pair_dtype
-from qdrift_stats.schedulers.base import StepGrid, make_scheduler, step_kwargs
+from qdrift_stats.schedulers.base import make_scheduler, step_kwargs
 
 ModelFn = Callable[..., torch.Tensor]
 StepCallback = Callable[[dict[str, Any]], None]

@@ -19,7 +19,8 @@ Pairs are named ``MODULE:FACTORY`` on the command line; ``FACTORY()`` returns th
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 

@@ -68,7 +68,9 @@ def step_variances(steps: int) -> np.ndarray:
     return np.logspace(-2, -5, steps)
 
 
-def write_store(path: Path, runs: int, steps: int, batch: int, shape: tuple[int, ...], seed: int = 0) -> dict[str, np.ndarray]:
+def write_store(
+    path: Path, runs: int, steps: int, batch: int, shape: tuple[int, ...], seed: int = 0
+) -> dict[str, np.ndarray]:
     """Write the synthetic store run by run; return the exact reference statistics.
 
     Returns:
@@ -76,10 +78,10 @@ def write_store(path: Path, runs: int, steps: int, batch: int, shape: tuple[int,
         ``(runs, steps, 1 + channels)``: ``[..., 0]`` the mean square over samples and all sample
         dims, ``[..., 1:]`` the same per channel.
     """
-    from qdrift_stats.record.lockstep import RecordingPlan, _store_attrs
     from qdrift_stats.loop import prepared_scheduler
-    from qdrift_stats.schedulers.base import output_gains, step_grid
+    from qdrift_stats.record.lockstep import RecordingPlan, _store_attrs
     from qdrift_stats.record.store import append_run, run_dataset
+    from qdrift_stats.schedulers.base import output_gains, step_grid
     from qdrift_stats.testbed import VP_SCHEDULER_CONFIG
 
     class _ShapeOnly:
@@ -91,10 +93,19 @@ def write_store(path: Path, runs: int, steps: int, batch: int, shape: tuple[int,
     pair = _ShapeOnly()
     scheduler = prepared_scheduler(pair, "euler", steps)
     grid = step_grid(scheduler)
-    plan = RecordingPlan("synthetic:bench_fit_memory", "euler", steps, tuple(range(seed, seed + runs)), batch, False, "float16")
+    plan = RecordingPlan(
+        "synthetic:bench_fit_memory", "euler", steps, tuple(range(seed, seed + runs)), batch, False, "float16"
+    )
     attrs = _store_attrs(pair, plan, scheduler)
     gain = output_gains("euler", pair.scheduler_config, steps)
-    coords = {"timestep": grid.timesteps, "a": grid.a, "b": grid.b, "a_next": grid.a_next, "b_next": grid.b_next, "gain": gain}
+    coords = {
+        "timestep": grid.timesteps,
+        "a": grid.a,
+        "b": grid.b,
+        "a_next": grid.a_next,
+        "b_next": grid.b_next,
+        "gain": gain,
+    }
     std = np.sqrt(step_variances(steps)).astype(np.float32).reshape((steps, 1) + (1,) * len(shape))
     channels = shape[0]
     refs = {name: np.zeros((runs, steps, 1 + channels)) for name in ("delta_x", "delta_out")}
@@ -137,7 +148,11 @@ def fit_child(store: str, name: str) -> None:
     start = time.perf_counter()
     fitted = get_estimator(name).fit(open_store(store))
     seconds = time.perf_counter() - start
-    print(json.dumps({"baseline_mb": baseline, "peak_mb": _hwm_mb(), "seconds": seconds, "per_run": fitted.per_run.tolist()}))
+    print(
+        json.dumps(
+            {"baseline_mb": baseline, "peak_mb": _hwm_mb(), "seconds": seconds, "per_run": fitted.per_run.tolist()}
+        )
+    )
 
 
 def measure(store: Path, name: str) -> dict:
@@ -156,7 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--shape", type=int, nargs="+", default=[4, 128, 128])
-    parser.add_argument("--estimators", nargs="+", default=["empirical", "per-channel", "first-order"], help="Registered estimator names to fit.")
+    parser.add_argument(
+        "--estimators",
+        nargs="+",
+        default=["empirical", "per-channel", "first-order"],
+        help="Registered estimator names to fit.",
+    )
     parser.add_argument("--store", type=Path, default=Path("/tmp/qdrift_bench_fit.zarr"))
     parser.add_argument("--keep", action="store_true", help="Keep the store afterwards.")
     parser.add_argument("--fit-child", metavar="STORE", help=argparse.SUPPRESS)
@@ -174,9 +194,11 @@ def main(argv: list[str] | None = None) -> None:
         write_s = time.perf_counter() - start
         per_var = args.runs * args.steps * args.batch * int(np.prod(shape)) * 2
         disk = dir_size(args.store)
-        print(f"store {args.store}: {args.runs} runs x {args.steps} steps x {args.batch} x {'x'.join(map(str, shape))} float16; "
-              f"{len(VARIABLES) * per_var / 1e9:.2f} GB uncompressed ({per_var / 1e9:.2f} GB per variable), "
-              f"{disk / 1e9:.2f} GB on disk; written in {write_s:.0f} s")
+        print(
+            f"store {args.store}: {args.runs} runs x {args.steps} steps x {args.batch} x {'x'.join(map(str, shape))} float16; "
+            f"{len(VARIABLES) * per_var / 1e9:.2f} GB uncompressed ({per_var / 1e9:.2f} GB per variable), "
+            f"{disk / 1e9:.2f} GB on disk; written in {write_s:.0f} s"
+        )
         rows = []
         for name in args.estimators:
             result = measure(args.store, name)
@@ -191,10 +213,14 @@ def main(argv: list[str] | None = None) -> None:
         print("| estimator | peak RSS (MB) | RSS after imports (MB) | fit time (s) | max rel. error vs reference |")
         print("|---|---|---|---|---|")
         for name, result, rel in rows:
-            print(f"| {name} | {result['peak_mb']:.0f} | {result['baseline_mb']:.0f} | {result['seconds']:.1f} | {rel:.1e} |")
-        print(f"\nwriter (this process) ru_maxrss {_maxrss_mb():.0f} MB; largest child ru_maxrss (RUSAGE_CHILDREN, "
-              f"an upper bound, inherited from the writer at fork) {_maxrss_mb(resource.RUSAGE_CHILDREN):.0f} MB; "
-              f"a float64 copy of one variable would be {per_var * 4 / 1e9:.2f} GB")
+            print(
+                f"| {name} | {result['peak_mb']:.0f} | {result['baseline_mb']:.0f} | {result['seconds']:.1f} | {rel:.1e} |"
+            )
+        print(
+            f"\nwriter (this process) ru_maxrss {_maxrss_mb():.0f} MB; largest child ru_maxrss (RUSAGE_CHILDREN, "
+            f"an upper bound, inherited from the writer at fork) {_maxrss_mb(resource.RUSAGE_CHILDREN):.0f} MB; "
+            f"a float64 copy of one variable would be {per_var * 4 / 1e9:.2f} GB"
+        )
     finally:
         if not args.keep and args.store.exists():
             shutil.rmtree(args.store)

@@ -31,8 +31,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -41,8 +42,8 @@ from diffusers.utils.torch_utils import randn_tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, command_line, write_section  # noqa: E402
 
-from qdrift_stats.correct.estimator_file import EstimatorFile  # noqa: E402
 from qdrift_stats.correct.diffusers import QDriftScheduler  # noqa: E402
+from qdrift_stats.correct.estimator_file import EstimatorFile  # noqa: E402
 from qdrift_stats.schedulers.base import make_scheduler  # noqa: E402
 from qdrift_stats.zoo import NULL_CLASS, NUM_CLASSES, build_model, load_digits_unet, load_scheduler_config  # noqa: E402
 from qdrift_stats.zoo.models import model_folder  # noqa: E402
@@ -64,12 +65,20 @@ class DigitsUNetPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler)
 
     @torch.no_grad()
-    def __call__(self, class_labels: list[int], guidance_scale: float = 2.0, num_inference_steps: int = 50,
-                 generator: torch.Generator | None = None, null_class: int = NULL_CLASS,
-                 output_type: str = "pt") -> ImagePipelineOutput:
+    def __call__(
+        self,
+        class_labels: list[int],
+        guidance_scale: float = 2.0,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | None = None,
+        null_class: int = NULL_CLASS,
+        output_type: str = "pt",
+    ) -> ImagePipelineOutput:
         device = self._execution_device
         size, channels = self.unet.config.sample_size, self.unet.config.in_channels
-        latents = randn_tensor((len(class_labels), channels, size, size), generator=generator, device=device, dtype=self.unet.dtype)
+        latents = randn_tensor(
+            (len(class_labels), channels, size, size), generator=generator, device=device, dtype=self.unet.dtype
+        )
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         labels = torch.tensor(class_labels, device=device)
@@ -115,7 +124,10 @@ def digits_unet(device: torch.device) -> tuple[Any, str]:
         model, source = load_digits_unet(), "shipped digits U-Net (data/digits_unet)"
     else:
         torch.manual_seed(0)
-        model, source = build_model("unet").eval().requires_grad_(False), "UNet2DModel of the digits config, random weights (data/digits_unet absent)"
+        model, source = (
+            build_model("unet").eval().requires_grad_(False),
+            "UNet2DModel of the digits config, random weights (data/digits_unet absent)",
+        )
     return model.to(device), source
 
 
@@ -127,9 +139,13 @@ def synthetic_estimator(scheduler: Any, steps: int) -> EstimatorFile:
     return est
 
 
-def bench_pipeline(pipe: DigitsUNetPipeline, scheduler_name: str, batch: int, steps: int, repeats: int, device: torch.device) -> dict[str, float]:
+def bench_pipeline(
+    pipe: DigitsUNetPipeline, scheduler_name: str, batch: int, steps: int, repeats: int, device: torch.device
+) -> dict[str, float]:
     plain = make_scheduler(scheduler_name, load_scheduler_config("unet"))
-    wrapped = QDriftScheduler(make_scheduler(scheduler_name, load_scheduler_config("unet")), synthetic_estimator(plain, steps))
+    wrapped = QDriftScheduler(
+        make_scheduler(scheduler_name, load_scheduler_config("unet")), synthetic_estimator(plain, steps)
+    )
     labels = [k % NUM_CLASSES for k in range(batch)]
 
     def call() -> Any:
@@ -149,20 +165,26 @@ def bench_pipeline(pipe: DigitsUNetPipeline, scheduler_name: str, batch: int, st
         plain_t = [t[index] for t in times["plain"]]
         wrapped_t = [t[index] for t in times["wrapped"]]
         plain_median, wrapped_median = statistics.median(plain_t), statistics.median(wrapped_t)
-        result.update({
-            f"{clock}_plain_s": plain_median,
-            f"{clock}_wrapped_s": wrapped_median,
-            f"{clock}_overhead": wrapped_median / plain_median - 1.0,
-            f"{clock}_paired_overhead": statistics.median(w / p for w, p in zip(wrapped_t, plain_t)) - 1.0,
-            f"{clock}_spread": (max(plain_t) - min(plain_t)) / plain_median,
-        })
+        result.update(
+            {
+                f"{clock}_plain_s": plain_median,
+                f"{clock}_wrapped_s": wrapped_median,
+                f"{clock}_overhead": wrapped_median / plain_median - 1.0,
+                f"{clock}_paired_overhead": statistics.median(w / p for w, p in zip(wrapped_t, plain_t)) - 1.0,
+                f"{clock}_spread": (max(plain_t) - min(plain_t)) / plain_median,
+            }
+        )
     return result
 
 
-def bench_steps(scheduler_name: str, batch: int, steps: int, step_repeats: int, device: torch.device) -> dict[str, float]:
+def bench_steps(
+    scheduler_name: str, batch: int, steps: int, step_repeats: int, device: torch.device
+) -> dict[str, float]:
     """Median seconds of one step: plain, wrapped, and the correction alone, on ``(batch, 1, 8, 8)``."""
     plain = make_scheduler(scheduler_name, load_scheduler_config("unet"))
-    wrapped = QDriftScheduler(make_scheduler(scheduler_name, load_scheduler_config("unet")), synthetic_estimator(plain, steps))
+    wrapped = QDriftScheduler(
+        make_scheduler(scheduler_name, load_scheduler_config("unet")), synthetic_estimator(plain, steps)
+    )
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((batch, 1, 8, 8), generator=generator).to(device)
     out = torch.randn((batch, 1, 8, 8), generator=generator).to(device)
@@ -199,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-repeats", type=int, default=20)
     parser.add_argument("--schedulers", nargs="+", default=["ddim", "dpmpp-2m"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-write", action="store_true", help="print the tables, do not write docs/results/pipeline.md")
+    parser.add_argument(
+        "--no-write", action="store_true", help="print the tables, do not write docs/results/pipeline.md"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         unet, sources[device.type] = digits_unet(device)
         pipe = DigitsUNetPipeline(unet, make_scheduler("ddim", load_scheduler_config("unet")))
         pipe.set_progress_bar_config(disable=True)
-        label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        label = (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        )
         for name in args.schedulers:
             for batch in args.batch:
                 r = bench_pipeline(pipe, name, batch, args.steps, args.repeats, device)
@@ -228,34 +254,37 @@ def main(argv: list[str] | None = None) -> None:
                     f"| {label} | {name} | {batch} | {fmt_us(s['plain_step_s'])} | {fmt_us(s['wrapped_step_s'])} | "
                     f"{fmt_us(s['correction_step_s'])} | {100 * predicted:+.3f}% |"
                 )
-                print("\n".join(rows[-len(clocks):]), flush=True)
+                print("\n".join(rows[-len(clocks) :]), flush=True)
                 print(step_rows[-1], flush=True)
 
     gpu_line = (
-        "" if torch.cuda.is_available() else
-        "\n**GPU: no GPU was available** for this run; the script detects CUDA and adds the same rows for it when present.\n"
+        ""
+        if torch.cuda.is_available()
+        else "\n**GPU: no GPU was available** for this run; the script detects CUDA and adds the same rows for it when present.\n"
     )
-    markdown = "\n".join([
-        f"Command: `{command_line()}`  ",
-        f"Machine: {platform.machine()} {platform.processor() or ''} CPU, torch {torch.__version__}, "
-        f"{args.steps} steps, guidance 2.0 (U-Net batch = 2 x batch), model: {sources['cpu']}; "
-        f"machine load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
-        gpu_line,
-        f"Whole pipeline call, {args.repeats} alternating repeats after a warm-up, medians in ms (`wall`: "
-        "wall clock; `cpu`: this process's CPU time, the figure least disturbed by other processes on a shared "
-        "machine):",
-        "",
-        "| device | clock | scheduler | batch | plain (ms) | wrapped (ms) | overhead of medians | median paired overhead | plain spread (max-min)/median |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-        "One scheduler step alone (median over the schedule's steps and repeats, microseconds) and the "
-        "overhead it predicts for a whole call (`steps x (wrapped - plain) / plain call`):",
-        "",
-        "| device | scheduler | batch | plain step (us) | wrapped step (us) | correction alone (us) | predicted overhead |",
-        "|---|---|---|---|---|---|---|",
-        *step_rows,
-    ])
+    markdown = "\n".join(
+        [
+            f"Command: `{command_line()}`  ",
+            f"Machine: {platform.machine()} {platform.processor() or ''} CPU, torch {torch.__version__}, "
+            f"{args.steps} steps, guidance 2.0 (U-Net batch = 2 x batch), model: {sources['cpu']}; "
+            f"machine load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
+            gpu_line,
+            f"Whole pipeline call, {args.repeats} alternating repeats after a warm-up, medians in ms (`wall`: "
+            "wall clock; `cpu`: this process's CPU time, the figure least disturbed by other processes on a shared "
+            "machine):",
+            "",
+            "| device | clock | scheduler | batch | plain (ms) | wrapped (ms) | overhead of medians | median paired overhead | plain spread (max-min)/median |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "One scheduler step alone (median over the schedule's steps and repeats, microseconds) and the "
+            "overhead it predicts for a whole call (`steps x (wrapped - plain) / plain call`):",
+            "",
+            "| device | scheduler | batch | plain step (us) | wrapped step (us) | correction alone (us) | predicted overhead |",
+            "|---|---|---|---|---|---|---|",
+            *step_rows,
+        ]
+    )
     print(markdown)
     if not args.no_write:
         write_section("bench_pipeline", markdown, page=PAGE)

@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _report import ROOT, command_line, write_section
 from scipy import stats
 
 from qdrift_stats import testbed
-from qdrift_stats.estimators.moment import matched_run
 from qdrift_stats.estimators import (
     DecomposedEstimator,
     EmpiricalEstimator,
@@ -51,12 +51,11 @@ from qdrift_stats.estimators import (
     SmoothGLMEstimator,
     SmoothLowessEstimator,
 )
-from qdrift_stats.record.lockstep import record
+from qdrift_stats.estimators.moment import matched_run
 from qdrift_stats.loop import prepared_scheduler
-from qdrift_stats.schedulers.base import step_grid
+from qdrift_stats.record.lockstep import record
 from qdrift_stats.record.store import open_store
-
-from _report import ROOT, command_line, write_section
+from qdrift_stats.schedulers.base import step_grid
 
 warnings.filterwarnings("ignore")
 
@@ -111,8 +110,17 @@ def moment_estimand(pair, scheduler: str, steps: int, batch: int) -> np.ndarray:
     return np.maximum(np.mean(runs, axis=0), 0.0)
 
 
-def run_case(pair_name: str, scheduler: str, kind: str, seeds: int, runs: int, batch: int, steps: int, workdir: Path,
-             v_star: np.ndarray) -> dict[str, dict[str, list]]:
+def run_case(
+    pair_name: str,
+    scheduler: str,
+    kind: str,
+    seeds: int,
+    runs: int,
+    batch: int,
+    steps: int,
+    workdir: Path,
+    v_star: np.ndarray,
+) -> dict[str, dict[str, list]]:
     pair = getattr(testbed, pair_name)()
     rows = list(ESTIMATORS) + [f"{MOMENT} vs v*"]
     out: dict[str, dict[str, list]] = {name: {"cover": [], "rel_bias": [], "rel_width": []} for name in rows}
@@ -120,14 +128,25 @@ def run_case(pair_name: str, scheduler: str, kind: str, seeds: int, runs: int, b
     def add(name, fitted, target):
         lo, hi, v, t = fitted.ci_low[keep], fitted.ci_high[keep], fitted.variance[keep], target[keep]
         out[name]["cover"].append((lo <= t) & (t <= hi))
-        with np.errstate(divide="ignore", invalid="ignore"):  # a zero target (v* at a capped step) has no relative error
+        with np.errstate(
+            divide="ignore", invalid="ignore"
+        ):  # a zero target (v* at a capped step) has no relative error
             out[name]["rel_bias"].append(np.where(t > 0, v / t - 1, np.nan))
             out[name]["rel_width"].append(np.where(t > 0, (hi - lo) / t, np.nan))
 
     for s in range(seeds):
         store = workdir / f"{pair_name}_{s}.zarr"
-        record(pair, store, pair_name=f"qdrift_stats.testbed:{pair_name}", scheduler_name=scheduler, steps=steps, runs=runs,
-               batch_size=batch, seed=10_000 + s * runs, overwrite=True)
+        record(
+            pair,
+            store,
+            pair_name=f"qdrift_stats.testbed:{pair_name}",
+            scheduler_name=scheduler,
+            steps=steps,
+            runs=runs,
+            batch_size=batch,
+            seed=10_000 + s * runs,
+            overwrite=True,
+        )
         ds = open_store(store).load()
         ds.attrs["_kind"] = kind
         truth = true_variance(ds)
@@ -144,12 +163,18 @@ def run_case(pair_name: str, scheduler: str, kind: str, seeds: int, runs: int, b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=200,
-                        help="calibration seeds for the VP sine case (flow sine and VP Gaussian: half; flow Gaussian: a quarter)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=200,
+        help="calibration seeds for the VP sine case (flow sine and VP Gaussian: half; flow Gaussian: a quarter)",
+    )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--reference-batch", type=int, default=131072, help="samples per seed of the moment estimand's reference match")
+    parser.add_argument(
+        "--reference-batch", type=int, default=131072, help="samples per seed of the moment estimand's reference match"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "coverage.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -178,8 +203,12 @@ def main() -> None:
             v_star = moment_estimand(pair, scheduler, args.steps, args.reference_batch)
             res = run_case(pair_name, scheduler, kind, seeds, args.runs, args.batch, args.steps, Path(tmp), v_star)
             family = "gauss" if pair_name.endswith("_gauss") else "noise"
-            md += [f"### `{pair_name}`, `{scheduler}`, {seeds} seeds ({ESTIMAND[family]})", "",
-                   "| estimator | coverage | per-step coverage (min-max) | mean rel. bias | mean CI width / target |", "|---|---|---|---|---|"]
+            md += [
+                f"### `{pair_name}`, `{scheduler}`, {seeds} seeds ({ESTIMAND[family]})",
+                "",
+                "| estimator | coverage | per-step coverage (min-max) | mean rel. bias | mean CI width / target |",
+                "|---|---|---|---|---|",
+            ]
             for name, r in res.items():
                 cover = np.array(r["cover"])  # (seeds, steps)
                 hits, n = int(cover.sum()), cover.size
@@ -187,18 +216,28 @@ def main() -> None:
                 per_step = cover.mean(axis=0)
                 bias = float(np.nanmean(r["rel_bias"]))
                 width = float(np.nanmean(r["rel_width"]))
-                md.append(f"| {name} | {hits / n:.1%} [{lo:.1%}, {hi:.1%}] | {per_step.min():.0%}-{per_step.max():.0%} | {bias:+.1%} | {width:.3f} |")
+                md.append(
+                    f"| {name} | {hits / n:.1%} [{lo:.1%}, {hi:.1%}] | {per_step.min():.0%}-{per_step.max():.0%} | {bias:+.1%} | {width:.3f} |"
+                )
             store_grid = prepared_grid(pair, scheduler, args.steps)
             keep = store_grid["b_next"] > 0
             truth = (store_grid["b_next"] - store_grid["b"]) ** 2 * testbed.NOISE_AMPLITUDE[kind] ** 2 / 2
-            md += ["", "Moment estimand per correctable step, `v*_i / v_i`: "
-                   + ", ".join(f"{x:.2f}" for x in v_star[keep] / truth[keep]) + "; coverage of `v*_i` per step: "
-                   + ", ".join(f"{x:.0%}" for x in np.array(res[f"{MOMENT} vs v*"]["cover"]).mean(axis=0)) + ".", ""]
+            md += [
+                "",
+                "Moment estimand per correctable step, `v*_i / v_i`: "
+                + ", ".join(f"{x:.2f}" for x in v_star[keep] / truth[keep])
+                + "; coverage of `v*_i` per step: "
+                + ", ".join(f"{x:.0%}" for x in np.array(res[f"{MOMENT} vs v*"]["cover"]).mean(axis=0))
+                + ".",
+                "",
+            ]
     elapsed = time.time() - start
-    md += [f"Generated by `{command_line()}` ({elapsed / 60:.1f} min on 2 CPU cores, shared with other jobs).",
-           "(The mean relative bias averages `estimate / target - 1` over steps and seeds, so steps where the target is "
-           "tiny weigh heavily; steps where the target is 0, `v*_i` at a step the match cannot reach, count in the coverage "
-           "only.)"]
+    md += [
+        f"Generated by `{command_line()}` ({elapsed / 60:.1f} min on 2 CPU cores, shared with other jobs).",
+        "(The mean relative bias averages `estimate / target - 1` over steps and seeds, so steps where the target is "
+        "tiny weigh heavily; steps where the target is 0, `v*_i` at a step the match cannot reach, count in the coverage "
+        "only.)",
+    ]
     write_section("coverage", "\n".join(md), page=args.out)
     print("\n".join(md))
 

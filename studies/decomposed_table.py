@@ -25,16 +25,16 @@ import warnings
 from pathlib import Path
 
 import torch
+from _report import ROOT, command_line, pct, write_section
+from mixture_table import bootstrap_closed
 
 from qdrift_stats import testbed
 from qdrift_stats.estimators import DecomposedEstimator, EmpiricalEstimator
 from qdrift_stats.testbed.errors import CorrelatedError, NoiseLikeError, QuantizationError
 from qdrift_stats.testbed.evaluate import evaluate_correction
 
-from _report import ROOT, command_line, pct, write_section
-from mixture_table import bootstrap_closed
-
 warnings.filterwarnings("ignore")
+
 
 class CorrelatedPlusNoise(QuantizationError):
     """``m_q = (1 + k) m_fp + A sin(G z + phi)``: a scale error and a noise-like one together (study-local)."""
@@ -50,14 +50,25 @@ class CorrelatedPlusNoise(QuantizationError):
 
 
 def mixture_vp_correlated_noise():
-    return testbed.MixturePair(testbed.default_mixture(), kind="vp", error=CorrelatedPlusNoise(testbed.DIM, -0.05, testbed.NOISE_AMPLITUDE["vp"]))
+    return testbed.MixturePair(
+        testbed.default_mixture(),
+        kind="vp",
+        error=CorrelatedPlusNoise(testbed.DIM, -0.05, testbed.NOISE_AMPLITUDE["vp"]),
+    )
 
 
 def mixture_flow_correlated_noise():
-    return testbed.MixturePair(testbed.default_mixture(), kind="flow", error=CorrelatedPlusNoise(testbed.DIM, -0.05, testbed.NOISE_AMPLITUDE["flow"]))
+    return testbed.MixturePair(
+        testbed.default_mixture(),
+        kind="flow",
+        error=CorrelatedPlusNoise(testbed.DIM, -0.05, testbed.NOISE_AMPLITUDE["flow"]),
+    )
 
 
-LOCAL_PAIRS = {"mixture_vp_correlated_noise": mixture_vp_correlated_noise, "mixture_flow_correlated_noise": mixture_flow_correlated_noise}
+LOCAL_PAIRS = {
+    "mixture_vp_correlated_noise": mixture_vp_correlated_noise,
+    "mixture_flow_correlated_noise": mixture_flow_correlated_noise,
+}
 
 CASES = [
     ("mixture_vp_correlated", "euler", 50),
@@ -105,8 +116,15 @@ def main() -> None:
     for pair_name, scheduler, steps in cases:
         pair = LOCAL_PAIRS[pair_name]() if pair_name in LOCAL_PAIRS else getattr(testbed, pair_name)()
         for est_name, make in ESTIMATORS.items():
-            r = evaluate_correction(pair, scheduler, steps, pair_name=f"qdrift_stats.testbed:{pair_name}", num_samples=samples,
-                                    estimator=make(), keep_samples=True)
+            r = evaluate_correction(
+                pair,
+                scheduler,
+                steps,
+                pair_name=f"qdrift_stats.testbed:{pair_name}",
+                num_samples=samples,
+                estimator=make(),
+                keep_samples=True,
+            )
             m = r.metrics
             for form in ("drift", "shrink"):
                 lo, hi = bootstrap_closed(r, pair, form, args.reps)

@@ -37,14 +37,20 @@ import warnings
 
 import numpy as np
 import torch
+from _report import ROOT, command_line, write_section
+from replication_table import (
+    FP_OTHER_SEEDS,
+    SAMPLE_SEED,
+    FrechetToReference,
+    draw,
+    features_of,
+    paired_difference,
+    write_csv,
+)
 from scipy import stats
 
 from qdrift_stats.zoo import digits_pair, load_digits_tensors, named_pair
 from qdrift_stats.zoo.named import pair_name
-
-from _report import ROOT, command_line, write_section
-from replication_table import (FP_OTHER_SEEDS, SAMPLE_SEED, FrechetToReference, draw, features_of, paired_difference,
-                               write_csv)
 
 warnings.filterwarnings("ignore")
 
@@ -52,7 +58,9 @@ CSV = ROOT / "docs" / "results" / "degradation_power.csv"
 DEFAULT_CELLS = ("unet:ddim:w8a8", "dit:flow-euler:w8a8")
 
 
-def kid_block_difference(q: torch.Tensor, fp: torch.Tensor, ref: torch.Tensor, blocks: int) -> tuple[float, float, float]:
+def kid_block_difference(
+    q: torch.Tensor, fp: torch.Tensor, ref: torch.Tensor, blocks: int
+) -> tuple[float, float, float]:
     """Mean over disjoint blocks of ``KID(Q_b, R_b) - KID(FP_b, R_b)`` with a t interval (95%).
 
     ``q``, ``fp``, ``ref``: features ``(N, d)``; ``q`` and ``fp`` share their rows' seeds.
@@ -96,9 +104,18 @@ def run(args) -> list[dict]:
         fp, ref, fd_fp = fp_sets[key]
         start = time.time()
         q = draw(named_pair(pair_name(model, recipe)), scheduler, args.steps, args.samples, args.sample_seed)
-        row = {"model": model, "scheduler": scheduler, "recipe": recipe, "steps": args.steps,
-               "num_samples": args.samples, "sample_seed": args.sample_seed, "reference_seed": args.reference_seed, "bootstrap": args.bootstrap, "blocks": args.blocks,
-               "q_seconds": q.seconds}
+        row = {
+            "model": model,
+            "scheduler": scheduler,
+            "recipe": recipe,
+            "steps": args.steps,
+            "num_samples": args.samples,
+            "sample_seed": args.sample_seed,
+            "reference_seed": args.reference_seed,
+            "bootstrap": args.bootstrap,
+            "blocks": args.blocks,
+            "q_seconds": q.seconds,
+        }
         for metric, fd in (("test", fd_test), ("fp", fd_fp)):
             row[f"fd_{metric}_fp"], row[f"fd_{metric}_q"] = fd(fp.features), fd(q.features)
             d, lo, hi = paired_difference(fd, fp.features, q.features, args.bootstrap)
@@ -108,9 +125,12 @@ def run(args) -> list[dict]:
         row["median_rel_change"], row["frac_rel_change_above_0_2"] = per_seed_change(q.images, fp.images)
         row["seconds"] = time.time() - start
         rows.append(row)
-        print(f"{spec}: Q - FP  FD test {row['q_minus_fp_test']:+.4f} [{row['q_minus_fp_test_lo']:+.4f}, "
-              f"{row['q_minus_fp_test_hi']:+.4f}]  FD fp {row['q_minus_fp_fp']:+.4f} [{row['q_minus_fp_fp_lo']:+.4f}, "
-              f"{row['q_minus_fp_fp_hi']:+.4f}]  KID {d:+.2e} [{lo:+.2e}, {hi:+.2e}]  ({row['seconds']:.0f} s)", flush=True)
+        print(
+            f"{spec}: Q - FP  FD test {row['q_minus_fp_test']:+.4f} [{row['q_minus_fp_test_lo']:+.4f}, "
+            f"{row['q_minus_fp_test_hi']:+.4f}]  FD fp {row['q_minus_fp_fp']:+.4f} [{row['q_minus_fp_fp_lo']:+.4f}, "
+            f"{row['q_minus_fp_fp_hi']:+.4f}]  KID {d:+.2e} [{lo:+.2e}, {hi:+.2e}]  ({row['seconds']:.0f} s)",
+            flush=True,
+        )
     return rows
 
 
@@ -121,20 +141,31 @@ def _interval(row: dict, key: str, spec: str) -> str:
 
 
 def render(rows: list[dict], header: str) -> str:
-    lines = [header, "",
-             "| model | scheduler | recipe | samples per set | seeds: FP and Q / reference | FD→test: Q − FP [paired CI] | FD→FP: Q − FP [paired CI] "
-             "| KID→FP: Q − FP [t CI over blocks] | per-seed change: median | seeds changed > 20% |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| model | scheduler | recipe | samples per set | seeds: FP and Q / reference | FD→test: Q − FP [paired CI] | FD→FP: Q − FP [paired CI] "
+        "| KID→FP: Q − FP [t CI over blocks] | per-seed change: median | seeds changed > 20% |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['scheduler']} | {r['recipe']} | {int(float(r['num_samples']))} "
             f"| {r['sample_seed']}+ / {r['reference_seed']}+ "
             f"| {_interval(r, 'q_minus_fp_test', '+.4f')} | {_interval(r, 'q_minus_fp_fp', '+.4f')} "
             f"| {_interval(r, 'kid_q_minus_fp', '+.1e')} | {100 * float(r['median_rel_change']):.1f}% "
-            f"| {100 * float(r['frac_rel_change_above_0_2']):.1f}% |")
-    lines += ["", "Interval half-widths (the smallest effect these samples resolve): " + "; ".join(
-        f"{r['model']}/{r['recipe']} (seeds {r['sample_seed']}+): FD→test ±{(float(r['q_minus_fp_test_hi']) - float(r['q_minus_fp_test_lo'])) / 2:.4f}, "
-        f"FD→FP ±{(float(r['q_minus_fp_fp_hi']) - float(r['q_minus_fp_fp_lo'])) / 2:.4f}" for r in rows) + "."]
+            f"| {100 * float(r['frac_rel_change_above_0_2']):.1f}% |"
+        )
+    lines += [
+        "",
+        "Interval half-widths (the smallest effect these samples resolve): "
+        + "; ".join(
+            f"{r['model']}/{r['recipe']} (seeds {r['sample_seed']}+): FD→test ±{(float(r['q_minus_fp_test_hi']) - float(r['q_minus_fp_test_lo'])) / 2:.4f}, "
+            f"FD→FP ±{(float(r['q_minus_fp_fp_hi']) - float(r['q_minus_fp_fp_lo'])) / 2:.4f}"
+            for r in rows
+        )
+        + ".",
+    ]
     return "\n".join(lines)
 
 
@@ -150,8 +181,10 @@ def read_csv() -> list[dict]:
 
 def merge(old: list[dict], new: list[dict]) -> list[dict]:
     """``old`` rows with the same cell, sample count and seeds as a ``new`` row are replaced by it."""
+
     def key(r):
         return tuple(str(r[k]) for k in KEY)
+
     fresh = {key(r) for r in new}
     return [r for r in old if key(r) not in fresh] + new
 
@@ -173,9 +206,11 @@ def main() -> None:
         start = time.time()
         rows = merge(read_csv(), run(args))
         write_csv(rows, CSV)
-        header = args.header or (f"`{command_line()}` ({(time.time() - start) / 60:.1f} min on 2 cores): "
-                                 f"{args.samples} samples per set, {args.steps} steps, guidance 2.0, "
-                                 f"{args.bootstrap} paired bootstrap resamples, KID over {args.blocks} blocks.")
+        header = args.header or (
+            f"`{command_line()}` ({(time.time() - start) / 60:.1f} min on 2 cores): "
+            f"{args.samples} samples per set, {args.steps} steps, guidance 2.0, "
+            f"{args.bootstrap} paired bootstrap resamples, KID over {args.blocks} blocks."
+        )
     else:
         rows = read_csv()
         header = args.header or "Re-rendered from `docs/results/degradation_power.csv`."

@@ -64,8 +64,12 @@ def main() -> None:
                 lines.append(f"| {' | '.join(first)} | {reader} | " + " | ".join(str(c[r]) for r in RESULTS) + " |")
     totals = Counter(o.result for o in report.outcomes)
     tried = sum(report.tried.values())
-    lines += ["", f"Total: {tried} malformed files, {len(report.outcomes)} reads: "
-              + ", ".join(f"{totals[r]} {r}" for r in RESULTS) + "."]
+    lines += [
+        "",
+        f"Total: {tried} malformed files, {len(report.outcomes)} reads: "
+        + ", ".join(f"{totals[r]} {r}" for r in RESULTS)
+        + ".",
+    ]
     if report.examples:
         lines += ["", "Crashes (first example of each kind and reader):", ""]
         for (kind, reader), details in sorted(report.examples.items()):

@@ -24,12 +24,11 @@ import warnings
 
 import numpy as np
 import torch
+from _report import ROOT, command_line, pct, write_section
 
 from qdrift_stats import testbed
 from qdrift_stats.estimators import EmpiricalEstimator
 from qdrift_stats.testbed.evaluate import DIVERGED, evaluate_correction
-
-from _report import ROOT, command_line, pct, write_section
 
 warnings.filterwarnings("ignore")
 
@@ -81,8 +80,16 @@ def bootstrap_closed(result, pair, form: str, reps: int, seed: int = 0) -> tuple
 def cell(pair_name, scheduler, steps, statistic, args):
     pair = getattr(testbed, pair_name)()
     result = evaluate_correction(
-        pair, scheduler, steps, pair_name=f"qdrift_stats.testbed:{pair_name}", runs=5, batch=64,
-        num_samples=args.samples, estimator=EmpiricalEstimator(statistic=statistic), keep_samples=True, forms=FORMS,
+        pair,
+        scheduler,
+        steps,
+        pair_name=f"qdrift_stats.testbed:{pair_name}",
+        runs=5,
+        batch=64,
+        num_samples=args.samples,
+        estimator=EmpiricalEstimator(statistic=statistic),
+        keep_samples=True,
+        forms=FORMS,
     )
     row = {"pair": pair_name, "scheduler": scheduler, "steps": steps, "statistic": statistic}
     for model in ("fp", "q", *FORMS):
@@ -139,12 +146,18 @@ def main():
     for steps in (10, 25, 50):
         for pair_name, scheduler in CASES:
             rows.append(cell(pair_name, scheduler, steps, "first-order", args))
-            print(f"{scheduler:>14} {steps:>3}: drift {fmt_closed(rows[-1], 'drift')}, shrink {fmt_closed(rows[-1], 'shrink')}, "
-                  f"unclipped {fmt_closed(rows[-1], 'drift-unclipped')}", flush=True)
+            print(
+                f"{scheduler:>14} {steps:>3}: drift {fmt_closed(rows[-1], 'drift')}, shrink {fmt_closed(rows[-1], 'shrink')}, "
+                f"unclipped {fmt_closed(rows[-1], 'drift-unclipped')}",
+                flush=True,
+            )
     extra = []
     for pair_name, scheduler, statistic in EXTRA:
         extra.append(cell(pair_name, scheduler, 50, statistic, args))
-        print(f"extra {pair_name} {scheduler} {statistic}: drift {fmt_closed(extra[-1], 'drift')}, shrink {fmt_closed(extra[-1], 'shrink')}", flush=True)
+        print(
+            f"extra {pair_name} {scheduler} {statistic}: drift {fmt_closed(extra[-1], 'drift')}, shrink {fmt_closed(extra[-1], 'shrink')}",
+            flush=True,
+        )
     elapsed = time.time() - start
     if args.quick:
         return

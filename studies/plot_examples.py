@@ -30,7 +30,12 @@ from qdrift_stats.plots.figures import figure_for, save_figure
 from qdrift_stats.record.lockstep import record
 
 PAIR = "qdrift_stats.testbed:mixture_vp_noise"
-FIGURES = {"accumulation": "accumulation.png", "variance": "variance.png", "runs-needed": "runs_needed.png", "diagnostics": "diagnostics.png"}
+FIGURES = {
+    "accumulation": "accumulation.png",
+    "variance": "variance.png",
+    "runs-needed": "runs_needed.png",
+    "diagnostics": "diagnostics.png",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     store, est = args.work / "calib.zarr", args.work / "est.safetensors"
     if store.exists():
         shutil.rmtree(store)
-    record(testbed.mixture_vp_noise(), store, pair_name=PAIR, scheduler_name="euler", steps=50, runs=5, batch_size=64, seed=0, trajectories=True)
+    record(
+        testbed.mixture_vp_noise(),
+        store,
+        pair_name=PAIR,
+        scheduler_name="euler",
+        steps=50,
+        runs=5,
+        batch_size=64,
+        seed=0,
+        trajectories=True,
+    )
     EmpiricalEstimator().fit(store).export(est, correction="drift", provenance={"store": str(store)}, overwrite=True)
     for kind, name in FIGURES.items():
         options = {"estimator": est} if kind == "accumulation" else {"fits": ("all",)} if kind == "variance" else {}

@@ -28,15 +28,24 @@ def unet(seed: int, n_calib: int, n_eval: int):
 
     torch.manual_seed(seed)
     fp = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
-        num_class_embeds=11, layers_per_block=1, attention_head_dim=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        num_class_embeds=11,
+        layers_per_block=1,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
     ).eval()
     g = torch.Generator().manual_seed(1000 + seed)
 
     def call():
-        return ((torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 1000, (8,), generator=g)),
-                {"class_labels": torch.randint(0, 11, (8,), generator=g)})
+        return (
+            (torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 1000, (8,), generator=g)),
+            {"class_labels": torch.randint(0, 11, (8,), generator=g)},
+        )
 
     return fp, [call() for _ in range(n_calib)], [call() for _ in range(n_eval)]
 
@@ -45,8 +54,11 @@ def mlp(seed: int, n_calib: int, n_eval: int):
     torch.manual_seed(seed)
     fp = nn.Sequential(nn.Linear(16, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 16)).eval()
     g = torch.Generator().manual_seed(1000 + seed)
-    return (fp, [((torch.randn(16, 16, generator=g),), {}) for _ in range(n_calib)],
-            [((torch.randn(16, 16, generator=g),), {}) for _ in range(n_eval)])
+    return (
+        fp,
+        [((torch.randn(16, 16, generator=g),), {}) for _ in range(n_calib)],
+        [((torch.randn(16, 16, generator=g),), {}) for _ in range(n_eval)],
+    )
 
 
 def mlp_outliers(seed: int, n_calib: int, n_eval: int):
@@ -55,8 +67,11 @@ def mlp_outliers(seed: int, n_calib: int, n_eval: int):
     scale = torch.ones(64)
     scale[torch.randperm(64)[:4]] = 30.0
     g = torch.Generator().manual_seed(1000 + seed)
-    return (fp, [((torch.randn(32, 64, generator=g) * scale,), {}) for _ in range(n_calib)],
-            [((torch.randn(32, 64, generator=g) * scale,), {}) for _ in range(n_eval)])
+    return (
+        fp,
+        [((torch.randn(32, 64, generator=g) * scale,), {}) for _ in range(n_calib)],
+        [((torch.randn(32, 64, generator=g) * scale,), {}) for _ in range(n_eval)],
+    )
 
 
 MODELS = {"unet": unet, "mlp": mlp, "mlp-outliers": mlp_outliers}
@@ -93,8 +108,10 @@ def main() -> None:
     def cell(v):
         return f"{sum(v) / len(v):.4f} ({min(v):.4f}-{max(v):.4f})"
 
-    print(f"relative output error, mean (min-max) over {args.seeds} seeds; "
-          f"{args.calib} calibration calls, {args.eval} held-out calls\n")
+    print(
+        f"relative output error, mean (min-max) over {args.seeds} seeds; "
+        f"{args.calib} calibration calls, {args.eval} held-out calls\n"
+    )
     print("| recipe | W/A bits | " + " | ".join(MODELS) + " | quantize time, unet (s) |")
     print("|---|---|" + "---|" * len(MODELS) + "---|")
     for r in recipes:

@@ -50,21 +50,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _report import ROOT, command_line, write_section
 from torch import nn
 
-from qdrift_stats.estimators import EmpiricalEstimator
 from qdrift_stats.correct.estimator_file import EstimatorFile
+from qdrift_stats.correct.sample import sample
+from qdrift_stats.estimators import EmpiricalEstimator
+from qdrift_stats.loop import initial_noise, prepared_scheduler
 from qdrift_stats.metrics import bootstrap_ci, class_consistency_ci, class_hits, frechet_distance
 from qdrift_stats.metrics.images import default_features
 from qdrift_stats.record.lockstep import record
-from qdrift_stats.loop import initial_noise, prepared_scheduler
-from qdrift_stats.correct.sample import sample
 from qdrift_stats.schedulers.base import step_grid
 from qdrift_stats.testbed.metrics import gap_closed
-from qdrift_stats.zoo import ZOO_RECIPES, digits_pair, load_digits_tensors, named_pair, quantized_digits_model, to_pixels
+from qdrift_stats.zoo import (
+    ZOO_RECIPES,
+    digits_pair,
+    load_digits_tensors,
+    named_pair,
+    quantized_digits_model,
+    to_pixels,
+)
 from qdrift_stats.zoo.named import CALIBRATION_CALLS, CALIBRATION_SEED, pair_name
-
-from _report import ROOT, command_line, write_section
 
 warnings.filterwarnings("ignore")
 logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -104,7 +110,7 @@ def features_of(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Classifier features ``(N, 64)`` of ``[-1, 1]`` images (clamped), float64."""
     net = default_features()
     x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
-    return torch.cat([net(x[i:i + 500]) for i in range(0, len(x), 500)]).double()
+    return torch.cat([net(x[i : i + 500]) for i in range(0, len(x), 500)]).double()
 
 
 class FrechetToReference:
@@ -113,8 +119,9 @@ class FrechetToReference:
     def __init__(self, reference_features: torch.Tensor):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        self.metric = FrechetInceptionDistance(feature=_Precomputed(reference_features.shape[1]),
-                                               reset_real_features=False)
+        self.metric = FrechetInceptionDistance(
+            feature=_Precomputed(reference_features.shape[1]), reset_real_features=False
+        )
         self.metric.update(reference_features, real=True)
 
     def __call__(self, features: torch.Tensor) -> float:
@@ -123,7 +130,9 @@ class FrechetToReference:
         return float(self.metric.compute())
 
 
-def paired_difference(fd: FrechetToReference, a: torch.Tensor, b: torch.Tensor, n_boot: int) -> tuple[float, float, float]:
+def paired_difference(
+    fd: FrechetToReference, a: torch.Tensor, b: torch.Tensor, n_boot: int
+) -> tuple[float, float, float]:
     """``fd(b) - fd(a)`` with a paired percentile bootstrap interval (rows resampled jointly)."""
     stacked = torch.stack([a, b], dim=1)
     return bootstrap_ci(lambda s: fd(s[:, 1]) - fd(s[:, 0]), stacked, n_boot=n_boot, seed=1)
@@ -152,8 +161,17 @@ def sample_labels(pair, scheduler: str, steps: int, num_samples: int, seed: int)
 def calibrate(pair, name: str, scheduler: str, steps: int, runs: int, batch: int, workdir: Path) -> EstimatorFile:
     """record -> fit (first-order empirical) -> export -> reload, as ``testbed.evaluate`` does."""
     store = workdir / f"{name}_{scheduler}.zarr"
-    record(pair, store, pair_name=f"qdrift_stats.zoo:{name}", scheduler_name=scheduler, steps=steps, runs=runs,
-           batch_size=batch, seed=CALIBRATION_RUN_SEED, overwrite=True)
+    record(
+        pair,
+        store,
+        pair_name=f"qdrift_stats.zoo:{name}",
+        scheduler_name=scheduler,
+        steps=steps,
+        runs=runs,
+        batch_size=batch,
+        seed=CALIBRATION_RUN_SEED,
+        overwrite=True,
+    )
     fitted = EmpiricalEstimator(statistic="first-order").fit(store)
     path = workdir / f"{name}_{scheduler}.safetensors"
     fitted.export(path, overwrite=True)
@@ -168,10 +186,20 @@ class SampleSet:
     features: torch.Tensor | None = None
 
 
-def draw(pair, scheduler: str, steps: int, num_samples: int, seed: int, model: str = "q",
-         estimator: EstimatorFile | None = None, correction: str | None = None) -> SampleSet:
+def draw(
+    pair,
+    scheduler: str,
+    steps: int,
+    num_samples: int,
+    seed: int,
+    model: str = "q",
+    estimator: EstimatorFile | None = None,
+    correction: str | None = None,
+) -> SampleSet:
     start = time.time()
-    images = sample(pair, scheduler, steps, num_samples, BATCH, seed, model=model, estimator=estimator, correction=correction)
+    images = sample(
+        pair, scheduler, steps, num_samples, BATCH, seed, model=model, estimator=estimator, correction=correction
+    )
     out = SampleSet(images, time.time() - start)
     if not np.isfinite(images).all():
         out.status = DIVERGED
@@ -201,8 +229,9 @@ def fp_setting(model: str, scheduler: str, args, test_features: torch.Tensor, ex
     fp = draw(pair, scheduler, args.steps, args.samples, SAMPLE_SEED, model="fp")
     others = [draw(pair, scheduler, args.steps, args.samples, s, model="fp") for s in FP_OTHER_SEEDS[:extra_fp_sets]]
     labels = sample_labels(pair, scheduler, args.steps, args.samples, SAMPLE_SEED)
-    return Setting(model, scheduler, fp, others, labels, FrechetToReference(test_features),
-                   FrechetToReference(others[0].features))
+    return Setting(
+        model, scheduler, fp, others, labels, FrechetToReference(test_features), FrechetToReference(others[0].features)
+    )
 
 
 def consistency(images: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
@@ -219,8 +248,12 @@ def paired_consistency(q_images: np.ndarray, images: np.ndarray, labels: np.ndar
 
     q, c = class_hits(q_images, labels), class_hits(images, labels)
     table = [[int(np.sum(q & c)), int(np.sum(q & ~c))], [int(np.sum(~q & c)), int(np.sum(~q & ~c))]]
-    return {"consistency_diff": float(c.mean() - q.mean()), "consistency_gained": table[1][0],
-            "consistency_lost": table[0][1], "consistency_mcnemar_p": float(mcnemar(table, exact=True).pvalue)}
+    return {
+        "consistency_diff": float(c.mean() - q.mean()),
+        "consistency_gained": table[1][0],
+        "consistency_lost": table[0][1],
+        "consistency_mcnemar_p": float(mcnemar(table, exact=True).pvalue),
+    }
 
 
 def fp_row(setting: Setting, args) -> dict:
@@ -229,13 +262,27 @@ def fp_row(setting: Setting, args) -> dict:
     cc, cc_lo, cc_hi = consistency(fp.images, setting.labels)
     other_fd_test = [setting.fd_test(s.features) for s in setting.fp_other]
     return {
-        "model": setting.model, "scheduler": setting.scheduler, "steps": args.steps, "recipe": "fp", "form": "fp",
-        "num_samples": args.samples, "fd_test": est, "fd_test_lo": lo, "fd_test_hi": hi,
+        "model": setting.model,
+        "scheduler": setting.scheduler,
+        "steps": args.steps,
+        "recipe": "fp",
+        "form": "fp",
+        "num_samples": args.samples,
+        "fd_test": est,
+        "fd_test_lo": lo,
+        "fd_test_hi": hi,
         "fd_fp": setting.fd_fp(fp.features),
         "fd_test_other_seeds": ";".join(f"{v:.4f}" for v in other_fd_test),
-        "fd_fp_other_pair": (FrechetToReference(setting.fp_other[1].features)(setting.fp_other[0].features)
-                             if len(setting.fp_other) > 1 else float("nan")),
-        "consistency": cc, "consistency_lo": cc_lo, "consistency_hi": cc_hi, "status": "ok", "seconds": fp.seconds,
+        "fd_fp_other_pair": (
+            FrechetToReference(setting.fp_other[1].features)(setting.fp_other[0].features)
+            if len(setting.fp_other) > 1
+            else float("nan")
+        ),
+        "consistency": cc,
+        "consistency_lo": cc_lo,
+        "consistency_hi": cc_hi,
+        "status": "ok",
+        "seconds": fp.seconds,
     }
 
 
@@ -261,9 +308,18 @@ def cell(setting: Setting, recipe: str, args, keep: dict) -> list[dict]:
     fp_fd_test, fp_fd_fp = setting.fd_test(fp_feat), setting.fd_fp(fp_feat)
     rows = []
     for form, s in sets.items():
-        row = {"model": model, "scheduler": scheduler, "steps": args.steps, "recipe": recipe, "form": form,
-               "num_samples": args.samples, "status": s.status, "seconds": s.seconds,
-               "calibration_seconds": calib_seconds, "quantize_seconds": quantize_seconds}
+        row = {
+            "model": model,
+            "scheduler": scheduler,
+            "steps": args.steps,
+            "recipe": recipe,
+            "form": form,
+            "num_samples": args.samples,
+            "status": s.status,
+            "seconds": s.seconds,
+            "calibration_seconds": calib_seconds,
+            "quantize_seconds": quantize_seconds,
+        }
         if form != "q":
             row["max_coefficient"] = float(np.max(estimator.coefficients(step, form)))
         if form == "drift":  # what the derivation's drift would apply without the clip at 1
@@ -276,8 +332,17 @@ def cell(setting: Setting, recipe: str, args, keep: dict) -> list[dict]:
             continue
         est, lo, hi = bootstrap_ci(setting.fd_test, s.features, n_boot=args.bootstrap, seed=3)
         cc, cc_lo, cc_hi = consistency(s.images, setting.labels)
-        row.update({"fd_test": est, "fd_test_lo": lo, "fd_test_hi": hi, "fd_fp": setting.fd_fp(s.features),
-                    "consistency": cc, "consistency_lo": cc_lo, "consistency_hi": cc_hi})
+        row.update(
+            {
+                "fd_test": est,
+                "fd_test_lo": lo,
+                "fd_test_hi": hi,
+                "fd_fp": setting.fd_fp(s.features),
+                "consistency": cc,
+                "consistency_lo": cc_lo,
+                "consistency_hi": cc_hi,
+            }
+        )
         if form == "q":
             d, d_lo, d_hi = paired_difference(setting.fd_test, fp_feat, s.features, args.bootstrap)
             row.update({"q_minus_fp_test": d, "q_minus_fp_test_lo": d_lo, "q_minus_fp_test_hi": d_hi})
@@ -285,13 +350,24 @@ def cell(setting: Setting, recipe: str, args, keep: dict) -> list[dict]:
             row.update({"q_minus_fp_fp": d, "q_minus_fp_fp_lo": d_lo, "q_minus_fp_fp_hi": d_hi})
         else:
             for metric, fd in (("test", setting.fd_test), ("fp", setting.fd_fp)):
-                d, d_lo, d_hi = paired_difference(fd, q.features, s.features, args.bootstrap) if q.features is not None \
+                d, d_lo, d_hi = (
+                    paired_difference(fd, q.features, s.features, args.bootstrap)
+                    if q.features is not None
                     else (float("nan"),) * 3
-                row.update({f"diff_{metric}": d, f"diff_{metric}_lo": d_lo, f"diff_{metric}_hi": d_hi,
-                            f"verdict_{metric}": verdict(d_lo, d_hi)})
+                )
+                row.update(
+                    {
+                        f"diff_{metric}": d,
+                        f"diff_{metric}_lo": d_lo,
+                        f"diff_{metric}_hi": d_hi,
+                        f"verdict_{metric}": verdict(d_lo, d_hi),
+                    }
+                )
             row["gap_closed_test"] = gap_closed(fp_fd_test, rows[0]["fd_test"], est)
             row["gap_closed_fp"] = gap_closed(fp_fd_fp, rows[0]["fd_fp"], row["fd_fp"])
-            row["consistency_within_q_ci"] = bool(rows[0]["consistency_lo"] - _TOL <= cc <= rows[0]["consistency_hi"] + _TOL)
+            row["consistency_within_q_ci"] = bool(
+                rows[0]["consistency_lo"] - _TOL <= cc <= rows[0]["consistency_hi"] + _TOL
+            )
             if q.status != DIVERGED:
                 row.update(paired_consistency(q.images, s.images, setting.labels))
         rows.append(row)
@@ -313,7 +389,11 @@ def plan(args) -> list[tuple[str, str, list[str]]]:
 
 
 def f(value, spec=".3f") -> str:
-    return "n/a" if value is None or value == "" or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+    return (
+        "n/a"
+        if value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+        else format(value, spec)
+    )
 
 
 def ci(row, key, spec=".3f") -> str:
@@ -354,6 +434,7 @@ def main_table(rows: list[dict]) -> str:
 
         def kept(r):
             return f"{f(r.get('consistency'))}" + _outside(r, q)
+
         lines.append(
             f"| {key[0]} | {key[1]} | {key[2]} | {f(fp['fd_test'])} | {ci(q, 'fd_test')} | {signed_ci(q, 'q_minus_fp_test')} "
             f"| {f(dr.get('fd_test'))} | {signed_ci(dr, 'diff_test')} | {_mark(dr.get('verdict_test', ''))} "
@@ -387,19 +468,29 @@ def _groups(rows: list[dict]):
     cells: dict[tuple, dict] = {}
     for r in rows:
         if r["form"] != "fp":
-            cells.setdefault((r["model"], r["scheduler"], r["recipe"]), {"fp": fps[(r["model"], r["scheduler"])]})[r["form"]] = r
+            cells.setdefault((r["model"], r["scheduler"], r["recipe"]), {"fp": fps[(r["model"], r["scheduler"])]})[
+                r["form"]
+            ] = r
     return cells.items()
 
 
 def stability_table(rows: list[dict]) -> str:
-    lines = ["| model | scheduler | FD to test: seeds 100000+ [95% bootstrap CI] | other seed sets | FD between two FP seed sets | class consistency |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | scheduler | FD to test: seeds 100000+ [95% bootstrap CI] | other seed sets | FD between two FP seed sets | class consistency |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["form"] == "fp":
-            lines.append(f"| {r['model']} | {r['scheduler']} | {ci(r, 'fd_test')} | {r['fd_test_other_seeds'].replace(';', ', ')} "
-                         f"| {f(r['fd_fp'])} (sets 100000+ vs 200000+)"
-                         + (f", {f(r['fd_fp_other_pair'])} (200000+ vs 300000+)" if not math.isnan(float(r['fd_fp_other_pair'])) else "")
-                         + f" | {ci(r, 'consistency')} |")
+            lines.append(
+                f"| {r['model']} | {r['scheduler']} | {ci(r, 'fd_test')} | {r['fd_test_other_seeds'].replace(';', ', ')} "
+                f"| {f(r['fd_fp'])} (sets 100000+ vs 200000+)"
+                + (
+                    f", {f(r['fd_fp_other_pair'])} (200000+ vs 300000+)"
+                    if not math.isnan(float(r["fd_fp_other_pair"]))
+                    else ""
+                )
+                + f" | {ci(r, 'consistency')} |"
+            )
     return "\n".join(lines)
 
 
@@ -415,10 +506,12 @@ def stability_note(rows: list[dict]) -> str:
             values = [float(r["fd_test"])] + [float(v) for v in str(r["fd_test_other_seeds"]).split(";") if v]
             spreads.append((max(values) - min(values), r["model"], r["scheduler"]))
     worst = max(spreads)
-    return (f"Unpaired, the FP distance to the test digits moves by up to {worst[0]:.2f} between FP sets of "
-            f"{rows[0]['num_samples']} samples from different seeds ({worst[1]}, {worst[2]}): differences between rows "
-            "smaller than that mean nothing unless paired. Every comparison below is paired (same seeds, same "
-            "bootstrap indices), which removes most of that noise.")
+    return (
+        f"Unpaired, the FP distance to the test digits moves by up to {worst[0]:.2f} between FP sets of "
+        f"{rows[0]['num_samples']} samples from different seeds ({worst[1]}, {worst[2]}): differences between rows "
+        "smaller than that mean nothing unless paired. Every comparison below is paired (same seeds, same "
+        "bootstrap indices), which removes most of that noise."
+    )
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -430,14 +523,23 @@ def summary(rows: list[dict]) -> list[str]:
         return float(q.get(f"q_minus_fp_{metric}_lo", "nan")) > 0
 
     for metric, label in (("test", "FD to the test digits"), ("fp", "FD to the FP distribution")):
-        out.append(f"**Degradation of Q vs FP**, {label} (paired `Q − FP` over the same seeds): "
-                   + "; ".join(f"{k[0]}/{k[1]}/{k[2]} {f(g['q'].get(f'q_minus_fp_{metric}'), '+.3f')}"
-                               + _degradation_mark(g["q"], metric) for k, g in cells) + ".")
+        out.append(
+            f"**Degradation of Q vs FP**, {label} (paired `Q − FP` over the same seeds): "
+            + "; ".join(
+                f"{k[0]}/{k[1]}/{k[2]} {f(g['q'].get(f'q_minus_fp_{metric}'), '+.3f')}"
+                + _degradation_mark(g["q"], metric)
+                for k, g in cells
+            )
+            + "."
+        )
     neither = [k for k, g in cells if not measurable(g["q"], "test") and not measurable(g["q"], "fp")]
     if neither:
-        out.append("Cells whose degradation is **not measurable** on either distance (no paired CI of `Q − FP` above 0; "
-                   "a correction cannot show anything there, these rows test nothing): "
-                   + ", ".join(f"{k[0]}/{k[1]}/{k[2]}" for k in neither) + ".")
+        out.append(
+            "Cells whose degradation is **not measurable** on either distance (no paired CI of `Q − FP` above 0; "
+            "a correction cannot show anything there, these rows test nothing): "
+            + ", ".join(f"{k[0]}/{k[1]}/{k[2]}" for k in neither)
+            + "."
+        )
     else:
         out.append("Every cell degrades measurably on at least one of the two distances.")
     recipes: dict[str, list[str]] = {}
@@ -445,29 +547,49 @@ def summary(rows: list[dict]) -> list[str]:
         recipes.setdefault(k[2], [])
         if measurable(g["q"], "test") or measurable(g["q"], "fp"):
             recipes[k[2]].append(f"{k[0]}/{k[1]}")
-    out.append("**Per recipe**, the cells where it degrades measurably (either distance): "
-               + "; ".join(f"{r}: {', '.join(c) if c else '**none**'}" for r, c in recipes.items()) + ".")
+    out.append(
+        "**Per recipe**, the cells where it degrades measurably (either distance): "
+        + "; ".join(f"{r}: {', '.join(c) if c else '**none**'}" for r, c in recipes.items())
+        + "."
+    )
     for metric, label in (("test", "FD to the test digits"), ("fp", "FD to the FP distribution")):
         for form in FORMS:
             buckets: dict[str, list[str]] = {}
             for k, g in cells:
                 buckets.setdefault(g[form].get(f"verdict_{metric}", DIVERGED), []).append(f"{k[0]}/{k[1]}/{k[2]}")
-            parts = [f"{v} in {len(buckets[v])} ({', '.join(buckets[v])})" for v in ("helps", "hurts", "neutral", DIVERGED) if v in buckets]
+            parts = [
+                f"{v} in {len(buckets[v])} ({', '.join(buckets[v])})"
+                for v in ("helps", "hurts", "neutral", DIVERGED)
+                if v in buckets
+            ]
             out.append(f"**{form}**, {label}: " + "; ".join(parts) + ".")
-    for side, label in (("below", "**below** the CI of uncorrected Q (consistency lost)"),
-                        ("above", "above the CI of uncorrected Q (consistency gained)")):
-        hits = [f"{k[0]}/{k[1]}/{k[2]} {form} {f(g[form].get('consistency'))} (Q {ci(g['q'], 'consistency')})"
-                for k, g in cells for form in FORMS if side in _outside(g[form], g["q"])]
+    for side, label in (
+        ("below", "**below** the CI of uncorrected Q (consistency lost)"),
+        ("above", "above the CI of uncorrected Q (consistency gained)"),
+    ):
+        hits = [
+            f"{k[0]}/{k[1]}/{k[2]} {form} {f(g[form].get('consistency'))} (Q {ci(g['q'], 'consistency')})"
+            for k, g in cells
+            for form in FORMS
+            if side in _outside(g[form], g["q"])
+        ]
         out.append(f"Class consistency {label}: " + ("; ".join(hits) or "none") + ".")
-    paired = [(k, form, g[form]) for k, g in cells for form in FORMS if g[form].get("consistency_mcnemar_p") not in (None, "")]
+    paired = [
+        (k, form, g[form]) for k, g in cells for form in FORMS if g[form].get("consistency_mcnemar_p") not in (None, "")
+    ]
     if paired:
         for sign, label in ((-1, "a significant **loss**"), (1, "a significant gain")):
-            hits = [f"{k[0]}/{k[1]}/{k[2]} {form} {float(r['consistency_diff']):+.3f} (+{int(float(r['consistency_gained']))} / "
-                    f"−{int(float(r['consistency_lost']))} seeds, p = {float(r['consistency_mcnemar_p']):.2g})"
-                    for k, form, r in paired
-                    if float(r["consistency_mcnemar_p"]) < 0.05 and sign * float(r["consistency_diff"]) > 0]
-            out.append(f"Class consistency, paired over the same seeds (exact McNemar test, p < 0.05), {label}: "
-                       + ("; ".join(hits) or "none") + f" (of {len(paired)} corrected rows).")
+            hits = [
+                f"{k[0]}/{k[1]}/{k[2]} {form} {float(r['consistency_diff']):+.3f} (+{int(float(r['consistency_gained']))} / "
+                f"−{int(float(r['consistency_lost']))} seeds, p = {float(r['consistency_mcnemar_p']):.2g})"
+                for k, form, r in paired
+                if float(r["consistency_mcnemar_p"]) < 0.05 and sign * float(r["consistency_diff"]) > 0
+            ]
+            out.append(
+                f"Class consistency, paired over the same seeds (exact McNemar test, p < 0.05), {label}: "
+                + ("; ".join(hits) or "none")
+                + f" (of {len(paired)} corrected rows)."
+            )
     return out
 
 
@@ -492,7 +614,9 @@ def save_grids(kept: dict, count: int = 20) -> list[str]:
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if c == 0:
-                    ax.set_ylabel({"fp": "FP", "q": "Q"}.get(name, name), rotation=0, ha="right", va="center", fontsize=8)
+                    ax.set_ylabel(
+                        {"fp": "FP", "q": "Q"}.get(name, name), rotation=0, ha="right", va="center", fontsize=8
+                    )
         fig.suptitle(f"{model}, {scheduler}, {recipe}: same seeds per column", fontsize=9)
         fig.tight_layout(pad=0.2)
         path = ROOT / "docs" / "img" / f"replication_grid_{model}_{scheduler}_{recipe}.png"
@@ -520,8 +644,15 @@ def reduced_fd(model: str, seed: int) -> float:
     """FP Fréchet distance to the test digits in the reduced setting, for ``seed``."""
     setting = {**REDUCED_COMMON, **REDUCED[model], "seed": seed}
     pair = digits_pair(model, guidance_scale=setting["guidance_scale"])
-    images = sample(pair, setting["scheduler"], setting["steps"], setting["num_samples"], setting["batch_size"],
-                    setting["seed"], model="fp")
+    images = sample(
+        pair,
+        setting["scheduler"],
+        setting["steps"],
+        setting["num_samples"],
+        setting["batch_size"],
+        setting["seed"],
+        model="fp",
+    )
     return frechet_distance(load_digits_tensors("test")[0], images)
 
 
@@ -532,18 +663,26 @@ def fp_reference(args) -> None:
     ``args.replicates`` other seeds (fresh sampling noise), so it holds the value a correct load of
     the shipped weights reproduces, whatever the platform's float summation order.
     """
-    out = {"command": command_line(), "reference": "the 360 held-out test digits (load_digits_tensors('test'))",
-           "metric": "qdrift_stats.metrics.frechet_distance (digits classifier features)",
-           "ci": f"fd +- 1.96 * sd of the same distance over {args.replicates} other seeds (seed + 1000 * k)",
-           "models": {}}
+    out = {
+        "command": command_line(),
+        "reference": "the 360 held-out test digits (load_digits_tensors('test'))",
+        "metric": "qdrift_stats.metrics.frechet_distance (digits classifier features)",
+        "ci": f"fd +- 1.96 * sd of the same distance over {args.replicates} other seeds (seed + 1000 * k)",
+        "models": {},
+    }
     for model in ("unet", "dit"):
         start = time.time()
         fd = reduced_fd(model, REDUCED_COMMON["seed"])
         others = [reduced_fd(model, REDUCED_COMMON["seed"] + 1000 * k) for k in range(1, args.replicates + 1)]
         sd = float(np.std(others, ddof=1))
         out["models"][model] = {
-            "setting": {**REDUCED_COMMON, **REDUCED[model]}, "fd": fd, "ci_low": fd - 1.96 * sd, "ci_high": fd + 1.96 * sd,
-            "sd_over_seeds": sd, "other_seeds": others, "seconds": round(time.time() - start, 1),
+            "setting": {**REDUCED_COMMON, **REDUCED[model]},
+            "fd": fd,
+            "ci_low": fd - 1.96 * sd,
+            "ci_high": fd + 1.96 * sd,
+            "sd_over_seeds": sd,
+            "other_seeds": others,
+            "seconds": round(time.time() - start, 1),
         }
         print(model, json.dumps(out["models"][model]), flush=True)
     REFERENCE_JSON.write_text(json.dumps(out, indent=2) + "\n")
@@ -574,18 +713,37 @@ def control(args) -> None:
         fp_other = draw(pair, scheduler, args.steps, args.samples, FP_OTHER_SEEDS[0], model="fp")
         fd_fp = FrechetToReference(fp_other.features)
         for form in FORMS:
-            s = draw(pair, scheduler, args.steps, args.samples, SAMPLE_SEED, model="fp", estimator=estimator, correction=form)
-            row = {"model": model, "scheduler": scheduler, "steps": args.steps, "recipe": recipe, "form": f"fp+{form}",
-                   "num_samples": args.samples, "status": s.status, "seconds": s.seconds}
+            s = draw(
+                pair, scheduler, args.steps, args.samples, SAMPLE_SEED, model="fp", estimator=estimator, correction=form
+            )
+            row = {
+                "model": model,
+                "scheduler": scheduler,
+                "steps": args.steps,
+                "recipe": recipe,
+                "form": f"fp+{form}",
+                "num_samples": args.samples,
+                "status": s.status,
+                "seconds": s.seconds,
+            }
             if s.status != DIVERGED:
                 row.update({"fd_test": fd_test(s.features), "fd_fp": fd_fp(s.features)})
                 for metric, fd in (("test", fd_test), ("fp", fd_fp)):
                     d, lo, hi = paired_difference(fd, fp.features, s.features, args.bootstrap)
-                    row.update({f"diff_{metric}": d, f"diff_{metric}_lo": lo, f"diff_{metric}_hi": hi,
-                                f"verdict_{metric}": verdict(lo, hi)})
+                    row.update(
+                        {
+                            f"diff_{metric}": d,
+                            f"diff_{metric}_lo": lo,
+                            f"diff_{metric}_hi": hi,
+                            f"verdict_{metric}": verdict(lo, hi),
+                        }
+                    )
             new.append(row)
-            print(f"control {spec} FP+{form}: FD test {f(row.get('fd_test'))} (vs FP {signed_ci(row, 'diff_test')}), "
-                  f"FD to FP {f(row.get('fd_fp'))} (vs FP {signed_ci(row, 'diff_fp')}) ({time.time() - start:.0f} s)", flush=True)
+            print(
+                f"control {spec} FP+{form}: FD test {f(row.get('fd_test'))} (vs FP {signed_ci(row, 'diff_test')}), "
+                f"FD to FP {f(row.get('fd_fp'))} (vs FP {signed_ci(row, 'diff_fp')}) ({time.time() - start:.0f} s)",
+                flush=True,
+            )
     done = {(r["model"], r["scheduler"], r["recipe"], r["form"]) for r in new}
     rows = [r for r in rows if (r["model"], r["scheduler"], r["recipe"], r["form"]) not in done] + new
     write_csv(rows, args.out)
@@ -608,8 +766,10 @@ def control_lines(rows: list[dict]) -> list[str]:
     for r in controls:
         form = r["form"][3:]
         q = q_rows.get((r["model"], r["scheduler"], r["recipe"], form), {})
-        lines.append(f"| {r['model']} | {r['scheduler']} | {r['recipe']} | {form} | {signed_ci(r, 'diff_test')} "
-                     f"| {signed_ci(q, 'diff_test')} | {signed_ci(r, 'diff_fp')} | {signed_ci(q, 'diff_fp')} |")
+        lines.append(
+            f"| {r['model']} | {r['scheduler']} | {r['recipe']} | {form} | {signed_ci(r, 'diff_test')} "
+            f"| {signed_ci(q, 'diff_test')} | {signed_ci(r, 'diff_fp')} | {signed_ci(q, 'diff_fp')} |"
+        )
     return lines + [""]
 
 
@@ -670,7 +830,10 @@ def pair_errors(args) -> None:
             outs = [_call(q, a, kw) for a, kw in held_out]
             num = sum(float((o - r).pow(2).sum()) for o, r in zip(outs, refs))
             den = sum(float(r.pow(2).sum()) for r in refs)
-            print(f"| `{pair_name(kind, recipe)}` | {kind} | `{recipe}` | {math.sqrt(num / den):.4f} | {seconds:.1f} |", flush=True)
+            print(
+                f"| `{pair_name(kind, recipe)}` | {kind} | `{recipe}` | {math.sqrt(num / den):.4f} | {seconds:.1f} |",
+                flush=True,
+            )
 
 
 # --- the reading of the recorded run (hand-written; shown by `report --reading`) ----------------
@@ -721,8 +884,15 @@ READING = """**Reading** (written by hand for the run recorded in the CSV; re-re
 # --- main -------------------------------------------------------------------------------------
 
 
-def run_setting(model: str, scheduler: str, recipes: list[str], args: argparse.Namespace,
-                grid_cells: list[tuple[str, str, str]], extra_fp_sets: int, t_start: float) -> tuple[list[dict], dict]:
+def run_setting(
+    model: str,
+    scheduler: str,
+    recipes: list[str],
+    args: argparse.Namespace,
+    grid_cells: list[tuple[str, str, str]],
+    extra_fp_sets: int,
+    t_start: float,
+) -> tuple[list[dict], dict]:
     """FP sets and every recipe's cell of one (model, scheduler); run in a worker process."""
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -732,19 +902,25 @@ def run_setting(model: str, scheduler: str, recipes: list[str], args: argparse.N
     t0 = time.time()
     setting = fp_setting(model, scheduler, args, test_features, extra_fp_sets)
     rows = [fp_row(setting, args)]
-    print(f"[{(time.time() - t_start) / 60:5.1f} min] {model} {scheduler} FP: FD {rows[-1]['fd_test']:.3f} "
-          f"other seeds {rows[-1]['fd_test_other_seeds']} ({time.time() - t0:.0f} s)", flush=True)
+    print(
+        f"[{(time.time() - t_start) / 60:5.1f} min] {model} {scheduler} FP: FD {rows[-1]['fd_test']:.3f} "
+        f"other seeds {rows[-1]['fd_test_other_seeds']} ({time.time() - t0:.0f} s)",
+        flush=True,
+    )
     for recipe in recipes:
         t0 = time.time()
         new = cell(setting, recipe, args, keep)
         rows += new
         write_csv(rows, PARTIAL / f"{model}_{scheduler}.csv")  # survives an interruption
         q, dr, sh = new
-        print(f"[{(time.time() - t_start) / 60:5.1f} min] {model} {scheduler} {recipe}: FD Q {f(q['fd_test'])} "
-              f"(Q-FP {signed_ci(q, 'q_minus_fp_test')}), drift {f(dr['fd_test'])} {dr['verdict_test']}, "
-              f"shrink {f(sh['fd_test'])} {sh['verdict_test']}; to FP: Q {f(q['fd_fp'])} (Q-FP {signed_ci(q, 'q_minus_fp_fp')}) "
-              f"drift {f(dr['fd_fp'])} {dr['verdict_fp']}, shrink {f(sh['fd_fp'])} {sh['verdict_fp']} ({time.time() - t0:.0f} s; "
-              f"quantize {q['quantize_seconds']:.0f} s, calibrate {q['calibration_seconds']:.0f} s)", flush=True)
+        print(
+            f"[{(time.time() - t_start) / 60:5.1f} min] {model} {scheduler} {recipe}: FD Q {f(q['fd_test'])} "
+            f"(Q-FP {signed_ci(q, 'q_minus_fp_test')}), drift {f(dr['fd_test'])} {dr['verdict_test']}, "
+            f"shrink {f(sh['fd_test'])} {sh['verdict_test']}; to FP: Q {f(q['fd_fp'])} (Q-FP {signed_ci(q, 'q_minus_fp_fp')}) "
+            f"drift {f(dr['fd_fp'])} {dr['verdict_fp']}, shrink {f(sh['fd_fp'])} {sh['verdict_fp']} ({time.time() - t0:.0f} s; "
+            f"quantize {q['quantize_seconds']:.0f} s, calibrate {q['calibration_seconds']:.0f} s)",
+            flush=True,
+        )
     return rows, {k: v for k, v in keep.items() if v}
 
 
@@ -774,23 +950,46 @@ def run_table(args: argparse.Namespace) -> tuple[list[dict], dict, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", default="table", choices=("table", "fp-reference", "pair-errors", "control", "report"))
+    parser.add_argument(
+        "what", nargs="?", default="table", choices=("table", "fp-reference", "pair-errors", "control", "report")
+    )
     parser.add_argument("--models", nargs="+", default=["unet", "dit"], choices=("unet", "dit"))
     parser.add_argument("--recipes", nargs="+", default=list(ZOO_RECIPES), choices=ZOO_RECIPES)
-    parser.add_argument("--full", nargs="*", default=["svdquant-w4a4", "w3a4"],
-                        help="recipes that also run on every other scheduler of their model")
+    parser.add_argument(
+        "--full",
+        nargs="*",
+        default=["svdquant-w4a4", "w3a4"],
+        help="recipes that also run on every other scheduler of their model",
+    )
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--calib-batch", type=int, default=64)
     parser.add_argument("--bootstrap", type=int, default=200)
-    parser.add_argument("--grids", nargs="*", default=["unet:ddim:w3a4", "dit:flow-euler:w3a4"],
-                        help="model:scheduler:recipe cells whose sample grids go to docs/img")
-    parser.add_argument("--controls", nargs="*", default=["unet:ddim:w3a4", "unet:euler:w3a4", "dit:flow-euler:w8a8",
-                                                  "dit:flow-euler:w4a8", "dit:flow-euler:w3a4"],
-                        help="control: cells whose correction is also applied to the FP sampler")
-    parser.add_argument("--reading", action="store_true", help="report: include the hand-written reading of the recorded run")
-    parser.add_argument("--header", default=None, help="report: the first line of the section (what generated the table)")
+    parser.add_argument(
+        "--grids",
+        nargs="*",
+        default=["unet:ddim:w3a4", "dit:flow-euler:w3a4"],
+        help="model:scheduler:recipe cells whose sample grids go to docs/img",
+    )
+    parser.add_argument(
+        "--controls",
+        nargs="*",
+        default=[
+            "unet:ddim:w3a4",
+            "unet:euler:w3a4",
+            "dit:flow-euler:w8a8",
+            "dit:flow-euler:w4a8",
+            "dit:flow-euler:w3a4",
+        ],
+        help="control: cells whose correction is also applied to the FP sampler",
+    )
+    parser.add_argument(
+        "--reading", action="store_true", help="report: include the hand-written reading of the recorded run"
+    )
+    parser.add_argument(
+        "--header", default=None, help="report: the first line of the section (what generated the table)"
+    )
     parser.add_argument("--replicates", type=int, default=8, help="fp-reference: other seeds for the CI")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--jobs", type=int, default=2, help="(model, scheduler) settings run in parallel processes")
@@ -816,8 +1015,10 @@ def main() -> None:
         print(f"done in {elapsed / 60:.1f} min", flush=True)
         return
     grids = save_grids(kept)
-    header = (f"Generated by `{command_line()}` ({elapsed / 60:.1f} min wall time on 2 shared CPU cores: {args.jobs} "
-              f"processes of {args.threads} torch thread).")
+    header = (
+        f"Generated by `{command_line()}` ({elapsed / 60:.1f} min wall time on 2 shared CPU cores: {args.jobs} "
+        f"processes of {args.threads} torch thread)."
+    )
     write_report(rows, args, header, grids)
 
 
@@ -838,7 +1039,7 @@ def write_report(rows: list[dict], args, header: str, grids: list[str]) -> None:
         f"PTQ pairs `qdrift_stats.zoo:digits_<model>_<recipe>` (calibration: `calibration_inputs(kind, n={CALIBRATION_CALLS}, "
         f"seed={CALIBRATION_SEED})`); {args.steps} steps; cells: {ran}. Per cell: {args.runs} paired calibration runs of "
         f"{args.calib_batch} samples (seeds {CALIBRATION_RUN_SEED}..{CALIBRATION_RUN_SEED + args.runs - 1}), "
-        "`EmpiricalEstimator(statistic=\"first-order\")`, exported and reloaded, strength 1; then "
+        '`EmpiricalEstimator(statistic="first-order")`, exported and reloaded, strength 1; then '
         f"{args.samples} samples each of FP, Q, Q + drift and Q + shrink from the same seeds "
         f"({SAMPLE_SEED}+, batches of {BATCH}; the FP set is shared by the recipes of a scheduler). "
         f"Fréchet distance (FD) in the digits classifier's 64-d feature space to the 360 test digits; "
@@ -890,8 +1091,10 @@ def write_fp_section(rows: list[dict], args) -> None:
     ]
     for r in rows:
         if r["form"] == "fp":
-            lines.append(f"| {r['model']} | {r['scheduler']} | {ci(r, 'fd_test')} | {r['fd_test_other_seeds'].replace(';', ', ')} "
-                         f"| {ci(r, 'consistency')} |")
+            lines.append(
+                f"| {r['model']} | {r['scheduler']} | {ci(r, 'fd_test')} | {r['fd_test_other_seeds'].replace(';', ', ')} "
+                f"| {ci(r, 'consistency')} |"
+            )
     if ref:
         lines += [
             "",
@@ -905,8 +1108,10 @@ def write_fp_section(rows: list[dict], args) -> None:
         ]
         for model, m in ref["models"].items():
             s = m["setting"]
-            lines.append(f"| {model} | {s['scheduler']} | {s['steps']} | {s['num_samples']} | {s['seed']} | {m['fd']:.4f} "
-                         f"| [{m['ci_low']:.4f}, {m['ci_high']:.4f}] |")
+            lines.append(
+                f"| {model} | {s['scheduler']} | {s['steps']} | {s['num_samples']} | {s['seed']} | {m['fd']:.4f} "
+                f"| [{m['ci_low']:.4f}, {m['ci_high']:.4f}] |"
+            )
     write_section("zoo_fp_reproduction", "\n".join(lines))
 
 

@@ -29,14 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _report import ROOT, command_line, write_section
 
 from qdrift_stats import testbed
 from qdrift_stats.estimators import EmpiricalEstimator
 from qdrift_stats.record.lockstep import record
 from qdrift_stats.record.store import open_store
 from qdrift_stats.validate.crossval import cross_validate
-
-from _report import ROOT, command_line, write_section
 
 warnings.filterwarnings("ignore")
 
@@ -58,7 +57,9 @@ TOLERANCES = (0.1, 0.05)
 CONFIDENCE = 0.95
 
 
-def truth_quantiles(per_run: np.ndarray, truth: np.ndarray, keep: np.ndarray, counts: list[int], repeats: int, seed: int = 0) -> dict[int, float]:
+def truth_quantiles(
+    per_run: np.ndarray, truth: np.ndarray, keep: np.ndarray, counts: list[int], repeats: int, seed: int = 0
+) -> dict[int, float]:
     """95% quantile of the RMS relative error against the truth of fits on N independent runs.
 
     ``per_run`` rows are independent runs; each repeat draws N distinct rows (without replacement
@@ -81,12 +82,39 @@ def needed_from(quantiles: dict[int, float], tolerance: float) -> str:
     return str(ok[0]) if ok else f"> {max(quantiles)}"
 
 
-def study_pair(pair, pair_name: str, scheduler: str, steps: int, batch: int, runs: int, workdir: Path, splits: int, truth_known: bool):
+def study_pair(
+    pair,
+    pair_name: str,
+    scheduler: str,
+    steps: int,
+    batch: int,
+    runs: int,
+    workdir: Path,
+    splits: int,
+    truth_known: bool,
+):
     store = workdir / f"{pair_name}_{scheduler}_{batch}.zarr"
     t0 = time.time()
-    record(pair, store, pair_name=pair_name, scheduler_name=scheduler, steps=steps, runs=runs, batch_size=batch, seed=0, overwrite=True)
+    record(
+        pair,
+        store,
+        pair_name=pair_name,
+        scheduler_name=scheduler,
+        steps=steps,
+        runs=runs,
+        batch_size=batch,
+        seed=0,
+        overwrite=True,
+    )
     ds = open_store(store).load()
-    result = cross_validate(ds, workdir / f"{pair_name}_{scheduler}_{batch}_cv.zarr", estimator="first-order", n_splits=splits, strength=False, overwrite=True)
+    result = cross_validate(
+        ds,
+        workdir / f"{pair_name}_{scheduler}_{batch}_cv.zarr",
+        estimator="first-order",
+        n_splits=splits,
+        strength=False,
+        overwrite=True,
+    )
     row = {"pair": pair_name, "scheduler": scheduler, "steps": steps, "batch": batch, "runs": runs}
     for tol in TOLERANCES:
         row[f"need_{tol}"] = result.runs_needed(tol, CONFIDENCE, bootstrap=300)
@@ -123,15 +151,41 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for pair_name, scheduler, steps, batch, truth_known in cases:
             pair = getattr(testbed, pair_name)()
-            rows.append(study_pair(pair, f"qdrift_stats.testbed:{pair_name}", scheduler, steps, batch, runs, Path(tmp), args.splits, truth_known))
+            rows.append(
+                study_pair(
+                    pair,
+                    f"qdrift_stats.testbed:{pair_name}",
+                    scheduler,
+                    steps,
+                    batch,
+                    runs,
+                    Path(tmp),
+                    args.splits,
+                    truth_known,
+                )
+            )
             print(rows[-1]["pair"], scheduler, batch, rows[-1]["need_0.1"], f"{rows[-1]['seconds']:.0f}s", flush=True)
         if not (args.no_zoo or args.quick):
             from qdrift_stats import zoo
 
             for name, scheduler, steps, batch in ZOO:
                 pair = getattr(zoo, name)()
-                rows.append(study_pair(pair, f"qdrift_stats.zoo:{name}", scheduler, steps, batch, args.zoo_runs, Path(tmp), args.splits, False))
-                print(rows[-1]["pair"], scheduler, batch, rows[-1]["need_0.1"], f"{rows[-1]['seconds']:.0f}s", flush=True)
+                rows.append(
+                    study_pair(
+                        pair,
+                        f"qdrift_stats.zoo:{name}",
+                        scheduler,
+                        steps,
+                        batch,
+                        args.zoo_runs,
+                        Path(tmp),
+                        args.splits,
+                        False,
+                    )
+                )
+                print(
+                    rows[-1]["pair"], scheduler, batch, rows[-1]["need_0.1"], f"{rows[-1]['seconds']:.0f}s", flush=True
+                )
     md = [
         "## Runs needed (cross-validation over calibration runs)",
         "",
@@ -151,18 +205,28 @@ def main() -> None:
             cells.append(f"{need.runs} [{need.low}-{need.high}]" + (" extrapolated" if need.extrapolated else ""))
         q5 = r["q5"]
         enough = "n/a" if not np.isfinite(q5) else ("yes" if q5 <= 0.1 else "no")
-        md.append(f"| `{r['pair'].split(':')[1]}` | {r['scheduler']} | {r['steps']} | {r['batch']} | {r['runs']} | {r['q1']:.3f} | "
-                  f"{q5:.3f} | {enough} | {cells[0]} | {cells[1]} | {cells[2]} |")
+        md.append(
+            f"| `{r['pair'].split(':')[1]}` | {r['scheduler']} | {r['steps']} | {r['batch']} | {r['runs']} | {r['q1']:.3f} | "
+            f"{q5:.3f} | {enough} | {cells[0]} | {cells[1]} | {cells[2]} |"
+        )
     truth_rows = [r for r in rows if "truth" in r]
     if truth_rows:
-        md += ["", "### Check against the analytic truth (noise-like error, one-step solvers)", "",
-               f"{CONFIDENCE:.0%} quantile of the RMS relative error of an N-run fit: estimated by cross-validation (`qdrift cv`, "
-               "from the recorded runs only) vs computed against the known `v_i` (300 fits on N distinct runs).", "",
-               "| pair | scheduler | samples/run | N | CV estimate | against the truth | runs for 10% (CV / truth) |", "|---|---|---|---|---|---|---|"]
+        md += [
+            "",
+            "### Check against the analytic truth (noise-like error, one-step solvers)",
+            "",
+            f"{CONFIDENCE:.0%} quantile of the RMS relative error of an N-run fit: estimated by cross-validation (`qdrift cv`, "
+            "from the recorded runs only) vs computed against the known `v_i` (300 fits on N distinct runs).",
+            "",
+            "| pair | scheduler | samples/run | N | CV estimate | against the truth | runs for 10% (CV / truth) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in truth_rows:
             for n in r["truth"]:
-                md.append(f"| `{r['pair'].split(':')[1]}` | {r['scheduler']} | {r['batch']} | {n} | {r['cv_at'][n]:.4f} | {r['truth'][n]:.4f} | "
-                          f"{r['need_0.1'].runs} / {needed_from(r['truth'], 0.1)} |")
+                md.append(
+                    f"| `{r['pair'].split(':')[1]}` | {r['scheduler']} | {r['batch']} | {n} | {r['cv_at'][n]:.4f} | {r['truth'][n]:.4f} | "
+                    f"{r['need_0.1'].runs} / {needed_from(r['truth'], 0.1)} |"
+                )
     elapsed = time.time() - start
     md += ["", f"Generated by `{command_line()}` ({elapsed / 60:.1f} min on 2 CPU cores)."]
     write_section("runs_needed", "\n".join(md), page=args.out)

@@ -47,8 +47,17 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         pe.lerp_(pm, 1.0 - decay)
 
 
-def train_diffusion(kind: str, steps: int, seed: int, out: Path, batch_size: int = 128, lr: float = 1e-3,
-                    ema_decay: float = 0.999, label_drop: float = 0.1, warmup: int = 200) -> dict:
+def train_diffusion(
+    kind: str,
+    steps: int,
+    seed: int,
+    out: Path,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    ema_decay: float = 0.999,
+    label_drop: float = 0.1,
+    warmup: int = 200,
+) -> dict:
     """Train the digits ``unet`` (VP, epsilon) or ``dit`` (rectified flow, velocity); save the EMA weights."""
     from diffusers.models.embeddings import LabelEmbedding
 
@@ -64,8 +73,9 @@ def train_diffusion(kind: str, steps: int, seed: int, out: Path, batch_size: int
     x_all, y_all = load_digits_tensors("train")
     sched_cfg = scheduler_config(kind)
     if kind == "unet":
-        betas = torch.linspace(sched_cfg["beta_start"], sched_cfg["beta_end"], sched_cfg["num_train_timesteps"],
-                               dtype=torch.float64)
+        betas = torch.linspace(
+            sched_cfg["beta_start"], sched_cfg["beta_end"], sched_cfg["num_train_timesteps"], dtype=torch.float64
+        )
         abar = torch.cumprod(1.0 - betas, 0).float()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup))
@@ -104,14 +114,26 @@ def train_diffusion(kind: str, steps: int, seed: int, out: Path, batch_size: int
     ema.save_pretrained(str(out), safe_serialization=True)
     scheduler_class = "DDIMScheduler" if kind == "unet" else "FlowMatchEulerDiscreteScheduler"
     (out / "scheduler_config.json").write_text(
-        json.dumps({"_class_name": scheduler_class, **sched_cfg}, indent=2) + "\n")
+        json.dumps({"_class_name": scheduler_class, **sched_cfg}, indent=2) + "\n"
+    )
     info = {
-        "model": kind, "objective": "vp-epsilon" if kind == "unet" else "rectified-flow-velocity",
-        "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-        "lr_schedule": "linear warmup, cosine to 5%", "ema_decay": ema_decay, "label_drop": label_drop,
-        "null_class": NULL_CLASS, "data": "sklearn load_digits, train split (1437), x/8-1",
-        "parameters": sum(p.numel() for p in ema.parameters()), "train_seconds": round(seconds, 1),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "model": kind,
+        "objective": "vp-epsilon" if kind == "unet" else "rectified-flow-velocity",
+        "steps": steps,
+        "seed": seed,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup": warmup,
+        "lr_schedule": "linear warmup, cosine to 5%",
+        "ema_decay": ema_decay,
+        "label_drop": label_drop,
+        "null_class": NULL_CLASS,
+        "data": "sklearn load_digits, train split (1437), x/8-1",
+        "parameters": sum(p.numel() for p in ema.parameters()),
+        "train_seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "log": log,
     }
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -126,7 +148,7 @@ def _shift_augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) ->
     dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
     out = torch.empty_like(x)
     for i in range(n):
-        out[i] = padded[i, :, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8]
+        out[i] = padded[i, :, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8]
     return out
 
 
@@ -147,7 +169,7 @@ def train_classifier(epochs: int, seed: int, out: Path, batch_size: int = 64, lr
         model.train()
         perm = torch.randperm(len(y_tr), generator=gen)
         for k in range(steps_per_epoch):
-            idx = perm[k * batch_size:(k + 1) * batch_size]
+            idx = perm[k * batch_size : (k + 1) * batch_size]
             x = _shift_augment(x_tr[idx], gen)
             x = x + 0.05 * torch.randn(x.shape, generator=gen)
             loss = torch.nn.functional.cross_entropy(model(x), y_tr[idx])
@@ -167,22 +189,32 @@ def train_classifier(epochs: int, seed: int, out: Path, batch_size: int = 64, lr
         test_acc = (model(x_te).argmax(1) == y_te).float().mean().item()
         train_acc = (model(x_tr).argmax(1) == y_tr).float().mean().item()
     info = {
-        "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
+        "epochs": epochs,
+        "seed": seed,
+        "batch_size": batch_size,
+        "lr": lr,
         "augmentation": "random shift up to 1 px, gaussian noise 0.05",
         "data": "sklearn load_digits, train split (1437); test split (360)",
-        "test_accuracy": round(test_acc, 4), "train_accuracy": round(train_acc, 4),
-        "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": round(seconds, 1),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "test_accuracy": round(test_acc, 4),
+        "train_accuracy": round(train_acc, 4),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
     model.save(out, extra={"training": info})
     return info
 
 
-def evaluate(kind: str, num_samples: int, steps: int, seed: int, guidance: float, scheduler: str | None,
-             n_boot: int) -> dict:
+def evaluate(
+    kind: str, num_samples: int, steps: int, seed: int, guidance: float, scheduler: str | None, n_boot: int
+) -> dict:
     """FP samples of the shipped ``kind``: class consistency, FD and KID against the real digits."""
     from qdrift_stats.metrics.images import (
-        bootstrap_ci, class_consistency, frechet_distance, kernel_inception_distance,
+        bootstrap_ci,
+        class_consistency,
+        frechet_distance,
+        kernel_inception_distance,
     )
     from qdrift_stats.zoo.pairs import digits_pair, sample_pair
 
@@ -198,8 +230,13 @@ def evaluate(kind: str, num_samples: int, steps: int, seed: int, guidance: float
     fd_tr = frechet_distance(x_tr, samples)
     kid = kernel_inception_distance(x_te, samples, subset_size=min(200, num_samples, len(x_te)))
     return {
-        "model": kind, "scheduler": scheduler, "steps": steps, "guidance_scale": guidance,
-        "num_samples": num_samples, "seed": seed, "sample_seconds": round(sample_seconds, 1),
+        "model": kind,
+        "scheduler": scheduler,
+        "steps": steps,
+        "guidance_scale": guidance,
+        "num_samples": num_samples,
+        "seed": seed,
+        "sample_seconds": round(sample_seconds, 1),
         "class_consistency": [round(cc, 4), round(cc_lo, 4), round(cc_hi, 4)],
         "fd_vs_test": [round(fd_te, 3), round(fd_te_lo, 3), round(fd_te_hi, 3)],
         "fd_vs_train": round(fd_tr, 3),
@@ -257,7 +294,7 @@ def grid(out: Path, steps: int, guidance: float, seed: int) -> None:
         mosaic = torch.zeros(NUM_CLASSES * 9 - 1, cols * 9 - 1)  # white separators
         for r in range(NUM_CLASSES):
             for c in range(cols):
-                mosaic[r * 9:r * 9 + 8, c * 9:c * 9 + 8] = pix[r, c]
+                mosaic[r * 9 : r * 9 + 8, c * 9 : c * 9 + 8] = pix[r, c]
         ax.imshow(16.0 - mosaic.numpy(), cmap="gray", vmin=0, vmax=16, interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.axis("off")
@@ -309,8 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.model == "reference":
             print(json.dumps(reference_metrics(args.n_boot)))
         else:
-            print(json.dumps(evaluate(args.model, args.num_samples, args.steps, args.seed, args.guidance,
-                                      args.scheduler, args.n_boot)))
+            print(
+                json.dumps(
+                    evaluate(
+                        args.model, args.num_samples, args.steps, args.seed, args.guidance, args.scheduler, args.n_boot
+                    )
+                )
+            )
     else:
         grid(args.out, args.steps, args.guidance, args.seed)
     return 0

@@ -17,7 +17,9 @@ def test_zero_variance_and_clean_target_give_zero_coefficients():
 def test_drift_and_shrink_agree_to_first_order_and_shrink_stays_below_one():
     b_next = np.ones(4)
     small = np.array([1e-6, 1e-5, 1e-4, 1e-3])
-    np.testing.assert_allclose(correction_coefficients(small, b_next, "shrink"), correction_coefficients(small, b_next, "drift"), rtol=2e-3)
+    np.testing.assert_allclose(
+        correction_coefficients(small, b_next, "shrink"), correction_coefficients(small, b_next, "drift"), rtol=2e-3
+    )
     huge = np.array([1e2, 1e4, 1e8, 1e12])
     assert np.all(correction_coefficients(huge, b_next, "shrink") < 1.0)
     assert np.all(correction_coefficients(huge, b_next, "drift-unclipped") > 1.0)  # the derivation's drift overshoots
@@ -52,7 +54,9 @@ def test_shrink_matches_the_exact_gaussian_variance_map():
 def test_strength_scales_the_statistic():
     b_next = np.array([1.0, 2.0])
     v = np.array([0.1, 0.3])
-    np.testing.assert_allclose(correction_coefficients(v, b_next, "drift", 0.5), correction_coefficients(v / 2, b_next, "drift"))
+    np.testing.assert_allclose(
+        correction_coefficients(v, b_next, "drift", 0.5), correction_coefficients(v / 2, b_next, "drift")
+    )
 
 
 def test_bad_statistics_are_refused():

@@ -13,8 +13,8 @@ import pytest
 import xarray as xr
 
 from qdrift_stats import testbed
-from qdrift_stats.validate import crossval
 from qdrift_stats.record.lockstep import record
+from qdrift_stats.validate import crossval
 from qdrift_stats.validate.crossval import cross_validate, open_cv
 
 PAIR = "qdrift_stats.testbed:mixture_vp_noise"
@@ -29,7 +29,9 @@ class Interrupted(KeyboardInterrupt):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("cv-resume") / "calib.zarr"
-    record(testbed.mixture_vp_noise(), path, pair_name=PAIR, scheduler_name="euler", steps=4, runs=5, batch_size=8, seed=0)
+    record(
+        testbed.mixture_vp_noise(), path, pair_name=PAIR, scheduler_name="euler", steps=4, runs=5, batch_size=8, seed=0
+    )
     return path
 
 
@@ -45,7 +47,9 @@ def assert_same_result(a: xr.Dataset, b: xr.Dataset) -> None:
     assert set(a.data_vars) == set(b.data_vars)
     xr.testing.assert_identical(a.drop_attrs(deep=False), b.drop_attrs(deep=False))
     skip = {"store"}  # the store path differs between the two output folders only when given so
-    assert {k: str(v) for k, v in a.attrs.items() if k not in skip} == {k: str(v) for k, v in b.attrs.items() if k not in skip}
+    assert {k: str(v) for k, v in a.attrs.items() if k not in skip} == {
+        k: str(v) for k, v in b.attrs.items() if k not in skip
+    }
 
 
 def counting(monkeypatch, fail_on: int | None = None):

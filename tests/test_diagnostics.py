@@ -8,8 +8,8 @@ import xarray as xr
 
 from qdrift_stats import testbed
 from qdrift_stats.cli import main
-from qdrift_stats.validate.diagnostics import classify, diagnose, lattice_fraction, report, to_json
 from qdrift_stats.record.lockstep import record
+from qdrift_stats.validate.diagnostics import classify, diagnose, lattice_fraction, report, to_json
 
 from .test_estimators_more import memory_store, one_torch_thread, spiky_pair  # noqa: F401 (one_torch_thread: autouse fixture)
 
@@ -29,7 +29,9 @@ FAMILIES = {
 def diagnosed():
     out = {}
     for name, (factory, scheduler, _, _) in FAMILIES.items():
-        ds = memory_store(factory(), scheduler, 10, 4, 32, 3).assign_attrs(pair=name, scheduler=scheduler, batch_size=32)
+        ds = memory_store(factory(), scheduler, 10, 4, 32, 3).assign_attrs(
+            pair=name, scheduler=scheduler, batch_size=32
+        )
         out[name] = diagnose(ds, max_series=128)
     return out
 
@@ -59,7 +61,14 @@ def test_per_step_dataset_has_the_documented_variables(diagnosed):
     diag = diagnosed["vp_noise"]
     for name in ("v", "weight", "kurtosis", "jb_stat", "jb_pvalue", "r2", "k", "lattice", "channel_spread"):
         assert diag[name].dims == ("step",)
-    for name in ("lb_reject", "lag1_autocorr", "weighted_r2", "weighted_kurtosis", "weighted_lattice", "max_drift_pull"):
+    for name in (
+        "lb_reject",
+        "lag1_autocorr",
+        "weighted_r2",
+        "weighted_kurtosis",
+        "weighted_lattice",
+        "max_drift_pull",
+    ):
         assert diag[name].ndim == 0
     # the sinusoidal error's arcsine distribution: excess kurtosis -1.5, not Gaussian
     np.testing.assert_allclose(diag["kurtosis"].values, -1.5, atol=0.2)
@@ -83,8 +92,16 @@ def test_lattice_fraction_detects_values_on_a_grid():
 
 def test_diagnose_command_prints_a_report_json_and_saves_the_dataset(tmp_path, capsys):
     store = tmp_path / "c.zarr"
-    record(testbed.mixture_vp_correlated(), store, pair_name="qdrift_stats.testbed:mixture_vp_correlated", scheduler_name="euler",
-           steps=6, runs=2, batch_size=16, seed=0)
+    record(
+        testbed.mixture_vp_correlated(),
+        store,
+        pair_name="qdrift_stats.testbed:mixture_vp_correlated",
+        scheduler_name="euler",
+        steps=6,
+        runs=2,
+        batch_size=16,
+        seed=0,
+    )
     assert main(["diagnose", str(store)]) == 0
     assert "signal-correlated" in capsys.readouterr().out
     assert main(["diagnose", str(store), "--json", "--out", str(tmp_path / "d.zarr")]) == 0
@@ -98,7 +115,9 @@ def test_diagnose_command_prints_a_report_json_and_saves_the_dataset(tmp_path, c
 
 def test_a_subsampled_diagnosis_reaches_the_same_verdict(diagnosed):
     factory, scheduler, regime, _ = FAMILIES["vp_rounding"]
-    ds = memory_store(factory(), scheduler, 10, 4, 32, 3).assign_attrs(pair="vp_rounding", scheduler=scheduler, batch_size=32)
+    ds = memory_store(factory(), scheduler, 10, 4, 32, 3).assign_attrs(
+        pair="vp_rounding", scheduler=scheduler, batch_size=32
+    )
     small = diagnose(ds, max_points=400, max_series=64)
     assert small.attrs["regime"] == regime
     np.testing.assert_allclose(small["kurtosis"].values, diagnosed["vp_rounding"]["kurtosis"].values, atol=0.5)

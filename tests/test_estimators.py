@@ -13,7 +13,16 @@ from .conftest import VP_PAIR
 @pytest.fixture(scope="module")
 def euler_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("est") / "euler.zarr"
-    record(testbed.mixture_vp_noise(), path, pair_name=VP_PAIR, scheduler_name="euler", steps=10, runs=5, batch_size=64, seed=0)
+    record(
+        testbed.mixture_vp_noise(),
+        path,
+        pair_name=VP_PAIR,
+        scheduler_name="euler",
+        steps=10,
+        runs=5,
+        batch_size=64,
+        seed=0,
+    )
     return path
 
 
@@ -50,7 +59,16 @@ def test_summary_and_dataset_are_readable(euler_store):
 
 def test_one_run_gives_an_estimate_without_interval(tmp_path):
     path = tmp_path / "one.zarr"
-    record(testbed.mixture_vp_noise(), path, pair_name=VP_PAIR, scheduler_name="ddim", steps=3, runs=1, batch_size=8, seed=0)
+    record(
+        testbed.mixture_vp_noise(),
+        path,
+        pair_name=VP_PAIR,
+        scheduler_name="ddim",
+        steps=3,
+        runs=1,
+        batch_size=8,
+        seed=0,
+    )
     fitted = EmpiricalEstimator().fit(path)
     assert np.all(np.isfinite(fitted.variance)) and np.all(np.isnan(fitted.ci_low))
 

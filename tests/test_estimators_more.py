@@ -9,6 +9,8 @@ import torch
 import xarray as xr
 
 from qdrift_stats import testbed
+from qdrift_stats.correct.estimator_file import EstimatorFile
+from qdrift_stats.correct.sample import sample
 from qdrift_stats.estimators import (
     ESTIMATORS,
     DecomposedEstimator,
@@ -22,12 +24,10 @@ from qdrift_stats.estimators import (
 from qdrift_stats.estimators.moment import matched_run, solve_shrink_factor, variance_from_factor
 from qdrift_stats.estimators.robust import robust_second_moment
 from qdrift_stats.estimators.smooth import first_order_gain, solver_gains
-from qdrift_stats.correct.estimator_file import EstimatorFile
-from qdrift_stats.record.lockstep import record, record_run
 from qdrift_stats.loop import prepared_scheduler
-from qdrift_stats.correct.sample import sample
-from qdrift_stats.schedulers.base import step_grid
+from qdrift_stats.record.lockstep import record, record_run
 from qdrift_stats.record.store import open_store, run_dataset
+from qdrift_stats.schedulers.base import step_grid
 from qdrift_stats.testbed.errors import NoiseLikeError, QuantizationError
 
 
@@ -74,7 +74,16 @@ def _record(tmp, pair_name, scheduler, steps, runs=4, batch=32, seed=0):
     path = tmp / f"{pair_name}_{scheduler}_{steps}.zarr"
     pair = getattr(testbed, pair_name)() if pair_name.startswith("mixture") else spiky_pair()
     module = "qdrift_stats.testbed" if pair_name.startswith("mixture") else "tests.test_estimators_more"
-    record(pair, path, pair_name=f"{module}:{pair_name}", scheduler_name=scheduler, steps=steps, runs=runs, batch_size=batch, seed=seed)
+    record(
+        pair,
+        path,
+        pair_name=f"{module}:{pair_name}",
+        scheduler_name=scheduler,
+        steps=steps,
+        runs=runs,
+        batch_size=batch,
+        seed=seed,
+    )
     return open_store(path).load()
 
 
@@ -86,7 +95,10 @@ def memory_store(pair, scheduler, steps, runs, batch, seed) -> xr.Dataset:
     grid = step_grid(prepared_scheduler(pair, scheduler, steps))
     coords = {"timestep": grid.timesteps, "a": grid.a, "b": grid.b, "a_next": grid.a_next, "b_next": grid.b_next}
     arrays = record_run(pair, scheduler, steps, runs * batch, seed)[0]
-    parts = [run_dataset({k: v[:, r * batch:(r + 1) * batch] for k, v in arrays.items()}, seed * 1000 + r, r, coords, {}) for r in range(runs)]
+    parts = [
+        run_dataset({k: v[:, r * batch : (r + 1) * batch] for k, v in arrays.items()}, seed * 1000 + r, r, coords, {})
+        for r in range(runs)
+    ]
     return xr.concat(parts, dim="run")
 
 
@@ -170,7 +182,9 @@ def test_solver_probe_gains_equal_the_analytic_first_order_gain(scheduler, confi
     scheduler_obj = prepared_scheduler(pair, scheduler, 12)
     grid = step_grid(scheduler_obj)
     c, d = solver_gains(prepared_scheduler(pair, scheduler, 12))
-    np.testing.assert_allclose(c, first_order_gain(grid.prediction_type, grid.a, grid.b, grid.a_next, grid.b_next), rtol=1e-5)
+    np.testing.assert_allclose(
+        c, first_order_gain(grid.prediction_type, grid.a, grid.b, grid.a_next, grid.b_next), rtol=1e-5
+    )
     assert np.all(d == 0)
 
 
@@ -226,7 +240,9 @@ def test_first_order_smooth_statistic_of_a_multistep_solver_interpolates_like_a_
     gain = first_order_gain(grid.prediction_type, grid.a, grid.b, grid.a_next, grid.b_next)
     direct = gain**2 * (ds["delta_out"].astype("float64") ** 2).mean(("run", "sample", "channel")).values
     keep = grid.b_next > 0
-    np.testing.assert_allclose(EstimatorFile.load(tmp_path / "f.safetensors").variance_on(grid)[keep], direct[keep], rtol=0.15)
+    np.testing.assert_allclose(
+        EstimatorFile.load(tmp_path / "f.safetensors").variance_on(grid)[keep], direct[keep], rtol=0.15
+    )
 
 
 def test_smooth_estimators_of_an_exact_pair_are_zero_everywhere(stores, tmp_path):
@@ -270,13 +286,16 @@ def test_robust_estimator_on_bounded_noise_matches_the_empirical_one(stores):
     assert np.all(boot.ci_low <= boot.variance) and np.all(boot.variance <= boot.ci_high)
 
 
-@pytest.mark.parametrize("pair_name,expected", [
-    # Gaussian error: the Gaussian-core estimand of Huber and MAD is the variance itself
-    ("mixture_vp_gauss", {"huber": 1.0, "mad": 1.0}),
-    # sinusoid (arcsine marginal): MAD^2 = (sin(pi/4) / Phi^-1(3/4))^2 = 1.099 against E sin^2 = 1/2, a ratio
-    # of 2.198; Huber's proposal-2 scale lands in between (about 1.29, measured by studies/coverage.py)
-    ("mixture_vp_noise", {"huber": 1.29, "mad": 2.198}),
-])
+@pytest.mark.parametrize(
+    "pair_name,expected",
+    [
+        # Gaussian error: the Gaussian-core estimand of Huber and MAD is the variance itself
+        ("mixture_vp_gauss", {"huber": 1.0, "mad": 1.0}),
+        # sinusoid (arcsine marginal): MAD^2 = (sin(pi/4) / Phi^-1(3/4))^2 = 1.099 against E sin^2 = 1/2, a ratio
+        # of 2.198; Huber's proposal-2 scale lands in between (about 1.29, measured by studies/coverage.py)
+        ("mixture_vp_noise", {"huber": 1.29, "mad": 2.198}),
+    ],
+)
 def test_huber_and_mad_estimate_the_variance_of_a_gaussian_core(pair_name, expected):
     """8 runs x 64 samples x 8 elements = 4096 values per step: the MAD's variance estimate has a relative
     se of about sqrt(2 / (0.37 * 4096)) = 3.6% per step, 1.4% averaged over 7 steps; tolerance 5%."""
@@ -333,7 +352,6 @@ def test_moment_matching_is_unbiased_for_its_estimand_where_runs_are_not_capped(
         assert np.all(np.abs(v.mean(axis=0) - truth)[early] <= 3 * se[early])
 
 
-
 def test_moment_matching_finds_nothing_to_correct_on_an_exact_pair(stores):
     fitted = MomentEstimator().fit(stores["vp_exact"])
     assert np.all(fitted.variance == 0)
@@ -369,10 +387,21 @@ def test_new_estimators_are_registered_and_fit_from_the_command_line(stores, tmp
     from qdrift_stats.cli import main
 
     path = tmp_path / "store.zarr"
-    record(testbed.mixture_vp_noise(), path, pair_name="qdrift_stats.testbed:mixture_vp_noise", scheduler_name="euler", steps=5, runs=2, batch_size=8, seed=0)
+    record(
+        testbed.mixture_vp_noise(),
+        path,
+        pair_name="qdrift_stats.testbed:mixture_vp_noise",
+        scheduler_name="euler",
+        steps=5,
+        runs=2,
+        batch_size=8,
+        seed=0,
+    )
     assert main(["fit", str(path), "--out", str(tmp_path / "e.safetensors"), "--estimator", "smooth-glm", "-q"]) == 0
     est = EstimatorFile.load(tmp_path / "e.safetensors")
-    assert est.smooth and "curve_log_u" in est.tensors and est.metadata["estimator"]["smooth_model"]["space"] == "output"
+    assert (
+        est.smooth and "curve_log_u" in est.tensors and est.metadata["estimator"]["smooth_model"]["space"] == "output"
+    )
 
 
 def test_expanded_bootstrap_interval_is_wider_than_the_plain_percentile_with_five_runs():

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from qdrift_stats.correct.estimator_file import EstimatorFile, interpolate_log_b
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators import EmpiricalEstimator
-from qdrift_stats.correct.estimator_file import EstimatorFile, interpolate_log_b
 from qdrift_stats.loop import prepared_scheduler
 from qdrift_stats.schedulers.base import step_grid
 
@@ -67,8 +67,16 @@ def test_log_b_interpolation_is_exact_on_a_power_law():
     [
         ({"variance": torch.zeros(3)}, None, "no valid 'qdrift' metadata"),
         ({"variance": torch.zeros(3)}, {"qdrift": json.dumps({"format": "other"})}, "not a qdrift estimator file"),
-        ({"variance": torch.zeros(3)}, {"qdrift": json.dumps({"format": "qdrift-estimator", "format_version": 99})}, "format version 99"),
-        ({"variance": torch.zeros(3)}, {"qdrift": json.dumps({"format": "qdrift-estimator", "format_version": 1})}, "lacks the tensors"),
+        (
+            {"variance": torch.zeros(3)},
+            {"qdrift": json.dumps({"format": "qdrift-estimator", "format_version": 99})},
+            "format version 99",
+        ),
+        (
+            {"variance": torch.zeros(3)},
+            {"qdrift": json.dumps({"format": "qdrift-estimator", "format_version": 1})},
+            "lacks the tensors",
+        ),
         ({"variance": torch.zeros(3)}, {"qdrift": "{not json"}, "no valid 'qdrift' metadata"),
     ],
 )

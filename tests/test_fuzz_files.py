@@ -25,9 +25,9 @@ import shutil
 import struct
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -36,7 +36,25 @@ PAIR = "qdrift_stats.testbed:mixture_vp_noise"
 SCHEDULER, STEPS, RUNS, BATCH = "euler", 3, 2, 2
 
 # Values of the wrong type or out of range, for attributes and metadata fields.
-WRONG_VALUES: list = [None, -1, 0, 10**12, -(10**12), 1.5, float("nan"), True, "", "x", "3", "NaN", [], [1, 2], {}, {"a": 1}, '{"bad json']
+WRONG_VALUES: list = [
+    None,
+    -1,
+    0,
+    10**12,
+    -(10**12),
+    1.5,
+    float("nan"),
+    True,
+    "",
+    "x",
+    "3",
+    "NaN",
+    [],
+    [1, 2],
+    {},
+    {"a": 1},
+    '{"bad json',
+]
 
 
 # ---- the valid starting files ---------------------------------------------------------------
@@ -50,7 +68,16 @@ def make_base(folder: Path) -> tuple[Path, Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     store, est = folder / "base.zarr", folder / "base.safetensors"
-    record(testbed.mixture_vp_noise(), store, pair_name=PAIR, scheduler_name=SCHEDULER, steps=STEPS, runs=RUNS, batch_size=BATCH, seed=0)
+    record(
+        testbed.mixture_vp_noise(),
+        store,
+        pair_name=PAIR,
+        scheduler_name=SCHEDULER,
+        steps=STEPS,
+        runs=RUNS,
+        batch_size=BATCH,
+        seed=0,
+    )
     EmpiricalEstimator().fit(store).export(est)
     return store, est
 
@@ -138,13 +165,28 @@ def metadata_garbage(path: Path, rng) -> str:
 
 
 _ARRAY_FIELDS = {
-    "shape": lambda rng, old: _pick(rng, [[], [0] * len(old), [n + 1 for n in old], old[:-1], old + [1], [-1] * len(old), "3", None]),
-    "data_type": lambda rng, old: _pick(rng, ["int8", "float16", "bool", "complex128", "uint64", "string", "nonsense", 5, None]),
-    "chunk_grid": lambda rng, old: _pick(rng, [{"name": "regular", "configuration": {"chunk_shape": [0]}},
-                                              {"name": "irregular"}, {"name": "regular", "configuration": {"chunk_shape": "x"}}, None]),
-    "codecs": lambda rng, old: _pick(rng, [[], [{"name": "gzip", "configuration": {"level": 1}}], [{"name": "nope"}], "bytes", None]),
+    "shape": lambda rng, old: _pick(
+        rng, [[], [0] * len(old), [n + 1 for n in old], old[:-1], old + [1], [-1] * len(old), "3", None]
+    ),
+    "data_type": lambda rng, old: _pick(
+        rng, ["int8", "float16", "bool", "complex128", "uint64", "string", "nonsense", 5, None]
+    ),
+    "chunk_grid": lambda rng, old: _pick(
+        rng,
+        [
+            {"name": "regular", "configuration": {"chunk_shape": [0]}},
+            {"name": "irregular"},
+            {"name": "regular", "configuration": {"chunk_shape": "x"}},
+            None,
+        ],
+    ),
+    "codecs": lambda rng, old: _pick(
+        rng, [[], [{"name": "gzip", "configuration": {"level": 1}}], [{"name": "nope"}], "bytes", None]
+    ),
     "fill_value": lambda rng, old: _pick(rng, ["x", [1, 2], {}, None, "Infinity"]),
-    "dimension_names": lambda rng, old: _pick(rng, [None, [], ["run"] * (len(old) if isinstance(old, list) else 1), [1, 2], "step"]),
+    "dimension_names": lambda rng, old: _pick(
+        rng, [None, [], ["run"] * (len(old) if isinstance(old, list) else 1), [1, 2], "step"]
+    ),
     "node_type": lambda rng, old: _pick(rng, ["group", "table", None]),
     "zarr_format": lambda rng, old: _pick(rng, [2, 4, "3", None]),
 }
@@ -193,8 +235,11 @@ def attribute_deleted(path: Path, rng) -> str:
 
 def schema_version_wrong(path: Path, rng) -> str:
     key = _pick(rng, ["qdrift_schema_version", "qdrift_schema"])
-    value = _pick(rng, [0, 2, 99, -1, "1", 1.0001, None, "qdrift-cv", "qdrift-calibration-v2", ""]) if key.endswith("version") else _pick(
-        rng, ["qdrift-cv", "qdrift-estimator", "", None, 1])
+    value = (
+        _pick(rng, [0, 2, 99, -1, "1", 1.0001, None, "qdrift-cv", "qdrift-calibration-v2", ""])
+        if key.endswith("version")
+        else _pick(rng, ["qdrift-cv", "qdrift-estimator", "", None, 1])
+    )
     _set_attr(path, key, value)
     return f"attribute {key} = {value!r}"
 
@@ -260,8 +305,8 @@ def _split(data: bytes) -> tuple[int, dict, bytes]:
 
 
 def _load_parts(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    from safetensors.numpy import load_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file
 
     with safe_open(str(path), framework="np") as f:
         metadata = json.loads(f.metadata()["qdrift"])
@@ -338,7 +383,19 @@ def est_tensor_wrong_shape(path: Path, rng) -> str:
     tensors, metadata = _load_parts(path)
     name = _pick(rng, sorted(tensors))
     old = tensors[name]
-    shape = _pick(rng, [(), (0,), (len(old) + 1,), (max(len(old) - 1, 0),), (len(old), 2), (len(old), 0), (1, len(old)), (len(old), 2, 2)])
+    shape = _pick(
+        rng,
+        [
+            (),
+            (0,),
+            (len(old) + 1,),
+            (max(len(old) - 1, 0),),
+            (len(old), 2),
+            (len(old), 0),
+            (1, len(old)),
+            (len(old), 2, 2),
+        ],
+    )
     tensors[name] = np.resize(old, shape) if int(np.prod(shape)) else np.zeros(shape)
     _save_parts(path, tensors, metadata)
     return f"{name} shape {old.shape} -> {shape}"
@@ -392,8 +449,15 @@ def est_metadata_key_missing(path: Path, rng) -> str:
 
 def est_metadata_wrong_type(path: Path, rng) -> str:
     tensors, metadata = _load_parts(path)
-    keys = _pick(rng, _metadata_paths(metadata) + [("scheduler", "config"), ("scheduler", "config", "num_train_timesteps"),
-                                                   ("scheduler", "config", "prediction_type")])
+    keys = _pick(
+        rng,
+        _metadata_paths(metadata)
+        + [
+            ("scheduler", "config"),
+            ("scheduler", "config", "num_train_timesteps"),
+            ("scheduler", "config", "prediction_type"),
+        ],
+    )
     holder = metadata
     for k in keys[:-1]:
         holder = holder[k]
@@ -405,7 +469,9 @@ def est_metadata_wrong_type(path: Path, rng) -> str:
 
 def est_metadata_not_json(path: Path, rng) -> str:
     tensors, metadata = _load_parts(path)
-    raw = _pick(rng, ["", "{", "not json", "[]", "null", "1", '{"format": "qdrift-estimator"}', json.dumps(metadata)[:-3]])
+    raw = _pick(
+        rng, ["", "{", "not json", "[]", "null", "1", '{"format": "qdrift-estimator"}', json.dumps(metadata)[:-3]]
+    )
     _save_parts(path, tensors, metadata, raw_metadata=raw)
     return f"metadata entry {raw[:30]!r}"
 
@@ -465,10 +531,16 @@ def run_cli(argv: list[str]) -> tuple[int, str, str, list[str]]:
     from qdrift_stats.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
         warnings.simplefilter("default")
         code = main(argv)
-    shown = [str(w.message) for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    shown = [
+        str(w.message) for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))
+    ]
     return code, out.getvalue(), err.getvalue(), shown
 
 
@@ -517,10 +589,17 @@ def read_store(kind: str, store: Path, folder: Path) -> list[Outcome]:
     from qdrift_stats.estimators import EmpiricalEstimator
     from qdrift_stats.record.store import open_store
 
-    outcomes = [_checked(kind, "open_store + fit", folder, set(), lambda: _api(lambda: EmpiricalEstimator().fit(open_store(store))))]
+    outcomes = [
+        _checked(
+            kind, "open_store + fit", folder, set(), lambda: _api(lambda: EmpiricalEstimator().fit(open_store(store)))
+        )
+    ]
     est = folder / "fitted.safetensors"
-    outcomes.append(_checked(kind, "qdrift fit", folder, {est.name},
-                             lambda: _cli(["fit", str(store), "--out", str(est), "-q"], est)))
+    outcomes.append(
+        _checked(
+            kind, "qdrift fit", folder, {est.name}, lambda: _cli(["fit", str(store), "--out", str(est), "-q"], est)
+        )
+    )
     if est.exists():
         est.unlink()
     outcomes.append(_checked(kind, "qdrift diagnose", folder, set(), lambda: _cli(["diagnose", str(store)], None)))
@@ -539,8 +618,27 @@ def read_estimator(kind: str, est: Path, folder: Path) -> list[Outcome]:
 
     outcomes = [_checked(kind, "EstimatorFile.load + corrector", folder, set(), lambda: _api(api))]
     out = folder / "samples.npy"
-    argv = ["sample", "--pair", PAIR, "--scheduler", SCHEDULER, "--steps", str(STEPS), "--num-samples", "2", "--batch", "2",
-            "--seed", "5", "--model", "q", "--estimator", str(est), "--out", str(out)]
+    argv = [
+        "sample",
+        "--pair",
+        PAIR,
+        "--scheduler",
+        SCHEDULER,
+        "--steps",
+        str(STEPS),
+        "--num-samples",
+        "2",
+        "--batch",
+        "2",
+        "--seed",
+        "5",
+        "--model",
+        "q",
+        "--estimator",
+        str(est),
+        "--out",
+        str(out),
+    ]
     outcomes.append(_checked(kind, "qdrift sample --estimator", folder, {out.name}, lambda: _cli(argv, out)))
     if out.exists():
         out.unlink()
@@ -563,8 +661,15 @@ class FuzzReport:
         return out
 
 
-def fuzz(base_store: Path, base_est: Path, work: Path, per_kind: int, seed: int = 0,
-         store_kinds: list[str] | None = None, est_kinds: list[str] | None = None) -> FuzzReport:
+def fuzz(
+    base_store: Path,
+    base_est: Path,
+    work: Path,
+    per_kind: int,
+    seed: int = 0,
+    store_kinds: list[str] | None = None,
+    est_kinds: list[str] | None = None,
+) -> FuzzReport:
     """``per_kind`` malformed variants of each kind, each read by every reader of its file type."""
     rng = np.random.default_rng(seed)
     report = FuzzReport()
@@ -606,7 +711,9 @@ KNOWN_LIBRARY_BUGS: list[tuple[tuple[str, ...], str, str]] = []
 
 
 def is_known_bug(outcome: Outcome) -> bool:
-    return outcome.result == "crash" and any(outcome.reader in readers and text in outcome.detail for readers, text, _ in KNOWN_LIBRARY_BUGS)
+    return outcome.result == "crash" and any(
+        outcome.reader in readers and text in outcome.detail for readers, text, _ in KNOWN_LIBRARY_BUGS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -635,7 +742,15 @@ def test_malformed_files_are_read_or_refused_in_one_line_touching_nothing(base_f
 
 def test_no_malformed_file_crashes_any_reader(base_files, tmp_path):
     store, est = base_files
-    report = fuzz(store, est, tmp_path / "work", 2, seed=7, store_kinds=["chunk truncated", "chunk zeroed", "array metadata field wrong"], est_kinds=[])
+    report = fuzz(
+        store,
+        est,
+        tmp_path / "work",
+        2,
+        seed=7,
+        store_kinds=["chunk truncated", "chunk zeroed", "array metadata field wrong"],
+        est_kinds=[],
+    )
     problems = [f"{o.kind} / {o.reader}: {o.result}: {o.detail}" for o in report.crashes()]
     assert not problems, "\n".join(problems)
 
@@ -654,16 +769,27 @@ def test_an_unreadable_store_keeps_an_existing_estimator_untouched(base_files, t
     assert not changed(before, snapshot(tmp_path))
 
 
-@pytest.mark.parametrize("damage", [
-    lambda p: _set_attr(p, "runs_complete", None),
-    lambda p: _set_attr(p, "runs_complete", -1),
-    lambda p: _set_attr(p, "runs_complete", RUNS + 1),
-    lambda p: _set_attr(p, "scheduler_config", "x"),
-    lambda p: _set_attr(p, "scheduler_config", "[1, 2]"),
-    lambda p: variable_missing_named(p, "b"),
-    lambda p: variable_missing_named(p, "seed"),
-], ids=["runs_complete-None", "runs_complete-negative", "runs_complete-too-many", "scheduler_config-not-json",
-        "scheduler_config-not-object", "no-b", "no-seed"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: _set_attr(p, "runs_complete", None),
+        lambda p: _set_attr(p, "runs_complete", -1),
+        lambda p: _set_attr(p, "runs_complete", RUNS + 1),
+        lambda p: _set_attr(p, "scheduler_config", "x"),
+        lambda p: _set_attr(p, "scheduler_config", "[1, 2]"),
+        lambda p: variable_missing_named(p, "b"),
+        lambda p: variable_missing_named(p, "seed"),
+    ],
+    ids=[
+        "runs_complete-None",
+        "runs_complete-negative",
+        "runs_complete-too-many",
+        "scheduler_config-not-json",
+        "scheduler_config-not-object",
+        "no-b",
+        "no-seed",
+    ],
+)
 def test_store_damage_found_by_fuzzing_is_refused_by_open_store(base_files, tmp_path, damage):
     from qdrift_stats.errors import QDriftError
     from qdrift_stats.record.store import open_store
@@ -682,10 +808,12 @@ def variable_missing_named(path: Path, name: str) -> None:
     shutil.rmtree(path / name)
 
 
-@pytest.mark.parametrize("name,shape", [("timesteps", (STEPS, 2)), ("b_next", (STEPS, 2, 2)), ("variance", (STEPS, 2, 2))])
+@pytest.mark.parametrize(
+    "name,shape", [("timesteps", (STEPS, 2)), ("b_next", (STEPS, 2, 2)), ("variance", (STEPS, 2, 2))]
+)
 def test_estimator_tensors_of_too_many_dims_are_refused(base_files, tmp_path, name, shape):
-    from qdrift_stats.errors import QDriftError
     from qdrift_stats.correct.estimator_file import EstimatorFile
+    from qdrift_stats.errors import QDriftError
 
     est = tmp_path / "e.safetensors"
     tensors, metadata = _load_parts(base_files[1])

@@ -28,9 +28,13 @@ def _python3_kernel() -> str | None:
         return None
     except NoSuchKernel:
         pass
-    proc = subprocess.run([sys.executable, "-m", "ipykernel", "install", "--user", "--name", "python3"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ipykernel", "install", "--user", "--name", "python3"], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        return f"no 'python3' Jupyter kernel and 'python -m ipykernel install --user' failed: {proc.stderr.strip()[-200:]}"
+        return (
+            f"no 'python3' Jupyter kernel and 'python -m ipykernel install --user' failed: {proc.stderr.strip()[-200:]}"
+        )
     return None
 
 
@@ -55,7 +59,9 @@ def test_notebook_runs_at_reduced_size(path, kernel, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' own files land under tmp_path too
-    client = nbclient.NotebookClient(notebook, kernel_name=kernel, timeout=120, resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        notebook, kernel_name=kernel, timeout=120, resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]

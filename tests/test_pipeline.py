@@ -28,12 +28,12 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
+from qdrift_stats.correct.diffusers import QDriftScheduler
+from qdrift_stats.correct.estimator_file import EstimatorFile
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators import EmpiricalEstimator
-from qdrift_stats.correct.estimator_file import EstimatorFile
-from qdrift_stats.record.pipelines import calibrate_pipeline
 from qdrift_stats.quantize import quantize
-from qdrift_stats.correct.diffusers import QDriftScheduler
+from qdrift_stats.record.pipelines import calibrate_pipeline
 from qdrift_stats.record.store import open_store
 
 STEPS = 5
@@ -48,8 +48,15 @@ GUIDANCE = 4.0
 def tiny_vae() -> AutoencoderKL:
     torch.manual_seed(0)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=8,
     )
 
 
@@ -57,17 +64,31 @@ def tiny_dit() -> DiTTransformer2DModel:
     torch.manual_seed(0)
     # num_embeds_ada_norm=1000: DiTPipeline's null class is 1000 (ImageNet); out_channels=8: learned sigma
     return DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+        norm_num_groups=1,
     )
 
 
 def tiny_unet() -> UNet2DConditionModel:
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8,), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
-        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8,),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",),
+        cross_attention_dim=16,
+        norm_num_groups=4,
+        attention_head_dim=4,
     )
 
 
@@ -84,10 +105,19 @@ def tiny_clip(folder: Path):
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
     torch.manual_seed(0)
-    encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
+    encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
     return tokenizer, encoder
 
 
@@ -128,9 +158,13 @@ def _quiet_diffusers():
 def dit(tmp_path_factory):
     """``(folder, fp_pipe, q_pipe)``: a saved-and-reloaded tiny DiT pipeline and its w4a8 twin."""
     folder = tmp_path_factory.mktemp("dit")
-    DiTPipeline(transformer=tiny_dit(), vae=tiny_vae(), scheduler=DDIMScheduler(clip_sample=False)).save_pretrained(folder)
+    DiTPipeline(transformer=tiny_dit(), vae=tiny_vae(), scheduler=DDIMScheduler(clip_sample=False)).save_pretrained(
+        folder
+    )
     fp = quiet(DiTPipeline.from_pretrained(folder))
-    calibration = denoiser_calls(fp, class_labels=LABELS, guidance_scale=GUIDANCE, num_inference_steps=2, output_type="pt")
+    calibration = denoiser_calls(
+        fp, class_labels=LABELS, guidance_scale=GUIDANCE, num_inference_steps=2, output_type="pt"
+    )
     q = quiet(DiTPipeline.from_pipe(fp, transformer=quantize(fp.transformer, "w4a8", calibration)))
     return folder, fp, q
 
@@ -142,8 +176,13 @@ def sd(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd")
     tokenizer, encoder = tiny_clip(folder / "clip")
     StableDiffusionPipeline(
-        vae=tiny_vae(), text_encoder=encoder, tokenizer=tokenizer, unet=tiny_unet(),
-        scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
+        vae=tiny_vae(),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        unet=tiny_unet(),
+        scheduler=EulerDiscreteScheduler(steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     ).save_pretrained(folder / "pipe")
     fp = quiet(StableDiffusionPipeline.from_pretrained(folder / "pipe"))
@@ -158,8 +197,16 @@ def dit_store(dit, tmp_path_factory):
     out = tmp_path_factory.mktemp("dit_store") / "calib.zarr"
     before = dit_images(fp)
     scheduler = fp.scheduler
-    calibrate_pipeline(fp, q, out=out, class_labels=LABELS, seeds=[0, 1], num_inference_steps=STEPS,
-                       guidance_scale=GUIDANCE, recipe="w4a8")
+    calibrate_pipeline(
+        fp,
+        q,
+        out=out,
+        class_labels=LABELS,
+        seeds=[0, 1],
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        recipe="w4a8",
+    )
     assert fp.scheduler is scheduler and not fp.transformer._forward_pre_hooks and not q.transformer._forward_pre_hooks
     return {"path": out, "fp_before": before, "fp_after": dit_images(fp)}
 
@@ -172,13 +219,23 @@ def dit_estimator(dit_store, tmp_path_factory):
 
 
 def dit_images(pipe, seed=0, steps=STEPS):
-    return pipe(class_labels=LABELS, guidance_scale=GUIDANCE, num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    return pipe(
+        class_labels=LABELS,
+        guidance_scale=GUIDANCE,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
 
 
 def sd_latents(pipe, seed=0, steps=STEPS):
-    return pipe(PROMPTS, guidance_scale=GUIDANCE, num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    return pipe(
+        PROMPTS,
+        guidance_scale=GUIDANCE,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+    ).images
 
 
 def configured_copy(scheduler, steps=STEPS):
@@ -197,7 +254,11 @@ def test_dit_calibration_writes_the_record_store_with_the_guided_outputs_the_sch
     attrs = ds.attrs
     assert attrs["scheduler"] == "ddim" and attrs["scheduler_class"] == "DDIMScheduler" and attrs["steps"] == STEPS
     assert attrs["pipeline"] == "DiTPipeline" and attrs["recipe"] == "w4a8" and attrs["runs_complete"] == 2
-    assert "DiTPipeline" in attrs["pair"] and "w4a8" in attrs["pair"] and json.loads(attrs["conditions"]) == {"class_labels": LABELS}
+    assert (
+        "DiTPipeline" in attrs["pair"]
+        and "w4a8" in attrs["pair"]
+        and json.loads(attrs["conditions"]) == {"class_labels": LABELS}
+    )
     assert list(ds["seed"].values) == [0, 1]
 
     # Step 0 of run 0 by hand: DiT's guidance (conditional half first, eps channels of a learned-sigma output).
@@ -227,8 +288,17 @@ def test_calibration_does_not_change_what_the_fp_pipeline_outputs(dit_store):
 @pytest.fixture(scope="module")
 def sd_store(sd, tmp_path_factory):
     _, fp, q = sd
-    return calibrate_pipeline(fp, q, out=tmp_path_factory.mktemp("sd_store") / "sd.zarr", prompts=PROMPTS, seeds=[0, 1],
-                              num_inference_steps=STEPS, guidance_scale=GUIDANCE, recipe="w4a4", trajectories=True)
+    return calibrate_pipeline(
+        fp,
+        q,
+        out=tmp_path_factory.mktemp("sd_store") / "sd.zarr",
+        prompts=PROMPTS,
+        seeds=[0, 1],
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        recipe="w4a4",
+        trajectories=True,
+    )
 
 
 def test_stable_diffusion_calibration_follows_the_fp_trajectory_in_lock_step(sd, sd_store):
@@ -252,14 +322,24 @@ def test_an_existing_store_is_resumed_with_the_missing_seeds_only(dit, dit_store
     calls = {"n": 0}
     handle = fp.transformer.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     try:
-        calibrate_pipeline(fp, q, out=out, class_labels=LABELS, seeds=[0, 1, 2], num_inference_steps=STEPS,
-                           guidance_scale=GUIDANCE, recipe="w4a8")
+        calibrate_pipeline(
+            fp,
+            q,
+            out=out,
+            class_labels=LABELS,
+            seeds=[0, 1, 2],
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            recipe="w4a8",
+        )
     finally:
         handle.remove()
     assert calls["n"] == STEPS  # one new run: seed 2
     assert list(open_store(out)["seed"].values) == [0, 1, 2]
     with pytest.raises(QDriftError, match="recorded with pair="):
-        calibrate_pipeline(fp, q, out=out, class_labels=[7], seeds=[3], num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+        calibrate_pipeline(
+            fp, q, out=out, class_labels=[7], seeds=[3], num_inference_steps=STEPS, guidance_scale=GUIDANCE
+        )
 
 
 def test_calibration_misuse_gets_one_line_errors(dit, tmp_path):
@@ -295,7 +375,9 @@ def test_dit_chain_corrects_the_quantized_pipeline_and_a_zero_estimator_changes_
 def test_an_estimator_for_another_grid_or_recipe_is_refused_with_one_line(dit, dit_estimator):
     _, _, q = dit
     pipe = with_scheduler(q, QDriftScheduler(q.scheduler, dit_estimator))
-    with pytest.raises(QDriftError, match=f"fitted for ddim with {STEPS} steps, this sampler runs ddim with {STEPS + 3} steps") as err:
+    with pytest.raises(
+        QDriftError, match=f"fitted for ddim with {STEPS} steps, this sampler runs ddim with {STEPS + 3} steps"
+    ) as err:
         dit_images(pipe, steps=STEPS + 3)
     assert "\n" not in str(err.value)
     with pytest.raises(QDriftError, match="calibrated for recipe 'w4a8', not 'w4a4'"):
@@ -331,7 +413,10 @@ def test_stable_diffusion_chain_with_euler(sd, sd_store, tmp_path):
     folder, fp, q = sd
     EmpiricalEstimator().fit(sd_store).export(tmp_path / "sd.safetensors", correction="shrink")
     est = EstimatorFile.load(tmp_path / "sd.safetensors")
-    assert est.metadata["scheduler"]["class"] == "EulerDiscreteScheduler" and est.metadata["provenance"]["recipe"] == "w4a4"
+    assert (
+        est.metadata["scheduler"]["class"] == "EulerDiscreteScheduler"
+        and est.metadata["provenance"]["recipe"] == "w4a4"
+    )
     corrected = sd_latents(with_scheduler(q, QDriftScheduler(q.scheduler, est, model=str(folder), recipe="w4a4")))
     plain = sd_latents(q)
     assert torch.isfinite(corrected).all() and not torch.equal(corrected, plain)

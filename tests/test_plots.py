@@ -8,9 +8,9 @@ import xarray as xr
 
 from qdrift_stats import plots, testbed
 from qdrift_stats.cli import main
+from qdrift_stats.correct.estimator_file import EstimatorFile
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators import EmpiricalEstimator, FittedEstimator
-from qdrift_stats.correct.estimator_file import EstimatorFile
 from qdrift_stats.record.lockstep import record
 from qdrift_stats.record.store import open_store
 
@@ -24,7 +24,17 @@ def traj_store(tmp_path_factory):
     """3 runs x 16 samples, 8 Euler steps, with trajectories; and its drift estimator file."""
     folder = tmp_path_factory.mktemp("plots")
     store, est = folder / "calib.zarr", folder / "est.safetensors"
-    record(testbed.mixture_vp_noise(), store, pair_name=VP_PAIR, scheduler_name="euler", steps=8, runs=3, batch_size=16, seed=0, trajectories=True)
+    record(
+        testbed.mixture_vp_noise(),
+        store,
+        pair_name=VP_PAIR,
+        scheduler_name="euler",
+        steps=8,
+        runs=3,
+        batch_size=16,
+        seed=0,
+        trajectories=True,
+    )
     EmpiricalEstimator().fit(store).export(est, correction="drift")
     return store, est
 
@@ -42,7 +52,9 @@ def test_accumulation_dataset_measures_the_stored_trajectories(traj_store):
     ds = open_store(store).load()
     want = np.sqrt(((ds["traj_q"].astype("float64") - ds["traj_fp"].astype("float64")) ** 2).mean("channel")).values
     np.testing.assert_allclose(acc["dist_q"].values, want, rtol=1e-12)
-    np.testing.assert_allclose(acc["var_fp"].values, ds["traj_fp"].astype("float64").var("sample").mean("channel").values, rtol=1e-12)
+    np.testing.assert_allclose(
+        acc["var_fp"].values, ds["traj_fp"].astype("float64").var("sample").mean("channel").values, rtol=1e-12
+    )
     # strength 0: the corrected sampler is the plain Q sampler, so it reproduces the stored Q trajectory
     zero = plots.accumulation_dataset(VP_PAIR, store, est, strength=0.0)
     np.testing.assert_allclose(zero["dist_corrected"].values, zero["dist_q"].values, rtol=1e-6, atol=1e-7)
@@ -55,7 +67,11 @@ def test_accumulation_figure_has_the_path_and_spread_panels(traj_store):
     paths, spread = fig.axes
     assert paths.get_xscale() == "log" and paths.get_yscale() == "log" and paths.xaxis_inverted()
     labels = legend_texts(paths)
-    assert any(t.startswith("quantized;") for t in labels) and any("Q-Drift (drift)" in t for t in labels) and any("sqrt" in t for t in labels)
+    assert (
+        any(t.startswith("quantized;") for t in labels)
+        and any("Q-Drift (drift)" in t for t in labels)
+        and any("sqrt" in t for t in labels)
+    )
     assert "final step (b=0)" in labels[0]
     assert "state units" in paths.get_ylabel() and "%" in spread.get_ylabel()
     assert len(legend_texts(spread)) == 3
@@ -77,8 +93,18 @@ def test_variance_figure_draws_any_fitted_estimator_with_its_band(traj_store):
     per_channel = EmpiricalEstimator(per_channel=True).fit(store)
     # any FittedEstimator works, e.g. one without an interval
     bare = FittedEstimator(
-        name="custom", params={}, variance=scalar.variance * 2, ci_low=np.full(8, np.nan), ci_high=np.full(8, np.nan), confidence=0.9,
-        per_run=np.empty((0,)), timesteps=scalar.timesteps, a_next=scalar.a_next, b_next=scalar.b_next, store_attrs=scalar.store_attrs, seeds=scalar.seeds,
+        name="custom",
+        params={},
+        variance=scalar.variance * 2,
+        ci_low=np.full(8, np.nan),
+        ci_high=np.full(8, np.nan),
+        confidence=0.9,
+        per_run=np.empty((0,)),
+        timesteps=scalar.timesteps,
+        a_next=scalar.a_next,
+        b_next=scalar.b_next,
+        store_attrs=scalar.store_attrs,
+        seeds=scalar.seeds,
     )
     fig = plots.plot_variance([scalar, per_channel, bare, EstimatorFile.load(est)])
     ax_v, ax_g = fig.axes
@@ -97,7 +123,11 @@ def cv_dataset():
     n = np.array([1, 2, 4, 8, 16])
     rng = np.random.default_rng(0)
     err = 0.3 / np.sqrt(n)[:, None] * rng.lognormal(0, 0.2, size=(5, 20))
-    return xr.Dataset({"rel_error": (("n_runs", "repeat"), err)}, coords={"n_runs": n, "repeat": np.arange(20)}, attrs={"tolerance": 0.1})
+    return xr.Dataset(
+        {"rel_error": (("n_runs", "repeat"), err)},
+        coords={"n_runs": n, "repeat": np.arange(20)},
+        attrs={"tolerance": 0.1},
+    )
 
 
 def test_runs_needed_figure_marks_the_tolerance_and_the_runs_needed():
@@ -122,7 +152,13 @@ def diagnostics_dataset(names, scalars=True):
     data = {name: (("step", "run"), rng.uniform(0.001, 1.0, size=(6, 4))) for name in names}
     if scalars:
         data.update({"lb_reject": ((), 0.3), "lag1_autocorr": ((), 0.1)})
-    attrs = {"regime": "noise-like", "estimator": "empirical", "correction": "shrink", "reasons": '["light tails"]', "caveats": "[]"}
+    attrs = {
+        "regime": "noise-like",
+        "estimator": "empirical",
+        "correction": "shrink",
+        "reasons": '["light tails"]',
+        "caveats": "[]",
+    }
     return xr.Dataset(data, coords={"step": np.arange(6), "b_next": ("step", np.linspace(2.0, 0.0, 6))}, attrs=attrs)
 
 
@@ -140,7 +176,9 @@ def test_diagnostics_figure_has_one_panel_per_diagnostic():
         plots.plot_diagnostics(diagnostics_dataset(["something_else"], scalars=False))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("qdrift_stats.validate.diagnostics") is None, reason="no diagnostics module")
+@pytest.mark.skipif(
+    importlib.util.find_spec("qdrift_stats.validate.diagnostics") is None, reason="no diagnostics module"
+)
 def test_diagnostics_figure_draws_what_diagnose_returns(traj_store):
     from qdrift_stats.validate.diagnostics import diagnose
 
@@ -164,7 +202,10 @@ def one_line_error(code, err, match):
 
 def test_qdrift_plot_writes_png_figures(tmp_path, capsys, traj_store):
     store, est = traj_store
-    for kind, extra in (("accumulation", ["--estimator", est]), ("variance", ["--fit", "empirical", "--fit", "per-channel"])):
+    for kind, extra in (
+        ("accumulation", ["--estimator", est]),
+        ("variance", ["--fit", "empirical", "--fit", "per-channel"]),
+    ):
         out = tmp_path / f"{kind}.png"
         code, text, err = run(capsys, "plot", kind, store, "--out", out, *extra)
         assert code == 0, err
@@ -174,7 +215,10 @@ def test_qdrift_plot_writes_png_figures(tmp_path, capsys, traj_store):
     code, _, err = run(capsys, "plot", "runs-needed", cv, "--out", tmp_path / "runs.png")
     assert code == 0, err
     assert (tmp_path / "runs.png").read_bytes()[:8] == PNG_MAGIC
-    for kind, module in (("runs-needed", "qdrift_stats.validate.crossval"), ("diagnostics", "qdrift_stats.validate.diagnostics")):
+    for kind, module in (
+        ("runs-needed", "qdrift_stats.validate.crossval"),
+        ("diagnostics", "qdrift_stats.validate.diagnostics"),
+    ):
         if importlib.util.find_spec(module) is not None:  # computed from the store by that module
             out = tmp_path / f"{kind}-of-store.png"
             code, _, err = run(capsys, "plot", kind, store, "--out", out)
@@ -184,11 +228,21 @@ def test_qdrift_plot_writes_png_figures(tmp_path, capsys, traj_store):
 
 def test_qdrift_plot_bad_input_is_one_line_and_exit_2(tmp_path, capsys, traj_store):
     store, est = traj_store
-    one_line_error(*run(capsys, "plot", "histogram", store, "--out", tmp_path / "x.png")[::2], "'histogram' is not one of")
+    one_line_error(
+        *run(capsys, "plot", "histogram", store, "--out", tmp_path / "x.png")[::2], "'histogram' is not one of"
+    )
     one_line_error(*run(capsys, "plot", "accumulation", store, "--out", tmp_path / "x.png")[::2], "needs --estimator")
-    one_line_error(*run(capsys, "plot", "variance", tmp_path / "missing.zarr", "--out", tmp_path / "x.png")[::2], "does not exist")
+    one_line_error(
+        *run(capsys, "plot", "variance", tmp_path / "missing.zarr", "--out", tmp_path / "x.png")[::2], "does not exist"
+    )
     (tmp_path / "taken.png").write_bytes(b"")
     one_line_error(*run(capsys, "plot", "variance", store, "--out", tmp_path / "taken.png")[::2], "--overwrite")
-    one_line_error(*run(capsys, "plot", "variance", store, "--fit", "no-such-estimator", "--out", tmp_path / "x.png")[::2], "unknown estimator")
+    one_line_error(
+        *run(capsys, "plot", "variance", store, "--fit", "no-such-estimator", "--out", tmp_path / "x.png")[::2],
+        "unknown estimator",
+    )
     if importlib.util.find_spec("qdrift_stats.validate.crossval") is None:
-        one_line_error(*run(capsys, "plot", "runs-needed", store, "--out", tmp_path / "x.png")[::2], "needs qdrift_stats.validate.crossval")
+        one_line_error(
+            *run(capsys, "plot", "runs-needed", store, "--out", tmp_path / "x.png")[::2],
+            "needs qdrift_stats.validate.crossval",
+        )

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from qdrift_stats.correct.coefficients import apply_correction, correction_coefficients
 from qdrift_stats.estimators import EmpiricalEstimator
-from qdrift_stats.schedulers.base import FLOW_PREDICTION, SCHEDULER_NAMES, make_scheduler, step_grid, x0_from_output
 from qdrift_stats.record.store import run_dataset
+from qdrift_stats.schedulers.base import FLOW_PREDICTION, SCHEDULER_NAMES, make_scheduler, step_grid, x0_from_output
 from qdrift_stats.testbed import FLOW_SCHEDULER_CONFIG, VP_SCHEDULER_CONFIG
 
 FAST = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -96,7 +96,9 @@ b_levels = st.one_of(st.just(0.0), st.floats(1e-4, 1e3, **finite))
 )
 def test_correction_coefficients_are_finite_and_shrink_is_a_fraction(data, steps, channels, form, strength):
     shape = (steps,) if channels is None else (steps, channels)
-    variance = np.array(data.draw(st.lists(variances, min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))).reshape(shape)
+    variance = np.array(
+        data.draw(st.lists(variances, min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+    ).reshape(shape)
     b_next = np.array(data.draw(st.lists(b_levels, min_size=steps, max_size=steps)))
     c = correction_coefficients(variance, b_next, form, strength)
     assert c.shape == shape and c.dtype == np.float64
@@ -136,8 +138,10 @@ def test_zero_coefficient_leaves_the_state_bit_identical(dtype, shape, per_chann
     coefficient = torch.zeros(shape[1] if per_channel else (), dtype=dtype)
     out = apply_correction(x_next, x0_hat, a_next, coefficient)
     assert out.dtype == dtype and out.shape == x_next.shape
-    assert torch.equal(out.view(torch.int16) if dtype != torch.float32 else out.view(torch.int32),
-                       x_next.view(torch.int16) if dtype != torch.float32 else x_next.view(torch.int32))
+    assert torch.equal(
+        out.view(torch.int16) if dtype != torch.float32 else out.view(torch.int32),
+        x_next.view(torch.int16) if dtype != torch.float32 else x_next.view(torch.int32),
+    )
 
 
 # ---- the empirical estimator on synthetic in-memory stores ------------------------------------
@@ -147,8 +151,14 @@ def synthetic_store(runs: int, steps: int, batch: int, channels: int, seed: int,
     rng = np.random.default_rng(seed)
     b = np.linspace(1.0, 0.1, steps)
     b_next = np.append(b[1:], 0.0)
-    coords = {"timestep": np.linspace(999, 0, steps), "a": np.ones(steps), "b": b, "a_next": np.ones(steps), "b_next": b_next,
-              "gain": b_next - b}
+    coords = {
+        "timestep": np.linspace(999, 0, steps),
+        "a": np.ones(steps),
+        "b": b,
+        "a_next": np.ones(steps),
+        "b_next": b_next,
+        "gain": b_next - b,
+    }
     attrs = {"pair": "synthetic", "scheduler": "euler", "batch_size": batch}
     pieces = []
     for r in range(runs):
@@ -159,10 +169,18 @@ def synthetic_store(runs: int, steps: int, batch: int, channels: int, seed: int,
             "out_fp": rng.normal(size=shape),
         }
         pieces.append(run_dataset(arrays, seed=100 + r, run_index=r, coords=coords, attrs=attrs))
-    return xr.concat(pieces, dim="run", data_vars="minimal", coords="minimal", compat="override", combine_attrs="override")
+    return xr.concat(
+        pieces, dim="run", data_vars="minimal", coords="minimal", compat="override", combine_attrs="override"
+    )
 
 
-store_shapes = dict(runs=st.integers(1, 4), steps=st.integers(1, 6), batch=st.integers(1, 4), channels=st.integers(1, 3), seed=st.integers(0, 10_000))
+store_shapes = dict(
+    runs=st.integers(1, 4),
+    steps=st.integers(1, 6),
+    batch=st.integers(1, 4),
+    channels=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+)
 
 
 @FAST
@@ -186,7 +204,9 @@ def test_empirical_estimator_shapes_and_non_negativity(per_channel, statistic, r
 @given(s=st.floats(1e-3, 1e3, **finite), per_channel=st.booleans(), **store_shapes)
 def test_scaling_delta_x_by_s_scales_the_statistic_by_s_squared(s, per_channel, runs, steps, batch, channels, seed):
     base = EmpiricalEstimator(per_channel=per_channel).fit(synthetic_store(runs, steps, batch, channels, seed))
-    scaled = EmpiricalEstimator(per_channel=per_channel).fit(synthetic_store(runs, steps, batch, channels, seed, scale=s))
+    scaled = EmpiricalEstimator(per_channel=per_channel).fit(
+        synthetic_store(runs, steps, batch, channels, seed, scale=s)
+    )
     np.testing.assert_allclose(scaled.variance, s**2 * base.variance, rtol=1e-10)
     if runs > 1:
         np.testing.assert_allclose(scaled.ci_high, s**2 * base.ci_high, rtol=1e-10)

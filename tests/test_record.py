@@ -37,7 +37,9 @@ def test_lock_step_perturbation_of_a_one_step_solver_is_its_coefficient_times_th
     coef = (ds["b_next"] - ds["b"]).values
     np.testing.assert_allclose(ds["gain"].values, coef, rtol=1e-6)
     # delta_x is a difference of float32 states of size up to ~sigma_max (157): allow their rounding
-    np.testing.assert_allclose(ds["delta_x"].values, coef[None, :, None, None] * ds["delta_out"].values, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        ds["delta_x"].values, coef[None, :, None, None] * ds["delta_out"].values, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_recording_is_reproducible(tmp_path, vp_pair, small_store):
@@ -86,7 +88,9 @@ def test_appending_runs_extends_the_store_with_new_seeds(tmp_path, vp_pair):
     path = tmp_path / "grow.zarr"
     record(vp_pair, path, pair_name=VP_PAIR, scheduler_name="ddim", steps=4, runs=2, batch_size=4, seed=0)
     record(vp_pair, path, pair_name=VP_PAIR, scheduler_name="ddim", steps=4, runs=2, batch_size=4, seed=10)
-    record(vp_pair, path, pair_name=VP_PAIR, scheduler_name="ddim", steps=4, runs=2, batch_size=4, seed=0)  # nothing new
+    record(
+        vp_pair, path, pair_name=VP_PAIR, scheduler_name="ddim", steps=4, runs=2, batch_size=4, seed=0
+    )  # nothing new
     assert list(open_store(path)["seed"].values) == [0, 1, 10, 11]
 
 
@@ -94,13 +98,33 @@ def test_a_store_of_other_settings_is_not_overwritten_without_being_asked(tmp_pa
     with pytest.raises(QDriftError, match="steps=8.*--overwrite"):
         record(vp_pair, small_store, pair_name=VP_PAIR, scheduler_name="euler", steps=9, runs=1, batch_size=16, seed=0)
     assert open_store(small_store).sizes["run"] == 3
-    record(vp_pair, small_store, pair_name=VP_PAIR, scheduler_name="euler", steps=9, runs=1, batch_size=16, seed=0, overwrite=True)
+    record(
+        vp_pair,
+        small_store,
+        pair_name=VP_PAIR,
+        scheduler_name="euler",
+        steps=9,
+        runs=1,
+        batch_size=16,
+        seed=0,
+        overwrite=True,
+    )
     assert open_store(small_store).sizes["step"] == 9
 
 
 def test_trajectories_are_recorded_on_request(tmp_path, vp_pair):
     path = tmp_path / "traj.zarr"
-    record(vp_pair, path, pair_name=VP_PAIR, scheduler_name="euler", steps=5, runs=1, batch_size=4, seed=0, trajectories=True)
+    record(
+        vp_pair,
+        path,
+        pair_name=VP_PAIR,
+        scheduler_name="euler",
+        steps=5,
+        runs=1,
+        batch_size=4,
+        seed=0,
+        trajectories=True,
+    )
     ds = open_store(path).load()
     assert ds["traj_fp"].shape == ds["traj_q"].shape == (1, 5, 4, 8)
     # the free-running Q trajectory drifts away from the FP one
@@ -111,14 +135,27 @@ def test_non_finite_model_output_is_refused_and_nothing_is_written(tmp_path, vp_
     original = vp_pair.q
     vp_pair.q = lambda s, t, **c: original(s, t) * torch.tensor(float("nan"))
     with pytest.raises(QDriftError, match="non-finite m_q"):
-        record(vp_pair, tmp_path / "nan.zarr", pair_name=VP_PAIR, scheduler_name="euler", steps=3, runs=1, batch_size=2, seed=0)
+        record(
+            vp_pair,
+            tmp_path / "nan.zarr",
+            pair_name=VP_PAIR,
+            scheduler_name="euler",
+            steps=3,
+            runs=1,
+            batch_size=2,
+            seed=0,
+        )
     assert not (tmp_path / "nan.zarr").exists()
 
 
 def test_image_shaped_samples_get_channel_height_width_dims(tmp_path):
-    pair = testbed.MixturePair(testbed.default_mixture(), kind="flow", sample_shape=(2, 2, 2), error=testbed.NoiseLikeError(8, 0.5))
+    pair = testbed.MixturePair(
+        testbed.default_mixture(), kind="flow", sample_shape=(2, 2, 2), error=testbed.NoiseLikeError(8, 0.5)
+    )
     path = tmp_path / "img.zarr"
-    record(pair, path, pair_name="img", scheduler_name="flow-euler", steps=3, runs=1, batch_size=2, seed=0, dtype="float16")
+    record(
+        pair, path, pair_name="img", scheduler_name="flow-euler", steps=3, runs=1, batch_size=2, seed=0, dtype="float16"
+    )
     ds = xr.open_zarr(path)
     assert ds["delta_x"].dims == ("run", "step", "sample", "channel", "height", "width")
     assert ds["delta_x"].dtype == np.float16
@@ -164,6 +201,11 @@ def test_a_store_recorded_by_another_process_can_be_extended(tmp_path, vp_pair):
     args = ["--pair", VP_PAIR, "--scheduler", "dpmpp-2m", "--steps", "4", "--batch", "2", "--out", str(path)]
     for hash_seed, runs in (("1", "1"), ("2", "2")):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        proc = subprocess.run([sys.executable, "-m", "qdrift_stats.cli", "record", *args, "--runs", runs, "--seed", "0"], env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "qdrift_stats.cli", "record", *args, "--runs", runs, "--seed", "0"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr
     assert list(open_store(path)["seed"].values) == [0, 1]

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from qdrift_stats.correct.estimator_file import EstimatorFile
-from qdrift_stats.loop import prepared_scheduler
 from qdrift_stats.correct.sample import sample
+from qdrift_stats.loop import prepared_scheduler
 from qdrift_stats.schedulers.base import SCHEDULER_NAMES, make_scheduler
 
 from .conftest import pair_for

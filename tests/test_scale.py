@@ -7,8 +7,8 @@ import xarray as xr
 from qdrift_stats import testbed
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators import EmpiricalEstimator
-from qdrift_stats.record.lockstep import record
 from qdrift_stats.record.distributed import record_distributed
+from qdrift_stats.record.lockstep import record
 from qdrift_stats.record.store import open_store
 
 from .conftest import VP_PAIR
@@ -17,14 +17,15 @@ dask = pytest.importorskip("dask")  # the 'scale' extra
 distributed = pytest.importorskip("distributed")
 from dask.callbacks import Callback  # noqa: E402
 
-
 SETTINGS = dict(scheduler_name="euler", steps=6, batch_size=8, seed=3)
 
 
 @pytest.fixture(scope="module")
 def client():
     """One in-process LocalCluster (2 single-threaded workers) for the module: starts in about a second."""
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+    ) as cluster:
         with distributed.Client(cluster) as c:
             yield c
 
@@ -51,7 +52,9 @@ def test_distributed_recording_resumes_a_serial_store(tmp_path, client):
     path = tmp_path / "resumed.zarr"
     serial(path, 2)
     commits = []
-    record_distributed(VP_PAIR, path, runs=4, client=client, on_commit=lambda seed, done: commits.append((seed, done)), **SETTINGS)
+    record_distributed(
+        VP_PAIR, path, runs=4, client=client, on_commit=lambda seed, done: commits.append((seed, done)), **SETTINGS
+    )
     assert commits == [(5, 3), (6, 4)]  # only the missing seeds, in order
     xr.testing.assert_identical(open_store(path).load(), serial(tmp_path / "serial.zarr", 4))
 
@@ -84,7 +87,9 @@ def test_bad_input_is_refused_before_any_work(tmp_path, client):
     with pytest.raises(QDriftError, match="cannot import pair module"):
         record_distributed("no_such_module:pair", tmp_path / "x.zarr", runs=1, client=client, **SETTINGS)
     with pytest.raises(QDriftError, match="not both"):
-        record_distributed(VP_PAIR, tmp_path / "x.zarr", runs=1, client=client, scheduler_address="tcp://127.0.0.1:1", **SETTINGS)
+        record_distributed(
+            VP_PAIR, tmp_path / "x.zarr", runs=1, client=client, scheduler_address="tcp://127.0.0.1:1", **SETTINGS
+        )
 
 
 class LargestResult(Callback):
@@ -100,13 +105,28 @@ class LargestResult(Callback):
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_fitting_streams_one_run_and_step_at_a_time_and_equals_numpy(tmp_path, per_channel):
-    pair = testbed.MixturePair(testbed.default_mixture(), kind="vp", error=testbed.NoiseLikeError(8, amplitude=0.5), sample_shape=(2, 2, 2))
+    pair = testbed.MixturePair(
+        testbed.default_mixture(), kind="vp", error=testbed.NoiseLikeError(8, amplitude=0.5), sample_shape=(2, 2, 2)
+    )
     path = tmp_path / "image.zarr"
-    record(pair, path, pair_name="image-shaped", scheduler_name="euler", steps=5, runs=3, batch_size=16, seed=0, dtype="float16")
+    record(
+        pair,
+        path,
+        pair_name="image-shaped",
+        scheduler_name="euler",
+        steps=5,
+        runs=3,
+        batch_size=16,
+        seed=0,
+        dtype="float16",
+    )
     ds = open_store(path)
     chunk = ds["delta_x"].data.chunksize
     assert chunk == (1, 1, 16, 2, 2, 2)  # the store is read lazily, one (run, step) per chunk
-    with dask.config.set(scheduler="threads"), LargestResult() as largest:  # a local scheduler, whose tasks the callback sees
+    with (
+        dask.config.set(scheduler="threads"),
+        LargestResult() as largest,
+    ):  # a local scheduler, whose tasks the callback sees
         fitted = EmpiricalEstimator(per_channel=per_channel).fit(ds)
     assert 0 < largest.nbytes <= np.prod(chunk) * 8  # no task held more than one chunk (as float64)
     x = ds["delta_x"].values.astype(np.float64) ** 2

@@ -10,11 +10,11 @@ import torch
 from diffusers import EulerDiscreteScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from qdrift_stats.errors import QDriftError
-from qdrift_stats.correct.estimator_file import EstimatorFile
 from qdrift_stats.correct.corrector import Corrector
-from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler
 from qdrift_stats.correct.diffusers import ESTIMATOR_FILE_NAME, WRAPPER_CONFIG_NAME, QDriftScheduler
+from qdrift_stats.correct.estimator_file import EstimatorFile
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler
 from qdrift_stats.schedulers.base import SCHEDULER_NAMES, make_scheduler, step_grid, step_kwargs
 
 from .conftest import pair_for
@@ -24,7 +24,9 @@ STEPS = 10
 
 def estimator_for(pair, name, steps=STEPS, variance=1e-3, **tensors):
     est = EstimatorFile.zeros_like_grid(prepared_scheduler(pair, name, steps))
-    est.tensors["variance"] = np.full(steps, variance) if np.isscalar(variance) else np.asarray(variance, dtype=np.float64)
+    est.tensors["variance"] = (
+        np.full(steps, variance) if np.isscalar(variance) else np.asarray(variance, dtype=np.float64)
+    )
     est.tensors.update({k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()})
     return est
 
@@ -47,7 +49,9 @@ def pipeline_loop(pair, scheduler, steps, seed=0, batch=16, return_dict=True):
 def test_zero_estimator_leaves_every_scheduler_bit_for_bit_unchanged(name):
     pair = pair_for(name)
     plain, plain_out = pipeline_loop(pair, make_scheduler(name, pair.scheduler_config), STEPS)
-    wrapped_scheduler = QDriftScheduler(make_scheduler(name, pair.scheduler_config), estimator_for(pair, name, variance=0.0))
+    wrapped_scheduler = QDriftScheduler(
+        make_scheduler(name, pair.scheduler_config), estimator_for(pair, name, variance=0.0)
+    )
     wrapped, wrapped_out = pipeline_loop(pair, wrapped_scheduler, STEPS)
     assert torch.equal(plain, wrapped)
     assert [type(o) for o in plain_out] == [type(o) for o in wrapped_out]
@@ -80,8 +84,13 @@ def test_output_decomposition_is_applied_before_the_step():
     corrector = Corrector(grid, est.coefficients(grid), x.device, x.dtype, k=k, mu=mu)
     with torch.no_grad():
         expected = run_sampler(pair.q, reference_scheduler, x, cond, corrector)
-        plain_decomposition = run_sampler(pair.q, prepared_scheduler(pair, "euler", STEPS), x, cond,
-                                          Corrector(grid, est.coefficients(grid), x.device, x.dtype))
+        plain_decomposition = run_sampler(
+            pair.q,
+            prepared_scheduler(pair, "euler", STEPS),
+            x,
+            cond,
+            Corrector(grid, est.coefficients(grid), x.device, x.dtype),
+        )
         got, _ = pipeline_loop(pair, QDriftScheduler(make_scheduler("euler", pair.scheduler_config), est), STEPS)
     assert torch.equal(got, expected) and not torch.equal(got, plain_decomposition)
 
@@ -98,10 +107,15 @@ def test_diffusers_interface_passes_through():
     wrapped.set_timesteps(STEPS)
     assert torch.equal(wrapped.timesteps, inner.timesteps) and wrapped.init_noise_sigma == inner.init_noise_sigma
     x = torch.ones(2, 8)
-    assert torch.equal(wrapped.scale_model_input(x, wrapped.timesteps[0]), inner.scale_model_input(x, inner.timesteps[0]))
+    assert torch.equal(
+        wrapped.scale_model_input(x, wrapped.timesteps[0]), inner.scale_model_input(x, inner.timesteps[0])
+    )
     wrapped.some_pipeline_flag = 3  # pipelines set attributes on their scheduler: they land on the wrapped one
     assert inner.some_pipeline_flag == 3
-    flow = QDriftScheduler(make_scheduler("flow-euler", pair_for("flow-euler").scheduler_config), estimator_for(pair_for("flow-euler"), "flow-euler"))
+    flow = QDriftScheduler(
+        make_scheduler("flow-euler", pair_for("flow-euler").scheduler_config),
+        estimator_for(pair_for("flow-euler"), "flow-euler"),
+    )
     assert not hasattr(flow, "scale_model_input")  # as the plain flow-matching scheduler
 
 
@@ -146,7 +160,9 @@ def test_estimator_for_another_grid_scheduler_or_config_is_refused_in_one_line()
     pair = pair_for("euler")
     est = estimator_for(pair, "euler")
     wrapped = QDriftScheduler(make_scheduler("euler", pair.scheduler_config), est)
-    with pytest.raises(QDriftError, match=r"fitted for euler with 10 steps, this sampler runs euler with 12 steps") as err:
+    with pytest.raises(
+        QDriftError, match=r"fitted for euler with 10 steps, this sampler runs euler with 12 steps"
+    ) as err:
         wrapped.set_timesteps(12)
     assert "\n" not in str(err.value)
     with pytest.raises(QDriftError, match="fitted for scheduler euler, not ddim"):
@@ -158,12 +174,16 @@ def test_estimator_for_another_grid_scheduler_or_config_is_refused_in_one_line()
     with pytest.raises(QDriftError, match="calibrated with EulerDiscreteScheduler, not PatchedEuler"):
         QDriftScheduler(PatchedEuler.from_config(make_scheduler("euler", pair.scheduler_config).config), est)
     other = make_scheduler("euler", {**pair.scheduler_config, "timestep_spacing": "trailing"})
-    with pytest.raises(QDriftError, match="timestep_spacing='linspace', this scheduler has timestep_spacing='trailing'"):
+    with pytest.raises(
+        QDriftError, match="timestep_spacing='linspace', this scheduler has timestep_spacing='trailing'"
+    ):
         QDriftScheduler(other, est)
     smooth = estimator_for(pair, "euler")
     smooth.metadata["estimator"]["smooth"] = True
     v_prediction = make_scheduler("euler", {**pair.scheduler_config, "prediction_type": "v_prediction"})
-    with pytest.raises(QDriftError, match="prediction_type='epsilon', this scheduler has prediction_type='v_prediction'"):
+    with pytest.raises(
+        QDriftError, match="prediction_type='epsilon', this scheduler has prediction_type='v_prediction'"
+    ):
         QDriftScheduler(v_prediction, smooth)  # never interpolated: the model output means something else
 
 
@@ -198,7 +218,9 @@ def test_model_and_recipe_identifiers_are_checked_when_given():
 def test_save_pretrained_round_trip_keeps_scheduler_estimator_and_options(tmp_path):
     pair = pair_for("dpmpp-2m")
     est = estimator_for(pair, "dpmpp-2m", variance=np.linspace(1e-3, 1e-4, STEPS))
-    wrapped = QDriftScheduler(make_scheduler("dpmpp-2m", pair.scheduler_config), est, correction="shrink", strength=0.5, recipe="w4a8")
+    wrapped = QDriftScheduler(
+        make_scheduler("dpmpp-2m", pair.scheduler_config), est, correction="shrink", strength=0.5, recipe="w4a8"
+    )
     wrapped.save_pretrained(tmp_path / "scheduler")
     files = sorted(p.name for p in (tmp_path / "scheduler").iterdir())
     assert files == sorted(["scheduler_config.json", ESTIMATOR_FILE_NAME, WRAPPER_CONFIG_NAME])
@@ -227,9 +249,11 @@ def test_half_precision_states_are_corrected_in_their_own_dtype(name, dtype):
     pair = pair_for(name)
     est = estimator_for(pair, name, variance=np.linspace(1e-2, 1e-3, STEPS))
     # shrink: a pull coefficient in [0, 1) (drift's can reach 1e3 where b_next is tiny, amplifying rounding)
-    full, half, plain_half = (QDriftScheduler(make_scheduler(name, pair.scheduler_config), est, correction="shrink"),
-                              QDriftScheduler(make_scheduler(name, pair.scheduler_config), est, correction="shrink"),
-                              make_scheduler(name, pair.scheduler_config))
+    full, half, plain_half = (
+        QDriftScheduler(make_scheduler(name, pair.scheduler_config), est, correction="shrink"),
+        QDriftScheduler(make_scheduler(name, pair.scheduler_config), est, correction="shrink"),
+        make_scheduler(name, pair.scheduler_config),
+    )
     for scheduler in (full, half, plain_half):
         scheduler.set_timesteps(STEPS)
     x, cond = initial_noise(pair, full, 16, 0)
@@ -270,10 +294,14 @@ class HostSyncCounter(TorchDispatchMode):
 @pytest.mark.parametrize("name", ["euler", "dpmpp-2m", "flow-euler"])
 def test_the_correction_adds_no_host_sync_and_no_copy_to_a_step(name):
     pair = pair_for(name)
-    est = estimator_for(pair, name, variance=np.linspace(1e-3, 1e-4, STEPS), k=np.full(STEPS, 0.01), mu=np.full(STEPS, 0.001))
+    est = estimator_for(
+        pair, name, variance=np.linspace(1e-3, 1e-4, STEPS), k=np.full(STEPS, 0.01), mu=np.full(STEPS, 0.001)
+    )
     counts = {}
-    for label, scheduler in (("plain", make_scheduler(name, pair.scheduler_config)),
-                             ("wrapped", QDriftScheduler(make_scheduler(name, pair.scheduler_config), est))):
+    for label, scheduler in (
+        ("plain", make_scheduler(name, pair.scheduler_config)),
+        ("wrapped", QDriftScheduler(make_scheduler(name, pair.scheduler_config), est)),
+    ):
         scheduler.set_timesteps(STEPS)
         x, cond = initial_noise(pair, scheduler, 8, 0)
         per_step = []

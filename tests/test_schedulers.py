@@ -51,7 +51,10 @@ def test_one_step_solver_moves_along_its_own_coordinates(name):
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample", "flow_prediction"])
 def test_x0_from_output_inverts_each_prediction_type(prediction):
     g = torch.Generator().manual_seed(1)
-    x0, eps = torch.randn(2, 5, 5, generator=g, dtype=torch.float64), torch.randn(2, 5, 5, generator=g, dtype=torch.float64)
+    x0, eps = (
+        torch.randn(2, 5, 5, generator=g, dtype=torch.float64),
+        torch.randn(2, 5, 5, generator=g, dtype=torch.float64),
+    )
     if prediction == "flow_prediction":
         a, b = 0.3, 0.7
         out = eps - x0

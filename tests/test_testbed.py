@@ -61,7 +61,9 @@ def test_gap_closed_is_one_at_fp_and_zero_at_q():
     assert gap_closed(1.0, 2.0, 1.0) == 1.0 and gap_closed(1.0, 2.0, 2.0) == 0.0 and gap_closed(1.0, 2.0, 2.5) == -0.5
 
 
-@pytest.mark.parametrize("pair_name,scheduler", [("mixture_vp_noise", "euler"), ("mixture_flow_noise", "flow-dpmpp-2m")])
+@pytest.mark.parametrize(
+    "pair_name,scheduler", [("mixture_vp_noise", "euler"), ("mixture_flow_noise", "flow-dpmpp-2m")]
+)
 def test_shrink_correction_closes_most_of_the_variance_gap_on_noise_like_error(pair_name, scheduler):
     """The method's claim on its own assumptions: a noise-like error, 5 calibration runs, 50 steps."""
     torch.set_num_threads(1)
@@ -78,7 +80,9 @@ def test_signal_correlated_error_is_not_what_the_plain_correction_repairs():
     torch.set_num_threads(1)
     pair = testbed.mixture_vp_correlated()
     result = evaluate_correction(pair, "ddim", 25, num_samples=2000, forms=("shrink",))
-    assert result.closed("shrink") < 0.3  # "drift alone fixed little" (method.md); the decomposed estimator is the remedy
+    assert (
+        result.closed("shrink") < 0.3
+    )  # "drift alone fixed little" (method.md); the decomposed estimator is the remedy
 
 
 # ---- the Gaussian-marginal noise-like error ----------------------------------------------------------
@@ -98,16 +102,20 @@ def test_gaussian_noise_error_has_an_exactly_gaussian_marginal_of_the_sine_varia
     assert err.var() == pytest.approx(amplitude**2 / 2, rel=0.015)
     assert stats.kurtosis(err, fisher=False) == pytest.approx(3.0, abs=0.06)
     assert stats.kstest(err / (amplitude / math.sqrt(2)), "norm").pvalue > 0.001
-    assert stats.kurtosis(sine(zero, z, None).flatten().numpy(), fisher=False) == pytest.approx(1.5, abs=0.06)  # arcsine
+    assert stats.kurtosis(sine(zero, z, None).flatten().numpy(), fisher=False) == pytest.approx(
+        1.5, abs=0.06
+    )  # arcsine
     torch.testing.assert_close(gauss(zero, z, None), gauss(zero, z, None))  # deterministic
 
 
-@pytest.mark.parametrize("factory,scheduler", [(testbed.mixture_vp_gauss, "euler"), (testbed.mixture_flow_gauss, "flow-euler")])
+@pytest.mark.parametrize(
+    "factory,scheduler", [(testbed.mixture_vp_gauss, "euler"), (testbed.mixture_flow_gauss, "flow-euler")]
+)
 def test_gaussian_pairs_are_noise_like_along_the_trajectory(factory, scheduler):
     """Perturbations are Gaussian (excess kurtosis ~0) and decorrelated across steps (lag-1 ~ -1/steps, the
     centring bias of a 10-step series), and the lock-step variance is ``c_i^2 A^2 / 2`` as for the sine pairs."""
-    from qdrift_stats.validate.diagnostics import classify, diagnose
     from qdrift_stats.estimators import EmpiricalEstimator
+    from qdrift_stats.validate.diagnostics import classify, diagnose
 
     from .test_estimators_more import memory_store
 

@@ -9,11 +9,11 @@ import xarray as xr
 import zarr
 
 from qdrift_stats import testbed
-from qdrift_stats.validate import crossval
 from qdrift_stats.cli import main
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators import get_estimator
 from qdrift_stats.record.lockstep import record
+from qdrift_stats.validate import crossval
 from qdrift_stats.validate.crossval import CVResult, cross_validate, open_cv, run_subsets
 
 from .test_estimators_more import memory_store, one_torch_thread  # noqa: F401 (one_torch_thread: autouse fixture)
@@ -24,13 +24,24 @@ VP_NOISE = "qdrift_stats.testbed:mixture_vp_noise"
 @pytest.fixture(scope="module")
 def noise_store():
     """8 runs of the VP noise pair (Euler, 6 steps), in memory."""
-    return memory_store(testbed.mixture_vp_noise(), "euler", 6, 8, 16, 11).assign_attrs(pair=VP_NOISE, scheduler="euler", batch_size=16)
+    return memory_store(testbed.mixture_vp_noise(), "euler", 6, 8, 16, 11).assign_attrs(
+        pair=VP_NOISE, scheduler="euler", batch_size=16
+    )
 
 
 @pytest.fixture(scope="module")
 def small_zarr(tmp_path_factory):
     path = tmp_path_factory.mktemp("cv") / "calib.zarr"
-    record(testbed.mixture_vp_noise(), path, pair_name=VP_NOISE, scheduler_name="euler", steps=5, runs=4, batch_size=16, seed=0)
+    record(
+        testbed.mixture_vp_noise(),
+        path,
+        pair_name=VP_NOISE,
+        scheduler_name="euler",
+        steps=5,
+        runs=4,
+        batch_size=16,
+        seed=0,
+    )
     return path
 
 
@@ -97,8 +108,18 @@ def test_an_interrupted_cross_validation_resumes_without_recomputing(small_zarr,
 
 
 def test_strength_search_picks_the_best_scored_form_and_strength(small_zarr, tmp_path):
-    result = cross_validate(small_zarr, tmp_path / "s.zarr", estimator="empirical", counts=[1], strength=True,
-                            forms=("shrink",), strengths=(0.0, 1.0), folds=2, num_samples=128, bootstrap=50)
+    result = cross_validate(
+        small_zarr,
+        tmp_path / "s.zarr",
+        estimator="empirical",
+        counts=[1],
+        strength=True,
+        forms=("shrink",),
+        strengths=(0.0, 1.0),
+        folds=2,
+        num_samples=128,
+        bootstrap=50,
+    )
     ds = result.dataset
     assert ds["energy"].dims == ("form", "strength") and np.all(np.isfinite(ds["energy"].values))
     chosen = result.chosen_strength()
@@ -113,7 +134,9 @@ def test_cv_command_writes_zarr_and_json_and_refuses_bad_input(small_zarr, tmp_p
     assert main(["cv", str(small_zarr), "--out", str(out), "--estimator", "empirical", "--no-strength", "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["num_runs"] == 4 and payload["n_runs"] == [1, 2, 3] and payload["strength"] is None
-    assert main(["cv", str(small_zarr), "--out", str(out), "--estimator", "empirical", "--no-strength"]) == 0  # resumes (done)
+    assert (
+        main(["cv", str(small_zarr), "--out", str(out), "--estimator", "empirical", "--no-strength"]) == 0
+    )  # resumes (done)
     assert "runs needed" in capsys.readouterr().out
     assert main(["cv", str(small_zarr), "--out", str(out), "--estimator", "robust", "--no-strength"]) == 2
     assert main(["cv", str(small_zarr), "--out", str(tmp_path / "x.zarr"), "--estimator", "bogus"]) == 2

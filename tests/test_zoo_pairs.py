@@ -51,10 +51,13 @@ def test_every_model_and_recipe_has_a_named_factory():
         assert getattr(zoo, name).__name__ == name
 
 
-@pytest.mark.parametrize("spec, timestep", [
-    ("qdrift_stats.zoo:digits_unet_w4a4", 500),
-    ("qdrift_stats.zoo:digits_dit_w8a8", 500.0),
-])
+@pytest.mark.parametrize(
+    "spec, timestep",
+    [
+        ("qdrift_stats.zoo:digits_unet_w4a4", 500),
+        ("qdrift_stats.zoo:digits_dit_w8a8", 500.0),
+    ],
+)
 def test_named_pair_follows_the_protocol_and_q_differs_from_fp(spec, timestep):
     pair = load_pair(spec)  # runs the protocol check
     assert pair.name == spec.split(":")[1]
@@ -95,8 +98,8 @@ def test_unknown_named_pair_is_a_user_error():
 @pytest.mark.parametrize("kind", ["unet", "dit"])
 def test_shipped_models_reproduce_their_fp_distance(kind):
     """A fresh load of the shipped weights reproduces the FP distance recorded by the replication study."""
-    from qdrift_stats.metrics import frechet_distance
     from qdrift_stats.correct.sample import sample
+    from qdrift_stats.metrics import frechet_distance
 
     recorded = json.loads(REFERENCE.read_text())["models"][kind]
     s = recorded["setting"]

@@ -79,7 +79,9 @@ def correction_coefficients(
     return 1.0 - 1.0 / np.sqrt(1.0 + gamma)
 
 
-def apply_correction(x_next: torch.Tensor, x0_hat: torch.Tensor, a_next: torch.Tensor | float, coefficient: torch.Tensor) -> torch.Tensor:
+def apply_correction(
+    x_next: torch.Tensor, x0_hat: torch.Tensor, a_next: torch.Tensor | float, coefficient: torch.Tensor
+) -> torch.Tensor:
     """One corrected state: ``x_next - c * (x_next - a_next * x0_hat)``.
 
     Args:

@@ -56,9 +56,12 @@ class Corrector:
                 raise QDriftError("decomposition coefficient k must be > -1 at every step")
             self.scale = torch.as_tensor(1.0 / (1.0 + k), device=device, dtype=dtype)
             self.shift = torch.as_tensor(mu, device=device, dtype=dtype)
-            self.output_active = [bool(np.any(kk != 0) or np.any(mm != 0)) for kk, mm in zip(k.reshape(len(k), -1), mu.reshape(len(mu), -1))]
+            self.output_active = [
+                bool(np.any(kk != 0) or np.any(mm != 0))
+                for kk, mm in zip(k.reshape(len(k), -1), mu.reshape(len(mu), -1))
+            ]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> "Corrector":
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Corrector:
         """The same correction with its per-step tensors on ``device`` in ``dtype`` (one transfer each,
         from the float64 host values, so no precision is lost on the way)."""
         coefficients, k, mu = self._host
@@ -79,7 +82,7 @@ class Corrector:
         strength: float,
         device: torch.device,
         dtype: torch.dtype,
-    ) -> "Corrector":
+    ) -> Corrector:
         return cls(grid, correction_coefficients(variance, grid.b_next, form, strength), device, dtype)
 
     def __call__(self, i: int, x: torch.Tensor, model_output: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:

@@ -39,16 +39,17 @@ import inspect
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import SchedulerMixin  # also the name diffusers looks up in this module to load it
 
 from qdrift_stats.correct.coefficients import CORRECTION_FORMS
-from qdrift_stats.errors import QDriftError
-from qdrift_stats.correct.estimator_file import EstimatorFile
 from qdrift_stats.correct.corrector import Corrector
+from qdrift_stats.correct.estimator_file import EstimatorFile
+from qdrift_stats.errors import QDriftError
 from qdrift_stats.schedulers.base import scheduler_name
 
 ESTIMATOR_FILE_NAME = "qdrift_estimator.safetensors"
@@ -190,11 +191,15 @@ class QDriftScheduler(SchedulerProxy):
         recipe: str | None = None,
     ):
         if isinstance(scheduler, QDriftScheduler):
-            raise QDriftError("the scheduler is already a QDriftScheduler; wrap the plain diffusers scheduler (wrapper.scheduler)")
+            raise QDriftError(
+                "the scheduler is already a QDriftScheduler; wrap the plain diffusers scheduler (wrapper.scheduler)"
+            )
         super().__init__(scheduler)
         if correction is not None and correction not in CORRECTION_FORMS:
             raise QDriftError(f"unknown correction form {correction!r}; choose drift or shrink")
-        if strength is not None and not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength >= 0):
+        if strength is not None and not (
+            isinstance(strength, (int, float)) and math.isfinite(strength) and strength >= 0
+        ):
             raise QDriftError(f"strength must be a finite non-negative number, got {strength!r}")
         self.estimator = estimator if isinstance(estimator, EstimatorFile) else EstimatorFile.load(estimator)
         self.correction = correction
@@ -295,11 +300,15 @@ class QDriftScheduler(SchedulerProxy):
         The folder also loads as the plain scheduler with the wrapped class's ``from_pretrained``.
         """
         if push_to_hub:
-            raise QDriftError("QDriftScheduler.save_pretrained does not push to a hub; save locally and upload the folder")
+            raise QDriftError(
+                "QDriftScheduler.save_pretrained does not push to a hub; save locally and upload the folder"
+            )
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         self.scheduler.save_pretrained(str(folder))
-        EstimatorFile(dict(self.estimator.tensors), dict(self.estimator.metadata)).save(folder / ESTIMATOR_FILE_NAME, overwrite=True)
+        EstimatorFile(dict(self.estimator.tensors), dict(self.estimator.metadata)).save(
+            folder / ESTIMATOR_FILE_NAME, overwrite=True
+        )
         options = {
             "format": WRAPPER_FORMAT,
             "format_version": WRAPPER_FORMAT_VERSION,
@@ -321,7 +330,7 @@ class QDriftScheduler(SchedulerProxy):
         model: str | None = None,
         recipe: str | None = None,
         **kwargs: Any,
-    ) -> "QDriftScheduler":
+    ) -> QDriftScheduler:
         """Load a folder written by :meth:`save_pretrained` (local folders only; hub options are ignored).
 
         ``model`` / ``recipe`` override the identifiers saved with the wrapper.

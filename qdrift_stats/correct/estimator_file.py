@@ -64,7 +64,9 @@ class EstimatorFile:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_fitted(cls, fitted, correction: str = "shrink", strength: float = 1.0, provenance: dict[str, Any] | None = None) -> "EstimatorFile":
+    def from_fitted(
+        cls, fitted, correction: str = "shrink", strength: float = 1.0, provenance: dict[str, Any] | None = None
+    ) -> EstimatorFile:
         """From a :class:`~qdrift_stats.estimators.base.FittedEstimator`."""
         from qdrift_stats import __version__
 
@@ -95,7 +97,12 @@ class EstimatorFile:
             },
             "steps": int(fitted.num_steps),
             "prediction_type": attrs.get("prediction_type"),
-            "estimator": {"name": fitted.name, "params": fitted.params, "smooth": bool(fitted.smooth), **_smooth_model(fitted)},
+            "estimator": {
+                "name": fitted.name,
+                "params": fitted.params,
+                "smooth": bool(fitted.smooth),
+                **_smooth_model(fitted),
+            },
             "correction": {"form": correction, "strength": float(strength)},
             "num_runs": int(fitted.num_runs),
             "provenance": {
@@ -111,14 +118,19 @@ class EstimatorFile:
         return cls({k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}, metadata)
 
     @classmethod
-    def zeros_like_grid(cls, scheduler, correction: str = "shrink") -> "EstimatorFile":
+    def zeros_like_grid(cls, scheduler, correction: str = "shrink") -> EstimatorFile:
         """A zero estimator for a configured scheduler: the corrected sampler equals the plain one."""
         from qdrift_stats import __version__
         from qdrift_stats.schedulers.base import scheduler_identity
 
         grid = step_grid(scheduler)
         ident = scheduler_identity(scheduler)
-        tensors = {"variance": np.zeros(grid.num_steps), "timesteps": grid.timesteps, "a_next": grid.a_next, "b_next": grid.b_next}
+        tensors = {
+            "variance": np.zeros(grid.num_steps),
+            "timesteps": grid.timesteps,
+            "a_next": grid.a_next,
+            "b_next": grid.b_next,
+        }
         metadata = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -146,7 +158,7 @@ class EstimatorFile:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "EstimatorFile":
+    def load(cls, path: str | Path) -> EstimatorFile:
         """Read and validate an estimator file (safetensors only; nothing is unpickled)."""
         path = Path(path)
         if not path.is_file():
@@ -162,9 +174,13 @@ class EstimatorFile:
         except (KeyError, json.JSONDecodeError, TypeError):
             raise QDriftError(f"{path} has no valid '{METADATA_KEY}' metadata: not a qdrift estimator file") from None
         if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-            raise QDriftError(f"{path} is not a qdrift estimator file (format {metadata.get('format') if isinstance(metadata, dict) else None!r})")
+            raise QDriftError(
+                f"{path} is not a qdrift estimator file (format {metadata.get('format') if isinstance(metadata, dict) else None!r})"
+            )
         if metadata.get("format_version") != FORMAT_VERSION:
-            raise QDriftError(f"{path} has estimator format version {metadata.get('format_version')!r}; this qdrift-stats reads version {FORMAT_VERSION}")
+            raise QDriftError(
+                f"{path} has estimator format version {metadata.get('format_version')!r}; this qdrift-stats reads version {FORMAT_VERSION}"
+            )
         missing = [k for k in _REQUIRED_TENSORS if k not in tensors]
         if missing:
             raise QDriftError(f"{path} lacks the tensors {', '.join(missing)}")
@@ -172,10 +188,18 @@ class EstimatorFile:
         for k, v in tensors.items():
             if k in _REQUIRED_TENSORS + _OPTIONAL_TENSORS and (v.ndim == 0 or v.shape[0] != steps):
                 raise QDriftError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, expected {steps} steps first")
-            if (k in _REQUIRED_TENSORS + _OPTIONAL_TENSORS and v.ndim > 2) or (k in ("timesteps", "a_next", "b_next") and v.ndim != 1):
-                raise QDriftError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, expected (steps,) or (steps, channels)")
+            if (k in _REQUIRED_TENSORS + _OPTIONAL_TENSORS and v.ndim > 2) or (
+                k in ("timesteps", "a_next", "b_next") and v.ndim != 1
+            ):
+                raise QDriftError(
+                    f"{path}: tensor {k!r} has shape {tuple(v.shape)}, expected (steps,) or (steps, channels)"
+                )
         curves = [tensors[k] for k in CURVE_TENSORS if k in tensors]
-        if curves and (len({c.shape for c in curves}) != 1 or curves[0].ndim != 1 or not all(np.all(np.isfinite(c)) for c in curves)):
+        if curves and (
+            len({c.shape for c in curves}) != 1
+            or curves[0].ndim != 1
+            or not all(np.all(np.isfinite(c)) for c in curves)
+        ):
             raise QDriftError(f"{path}: the smooth model's curves must be finite and of one length")
         if not np.all(np.isfinite(tensors["variance"])) or np.any(tensors["variance"] < 0):
             raise QDriftError(f"{path}: variance must be finite and non-negative")
@@ -245,7 +269,9 @@ class EstimatorFile:
         lam = self.metadata["correction"].get("strength", 1.0) if strength is None else strength
         return correction_coefficients(self.variance_on(grid), grid.b_next, form, float(lam))
 
-    def corrector(self, scheduler, correction: str | None = None, strength: float | None = None, device=None, dtype=None):
+    def corrector(
+        self, scheduler, correction: str | None = None, strength: float | None = None, device=None, dtype=None
+    ):
         """A :class:`~qdrift_stats.correct.corrector.Corrector` for a scheduler after ``set_timesteps``."""
         from qdrift_stats.correct.corrector import Corrector
 
@@ -259,8 +285,10 @@ class EstimatorFile:
 
     # ---- provenance -----------------------------------------------------------------------
     def _same_grid(self, grid: StepGrid) -> bool:
-        return grid.num_steps == self.steps and np.allclose(grid.timesteps, self.tensors["timesteps"], rtol=0, atol=1e-6) and np.allclose(
-            grid.b_next, self.tensors["b_next"], rtol=1e-6, atol=1e-9
+        return (
+            grid.num_steps == self.steps
+            and np.allclose(grid.timesteps, self.tensors["timesteps"], rtol=0, atol=1e-6)
+            and np.allclose(grid.b_next, self.tensors["b_next"], rtol=1e-6, atol=1e-9)
         )
 
     def check_scheduler(self, scheduler) -> None:
@@ -278,7 +306,9 @@ class EstimatorFile:
         recorded = self.metadata["scheduler"]
         recorded_class = recorded.get("class")
         if recorded_class and recorded_class != type(scheduler).__name__:
-            raise QDriftError(f"{source} was calibrated with {recorded_class}, not {type(scheduler).__name__}; re-record with this scheduler")
+            raise QDriftError(
+                f"{source} was calibrated with {recorded_class}, not {type(scheduler).__name__}; re-record with this scheduler"
+            )
         differing = config_differences(recorded.get("config") or {}, dict(scheduler.config))
         if not differing:
             return
@@ -287,8 +317,14 @@ class EstimatorFile:
         if structural or not self.smooth:
             key = structural[0] if structural else key
             have, want = differing[key]
-            hint = "re-record with this scheduler" if structural else "re-record with this scheduler or export a smooth estimator"
-            raise QDriftError(f"{source} was calibrated with {recorded_class or self.scheduler_name} {key}={have!r}, this scheduler has {key}={want!r}; {hint}")
+            hint = (
+                "re-record with this scheduler"
+                if structural
+                else "re-record with this scheduler or export a smooth estimator"
+            )
+            raise QDriftError(
+                f"{source} was calibrated with {recorded_class or self.scheduler_name} {key}={have!r}, this scheduler has {key}={want!r}; {hint}"
+            )
         note = f"{source}: scheduler config differs in {', '.join(sorted(differing))}; the smooth estimator is interpolated to this grid"
         if note not in self.notes:
             self.notes.append(note)
@@ -310,7 +346,9 @@ class EstimatorFile:
                 self.notes.append(note)
                 log.warning(note)
             elif str(recorded) != str(given):
-                raise QDriftError(f"{source} was calibrated for {label} {recorded!r}, not {given!r}; re-calibrate for this {label}")
+                raise QDriftError(
+                    f"{source} was calibrated for {label} {recorded!r}, not {given!r}; re-calibrate for this {label}"
+                )
 
     def decomposition_on(self, grid: StepGrid) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The output decomposition ``(k, mu)`` on a sampler's grid (``None`` where the file has none).
@@ -322,14 +360,25 @@ class EstimatorFile:
         k, mu = self.tensors.get("k"), self.tensors.get("mu")
         if (k is None and mu is None) or self._same_grid(grid):
             return k, mu
-        return tuple(None if v is None else interpolate_over_timesteps(self.tensors["timesteps"], v, grid.timesteps) for v in (k, mu))
+        return tuple(
+            None if v is None else interpolate_over_timesteps(self.tensors["timesteps"], v, grid.timesteps)
+            for v in (k, mu)
+        )
 
 
 #: Scheduler config keys that change the solver or the meaning of the model output: an estimator
 #: calibrated under other values is refused even when it is smooth.
 SOLVER_CONFIG_KEYS: tuple[str, ...] = (
-    "prediction_type", "algorithm_type", "solver_order", "solver_type", "use_flow_sigmas",
-    "thresholding", "clip_sample", "lower_order_final", "euler_at_final", "variance_type",
+    "prediction_type",
+    "algorithm_type",
+    "solver_order",
+    "solver_type",
+    "use_flow_sigmas",
+    "thresholding",
+    "clip_sample",
+    "lower_order_final",
+    "euler_at_final",
+    "variance_type",
 )
 
 
@@ -355,7 +404,10 @@ def interpolate_over_timesteps(t_from: np.ndarray, values: np.ndarray, t_to: np.
     """Per-step ``values`` (``(steps[, channels])``) moved to other timesteps: linear, constant beyond the ends."""
     order = np.argsort(t_from)
     flat = np.asarray(values, dtype=np.float64)[order].reshape(len(t_from), -1)
-    cols = [np.interp(np.asarray(t_to, dtype=np.float64), np.asarray(t_from, dtype=np.float64)[order], flat[:, c]) for c in range(flat.shape[1])]
+    cols = [
+        np.interp(np.asarray(t_to, dtype=np.float64), np.asarray(t_from, dtype=np.float64)[order], flat[:, c])
+        for c in range(flat.shape[1])
+    ]
     return np.stack(cols, axis=-1).reshape((len(t_to),) + np.shape(values)[1:])
 
 

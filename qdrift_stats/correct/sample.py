@@ -6,7 +6,8 @@ Batch ``k`` of a request uses the seed ``seed + k``; each batch runs the one den
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,9 @@ def sample(
         x, cond = initial_noise(pair, scheduler, size, batch_seed)
         corrector = None
         if estimator is not None:
-            corrector = estimator.corrector(scheduler, correction=correction, strength=strength, device=x.device, dtype=x.dtype)
+            corrector = estimator.corrector(
+                scheduler, correction=correction, strength=strength, device=x.device, dtype=x.dtype
+            )
         with torch.no_grad():
             x = run_sampler(model_fn, scheduler, x, cond, corrector)
         outputs.append(x.detach().float().cpu().numpy())

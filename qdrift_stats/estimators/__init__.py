@@ -5,7 +5,8 @@ Registered by name for the command line (``qdrift fit --estimator NAME``).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators.base import FittedEstimator
@@ -39,6 +40,13 @@ def get_estimator(name: str) -> Any:
 
 
 __all__ = [
-    "ESTIMATORS", "DecomposedEstimator", "EmpiricalEstimator", "FittedEstimator", "MomentEstimator", "RobustEstimator",
-    "SmoothGLMEstimator", "SmoothLowessEstimator", "get_estimator",
+    "ESTIMATORS",
+    "DecomposedEstimator",
+    "EmpiricalEstimator",
+    "FittedEstimator",
+    "MomentEstimator",
+    "RobustEstimator",
+    "SmoothGLMEstimator",
+    "SmoothLowessEstimator",
+    "get_estimator",
 ]

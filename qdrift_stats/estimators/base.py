@@ -69,7 +69,16 @@ class FittedEstimator:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def on_store(cls, ds: xr.Dataset, estimator: Any, variance: np.ndarray, ci_low: np.ndarray, ci_high: np.ndarray, per_run: np.ndarray, **fields: Any):
+    def on_store(
+        cls,
+        ds: xr.Dataset,
+        estimator: Any,
+        variance: np.ndarray,
+        ci_low: np.ndarray,
+        ci_high: np.ndarray,
+        per_run: np.ndarray,
+        **fields: Any,
+    ):
         """A fitted estimate on a store's step grid, carrying the store's attributes and seeds.
 
         ``estimator`` supplies ``name``, ``params`` and ``confidence``; ``fields`` are further
@@ -78,9 +87,18 @@ class FittedEstimator:
         grid = grid_of(ds)
         fields.setdefault("seeds", np.asarray(ds["seed"].values))
         return cls(
-            name=estimator.name, params=estimator.params, variance=variance, ci_low=ci_low, ci_high=ci_high,
-            confidence=estimator.confidence, per_run=per_run, timesteps=grid["timestep"], a_next=grid["a_next"],
-            b_next=grid["b_next"], store_attrs=dict(ds.attrs), **fields,
+            name=estimator.name,
+            params=estimator.params,
+            variance=variance,
+            ci_low=ci_low,
+            ci_high=ci_high,
+            confidence=estimator.confidence,
+            per_run=per_run,
+            timesteps=grid["timestep"],
+            a_next=grid["a_next"],
+            b_next=grid["b_next"],
+            store_attrs=dict(ds.attrs),
+            **fields,
         )
 
     @property
@@ -113,7 +131,11 @@ class FittedEstimator:
             data["k"] = (dims, self.k)
         if self.mu is not None:
             data["mu"] = (dims, self.mu)
-        coords = {"step": np.arange(self.num_steps), "timestep": ("step", self.timesteps), "b_next": ("step", self.b_next)}
+        coords = {
+            "step": np.arange(self.num_steps),
+            "timestep": ("step", self.timesteps),
+            "b_next": ("step", self.b_next),
+        }
         if self.per_run.size:
             coords["seed"] = ("run", self.seeds)
         attrs = {"estimator": self.name, "params": json.dumps(self.params), "confidence": self.confidence}
@@ -138,10 +160,19 @@ class FittedEstimator:
         lines = []
         for i in rows:
             ratio = v[i] / self.b_next[i] ** 2 if self.b_next[i] > 0 else float("nan")
-            lines.append(f"{i:>5} {self.timesteps[i]:>9.2f} {self.b_next[i]:>9.4f} {v[i]:>11.4e} {lo[i]:>12.4e} {hi[i]:>11.4e}  {ratio:>10.3e}")
+            lines.append(
+                f"{i:>5} {self.timesteps[i]:>9.2f} {self.b_next[i]:>9.4f} {v[i]:>11.4e} {lo[i]:>12.4e} {hi[i]:>11.4e}  {ratio:>10.3e}"
+            )
         return "\n".join(head + lines)
 
-    def export(self, path: str | Path, correction: str = "shrink", strength: float = 1.0, provenance: dict[str, Any] | None = None, overwrite: bool = False):
+    def export(
+        self,
+        path: str | Path,
+        correction: str = "shrink",
+        strength: float = 1.0,
+        provenance: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ):
         """Write the estimator file (safetensors + JSON metadata); returns the :class:`EstimatorFile`."""
         from qdrift_stats.correct.estimator_file import EstimatorFile
 

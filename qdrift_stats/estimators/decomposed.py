@@ -51,14 +51,16 @@ import numpy as np
 import statsmodels.api as sm
 import xarray as xr
 
-from qdrift_stats.record.store import storage_errors_as_qdrift
 from qdrift_stats.estimators.base import FittedEstimator, as_dataset, check_finite_store, check_statistic, grid_of
 from qdrift_stats.estimators.empirical import t_interval
+from qdrift_stats.record.store import storage_errors_as_qdrift
 
 MULTISTEP_SCHEDULERS: tuple[str, ...] = ("dpmpp-2m", "flow-dpmpp-2m")
 
 
-def pooled_step_values(ds: xr.Dataset, variables: tuple[str, ...], step: int, index: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def pooled_step_values(
+    ds: xr.Dataset, variables: tuple[str, ...], step: int, index: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Values of store variables at one step, flattened to ``(run, n)`` (float64).
 
     ``index`` (into the flattened ``sample x elements`` axis) selects a subsample; the same
@@ -127,7 +129,10 @@ class DecomposedFit(FittedEstimator):
     def summary(self, max_rows: int = 12) -> str:
         """The base table, then per step ``k``, ``mu``, ``R^2`` and the state gain ``c``."""
         level = int(round(self.confidence * 100))
-        lines = [super().summary(max_rows), f"{'step':>5} {'k':>9} {f'k {level}% CI':>21} {'mu':>10} {'R^2':>6} {'gain c':>10} {'gain d':>10}"]
+        lines = [
+            super().summary(max_rows),
+            f"{'step':>5} {'k':>9} {f'k {level}% CI':>21} {'mu':>10} {'R^2':>6} {'gain c':>10} {'gain d':>10}",
+        ]
         rows = np.arange(self.num_steps)
         if self.num_steps > max_rows:
             rows = np.unique(np.linspace(0, self.num_steps - 1, max_rows).round().astype(int))
@@ -157,8 +162,15 @@ class DecomposedEstimator:
 
     name = "decomposed"
 
-    def __init__(self, confidence: float = 0.95, max_points: int = 200_000, seed: int = 0, min_r2: float = 0.01, min_scale: float = 0.5,
-                 statistic: str = "first-order"):
+    def __init__(
+        self,
+        confidence: float = 0.95,
+        max_points: int = 200_000,
+        seed: int = 0,
+        min_r2: float = 0.01,
+        min_scale: float = 0.5,
+        statistic: str = "first-order",
+    ):
         self.statistic = check_statistic(statistic)
         self.confidence = confidence
         self.max_points = max_points
@@ -168,8 +180,14 @@ class DecomposedEstimator:
 
     @property
     def params(self) -> dict:
-        return {"confidence": self.confidence, "max_points": self.max_points, "seed": self.seed, "min_r2": self.min_r2, "min_scale": self.min_scale,
-                "statistic": self.statistic}
+        return {
+            "confidence": self.confidence,
+            "max_points": self.max_points,
+            "seed": self.seed,
+            "min_r2": self.min_r2,
+            "min_scale": self.min_scale,
+            "statistic": self.statistic,
+        }
 
     @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> DecomposedFit:
@@ -179,7 +197,13 @@ class DecomposedEstimator:
         from qdrift_stats.estimators.smooth import first_order_gain  # smooth imports this module
 
         coords = grid_of(ds)
-        first_gain = first_order_gain(str(ds.attrs.get("prediction_type", "epsilon")), coords["a"], coords["b"], coords["a_next"], coords["b_next"])
+        first_gain = first_order_gain(
+            str(ds.attrs.get("prediction_type", "epsilon")),
+            coords["a"],
+            coords["b"],
+            coords["a_next"],
+            coords["b_next"],
+        )
         index = subsample_index(ds, self.max_points, self.seed)
         k, mu, r2 = np.zeros(steps), np.zeros(steps), np.full(steps, np.nan)
         k_ci, mu_ci = np.full((steps, 2), np.nan), np.full((steps, 2), np.nan)
@@ -191,12 +215,16 @@ class DecomposedEstimator:
         for i in range(steps):
             values = pooled_step_values(ds, ("delta_x", "delta_out", "out_fp"), i, index)
             check_finite_store(np.stack(list(values.values())), "delta_x, delta_out or out_fp")
-            fitted_k[i], mu[i], k_ci[i], mu_ci[i], r2[i] = output_regression(values["delta_out"], values["out_fp"], self.confidence)
+            fitted_k[i], mu[i], k_ci[i], mu_ci[i], r2[i] = output_regression(
+                values["delta_out"], values["out_fp"], self.confidence
+            )
             k[i] = fitted_k[i]
             applied[i] = bool(np.isfinite(r2[i]) and r2[i] >= self.min_r2 and 1.0 + k[i] >= self.min_scale)
             if not applied[i]:
                 if np.isfinite(r2[i]) and r2[i] >= self.min_r2:
-                    notes.append(f"step {i}: 1 + k = {1 + k[i]:.3f} < {self.min_scale}; not decomposed (the Q output barely follows the FP output)")
+                    notes.append(
+                        f"step {i}: 1 + k = {1 + k[i]:.3f} < {self.min_scale}; not decomposed (the Q output barely follows the FP output)"
+                    )
                 k[i] = mu[i] = 0.0
             residual = (values["delta_out"] - k[i] * values["out_fp"] - mu[i]) / (1.0 + k[i])
             prev_out = previous["delta_out"] if (multistep and previous is not None) else None
@@ -211,11 +239,23 @@ class DecomposedEstimator:
             previous = {"delta_out": values["delta_out"], "residual": residual}
         variance, low, high = t_interval(per_run, self.confidence)
         return DecomposedFit.on_store(
-            ds, self, variance, low, high, per_run,
+            ds,
+            self,
+            variance,
+            low,
+            high,
+            per_run,
             k=k,
             mu=mu,
             extra={
-                "k_ci": k_ci, "mu_ci": mu_ci, "r2": r2, "fitted_k": fitted_k, "applied": applied,
-                "gain": gain, "gain_previous": gain_prev, "multistep": multistep, "notes": notes,
+                "k_ci": k_ci,
+                "mu_ci": mu_ci,
+                "r2": r2,
+                "fitted_k": fitted_k,
+                "applied": applied,
+                "gain": gain,
+                "gain_previous": gain_prev,
+                "multistep": multistep,
+                "notes": notes,
             },
         )

@@ -24,9 +24,16 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from qdrift_stats.record.store import storage_errors_as_qdrift
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.estimators.base import FittedEstimator, STATISTICS, as_dataset, check_finite_store, check_statistic, reduce_dims
+from qdrift_stats.estimators.base import (
+    STATISTICS,
+    FittedEstimator,
+    as_dataset,
+    check_finite_store,
+    check_statistic,
+    reduce_dims,
+)
+from qdrift_stats.record.store import storage_errors_as_qdrift
 
 
 def per_run_second_moment(ds: xr.Dataset, variable: str = "delta_x", per_channel: bool = False) -> xr.DataArray:
@@ -75,12 +82,19 @@ class EmpiricalEstimator:
             per_run = per_run_second_moment(ds, "delta_x", self.per_channel).values
         else:
             if "gain" not in ds.coords:
-                raise QDriftError("the store has no 'gain' coordinate (recorded by an older qdrift-stats); use the lockstep statistic")
+                raise QDriftError(
+                    "the store has no 'gain' coordinate (recorded by an older qdrift-stats); use the lockstep statistic"
+                )
             gain2 = ds["gain"].values.astype(np.float64) ** 2
             moment = per_run_second_moment(ds, "delta_out", self.per_channel).values
             per_run = moment * gain2.reshape((1, -1) + (1,) * (moment.ndim - 2))
         check_finite_store(per_run)
         variance, low, high = t_interval(per_run, self.confidence)
         return FittedEstimator.on_store(
-            ds, self, variance, low, high, per_run,
+            ds,
+            self,
+            variance,
+            low,
+            high,
+            per_run,
         )

@@ -63,22 +63,22 @@ import numpy as np
 import torch
 import xarray as xr
 
-from qdrift_stats.record.store import storage_errors_as_qdrift
 from qdrift_stats.correct.coefficients import CORRECTION_FORMS
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.pair import check_pair, load_pair
-from qdrift_stats.loop import initial_noise, prepared_scheduler, scale_model_input
-from qdrift_stats.schedulers.base import step_grid, step_kwargs
 from qdrift_stats.estimators.base import FittedEstimator, as_dataset
 from qdrift_stats.estimators.empirical import t_interval
-
+from qdrift_stats.loop import initial_noise, prepared_scheduler, scale_model_input
+from qdrift_stats.pair import check_pair, load_pair
+from qdrift_stats.record.store import storage_errors_as_qdrift
+from qdrift_stats.schedulers.base import step_grid, step_kwargs
 
 _FLOAT_RESOLUTION = 1e-6  # relative: differences below it are float32 rounding, not excess
 _CAP_TOLERANCE = 1e-4  # relative miss of the target above which a step counts as capped
 
 
-def solve_shrink_factor(A: float, B: float, C: float, target: float, min_factor: float = 0.5,
-                        max_factor: float | None = None) -> float:
+def solve_shrink_factor(
+    A: float, B: float, C: float, target: float, min_factor: float = 0.5, max_factor: float | None = None
+) -> float:
     """The ``s`` in ``[min_factor, max_factor]`` with ``A + 2 s B + s^2 C = target`` (the larger root).
 
     ``max_factor`` defaults to ``1 / min_factor`` (``s > 1``: the residual is expanded; pass 1 for the
@@ -108,8 +108,9 @@ def variance_from_factor(s: float, b_next: float, form: str) -> float:
     return 2.0 * b_next**2 * (1.0 - s)
 
 
-def matched_run(pair: Any, scheduler_name: str, steps: int, batch_size: int, seed: int, form: str,
-                min_factor: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def matched_run(
+    pair: Any, scheduler_name: str, steps: int, batch_size: int, seed: int, form: str, min_factor: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-step signed ``v`` of one run by the sequential moment match (module docstring).
 
     Returns ``(v, capped)``, each ``(steps,)``; ``capped`` marks the steps where no factor in
@@ -191,11 +192,18 @@ class MomentEstimator:
         seeds = np.asarray(ds["seed"].values)
         per_run, capped = np.zeros((len(seeds), steps)), np.zeros((len(seeds), steps), dtype=bool)
         for r, seed in enumerate(seeds):
-            per_run[r], capped[r] = matched_run(pair, scheduler_name, steps, batch, int(seed), self.form, self.min_factor)
+            per_run[r], capped[r] = matched_run(
+                pair, scheduler_name, steps, batch, int(seed), self.form, self.min_factor
+            )
         variance, low, high = t_interval(per_run, self.confidence)  # low already floored at 0
         variance, high = np.maximum(variance, 0.0), np.maximum(high, 0.0)
         return FittedEstimator.on_store(
-            ds, self, variance, low, high, per_run,
+            ds,
+            self,
+            variance,
+            low,
+            high,
+            per_run,
             seeds=seeds,
             extra={"correction_form": self.form, "capped": capped},
         )

@@ -43,11 +43,11 @@ import xarray as xr
 from scipy import stats
 from statsmodels.robust import scale
 
-from qdrift_stats.record.store import storage_errors_as_qdrift
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators.base import FittedEstimator, as_dataset, check_finite_store
 from qdrift_stats.estimators.decomposed import pooled_step_values, subsample_index
 from qdrift_stats.estimators.empirical import t_interval
+from qdrift_stats.record.store import storage_errors_as_qdrift
 
 ROBUST_METHODS: tuple[str, ...] = ("winsor", "huber", "mad")
 
@@ -119,8 +119,16 @@ class RobustEstimator:
 
     name = "robust"
 
-    def __init__(self, method: str = "winsor", c: float = 3.5, ci: str = "t", confidence: float = 0.95, bootstrap: int = 2000,
-                 max_points: int = 100_000, seed: int = 0):
+    def __init__(
+        self,
+        method: str = "winsor",
+        c: float = 3.5,
+        ci: str = "t",
+        confidence: float = 0.95,
+        bootstrap: int = 2000,
+        max_points: int = 100_000,
+        seed: int = 0,
+    ):
         if method not in ROBUST_METHODS:
             raise QDriftError(f"unknown robust method {method!r}; choose one of {', '.join(ROBUST_METHODS)}")
         if ci not in ("t", "bootstrap"):
@@ -135,8 +143,15 @@ class RobustEstimator:
 
     @property
     def params(self) -> dict:
-        return {"method": self.method, "c": self.c, "ci": self.ci, "confidence": self.confidence, "bootstrap": self.bootstrap,
-                "max_points": self.max_points, "seed": self.seed}
+        return {
+            "method": self.method,
+            "c": self.c,
+            "ci": self.ci,
+            "confidence": self.confidence,
+            "bootstrap": self.bootstrap,
+            "max_points": self.max_points,
+            "seed": self.seed,
+        }
 
     @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
@@ -152,5 +167,10 @@ class RobustEstimator:
         if self.ci == "bootstrap":
             low, high = bootstrap_interval(per_run, self.confidence, self.bootstrap, self.seed)
         return FittedEstimator.on_store(
-            ds, self, variance, low, high, per_run,
+            ds,
+            self,
+            variance,
+            low,
+            high,
+            per_run,
         )

@@ -67,18 +67,28 @@ from scipy import stats
 from scipy.interpolate import BSpline
 from statsmodels.nonparametric.smoothers_lowess import lowess
 
-from qdrift_stats.record.store import storage_errors_as_qdrift
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.schedulers.base import FLOW_PREDICTION, step_grid, step_kwargs
-from qdrift_stats.estimators.base import FittedEstimator, STATISTICS, as_dataset, check_finite_store, check_statistic, grid_of, reduce_dims
+from qdrift_stats.estimators.base import (
+    STATISTICS,
+    FittedEstimator,
+    as_dataset,
+    check_finite_store,
+    check_statistic,
+    grid_of,
+    reduce_dims,
+)
 from qdrift_stats.estimators.decomposed import MULTISTEP_SCHEDULERS
+from qdrift_stats.record.store import storage_errors_as_qdrift
+from qdrift_stats.schedulers.base import FLOW_PREDICTION, step_grid, step_kwargs
 
 CURVE_POINTS = 256
 _LOG_ZERO = -700.0  # log of a curve that is zero everywhere (exp underflows to 0)
 _RHO_CLIP = (1e-3, 1.0 - 1e-6)
 
 
-def first_order_gain(prediction_type: str, a: np.ndarray, b: np.ndarray, a_next: np.ndarray, b_next: np.ndarray) -> np.ndarray:
+def first_order_gain(
+    prediction_type: str, a: np.ndarray, b: np.ndarray, a_next: np.ndarray, b_next: np.ndarray
+) -> np.ndarray:
     """``d x_next / d model_output`` of a first-order step (Euler = DDIM = DPM-Solver 1), per step.
 
     The step is ``x_next = a_next x0_hat + b_next eps_hat`` with ``eps_hat = (x - a x0_hat) / b``,
@@ -138,7 +148,9 @@ def scheduler_from_identity(identity: dict[str, Any], steps: int):
     return scheduler
 
 
-def combine_variance(c: np.ndarray, d: np.ndarray, u: np.ndarray, log_b: np.ndarray, kappa: np.ndarray | None) -> np.ndarray:
+def combine_variance(
+    c: np.ndarray, d: np.ndarray, u: np.ndarray, log_b: np.ndarray, kappa: np.ndarray | None
+) -> np.ndarray:
     """State-space ``v_i`` from output-space ``u_i`` (``(steps,)``), gains and the correlation model."""
     v = c**2 * u
     if kappa is None or not np.any(d != 0):
@@ -241,10 +253,16 @@ class _SmoothBase:
         grid = grid_of(ds)
         multistep = str(ds.attrs.get("scheduler")) in MULTISTEP_SCHEDULERS
         if self.statistic == "lockstep" and multistep:
-            identity = {"name": ds.attrs.get("scheduler"), "class": ds.attrs.get("scheduler_class"), "config": ds.attrs.get("scheduler_config")}
+            identity = {
+                "name": ds.attrs.get("scheduler"),
+                "class": ds.attrs.get("scheduler_class"),
+                "config": ds.attrs.get("scheduler_config"),
+            }
             scheduler = scheduler_from_identity(identity, ds.sizes["step"])
             if not np.allclose(step_grid(scheduler).timesteps, grid["timestep"], rtol=0, atol=1e-4):
-                raise QDriftError("the store's timesteps differ from what its recorded scheduler config gives; cannot compute the solver gains")
+                raise QDriftError(
+                    "the store's timesteps differ from what its recorded scheduler config gives; cannot compute the solver gains"
+                )
             c, d = solver_gains(scheduler)
             per_run = (ds["delta_x"].astype("float64") ** 2).mean(dim=dims).values  # (run, step), state units^2
         else:  # one-step solvers (where both statistics agree) and the first-order statistic
@@ -258,10 +276,21 @@ class _SmoothBase:
         kappa_points = None
         if np.any(d != 0):
             kappa_points = self._kappa_points(ds, u, log_b, d)
-        return {"per_run": per_run, "u": u, "grid": grid, "c": c, "d": d, "usable": usable, "log_b": log_b, "kappa_points": kappa_points}
+        return {
+            "per_run": per_run,
+            "u": u,
+            "grid": grid,
+            "c": c,
+            "d": d,
+            "usable": usable,
+            "log_b": log_b,
+            "kappa_points": kappa_points,
+        }
 
     @staticmethod
-    def _kappa_points(ds: xr.Dataset, u: np.ndarray, log_b: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    def _kappa_points(
+        ds: xr.Dataset, u: np.ndarray, log_b: np.ndarray, d: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """``(log b_i, log kappa_i)`` at the steps with a history gain, from the pooled lag-1 correlation."""
         xs, ys = [], []
         previous = None
@@ -282,11 +311,23 @@ class _SmoothBase:
         x, y = prep["kappa_points"]
         return np.exp(_lowess(x, y, at, frac=2 / 3, iterations=1))
 
-    def _result(self, ds: xr.Dataset, prep: dict[str, Any], u_fit: np.ndarray, u_low: np.ndarray, u_high: np.ndarray,
-                curve_log_b: np.ndarray, curve_log_u: np.ndarray, extra: dict[str, Any]) -> FittedEstimator:
+    def _result(
+        self,
+        ds: xr.Dataset,
+        prep: dict[str, Any],
+        u_fit: np.ndarray,
+        u_low: np.ndarray,
+        u_high: np.ndarray,
+        curve_log_b: np.ndarray,
+        curve_log_u: np.ndarray,
+        extra: dict[str, Any],
+    ) -> FittedEstimator:
         c, d, log_b, grid = prep["c"], prep["d"], prep["log_b"], prep["grid"]
         kappa = self._kappa_at(prep, log_b)
-        bounds = np.sort(np.stack([combine_variance(c, d, u_low, log_b, kappa), combine_variance(c, d, u_high, log_b, kappa)]), axis=0)
+        bounds = np.sort(
+            np.stack([combine_variance(c, d, u_low, log_b, kappa), combine_variance(c, d, u_high, log_b, kappa)]),
+            axis=0,
+        )
         tensors = {"curve_log_b": curve_log_b, "curve_log_u": curve_log_u}
         if kappa is not None:
             tensors["curve_log_kappa"] = np.log(self._kappa_at(prep, curve_log_b))
@@ -344,7 +385,9 @@ class SmoothGLMEstimator(_SmoothBase):
 
     name = "smooth-glm"
 
-    def __init__(self, df: int = 6, confidence: float = 0.95, cov_type: str = "nonrobust", statistic: str = "first-order"):
+    def __init__(
+        self, df: int = 6, confidence: float = 0.95, cov_type: str = "nonrobust", statistic: str = "first-order"
+    ):
         super().__init__(confidence, statistic)
         if df < 1:
             raise QDriftError(f"df must be >= 1, got {df}")
@@ -355,7 +398,13 @@ class SmoothGLMEstimator(_SmoothBase):
 
     @property
     def params(self) -> dict:
-        return {"df": self.df, "confidence": self.confidence, "cov_type": self.cov_type, "statistic": self.statistic, "model": "gamma-glm-log-link-bspline"}
+        return {
+            "df": self.df,
+            "confidence": self.confidence,
+            "cov_type": self.cov_type,
+            "statistic": self.statistic,
+            "model": "gamma-glm-log-link-bspline",
+        }
 
     @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
@@ -390,7 +439,6 @@ class SmoothGLMEstimator(_SmoothBase):
         extra = {"df_used": df, "dispersion": float(result.scale), "usable": usable}
         return self._result(ds, prep, u_fit, ci[:, 0], ci[:, 1], curve_b, curve_u, extra)
 
-
     def _cluster_interval(self, result, exog: np.ndarray, runs: int) -> np.ndarray:
         """``(steps, 2)`` interval of the mean from the run-clustered covariance, referred to t with ``runs - 1`` df.
 
@@ -419,8 +467,15 @@ class SmoothLowessEstimator(_SmoothBase):
 
     name = "smooth-lowess"
 
-    def __init__(self, frac: float = 0.5, iterations: int = 1, bootstrap: int = 400, confidence: float = 0.95, seed: int = 0,
-                 statistic: str = "first-order"):
+    def __init__(
+        self,
+        frac: float = 0.5,
+        iterations: int = 1,
+        bootstrap: int = 400,
+        confidence: float = 0.95,
+        seed: int = 0,
+        statistic: str = "first-order",
+    ):
         super().__init__(confidence, statistic)
         self.frac = frac
         self.iterations = iterations
@@ -429,8 +484,14 @@ class SmoothLowessEstimator(_SmoothBase):
 
     @property
     def params(self) -> dict:
-        return {"frac": self.frac, "iterations": self.iterations, "bootstrap": self.bootstrap, "confidence": self.confidence, "seed": self.seed,
-                "statistic": self.statistic}
+        return {
+            "frac": self.frac,
+            "iterations": self.iterations,
+            "bootstrap": self.bootstrap,
+            "confidence": self.confidence,
+            "seed": self.seed,
+            "statistic": self.statistic,
+        }
 
     @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
@@ -451,7 +512,9 @@ class SmoothLowessEstimator(_SmoothBase):
             draws = np.empty((self.bootstrap, len(log_b)))
             for j in range(self.bootstrap):
                 pick = rng.integers(0, runs, runs)
-                draws[j] = np.exp(_lowess(x, np.log(u[pick][:, usable].mean(axis=0)), log_b, self.frac, self.iterations))
+                draws[j] = np.exp(
+                    _lowess(x, np.log(u[pick][:, usable].mean(axis=0)), log_b, self.frac, self.iterations)
+                )
             # Bootstrap standard error of log u, widened for few runs: the bootstrap's variance of a
             # mean over R runs is (R-1)/R of the unbiased one, and a Student-t quantile with R-1 df
             # replaces the normal one (a percentile interval covered ~87% at nominal 95% with 5 runs).

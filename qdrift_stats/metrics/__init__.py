@@ -13,6 +13,15 @@ from qdrift_stats.metrics.images import (
 )
 
 __all__ = [
-    "ClassifierFeatures", "DigitsClassifier", "bootstrap_ci", "class_consistency", "class_consistency_ci", "class_hits", "energy_distance",
-    "frechet_distance", "inception_fid", "kernel_inception_distance", "load_digits_classifier",
+    "ClassifierFeatures",
+    "DigitsClassifier",
+    "bootstrap_ci",
+    "class_consistency",
+    "class_consistency_ci",
+    "class_hits",
+    "energy_distance",
+    "frechet_distance",
+    "inception_fid",
+    "kernel_inception_distance",
+    "load_digits_classifier",
 ]

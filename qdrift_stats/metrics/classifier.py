@@ -31,12 +31,16 @@ def default_data_dir() -> Path:
 class DigitsClassifier(nn.Module):
     """conv 1->c1 -> conv c1->c2 -> maxpool -> conv c2->c2 -> linear -> ``num_features`` -> linear -> 10."""
 
-    def __init__(self, channels: tuple[int, int] = (32, 64), num_features: int = 64, num_classes: int = 10,
-                 dropout: float = 0.3):
+    def __init__(
+        self, channels: tuple[int, int] = (32, 64), num_features: int = 64, num_classes: int = 10, dropout: float = 0.3
+    ):
         super().__init__()
         c1, c2 = channels
         self.config: dict[str, Any] = {
-            "channels": [c1, c2], "num_features": num_features, "num_classes": num_classes, "dropout": dropout,
+            "channels": [c1, c2],
+            "num_features": num_features,
+            "num_classes": num_classes,
+            "dropout": dropout,
         }
         self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
@@ -99,8 +103,10 @@ def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
         raise QDriftError(f"no digits classifier in {folder}: expected {WEIGHTS_NAME} and {CONFIG_NAME}")
     config = json.loads(config_file.read_text())
     model = DigitsClassifier(
-        channels=tuple(config["channels"]), num_features=int(config["num_features"]),
-        num_classes=int(config["num_classes"]), dropout=float(config.get("dropout", 0.0)),
+        channels=tuple(config["channels"]),
+        num_features=int(config["num_features"]),
+        num_classes=int(config["num_classes"]),
+        dropout=float(config.get("dropout", 0.0)),
     )
     model.load_state_dict(load_file(str(weights)))
     model.eval()

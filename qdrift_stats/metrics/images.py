@@ -56,7 +56,7 @@ def default_features() -> nn.Module:
 
 def _update(metric: Any, images: torch.Tensor, real: bool) -> None:
     for start in range(0, len(images), _BATCH):
-        metric.update(images[start:start + _BATCH], real=real)
+        metric.update(images[start : start + _BATCH], real=real)
 
 
 def frechet_distance(real: Any, fake: Any, features: nn.Module | None = None) -> float:
@@ -75,8 +75,14 @@ def frechet_distance(real: Any, fake: Any, features: nn.Module | None = None) ->
     return float(metric.compute())
 
 
-def kernel_inception_distance(real: Any, fake: Any, subset_size: int | None = None, subsets: int = 100,
-                              features: nn.Module | None = None, seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(
+    real: Any,
+    fake: Any,
+    subset_size: int | None = None,
+    subsets: int = 100,
+    features: nn.Module | None = None,
+    seed: int = 0,
+) -> tuple[float, float]:
     """KID (polynomial-kernel MMD, degree 3) in the feature space of ``features``: ``(mean, std)`` over subsets.
 
     ``subset_size`` defaults to ``min(1000, len(real), len(fake))``; torchmetrics draws the
@@ -92,8 +98,9 @@ def kernel_inception_distance(real: Any, fake: Any, subset_size: int | None = No
         raise QDriftError(f"KID subset_size must be between 2 and {largest} (the smaller set), got {size}")
     with warnings.catch_warnings():  # "will save all extracted features in buffer": a few KB here
         warnings.simplefilter("ignore", UserWarning)
-        metric = KernelInceptionDistance(feature=features if features is not None else default_features(),
-                                         subsets=int(subsets), subset_size=size)
+        metric = KernelInceptionDistance(
+            feature=features if features is not None else default_features(), subsets=int(subsets), subset_size=size
+        )
     _update(metric, real_t, real=True)
     _update(metric, fake_t, real=False)
     with torch.random.fork_rng(devices=[]):
@@ -120,7 +127,7 @@ def class_hits(samples: Any, labels: Any, classifier: nn.Module | None = None) -
     was_training = model.training
     model.eval()
     try:
-        pred = torch.cat([model(x[i:i + _BATCH]).argmax(1) for i in range(0, len(x), _BATCH)])
+        pred = torch.cat([model(x[i : i + _BATCH]).argmax(1) for i in range(0, len(x), _BATCH)])
     finally:
         model.train(was_training)
     return (pred == y.to(pred.device)).cpu().numpy()
@@ -134,8 +141,9 @@ def class_consistency(samples: Any, labels: Any, classifier: nn.Module | None = 
     return float(class_hits(samples, labels, classifier).mean())
 
 
-def class_consistency_ci(samples: Any, labels: Any, classifier: nn.Module | None = None,
-                         confidence: float = 0.95) -> tuple[float, float, float]:
+def class_consistency_ci(
+    samples: Any, labels: Any, classifier: nn.Module | None = None, confidence: float = 0.95
+) -> tuple[float, float, float]:
     """``(consistency, low, high)``: :func:`class_consistency` with a Wilson score interval.
 
     Class consistency is a binomial proportion (``hits`` of ``n`` samples), so its interval comes from
@@ -152,8 +160,15 @@ def class_consistency_ci(samples: Any, labels: Any, classifier: nn.Module | None
     return value, float(low), float(high)
 
 
-def bootstrap_ci(metric: Callable[..., Any], samples: Any, *, labels: Any = None, n_boot: int = 200,
-                 confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(
+    metric: Callable[..., Any],
+    samples: Any,
+    *,
+    labels: Any = None,
+    n_boot: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """``(estimate, low, high)``: ``metric`` on all generated ``samples`` and a percentile bootstrap interval.
 
     ``metric(samples)`` (or ``metric(samples, labels)`` when ``labels`` is given) returns a float,
@@ -167,8 +182,11 @@ def bootstrap_ci(metric: Callable[..., Any], samples: Any, *, labels: Any = None
     if n_boot < 2:
         raise QDriftError(f"n_boot must be at least 2, got {n_boot}")
     x = torch.as_tensor(np.asarray(samples) if not isinstance(samples, torch.Tensor) else samples)
-    y = None if labels is None else torch.as_tensor(
-        np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+    y = (
+        None
+        if labels is None
+        else torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+    )
     if y is not None and len(y) != len(x):
         raise QDriftError(f"bootstrap_ci got {len(x)} samples but {len(y)} labels")
 
@@ -218,8 +236,9 @@ def to_inception_input(images: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def inception_fid(real: Any, fake: Any, *, weights_path: str | os.PathLike | None = None,
-                  feature_network: nn.Module | None = None) -> float:
+def inception_fid(
+    real: Any, fake: Any, *, weights_path: str | os.PathLike | None = None, feature_network: nn.Module | None = None
+) -> float:
     """Standard FID (Inception-v3, 2048 pool features) of ``[-1, 1]`` images; never downloads.
 
     Needs torch-fidelity and the Inception weights on disk (see :func:`find_inception_weights`);
@@ -234,11 +253,17 @@ def inception_fid(real: Any, fake: Any, *, weights_path: str | os.PathLike | Non
     if feature_network is None:
         path = find_inception_weights(weights_path)
         if path is None:
-            where = str(weights_path) if weights_path is not None else (
-                f"${INCEPTION_WEIGHTS_ENV} or {Path(torch.hub.get_dir()) / 'checkpoints' / INCEPTION_WEIGHTS_NAME}")
+            where = (
+                str(weights_path)
+                if weights_path is not None
+                else (
+                    f"${INCEPTION_WEIGHTS_ENV} or {Path(torch.hub.get_dir()) / 'checkpoints' / INCEPTION_WEIGHTS_NAME}"
+                )
+            )
             raise QDriftError(
                 f"standard FID needs the Inception-v3 weights {INCEPTION_WEIGHTS_NAME} on disk, none found at "
-                f"{where}; pass weights_path=..., or use frechet_distance() with the digits classifier")
+                f"{where}; pass weights_path=..., or use frechet_distance() with the digits classifier"
+            )
         try:
             import torch_fidelity  # noqa: F401
         except ImportError:
@@ -252,7 +277,14 @@ def inception_fid(real: Any, fake: Any, *, weights_path: str | os.PathLike | Non
 
 
 __all__ = [
-    "INCEPTION_WEIGHTS_ENV", "INCEPTION_WEIGHTS_NAME", "bootstrap_ci", "class_consistency", "default_features",
-    "find_inception_weights", "frechet_distance", "inception_fid", "kernel_inception_distance",
+    "INCEPTION_WEIGHTS_ENV",
+    "INCEPTION_WEIGHTS_NAME",
+    "bootstrap_ci",
+    "class_consistency",
+    "default_features",
+    "find_inception_weights",
+    "frechet_distance",
+    "inception_fid",
+    "kernel_inception_distance",
     "to_inception_input",
 ]

@@ -21,8 +21,9 @@ Steps that land on ``b = 0`` (the usual last step) cannot sit on a log-``b`` axi
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -56,7 +57,15 @@ def _title_from(attrs: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def accumulation_dataset(pair: Any, store: xr.Dataset | str | Path, estimator: Any, *, correction: str | None = None, strength: float | None = None, runs: int | None = None) -> xr.Dataset:
+def accumulation_dataset(
+    pair: Any,
+    store: xr.Dataset | str | Path,
+    estimator: Any,
+    *,
+    correction: str | None = None,
+    strength: float | None = None,
+    runs: int | None = None,
+) -> xr.Dataset:
     """How quantization noise accumulates along sampling, without and with Q-Drift, per run and step.
 
     For each run of ``store`` (recorded with ``--trajectories``) the corrected, free-running Q
@@ -90,10 +99,10 @@ def accumulation_dataset(pair: Any, store: xr.Dataset | str | Path, estimator: A
     """
     import torch
 
-    from qdrift_stats.estimators.base import as_dataset
     from qdrift_stats.correct.estimator_file import EstimatorFile
-    from qdrift_stats.pair import check_pair, load_pair
+    from qdrift_stats.estimators.base import as_dataset
     from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler, scale_model_input
+    from qdrift_stats.pair import check_pair, load_pair
     from qdrift_stats.schedulers.base import step_grid, step_kwargs
 
     ds = as_dataset(store)
@@ -105,7 +114,9 @@ def accumulation_dataset(pair: Any, store: xr.Dataset | str | Path, estimator: A
     est = estimator if isinstance(estimator, EstimatorFile) else EstimatorFile.load(estimator)
     attrs = dict(ds.attrs)
     if tuple(pair.sample_shape) != tuple(ds["traj_fp"].shape[3:]):
-        raise QDriftError(f"the pair's samples are {tuple(pair.sample_shape)}, the store's {tuple(ds['traj_fp'].shape[3:])}: not the recorded pair")
+        raise QDriftError(
+            f"the pair's samples are {tuple(pair.sample_shape)}, the store's {tuple(ds['traj_fp'].shape[3:])}: not the recorded pair"
+        )
     if runs is not None:
         ds = ds.isel(run=slice(0, runs))
     scheduler_name, steps, batch = str(attrs["scheduler"]), int(attrs["steps"]), int(attrs["batch_size"])
@@ -120,13 +131,31 @@ def accumulation_dataset(pair: Any, store: xr.Dataset | str | Path, estimator: A
             for model, recorded in ((pair.fp, traj_fp), (pair.q, traj_q)):
                 check = prepared_scheduler(pair, scheduler_name, steps)
                 t0 = check.timesteps[0]
-                first = check.step(model(scale_model_input(check, x, t0), t0, **cond), t0, x, **step_kwargs(check), return_dict=False)[0]
+                first = check.step(
+                    model(scale_model_input(check, x, t0), t0, **cond), t0, x, **step_kwargs(check), return_dict=False
+                )[0]
                 tol = 1e-2 if recorded.dtype == np.float16 else 1e-4
-                if not np.allclose(first.float().cpu().numpy(), recorded[0].astype(np.float32), rtol=tol, atol=tol * float(np.abs(recorded[0]).max())):
-                    raise QDriftError(f"the pair does not reproduce the store's trajectories at seed {int(seed)}: not the recorded pair or scheduler")
-            corrector = est.corrector(scheduler, correction=correction, strength=strength, device=x.device, dtype=x.dtype)
+                if not np.allclose(
+                    first.float().cpu().numpy(),
+                    recorded[0].astype(np.float32),
+                    rtol=tol,
+                    atol=tol * float(np.abs(recorded[0]).max()),
+                ):
+                    raise QDriftError(
+                        f"the pair does not reproduce the store's trajectories at seed {int(seed)}: not the recorded pair or scheduler"
+                    )
+            corrector = est.corrector(
+                scheduler, correction=correction, strength=strength, device=x.device, dtype=x.dtype
+            )
             states: list[np.ndarray] = []
-            run_sampler(pair.q, scheduler, x, cond, corrector=corrector, callback=lambda s: states.append(s["x_next"].float().cpu().numpy()))
+            run_sampler(
+                pair.q,
+                scheduler,
+                x,
+                cond,
+                corrector=corrector,
+                callback=lambda s: states.append(s["x_next"].float().cpu().numpy()),
+            )
         flat = {  # (steps, batch, dim) float64
             "fp": traj_fp.reshape(steps, batch, -1).astype(np.float64),
             "q": traj_q.reshape(steps, batch, -1).astype(np.float64),
@@ -141,7 +170,10 @@ def accumulation_dataset(pair: Any, store: xr.Dataset | str | Path, estimator: A
     per_step = np.sqrt(variance if variance.ndim == 1 else variance.mean(axis=1))
     form = correction or est.metadata["correction"]["form"]
     lam = est.metadata["correction"].get("strength", 1.0) if strength is None else strength
-    data = {name: (("run", "step", "sample") if name.startswith("dist") else ("run", "step"), np.stack(values)) for name, values in out.items()}
+    data = {
+        name: (("run", "step", "sample") if name.startswith("dist") else ("run", "step"), np.stack(values))
+        for name, values in out.items()
+    }
     data["per_step_rms"] = (("step",), per_step)
     acc = xr.Dataset(
         data,
@@ -229,11 +261,21 @@ def plot_accumulation(acc: xr.Dataset, x: str = "b") -> Figure:
         ax.plot(xs, lo[keep], color=color, linewidth=0.5, linestyle=style, alpha=0.6)
         ax.plot(xs, hi[keep], color=color, linewidth=0.5, linestyle=style, alpha=0.6)
     if "per_step_rms" in acc:
-        ax.plot(xs, acc["per_step_rms"].values[keep], color="0.4", linestyle=":", label=r"one step's perturbation $\sqrt{v_i}$")
+        ax.plot(
+            xs,
+            acc["per_step_rms"].values[keep],
+            color="0.4",
+            linestyle=":",
+            label=r"one step's perturbation $\sqrt{v_i}$",
+        )
     ax.set_yscale("log")
     ax.set_ylabel("RMS distance to the paired FP state (state units)")
     ax.set_title("Paths: distance to the FP trajectory", fontsize=10)
-    ax.legend(fontsize=8, title=f"median, {int(BAND[0] * 100)}-{int(BAND[1] * 100)}% band over runs x samples", title_fontsize=8)
+    ax.legend(
+        fontsize=8,
+        title=f"median, {int(BAND[0] * 100)}-{int(BAND[1] * 100)}% band over runs x samples",
+        title_fontsize=8,
+    )
     if spread:
         ax = axes[1]
         var_fp = acc["var_fp"].values
@@ -284,9 +326,17 @@ def variance_dataset(estimate: Any) -> xr.Dataset:
         meta = estimate.metadata
         ds = xr.Dataset(
             data,
-            coords={"step": np.arange(len(t["timesteps"])), "timestep": ("step", t["timesteps"]), "b_next": ("step", t["b_next"])},
-            attrs={"estimator": meta["estimator"].get("name"), "pair": meta.get("provenance", {}).get("pair", ""),
-                   "scheduler": meta["scheduler"].get("name"), "steps": meta.get("steps")},
+            coords={
+                "step": np.arange(len(t["timesteps"])),
+                "timestep": ("step", t["timesteps"]),
+                "b_next": ("step", t["b_next"]),
+            },
+            attrs={
+                "estimator": meta["estimator"].get("name"),
+                "pair": meta.get("provenance", {}).get("pair", ""),
+                "scheduler": meta["scheduler"].get("name"),
+                "steps": meta.get("steps"),
+            },
         )
     elif hasattr(estimate, "to_dataset"):
         ds = estimate.to_dataset()
@@ -350,7 +400,15 @@ def plot_variance(estimates: Any | Sequence[Any], labels: Sequence[str] | None =
         floor = min(floor, float(mean[positive].min()))
         floor_g = min(floor_g, float((mean[positive] / b[positive] ** 2).min()))
         ax_v.plot(b[positive], mean[positive], color=color, linestyle=style, marker=".", markersize=3, label=label)
-        ax_g.plot(b[positive], mean[positive] / b[positive] ** 2, color=color, linestyle=style, marker=".", markersize=3, label=label)
+        ax_g.plot(
+            b[positive],
+            mean[positive] / b[positive] ** 2,
+            color=color,
+            linestyle=style,
+            marker=".",
+            markersize=3,
+            label=label,
+        )
         if per_channel and len(datasets) == 1:
             for c in range(v.shape[1]):
                 ok = keep & (v[:, c] > 0)
@@ -361,9 +419,13 @@ def plot_variance(estimates: Any | Sequence[Any], labels: Sequence[str] | None =
                 lo, hi = lo.mean(axis=1), hi.mean(axis=1)
             band = positive & np.isfinite(lo) & np.isfinite(hi)
             if band.any():
-                lo_shown = np.where(lo[band] > 0, lo[band], mean[band] * 1e-3)  # a bound at 0 would be -inf on a log axis
+                lo_shown = np.where(
+                    lo[band] > 0, lo[band], mean[band] * 1e-3
+                )  # a bound at 0 would be -inf on a log axis
                 ax_v.fill_between(b[band], lo_shown, hi[band], color=color, alpha=0.2, linewidth=0)
-                ax_g.fill_between(b[band], lo_shown / b[band] ** 2, hi[band] / b[band] ** 2, color=color, alpha=0.2, linewidth=0)
+                ax_g.fill_between(
+                    b[band], lo_shown / b[band] ** 2, hi[band] / b[band] ** 2, color=color, alpha=0.2, linewidth=0
+                )
     if not np.isfinite(floor):
         raise QDriftError("nothing to plot: every estimate is 0 or lands on b = 0")
     ax_v.set_ylim(bottom=floor / 3)  # a wide band of a noisy estimate does not squash the others
@@ -437,7 +499,15 @@ def plot_runs_needed(cv: xr.Dataset, tolerance: float | None = None) -> Figure:
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(n, med, color=COLORS[0], marker="o", markersize=4, label="median over repeats")
-    ax.fill_between(n, lo, hi, color=COLORS[0], alpha=0.2, linewidth=0, label=f"{int(BAND[0] * 100)}-{int(BAND[1] * 100)}% of repeats")
+    ax.fill_between(
+        n,
+        lo,
+        hi,
+        color=COLORS[0],
+        alpha=0.2,
+        linewidth=0,
+        label=f"{int(BAND[0] * 100)}-{int(BAND[1] * 100)}% of repeats",
+    )
     if np.isfinite(med[0]) and med[0] > 0:
         ax.plot(n, med[0] * np.sqrt(n[0] / n), color="0.5", linestyle="--", linewidth=1, label=r"$\propto 1/\sqrt{n}$")
     ax.axhline(tol, color=COLORS[1], linestyle=":", label=f"tolerance {tol:g}")
@@ -445,9 +515,20 @@ def plot_runs_needed(cv: xr.Dataset, tolerance: float | None = None) -> Figure:
     needed = int(given) if given is not None else _runs_needed(n, hi, tol)
     if needed is not None and needed <= n[-1]:
         ax.axvline(needed, color=COLORS[1], linewidth=0.8, alpha=0.6)
-        ax.annotate(f"{needed} run{'s' if needed > 1 else ''} needed", (needed, tol), xytext=(4, -12), textcoords="offset points", color=COLORS[1], fontsize=9)
+        ax.annotate(
+            f"{needed} run{'s' if needed > 1 else ''} needed",
+            (needed, tol),
+            xytext=(4, -12),
+            textcoords="offset points",
+            color=COLORS[1],
+            fontsize=9,
+        )
     else:
-        text = f"about {needed} runs needed (beyond the curve, extrapolated)" if needed is not None else f"not within {tol:g} up to {int(n[-1])} runs"
+        text = (
+            f"about {needed} runs needed (beyond the curve, extrapolated)"
+            if needed is not None
+            else f"not within {tol:g} up to {int(n[-1])} runs"
+        )
         ax.text(0.98, 0.98, text, transform=ax.transAxes, ha="right", va="top", color=COLORS[1], fontsize=9)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -471,9 +552,16 @@ def plot_runs_needed(cv: xr.Dataset, tolerance: float | None = None) -> Figure:
 # diagnostics
 # ---------------------------------------------------------------------------------------------
 
+
 def _thresholds() -> dict[str, float]:
     """The regime thresholds of :mod:`qdrift_stats.validate.diagnostics` (its constants; these defaults without it)."""
-    values = {"HEAVY_KURTOSIS": 1.5, "CORRELATED_R2": 0.5, "PARTLY_CORRELATED_R2": 0.1, "LATTICE_FRACTION": 0.2, "AUTOCORRELATED_REJECT": 0.5}
+    values = {
+        "HEAVY_KURTOSIS": 1.5,
+        "CORRELATED_R2": 0.5,
+        "PARTLY_CORRELATED_R2": 0.1,
+        "LATTICE_FRACTION": 0.2,
+        "AUTOCORRELATED_REJECT": 0.5,
+    }
     try:
         from qdrift_stats import diagnostics
     except ImportError:
@@ -484,14 +572,47 @@ def _thresholds() -> dict[str, float]:
 # Per-step panels: (accepted variable names, title, y scale, y limits, reference lines [(value, label)]).
 def _step_panels(t: dict[str, float]) -> tuple:
     return (
-        (("kurtosis", "excess_kurtosis"), "excess kurtosis of the per-step error", "linear", None,
-         [(0.0, "0: Gaussian (sinusoid -1.5)"), (t["HEAVY_KURTOSIS"], f"{t['HEAVY_KURTOSIS']:g}: heavy-tailed above")]),
-        (("jb_pvalue", "jarque_bera_pvalue"), "Jarque-Bera normality p-value", "log", None, [(0.05, "0.05: not Gaussian below")]),
-        (("ljung_box_pvalue", "lb_pvalue"), "Ljung-Box p-value (autocorrelation)", "log", None, [(0.05, "0.05: autocorrelated below")]),
-        (("r2", "r_squared"), r"$R^2$ of $m_q - m_{fp}$ on $m_{fp}$ (signal explains)", "linear", (0.0, 1.0),
-         [(t["CORRELATED_R2"], f"{t['CORRELATED_R2']:g}: signal-correlated above"), (t["PARTLY_CORRELATED_R2"], f"{t['PARTLY_CORRELATED_R2']:g}: partly")]),
-        (("lattice",), "distinct Q output values per value", "linear", (0.0, 1.05),
-         [(t["LATTICE_FRACTION"], f"{t['LATTICE_FRACTION']:g}: rounded to a grid below")]),
+        (
+            ("kurtosis", "excess_kurtosis"),
+            "excess kurtosis of the per-step error",
+            "linear",
+            None,
+            [
+                (0.0, "0: Gaussian (sinusoid -1.5)"),
+                (t["HEAVY_KURTOSIS"], f"{t['HEAVY_KURTOSIS']:g}: heavy-tailed above"),
+            ],
+        ),
+        (
+            ("jb_pvalue", "jarque_bera_pvalue"),
+            "Jarque-Bera normality p-value",
+            "log",
+            None,
+            [(0.05, "0.05: not Gaussian below")],
+        ),
+        (
+            ("ljung_box_pvalue", "lb_pvalue"),
+            "Ljung-Box p-value (autocorrelation)",
+            "log",
+            None,
+            [(0.05, "0.05: autocorrelated below")],
+        ),
+        (
+            ("r2", "r_squared"),
+            r"$R^2$ of $m_q - m_{fp}$ on $m_{fp}$ (signal explains)",
+            "linear",
+            (0.0, 1.0),
+            [
+                (t["CORRELATED_R2"], f"{t['CORRELATED_R2']:g}: signal-correlated above"),
+                (t["PARTLY_CORRELATED_R2"], f"{t['PARTLY_CORRELATED_R2']:g}: partly"),
+            ],
+        ),
+        (
+            ("lattice",),
+            "distinct Q output values per value",
+            "linear",
+            (0.0, 1.05),
+            [(t["LATTICE_FRACTION"], f"{t['LATTICE_FRACTION']:g}: rounded to a grid below")],
+        ),
     )
 
 
@@ -543,7 +664,9 @@ def plot_diagnostics(diag: xr.Dataset, x: str = "step") -> Figure:
             panels.append((name, title, scale, ylim, refs))
     across = [n for n in ("lb_reject", "lag1_autocorr") if n in diag and diag[n].ndim == 0]
     if not panels and not across:
-        raise QDriftError("the diagnostics Dataset has none of the variables kurtosis, jb_pvalue, r2, lattice, ljung_box_pvalue, lb_reject")
+        raise QDriftError(
+            "the diagnostics Dataset has none of the variables kurtosis, jb_pvalue, r2, lattice, ljung_box_pvalue, lb_reject"
+        )
     count = len(panels) + (1 if across else 0)
     ncols = 2 if count > 1 else 1
     nrows = (count + 1) // 2
@@ -563,10 +686,20 @@ def plot_diagnostics(diag: xr.Dataset, x: str = "step") -> Figure:
             finite = np.concatenate([med, lo])[np.isfinite(np.concatenate([med, lo]))]
             clipped = bool(finite.size and finite.min() < P_FLOOR)
             med, lo, hi = (np.where(np.isnan(a), np.nan, np.maximum(a, P_FLOOR)) for a in (med, lo, hi))
-        ax.plot(xs, med[keep], color=COLORS[0], marker=".", markersize=3, label="median" if values.ndim > 1 else "per step")
+        ax.plot(
+            xs, med[keep], color=COLORS[0], marker=".", markersize=3, label="median" if values.ndim > 1 else "per step"
+        )
         if values.ndim > 1:
             others = " x ".join(f"{values.sizes[d]} {d}s" for d in values.dims if d != "step")
-            ax.fill_between(xs, lo[keep], hi[keep], color=COLORS[0], alpha=0.2, linewidth=0, label=f"{int(BAND[0] * 100)}-{int(BAND[1] * 100)}% over {others}")
+            ax.fill_between(
+                xs,
+                lo[keep],
+                hi[keep],
+                color=COLORS[0],
+                alpha=0.2,
+                linewidth=0,
+                label=f"{int(BAND[0] * 100)}-{int(BAND[1] * 100)}% over {others}",
+            )
         for k, (value, label) in enumerate(refs):
             ax.axhline(value, color=COLORS[1], linestyle=(":", "--")[k % 2], linewidth=1, label=label)
         ax.set_yscale(scale)
@@ -583,17 +716,27 @@ def plot_diagnostics(diag: xr.Dataset, x: str = "step") -> Figure:
         ax.legend(fontsize=7, loc="center right")
     if across:
         ax = axes[len(panels)]
-        labels = {"lb_reject": "Ljung-Box rejects\n(fraction of trajectories)", "lag1_autocorr": "mean lag-1\nautocorrelation"}
+        labels = {
+            "lb_reject": "Ljung-Box rejects\n(fraction of trajectories)",
+            "lag1_autocorr": "mean lag-1\nautocorrelation",
+        }
         heights = [float(diag[n].values) for n in across]
         ax.bar([labels[n] for n in across], heights, color=COLORS[0], width=0.5)
         for k, h in enumerate(heights):
             ax.annotate(f"{h:.2f}", (k, h), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)
         ax.axhline(0.05, color="0.3", linestyle=":", linewidth=1, label="0.05: rejected by chance under independence")
         if "lb_reject" in across:
-            ax.axhline(t["AUTOCORRELATED_REJECT"], color=COLORS[1], linestyle="--", linewidth=1,
-                       label=f"{t['AUTOCORRELATED_REJECT']:g}: rejections above this: autocorrelated")
+            ax.axhline(
+                t["AUTOCORRELATED_REJECT"],
+                color=COLORS[1],
+                linestyle="--",
+                linewidth=1,
+                label=f"{t['AUTOCORRELATED_REJECT']:g}: rejections above this: autocorrelated",
+            )
         lags = diag.attrs.get("lb_lags")
-        ax.set_title("Across steps: Ljung-Box test of each trajectory's errors" + (f" ({lags} lags)" if lags else ""), fontsize=9)
+        ax.set_title(
+            "Across steps: Ljung-Box test of each trajectory's errors" + (f" ({lags} lags)" if lags else ""), fontsize=9
+        )
         ax.set_ylim(min(0.0, min(heights) * 1.2), 1.0)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7)
@@ -622,7 +765,10 @@ PLOT_KINDS: tuple[str, ...] = ("accumulation", "variance", "runs-needed", "diagn
 DEFAULT_VARIANCE_FITS: tuple[str, ...] = ("empirical", "first-order", "decomposed", "smooth-glm", "robust")
 # Functions a module may offer to compute a kind's Dataset from a calibration store, tried in order.
 _PRODUCERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "runs-needed": ("qdrift_stats.validate.crossval", ("runs_needed_dataset", "runs_needed", "cross_validate", "cv_dataset")),
+    "runs-needed": (
+        "qdrift_stats.validate.crossval",
+        ("runs_needed_dataset", "runs_needed", "cross_validate", "cv_dataset"),
+    ),
     "diagnostics": ("qdrift_stats.validate.diagnostics", ("diagnostics_dataset", "diagnose", "diagnostics")),
 }
 
@@ -673,10 +819,20 @@ def _dataset_for(kind: str, source: Path) -> xr.Dataset:
         if callable(producer):
             result = producer(source)
             return result if isinstance(result, xr.Dataset) else result.to_dataset()
-    raise QDriftError(f"{module_name} offers none of {', '.join(names)}; pass a saved {kind} Dataset (zarr or netCDF) instead")
+    raise QDriftError(
+        f"{module_name} offers none of {', '.join(names)}; pass a saved {kind} Dataset (zarr or netCDF) instead"
+    )
 
 
-def figure_for(kind: str, source: str | Path, *, estimator: str | Path | None = None, pair: str | None = None, fits: Sequence[str] = (), x: str | None = None) -> Figure:
+def figure_for(
+    kind: str,
+    source: str | Path,
+    *,
+    estimator: str | Path | None = None,
+    pair: str | None = None,
+    fits: Sequence[str] = (),
+    x: str | None = None,
+) -> Figure:
     """The figure ``qdrift plot KIND SOURCE`` draws.
 
     Args:

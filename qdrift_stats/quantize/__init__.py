@@ -27,8 +27,9 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -57,27 +58,76 @@ class RecipeInfo:
 RECIPES: dict[str, RecipeInfo] = {
     info.name: info
     for info in (
-        RecipeInfo("w8a8", "quanto", "w8a8",
-                   "optimum-quanto: qint8 per-channel weights, static per-tensor qint8 activations (Calibration)",
-                   8, 8, "optimum-quanto", True),
-        RecipeInfo("w4a8", "quanto", "w4a8",
-                   "optimum-quanto: qint4 group-wise/per-channel weights, static per-tensor qint8 activations",
-                   4, 8, "optimum-quanto", True),
-        RecipeInfo("w4a4", "fake", "w4a4",
-                   "torchao fake quant: symmetric group-wise (32) int4 weights, per-token dynamic int4 activations",
-                   4, 4, "torchao", False),
-        RecipeInfo("w3a4", "fake", "w3a4",
-                   "torchao fake quant: symmetric group-wise (32) int3 weights, per-token dynamic int4 activations",
-                   3, 4, "torchao", False),
-        RecipeInfo("svdquant-w4a4", "svdquant", "svdquant_w4a4",
-                   "SVDQuant-style: SmoothQuant smoothing, full-precision rank-8 SVD branch, W4A4 residual",
-                   4, 4, "torchao + torch.linalg.svd", True),
-        RecipeInfo("mixdq-w4a8", "mixdq", "mixdq_w4a8",
-                   "MixDQ-style: per-layer {8,4,3}-bit weights chosen by output sensitivity, average <= 4 bits, A8",
-                   4, 8, "torchao", True),
-        RecipeInfo("mixdq-w5a8", "mixdq", "mixdq_w5a8",
-                   "MixDQ-style: per-layer {8,4,3}-bit weights chosen by output sensitivity, average <= 5 bits, A8",
-                   5, 8, "torchao", True),
+        RecipeInfo(
+            "w8a8",
+            "quanto",
+            "w8a8",
+            "optimum-quanto: qint8 per-channel weights, static per-tensor qint8 activations (Calibration)",
+            8,
+            8,
+            "optimum-quanto",
+            True,
+        ),
+        RecipeInfo(
+            "w4a8",
+            "quanto",
+            "w4a8",
+            "optimum-quanto: qint4 group-wise/per-channel weights, static per-tensor qint8 activations",
+            4,
+            8,
+            "optimum-quanto",
+            True,
+        ),
+        RecipeInfo(
+            "w4a4",
+            "fake",
+            "w4a4",
+            "torchao fake quant: symmetric group-wise (32) int4 weights, per-token dynamic int4 activations",
+            4,
+            4,
+            "torchao",
+            False,
+        ),
+        RecipeInfo(
+            "w3a4",
+            "fake",
+            "w3a4",
+            "torchao fake quant: symmetric group-wise (32) int3 weights, per-token dynamic int4 activations",
+            3,
+            4,
+            "torchao",
+            False,
+        ),
+        RecipeInfo(
+            "svdquant-w4a4",
+            "svdquant",
+            "svdquant_w4a4",
+            "SVDQuant-style: SmoothQuant smoothing, full-precision rank-8 SVD branch, W4A4 residual",
+            4,
+            4,
+            "torchao + torch.linalg.svd",
+            True,
+        ),
+        RecipeInfo(
+            "mixdq-w4a8",
+            "mixdq",
+            "mixdq_w4a8",
+            "MixDQ-style: per-layer {8,4,3}-bit weights chosen by output sensitivity, average <= 4 bits, A8",
+            4,
+            8,
+            "torchao",
+            True,
+        ),
+        RecipeInfo(
+            "mixdq-w5a8",
+            "mixdq",
+            "mixdq_w5a8",
+            "MixDQ-style: per-layer {8,4,3}-bit weights chosen by output sensitivity, average <= 5 bits, A8",
+            5,
+            8,
+            "torchao",
+            True,
+        ),
     )
 }
 

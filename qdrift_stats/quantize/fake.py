@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterable, Sequence
 from fnmatch import fnmatch
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -290,11 +291,12 @@ class FakeQuantLinear(_QuantLayer, nn.Linear):
     @classmethod
     def from_float(
         cls, layer: nn.Linear, weight_bits: int | None, act_bits: int | None, group_size: int = 32
-    ) -> "FakeQuantLinear":
+    ) -> FakeQuantLinear:
         q = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         w = layer.weight.detach()
-        q.weight = nn.Parameter(w.clone() if weight_bits is None else fake_quantize_weight(w, weight_bits, group_size),
-                                requires_grad=False)
+        q.weight = nn.Parameter(
+            w.clone() if weight_bits is None else fake_quantize_weight(w, weight_bits, group_size), requires_grad=False
+        )
         q.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         q.weight_bits, q.act_bits, q.group_size = weight_bits, act_bits, group_size
         q.act_quant = TokenFakeQuantizer(act_bits, channel_dim=-1)
@@ -313,15 +315,23 @@ class FakeQuantConv2d(_QuantLayer, nn.Conv2d):
     @classmethod
     def from_float(
         cls, layer: nn.Conv2d, weight_bits: int | None, act_bits: int | None, group_size: int = 32
-    ) -> "FakeQuantConv2d":
+    ) -> FakeQuantConv2d:
         q = cls(
-            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-            padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-            bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta",
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            device="meta",
         )
         w = layer.weight.detach()
-        q.weight = nn.Parameter(w.clone() if weight_bits is None else fake_quantize_weight(w, weight_bits, group_size),
-                                requires_grad=False)
+        q.weight = nn.Parameter(
+            w.clone() if weight_bits is None else fake_quantize_weight(w, weight_bits, group_size), requires_grad=False
+        )
         q.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         q.weight_bits, q.act_bits, q.group_size = weight_bits, act_bits, group_size
         q.act_quant = TokenFakeQuantizer(act_bits, channel_dim=1)
@@ -334,7 +344,9 @@ class FakeQuantConv2d(_QuantLayer, nn.Conv2d):
         return super().extra_repr() + f", weight_bits={self.weight_bits}, act_bits={self.act_bits}"
 
 
-def fake_quant_layer(layer: nn.Module, weight_bits: int | None, act_bits: int | None, group_size: int = 32) -> nn.Module:
+def fake_quant_layer(
+    layer: nn.Module, weight_bits: int | None, act_bits: int | None, group_size: int = 32
+) -> nn.Module:
     """The fake-quantized replacement of one ``nn.Linear`` / ``nn.Conv2d``."""
     if isinstance(layer, nn.Linear):
         return FakeQuantLinear.from_float(layer, weight_bits, act_bits, group_size)

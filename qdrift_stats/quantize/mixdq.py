@@ -25,7 +25,7 @@ Written by hand: the sensitivity loop and the greedy allocation (neither library
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -178,8 +178,17 @@ def mixdq_w4a8(
     exclude: str | Sequence[str] | None = None,
 ) -> nn.Module:
     """Weights {8, 4, 3} bits averaging at most 4 (parameter-weighted), activations 8 bits per token."""
-    return mixdq(model, calibration, budget=budget, bits=bits, act_bits=act_bits, group_size=group_size,
-                 include=include, exclude=exclude, recipe="mixdq-w4a8")
+    return mixdq(
+        model,
+        calibration,
+        budget=budget,
+        bits=bits,
+        act_bits=act_bits,
+        group_size=group_size,
+        include=include,
+        exclude=exclude,
+        recipe="mixdq-w4a8",
+    )
 
 
 def mixdq_w5a8(
@@ -194,5 +203,14 @@ def mixdq_w5a8(
     exclude: str | Sequence[str] | None = None,
 ) -> nn.Module:
     """Weights {8, 4, 3} bits averaging at most 5 (parameter-weighted), activations 8 bits per token."""
-    return mixdq(model, calibration, budget=budget, bits=bits, act_bits=act_bits, group_size=group_size,
-                 include=include, exclude=exclude, recipe="mixdq-w5a8")
+    return mixdq(
+        model,
+        calibration,
+        budget=budget,
+        bits=bits,
+        act_bits=act_bits,
+        group_size=group_size,
+        include=include,
+        exclude=exclude,
+        recipe="mixdq-w5a8",
+    )

@@ -26,7 +26,8 @@ Nothing is rounded by hand here.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -112,8 +113,18 @@ def w8a8(
     conv_inputs: bool = True,
 ) -> nn.Module:
     """quanto qint8 weights (per channel) + qint8 activations (static, calibrated). In place; needs calibration."""
-    return _quanto(model, calibration, recipe="w8a8", weights=qint8, activations=qint8, include=include,
-                   exclude=exclude, streamline=streamline, momentum=momentum, conv_inputs=conv_inputs)
+    return _quanto(
+        model,
+        calibration,
+        recipe="w8a8",
+        weights=qint8,
+        activations=qint8,
+        include=include,
+        exclude=exclude,
+        streamline=streamline,
+        momentum=momentum,
+        conv_inputs=conv_inputs,
+    )
 
 
 def w4a8(
@@ -127,5 +138,15 @@ def w4a8(
     conv_inputs: bool = True,
 ) -> nn.Module:
     """quanto qint4 weights (grouped/per channel) + qint8 activations (static, calibrated). In place; needs calibration."""
-    return _quanto(model, calibration, recipe="w4a8", weights=qint4, activations=qint8, include=include,
-                   exclude=exclude, streamline=streamline, momentum=momentum, conv_inputs=conv_inputs)
+    return _quanto(
+        model,
+        calibration,
+        recipe="w4a8",
+        weights=qint4,
+        activations=qint8,
+        include=include,
+        exclude=exclude,
+        streamline=streamline,
+        momentum=momentum,
+        conv_inputs=conv_inputs,
+    )

@@ -26,7 +26,7 @@ Written by hand (there is no SVDQuant in torchao or quanto): the smoothing facto
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +67,17 @@ def smoothing_factors(weight: torch.Tensor, act_absmax: torch.Tensor | None, alp
 
 
 class _SVDQuantMixin(_QuantLayer):
-    def _init_svd(self, layer: nn.Module, act_absmax: torch.Tensor | None, *, alpha: float, rank: int,
-                  weight_bits: int, act_bits: int, group_size: int) -> None:
+    def _init_svd(
+        self,
+        layer: nn.Module,
+        act_absmax: torch.Tensor | None,
+        *,
+        alpha: float,
+        rank: int,
+        weight_bits: int,
+        act_bits: int,
+        group_size: int,
+    ) -> None:
         w = layer.weight.detach().float()
         out_ch, in_ch = w.shape[0], w.shape[1]
         s = smoothing_factors(w, act_absmax, alpha)
@@ -97,15 +106,17 @@ class _SVDQuantMixin(_QuantLayer):
         self.weight_bits, self.act_bits, self.group_size = weight_bits, act_bits, group_size
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", rank={self.rank}, alpha={self.alpha}, "
-                f"weight_bits={self.weight_bits}, act_bits={self.act_bits}")
+        return (
+            super().extra_repr() + f", rank={self.rank}, alpha={self.alpha}, "
+            f"weight_bits={self.weight_bits}, act_bits={self.act_bits}"
+        )
 
 
 class SVDQuantLinear(_SVDQuantMixin, nn.Linear):
     """``y = Q(x/s) Q(W*s - L)^T + (x/s) L^T + b`` with a full-precision rank-``r`` ``L``."""
 
     @classmethod
-    def from_float(cls, layer: nn.Linear, act_absmax: torch.Tensor | None, **kw) -> "SVDQuantLinear":
+    def from_float(cls, layer: nn.Linear, act_absmax: torch.Tensor | None, **kw) -> SVDQuantLinear:
         q = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         q._init_svd(layer, act_absmax, **kw)
         q.act_quant = TokenFakeQuantizer(q.act_bits, channel_dim=-1)
@@ -123,11 +134,18 @@ class SVDQuantConv2d(_SVDQuantMixin, nn.Conv2d):
     """The conv analogue of :class:`SVDQuantLinear` (low-rank branch: a conv to ``r`` channels, then 1x1)."""
 
     @classmethod
-    def from_float(cls, layer: nn.Conv2d, act_absmax: torch.Tensor | None, **kw) -> "SVDQuantConv2d":
+    def from_float(cls, layer: nn.Conv2d, act_absmax: torch.Tensor | None, **kw) -> SVDQuantConv2d:
         q = cls(
-            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-            padding=layer.padding, dilation=layer.dilation, groups=1,
-            bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta",
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=1,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            device="meta",
         )
         q._init_svd(layer, act_absmax, **kw)
         q.act_quant = TokenFakeQuantizer(q.act_bits, channel_dim=1)
@@ -164,8 +182,13 @@ def svdquant_w4a4(
     if not layers:
         raise QDriftError("the model has no nn.Linear or nn.Conv2d layer to quantize (check include/exclude)")
     absmax = collect_input_absmax(model, layers, calls)
-    kw = dict(alpha=float(alpha), rank=int(rank), weight_bits=int(weight_bits), act_bits=int(act_bits),
-              group_size=int(group_size))
+    kw = dict(
+        alpha=float(alpha),
+        rank=int(rank),
+        weight_bits=int(weight_bits),
+        act_bits=int(act_bits),
+        group_size=int(group_size),
+    )
     for name, layer in layers.items():
         if isinstance(layer, nn.Linear):
             new = SVDQuantLinear.from_float(layer, absmax.get(name), **kw)

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -77,24 +78,37 @@ def _worker_pair(pair_spec: str) -> Any:
 
 
 @_returning_failures
-def describe_recording(pair_spec: str, scheduler_name: str, steps: int, runs: int, batch_size: int, seed: int, trajectories: bool, dtype: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def describe_recording(
+    pair_spec: str,
+    scheduler_name: str,
+    steps: int,
+    runs: int,
+    batch_size: int,
+    seed: int,
+    trajectories: bool,
+    dtype: str,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Store attributes and per-step coordinates of a recording (runs where the pair can be built).
 
     Returns:
         ``(attrs, coords)``: the store attributes ``record()`` would write, and its per-step
         coordinates ``timestep, a, b, a_next, b_next, gain``, each float64 ``(steps,)``.
     """
-    from qdrift_stats.record.lockstep import RecordingPlan, recording_attrs, step_coordinates
     from qdrift_stats.loop import prepared_scheduler
+    from qdrift_stats.record.lockstep import RecordingPlan, recording_attrs, step_coordinates
 
     pair = _worker_pair(pair_spec)
-    plan = RecordingPlan(pair_spec, scheduler_name, steps, tuple(range(seed, seed + runs)), batch_size, trajectories, dtype)
+    plan = RecordingPlan(
+        pair_spec, scheduler_name, steps, tuple(range(seed, seed + runs)), batch_size, trajectories, dtype
+    )
     attrs = recording_attrs(pair, plan, prepared_scheduler(pair, scheduler_name, steps))
     return attrs, step_coordinates(pair, scheduler_name, steps)
 
 
 @_returning_failures
-def record_one_run(pair_spec: str, scheduler_name: str, steps: int, batch_size: int, seed: int, trajectories: bool, dtype: str) -> dict[str, np.ndarray]:
+def record_one_run(
+    pair_spec: str, scheduler_name: str, steps: int, batch_size: int, seed: int, trajectories: bool, dtype: str
+) -> dict[str, np.ndarray]:
     """One paired run computed where it is called (a worker): name -> ``(steps, batch, *sample_shape)`` in ``dtype``."""
     from qdrift_stats.record.lockstep import _DTYPES, record_run
 
@@ -102,7 +116,9 @@ def record_one_run(pair_spec: str, scheduler_name: str, steps: int, batch_size: 
     return {name: value.astype(_DTYPES[dtype]) for name, value in arrays.items()}
 
 
-def _connect(client: Any, scheduler_address: str | None, n_workers: int, processes: bool) -> tuple[Any, Callable[[], None]]:
+def _connect(
+    client: Any, scheduler_address: str | None, n_workers: int, processes: bool
+) -> tuple[Any, Callable[[], None]]:
     """A ``distributed.Client`` and a function that closes what this call opened."""
     try:
         from distributed import Client, LocalCluster
@@ -116,11 +132,15 @@ def _connect(client: Any, scheduler_address: str | None, n_workers: int, process
         try:
             remote = Client(scheduler_address, timeout=30)
         except (OSError, TimeoutError) as exc:
-            raise QDriftError(f"cannot reach the dask scheduler at {scheduler_address} ({type(exc).__name__})") from None
+            raise QDriftError(
+                f"cannot reach the dask scheduler at {scheduler_address} ({type(exc).__name__})"
+            ) from None
         return remote, remote.close
     if n_workers < 1:
         raise QDriftError(f"--workers must be at least 1, got {n_workers}")
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=processes, dashboard_address=":0")  # any free port: never clashes
+    cluster = LocalCluster(
+        n_workers=n_workers, threads_per_worker=1, processes=processes, dashboard_address=":0"
+    )  # any free port: never clashes
     local = Client(cluster)
 
     def close() -> None:
@@ -176,7 +196,16 @@ def record_distributed(
     futures: dict[Any, int] = {}
     try:
         described = client.submit(
-            describe_recording, pair_spec, scheduler_name, steps, runs, batch_size, seed, trajectories, dtype, pure=False
+            describe_recording,
+            pair_spec,
+            scheduler_name,
+            steps,
+            runs,
+            batch_size,
+            seed,
+            trajectories,
+            dtype,
+            pure=False,
         ).result()
         if isinstance(described, RunFailure):
             raise QDriftError(described.message)
@@ -190,7 +219,9 @@ def record_distributed(
             window = max_in_flight or 2 * max(1, sum(client.nthreads().values()))
 
             def submit(s: int):
-                return client.submit(record_one_run, pair_spec, scheduler_name, steps, batch_size, s, trajectories, dtype, pure=False)
+                return client.submit(
+                    record_one_run, pair_spec, scheduler_name, steps, batch_size, s, trajectories, dtype, pure=False
+                )
 
             def commit(k: int, s: int, arrays: dict[str, np.ndarray]) -> None:
                 runs_complete = append_run(out, run_dataset(arrays, s, run_index + k, coords, attrs))
@@ -205,7 +236,13 @@ def record_distributed(
     return out
 
 
-def _commit_in_seed_order(todo: list[int], window: int, submit: Callable[[int], Any], commit: Callable[[int, int, dict], None], futures: dict[Any, int]) -> None:
+def _commit_in_seed_order(
+    todo: list[int],
+    window: int,
+    submit: Callable[[int], Any],
+    commit: Callable[[int, int, dict], None],
+    futures: dict[Any, int],
+) -> None:
     """Run ``submit(seed)`` for every seed of ``todo`` with at most ``window`` uncommitted, and call
     ``commit(k, seed, arrays)`` for ``todo[k]`` in order as soon as ``todo[:k+1]`` have all finished.
 

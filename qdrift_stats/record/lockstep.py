@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
 
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.pair import check_pair
 from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler, scale_model_input
-from qdrift_stats.schedulers.base import output_gains, scheduler_identity, step_grid, step_kwargs
+from qdrift_stats.pair import check_pair
 from qdrift_stats.record.store import (
     SCHEMA,
     SCHEMA_VERSION,
@@ -38,6 +38,7 @@ from qdrift_stats.record.store import (
     store_attrs,
     writer_lock,
 )
+from qdrift_stats.schedulers.base import output_gains, scheduler_identity, step_grid, step_kwargs
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -55,7 +56,9 @@ class RecordingPlan:
     dtype: str = "float32"
 
 
-def record_run(pair: Any, scheduler_name: str, steps: int, batch_size: int, seed: int, trajectories: bool = False) -> tuple[dict[str, np.ndarray], Any]:
+def record_run(
+    pair: Any, scheduler_name: str, steps: int, batch_size: int, seed: int, trajectories: bool = False
+) -> tuple[dict[str, np.ndarray], Any]:
     """Record one paired run.
 
     Returns:
@@ -81,7 +84,9 @@ def record_run(pair: Any, scheduler_name: str, steps: int, batch_size: int, seed
             x_q = sched_q.step(m_q, t, x, **kw_q, return_dict=False)[0]
             for name, value in (("m_fp", m_fp), ("m_q", m_q), ("x_fp", x_fp), ("x_q", x_q)):
                 if not bool(torch.isfinite(value).all()):
-                    raise QDriftError(f"non-finite {name} at run seed {seed}, step {i} (timestep {float(t):g}); nothing was written for this run")
+                    raise QDriftError(
+                        f"non-finite {name} at run seed {seed}, step {i} (timestep {float(t):g}); nothing was written for this run"
+                    )
             delta_x.append(x_q - x_fp)
             delta_out.append(m_q - m_fp)
             out_fp.append(m_fp)
@@ -187,7 +192,9 @@ def record(
     check_pair(pair, pair_name)
     check_recording_args(runs, batch_size, dtype)
     out = Path(out)
-    plan = RecordingPlan(pair_name, scheduler_name, steps, tuple(range(seed, seed + runs)), batch_size, trajectories, dtype)
+    plan = RecordingPlan(
+        pair_name, scheduler_name, steps, tuple(range(seed, seed + runs)), batch_size, trajectories, dtype
+    )
     attrs = recording_attrs(pair, plan, prepared_scheduler(pair, scheduler_name, steps))
     coords = step_coordinates(pair, scheduler_name, steps)
     with writer_lock(out):

@@ -41,18 +41,28 @@ import hashlib
 import inspect
 import json
 import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from qdrift_stats.errors import QDriftError
 from qdrift_stats.correct.diffusers import SchedulerProxy, mirrors_wrapped_signature, prev_sample_of, with_prev_sample
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.record.store import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    append_run,
+    check_compatible,
+    package_version,
+    repair_store,
+    run_dataset,
+    store_attrs,
+)
 from qdrift_stats.schedulers.base import scheduler_identity, step_grid
-from qdrift_stats.record.store import SCHEMA, SCHEMA_VERSION, append_run, check_compatible, package_version, repair_store, run_dataset, store_attrs
 
 DENOISER_NAMES: tuple[str, ...] = ("unet", "transformer")
 _LATENT_KWARGS: tuple[str, ...] = ("sample", "hidden_states", "x")
@@ -128,9 +138,13 @@ class _ReplayingScheduler(SchedulerProxy):
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         i, fp = self.log.num_steps, self.fp_log
         if i >= fp.num_steps:
-            raise QDriftError(f"the quantized pipeline made more scheduler steps than the full-precision one ({fp.num_steps})")
+            raise QDriftError(
+                f"the quantized pipeline made more scheduler steps than the full-precision one ({fp.num_steps})"
+            )
         if abs(_as_float(timestep) - fp.timesteps[i]) > 1e-6 * max(1.0, abs(fp.timesteps[i])):
-            raise QDriftError(f"step {i}: the quantized pipeline is at timestep {_as_float(timestep):g}, the full-precision one was at {fp.timesteps[i]:g}")
+            raise QDriftError(
+                f"step {i}: the quantized pipeline is at timestep {_as_float(timestep):g}, the full-precision one was at {fp.timesteps[i]:g}"
+            )
         state = fp.states[i].to(device=sample.device, dtype=sample.dtype)
         output = self.scheduler.step(model_output, timestep, state, *args, **kwargs)
         self.log.states.append(state)
@@ -162,7 +176,9 @@ def _latent_input(args: tuple, kwargs: dict) -> tuple[str | int, torch.Tensor]:
     for name in _LATENT_KWARGS:
         if isinstance(kwargs.get(name), torch.Tensor):
             return name, kwargs[name]
-    raise QDriftError("cannot find the latent input of the denoiser call (expected it first, or as sample= / hidden_states=)")
+    raise QDriftError(
+        "cannot find the latent input of the denoiser call (expected it first, or as sample= / hidden_states=)"
+    )
 
 
 def _record_inputs_hook(log: PassLog) -> Callable:
@@ -178,11 +194,15 @@ def _replace_inputs_hook(log: PassLog, fp_log: PassLog) -> Callable:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         i, j = log.num_steps, len(log.pending_inputs)
         if i >= fp_log.num_steps or j >= len(fp_log.denoiser_inputs[i]):
-            raise QDriftError(f"the quantized pipeline called its denoiser more often than the full-precision one before step {i}")
+            raise QDriftError(
+                f"the quantized pipeline called its denoiser more often than the full-precision one before step {i}"
+            )
         where, latent = _latent_input(args, kwargs)
         replacement = fp_log.denoiser_inputs[i][j]
         if replacement.shape != latent.shape:
-            raise QDriftError(f"step {i}: the quantized denoiser input has shape {tuple(latent.shape)}, the full-precision one {tuple(replacement.shape)}")
+            raise QDriftError(
+                f"step {i}: the quantized denoiser input has shape {tuple(latent.shape)}, the full-precision one {tuple(replacement.shape)}"
+            )
         replacement = replacement.to(device=latent.device, dtype=latent.dtype)
         log.pending_inputs.append(replacement)
         if where == 0:
@@ -235,7 +255,9 @@ def run_q_pass(q_pipe: Any, fp_scheduler: Any, fp_log: PassLog, call: dict[str, 
         q_pipe.scheduler = scheduler
         handle.remove()
     if log.num_steps != fp_log.num_steps:
-        raise QDriftError(f"the quantized pipeline made {log.num_steps} scheduler steps, the full-precision one {fp_log.num_steps}")
+        raise QDriftError(
+            f"the quantized pipeline made {log.num_steps} scheduler steps, the full-precision one {fp_log.num_steps}"
+        )
     return log
 
 
@@ -263,11 +285,15 @@ def _rows_per_image(batch: int, images: int | None, logs: Sequence[PassLog]) -> 
             for t in tensors:
                 blocks = t.reshape(copies, images, -1)
                 if not all(torch.equal(blocks[0], blocks[k]) for k in range(1, copies)):
-                    raise QDriftError(f"the scheduler steps a batch of {batch} for {images} images whose copies differ; cannot record it")
+                    raise QDriftError(
+                        f"the scheduler steps a batch of {batch} for {images} images whose copies differ; cannot record it"
+                    )
     return slice(0, images)
 
 
-def paired_run_arrays(fp_log: PassLog, q_log: PassLog, images: int | None, free_q_log: PassLog | None = None) -> dict[str, np.ndarray]:
+def paired_run_arrays(
+    fp_log: PassLog, q_log: PassLog, images: int | None, free_q_log: PassLog | None = None
+) -> dict[str, np.ndarray]:
     """Store arrays of one run, float32 ``(steps, batch, *latent_shape)``.
 
     Raises:
@@ -295,7 +321,9 @@ def paired_run_arrays(fp_log: PassLog, q_log: PassLog, images: int | None, free_
 # the public entry point
 
 
-def describe_pipelines(fp_pipe: Any, q_pipe: Any, conditions: dict[str, Any], guidance_scale: float | None, recipe: str | None) -> str:
+def describe_pipelines(
+    fp_pipe: Any, q_pipe: Any, conditions: dict[str, Any], guidance_scale: float | None, recipe: str | None
+) -> str:
     """The store's ``pair`` attribute: pipeline, denoisers, recipe, guidance and a digest of the conditions."""
     fp_name, fp_model = pipeline_denoiser(fp_pipe)
     _, q_model = pipeline_denoiser(q_pipe)
@@ -344,7 +372,10 @@ def _pipeline_call(
         call["guidance_scale"] = float(guidance_scale)
     if _accepts(pipe, "output_type"):
         call.setdefault("output_type", "latent")  # the images themselves are not needed
-    recorded = {**conditions, **{k: f"tensor{tuple(v.shape)}" if isinstance(v, torch.Tensor) else v for k, v in extra.items()}}
+    recorded = {
+        **conditions,
+        **{k: f"tensor{tuple(v.shape)}" if isinstance(v, torch.Tensor) else v for k, v in extra.items()},
+    }
     return call, recorded, images
 
 
@@ -406,8 +437,12 @@ def calibrate_pipeline(
         raise QDriftError("fp_pipe and q_pipe share the same denoiser; give q_pipe the quantized one")
     fp_scheduler = fp_pipe.scheduler
     if isinstance(fp_scheduler, SchedulerProxy):
-        raise QDriftError(f"fp_pipe.scheduler is a {type(fp_scheduler).__name__}; calibrate with the plain diffusers scheduler")
-    call, conditions, images = _pipeline_call(fp_pipe, prompts, class_labels, num_inference_steps, guidance_scale, pipeline_kwargs)
+        raise QDriftError(
+            f"fp_pipe.scheduler is a {type(fp_scheduler).__name__}; calibrate with the plain diffusers scheduler"
+        )
+    call, conditions, images = _pipeline_call(
+        fp_pipe, prompts, class_labels, num_inference_steps, guidance_scale, pipeline_kwargs
+    )
 
     # The grid the pipelines will run: the same set_timesteps on a copy of the FP scheduler.
     probe = _fresh_copy(fp_scheduler)
@@ -461,7 +496,11 @@ def calibrate_pipeline(
         q_log = run_q_pass(q_pipe, fp_scheduler, fp_log, call, seed)
         free_log = run_free_q_pass(q_pipe, fp_scheduler, call, seed) if trajectories else None
         arrays = paired_run_arrays(fp_log, q_log, images, free_log)
-        attrs = {**identity_attrs, "batch_size": int(arrays["delta_x"].shape[1]), "sample_shape": list(arrays["delta_x"].shape[2:])}
+        attrs = {
+            **identity_attrs,
+            "batch_size": int(arrays["delta_x"].shape[1]),
+            "sample_shape": list(arrays["delta_x"].shape[2:]),
+        }
         if out.exists():
             check_compatible(store_attrs(out), attrs, out)
         arrays = {k: v.astype(_DTYPES[dtype]) for k, v in arrays.items()}
@@ -470,4 +509,12 @@ def calibrate_pipeline(
     return out
 
 
-__all__ = ["PassLog", "calibrate_pipeline", "describe_pipelines", "paired_run_arrays", "pipeline_denoiser", "run_fp_pass", "run_q_pass"]
+__all__ = [
+    "PassLog",
+    "calibrate_pipeline",
+    "describe_pipelines",
+    "paired_run_arrays",
+    "pipeline_denoiser",
+    "run_fp_pass",
+    "run_q_pass",
+]

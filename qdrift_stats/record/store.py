@@ -44,7 +44,16 @@ TRAJECTORY_VARS = ("traj_fp", "traj_q")
 # Coordinates every reader needs (``gain`` is optional: stores of older versions lack it).
 REQUIRED_COORDS = ("seed", "timestep", "a", "b", "a_next", "b_next")
 # Attributes that must agree before runs can be appended to an existing store.
-IDENTITY_ATTRS = ("pair", "scheduler", "scheduler_config", "steps", "batch_size", "sample_shape", "dtype", "trajectories")
+IDENTITY_ATTRS = (
+    "pair",
+    "scheduler",
+    "scheduler_config",
+    "steps",
+    "batch_size",
+    "sample_shape",
+    "dtype",
+    "trajectories",
+)
 
 
 def _raised_by_storage(exc: BaseException | None, depth: int = 0) -> bool:
@@ -77,7 +86,9 @@ def storage_errors_as_qdrift(func):
             if not _raised_by_storage(exc):
                 raise
             detail = " ".join(str(exc).split())[:200]
-            raise QDriftError(f"the calibration store has a damaged or unreadable chunk ({type(exc).__name__}: {detail}); re-record the affected runs") from None
+            raise QDriftError(
+                f"the calibration store has a damaged or unreadable chunk ({type(exc).__name__}: {detail}); re-record the affected runs"
+            ) from None
 
     return wrapper
 
@@ -95,7 +106,9 @@ def package_version() -> str:
     return __version__
 
 
-def run_dataset(arrays: dict[str, np.ndarray], seed: int, run_index: int, coords: dict[str, np.ndarray], attrs: dict[str, Any]) -> xr.Dataset:
+def run_dataset(
+    arrays: dict[str, np.ndarray], seed: int, run_index: int, coords: dict[str, np.ndarray], attrs: dict[str, Any]
+) -> xr.Dataset:
     """A one-run dataset ready to be appended.
 
     Args:
@@ -143,7 +156,9 @@ def writer_lock(path: str | Path):
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise QDriftError(f"another process is writing {path}; wait for it to finish or choose another --out") from None
+            raise QDriftError(
+                f"another process is writing {path}; wait for it to finish or choose another --out"
+            ) from None
         try:
             yield
         finally:
@@ -185,7 +200,9 @@ def _check_schema(attrs: dict[str, Any], path: Path) -> None:
         raise QDriftError(f"{path} is not a qdrift calibration store (schema {attrs.get('qdrift_schema')!r})")
     version = attrs.get("qdrift_schema_version")
     if version != SCHEMA_VERSION:
-        raise QDriftError(f"{path} has store schema version {version!r}; this qdrift-stats reads version {SCHEMA_VERSION}")
+        raise QDriftError(
+            f"{path} has store schema version {version!r}; this qdrift-stats reads version {SCHEMA_VERSION}"
+        )
 
 
 def _open_group(path: Path, mode: str = "r"):
@@ -238,7 +255,9 @@ def open_store(path: str | Path) -> xr.Dataset:
         except (TypeError, ValueError):
             config = None
         if not isinstance(config, dict):
-            raise QDriftError(f"{path} has an invalid scheduler_config attribute (not a JSON object); re-record the store")
+            raise QDriftError(
+                f"{path} has an invalid scheduler_config attribute (not a JSON object); re-record the store"
+            )
     try:
         ds = xr.open_zarr(path, consolidated=True)
     except Exception as exc:
@@ -249,7 +268,9 @@ def open_store(path: str | Path) -> xr.Dataset:
     if missing:
         raise QDriftError(f"{path} lacks the variables {', '.join(missing)}")
     if done > ds.sizes.get("run", 0):
-        raise QDriftError(f"{path} says {done} runs are complete but holds {ds.sizes.get('run', 0)}; re-record the store")
+        raise QDriftError(
+            f"{path} says {done} runs are complete but holds {ds.sizes.get('run', 0)}; re-record the store"
+        )
     if ds.sizes.get("run", 0) != done:
         ds = ds.isel(run=slice(0, done))
     if done == 0:

@@ -8,6 +8,7 @@ from qdrift_stats.schedulers.base import (  # noqa: F401
     SCHEDULER_NAMES,
     VP_SCHEDULERS,
     StepGrid,
+    _jsonable,  # noqa: F401  (moved module; made public by the adapters work)
     first_order_twin,
     is_flow_config,
     make_scheduler,
@@ -18,4 +19,3 @@ from qdrift_stats.schedulers.base import (  # noqa: F401
     step_kwargs,
     x0_from_output,
 )
-from qdrift_stats.schedulers.base import _jsonable  # noqa: F401  (moved module; made public by the adapters work)

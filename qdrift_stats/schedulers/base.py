@@ -62,9 +62,13 @@ def make_scheduler(name: str, config: dict[str, Any]):
     config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     flow = is_flow_config(config)
     if flow and name in VP_SCHEDULERS:
-        raise QDriftError(f"scheduler {name!r} needs a VP model but the pair is flow-matching; use flow-euler or flow-dpmpp-2m")
+        raise QDriftError(
+            f"scheduler {name!r} needs a VP model but the pair is flow-matching; use flow-euler or flow-dpmpp-2m"
+        )
     if not flow and name in FLOW_SCHEDULERS:
-        raise QDriftError(f"scheduler {name!r} needs a flow-matching model but the pair predicts {config.get('prediction_type', 'epsilon')!r}")
+        raise QDriftError(
+            f"scheduler {name!r} needs a flow-matching model but the pair predicts {config.get('prediction_type', 'epsilon')!r}"
+        )
     if not flow and config.get("prediction_type", "epsilon") not in _VP_PREDICTIONS:
         raise QDriftError(f"unsupported prediction_type {config.get('prediction_type')!r}")
     if name == "euler":
@@ -96,7 +100,9 @@ def scheduler_name(scheduler) -> str:
         return "ddim"
     if isinstance(scheduler, DPMSolverMultistepScheduler):
         return "flow-dpmpp-2m" if scheduler.config.use_flow_sigmas else "dpmpp-2m"
-    raise QDriftError(f"unsupported scheduler class {type(scheduler).__name__}; supported: {', '.join(SCHEDULER_NAMES)}")
+    raise QDriftError(
+        f"unsupported scheduler class {type(scheduler).__name__}; supported: {', '.join(SCHEDULER_NAMES)}"
+    )
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,14 @@ marginal of the same variance ``A^2 / 2`` (same ``A``), so the true statistic of
 
 from __future__ import annotations
 
-from qdrift_stats.testbed.errors import CorrelatedError, GaussianNoiseError, NoiseLikeError, QuantizationError, RoundingError, ZeroError
+from qdrift_stats.testbed.errors import (
+    CorrelatedError,
+    GaussianNoiseError,
+    NoiseLikeError,
+    QuantizationError,
+    RoundingError,
+    ZeroError,
+)
 from qdrift_stats.testbed.metrics import gap_closed, mixture_metrics, negative_log_likelihood, within_mode_variance
 from qdrift_stats.testbed.mixture import FLOW_SCHEDULER_CONFIG, VP_SCHEDULER_CONFIG, GaussianMixture, MixturePair
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from qdrift_stats.estimators import EmpiricalEstimator
 from qdrift_stats.correct.estimator_file import EstimatorFile
-from qdrift_stats.record.lockstep import record
 from qdrift_stats.correct.sample import sample
+from qdrift_stats.estimators import EmpiricalEstimator
+from qdrift_stats.record.lockstep import record
 from qdrift_stats.testbed.metrics import gap_closed, mixture_metrics
 from qdrift_stats.testbed.mixture import MixturePair
 
@@ -44,7 +44,13 @@ class CorrectionResult:
     def rows(self) -> list[dict[str, Any]]:
         out = []
         for model, values in self.metrics.items():
-            row = {"scheduler": self.scheduler, "steps": self.steps, "model": model, **values, "status": self.status.get(model, "ok")}
+            row = {
+                "scheduler": self.scheduler,
+                "steps": self.steps,
+                "model": model,
+                **values,
+                "status": self.status.get(model, "ok"),
+            }
             if model in ("drift", "shrink"):
                 row["closed_within_var"] = self.closed(model, "within_var")
                 row["closed_nll"] = self.closed(model, "nll")
@@ -53,7 +59,9 @@ class CorrectionResult:
         return out
 
 
-def _measure(samples: np.ndarray, pair: MixturePair, reference: np.ndarray, q_metrics: dict[str, float] | None) -> tuple[dict[str, float], str]:
+def _measure(
+    samples: np.ndarray, pair: MixturePair, reference: np.ndarray, q_metrics: dict[str, float] | None
+) -> tuple[dict[str, float], str]:
     finite = np.isfinite(samples).all(axis=tuple(range(1, samples.ndim)))
     if finite.mean() < 0.99:
         return {"within_var": float("nan"), "nll": float("nan"), "energy": float("nan")}, DIVERGED
@@ -89,7 +97,17 @@ def evaluate_correction(
         root = Path(workdir) if workdir is not None else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         store = root / f"{scheduler_name}_{steps}.zarr"
-        record(pair, store, pair_name=pair_name, scheduler_name=scheduler_name, steps=steps, runs=runs, batch_size=batch, seed=calibration_seed, overwrite=True)
+        record(
+            pair,
+            store,
+            pair_name=pair_name,
+            scheduler_name=scheduler_name,
+            steps=steps,
+            runs=runs,
+            batch_size=batch,
+            seed=calibration_seed,
+            overwrite=True,
+        )
         fitted = (estimator or EmpiricalEstimator(statistic="first-order")).fit(store)
         path = root / f"{scheduler_name}_{steps}.safetensors"
         fitted.export(path, overwrite=True)
@@ -102,7 +120,18 @@ def evaluate_correction(
             "q": sample(pair, scheduler_name, steps, num_samples, batch_size, sample_seed, model="q"),
         }
         for form in forms:
-            draws[form] = sample(pair, scheduler_name, steps, num_samples, batch_size, sample_seed, model="q", estimator=estimator, correction=form, strength=strength)
+            draws[form] = sample(
+                pair,
+                scheduler_name,
+                steps,
+                num_samples,
+                batch_size,
+                sample_seed,
+                model="q",
+                estimator=estimator,
+                correction=form,
+                strength=strength,
+            )
             from qdrift_stats.loop import prepared_scheduler
             from qdrift_stats.schedulers.base import step_grid
 

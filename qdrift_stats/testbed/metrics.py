@@ -35,7 +35,9 @@ def negative_log_likelihood(samples: np.ndarray | torch.Tensor, mixture: Gaussia
     return float(-mixture.log_prob(_flat(samples)).mean())
 
 
-def mixture_metrics(samples: np.ndarray | torch.Tensor, mixture: GaussianMixture, reference: np.ndarray | torch.Tensor | None = None) -> dict[str, float]:
+def mixture_metrics(
+    samples: np.ndarray | torch.Tensor, mixture: GaussianMixture, reference: np.ndarray | torch.Tensor | None = None
+) -> dict[str, float]:
     """``within_var``, ``nll`` and (with a reference sample) ``energy`` distance of a sample set."""
     out = {"within_var": within_mode_variance(samples, mixture), "nll": negative_log_likelihood(samples, mixture)}
     if reference is not None:

@@ -46,7 +46,9 @@ class GaussianMixture:
     weights: torch.Tensor
 
     @classmethod
-    def random(cls, dim: int = 8, modes: int = 4, spread: float = 1.5, std: float = 0.3, seed: int = 0) -> "GaussianMixture":
+    def random(
+        cls, dim: int = 8, modes: int = 4, spread: float = 1.5, std: float = 0.3, seed: int = 0
+    ) -> GaussianMixture:
         """Modes with means ``~ N(0, spread^2 I)``, equal weights, seeded."""
         g = torch.Generator().manual_seed(seed)
         means = torch.randn(modes, dim, generator=g, dtype=torch.float64) * spread

@@ -59,21 +59,22 @@ import json
 import math
 import shutil
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import xarray as xr
 import zarr
 
-from qdrift_stats.record.store import storage_errors_as_qdrift
-from qdrift_stats.validate.diagnostics import readable
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators import EmpiricalEstimator, RobustEstimator, get_estimator
 from qdrift_stats.estimators.base import FittedEstimator, as_dataset
 from qdrift_stats.estimators.empirical import per_run_second_moment
+from qdrift_stats.record.store import storage_errors_as_qdrift
+from qdrift_stats.validate.diagnostics import readable
 
 CV_SCHEMA = "qdrift-cv"
 CV_SCHEMA_VERSION = 1
@@ -185,7 +186,14 @@ class CVResult:
         correction = np.sqrt(self.num_runs / (self.num_runs - self.counts.astype(float)))
         return worst * correction[:, None]
 
-    def runs_needed(self, tolerance: float = 0.1, confidence: float = 0.95, bootstrap: int = 1000, seed: int = 0, aggregate: str = "rms") -> RunsNeeded:
+    def runs_needed(
+        self,
+        tolerance: float = 0.1,
+        confidence: float = 0.95,
+        bootstrap: int = 1000,
+        seed: int = 0,
+        aggregate: str = "rms",
+    ) -> RunsNeeded:
         """Runs needed for a relative error ``<= tolerance`` with probability ``confidence`` (module docstring).
 
         ``aggregate``: ``"rms"`` over the correctable steps, or ``"max"`` (every step within the tolerance).
@@ -194,7 +202,9 @@ class CVResult:
             raise QDriftError("tolerance must be > 0 and confidence in (0, 1)")
         errors = self.errors(aggregate)  # (n_runs, repeat), NaN-padded
         counts = self.counts
-        quantiles = np.array([np.nanquantile(row, confidence) if np.any(np.isfinite(row)) else np.nan for row in errors])
+        quantiles = np.array(
+            [np.nanquantile(row, confidence) if np.any(np.isfinite(row)) else np.nan for row in errors]
+        )
         runs, extrapolated = _needed_from_quantiles(counts, quantiles, tolerance)
         rng = np.random.default_rng(seed)
         draws = []
@@ -205,7 +215,9 @@ class CVResult:
                 q.append(np.quantile(row[rng.integers(0, len(row), len(row))], confidence) if len(row) else np.nan)
             draws.append(_needed_from_quantiles(counts, np.array(q), tolerance)[0])
         low, high = (int(x) for x in np.quantile(draws, [0.025, 0.975], method="nearest")) if draws else (runs, runs)
-        return RunsNeeded(runs, low, high, extrapolated, tolerance, confidence, {int(n): float(q) for n, q in zip(counts, quantiles)})
+        return RunsNeeded(
+            runs, low, high, extrapolated, tolerance, confidence, {int(n): float(q) for n, q in zip(counts, quantiles)}
+        )
 
     def curve(self, bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0) -> xr.Dataset:
         """Per ``N``: mean ``rel_error`` and ``heldout_loglik`` over splits with percentile-bootstrap intervals (over splits)."""
@@ -236,8 +248,12 @@ class CVResult:
         if not self.has_strength:
             return None
         a = self.dataset.attrs
-        return {"form": a["chosen_form"], "strength": float(a["chosen_strength"]), "energy": float(a["chosen_energy"]),
-                "energy_uncorrected": float(self.dataset["energy_uncorrected"].values)}
+        return {
+            "form": a["chosen_form"],
+            "strength": float(a["chosen_strength"]),
+            "energy": float(a["chosen_energy"]),
+            "energy_uncorrected": float(self.dataset["energy_uncorrected"].values),
+        }
 
     def summary(self, tolerance: float = 0.1, confidence: float = 0.95) -> str:
         """A readable table: the learning curve, runs needed, and the chosen strength."""
@@ -258,8 +274,10 @@ class CVResult:
         lines.append(f"runs needed: {self.runs_needed(tolerance, confidence)}")
         chosen = self.chosen_strength()
         if chosen:
-            lines.append(f"strength by CV ({a.get('folds')}-fold over runs, energy distance to FP samples from the same seeds): "
-                         f"{chosen['form']} lambda={chosen['strength']:g} (energy {chosen['energy']:.4g}; uncorrected Q {chosen['energy_uncorrected']:.4g})")
+            lines.append(
+                f"strength by CV ({a.get('folds')}-fold over runs, energy distance to FP samples from the same seeds): "
+                f"{chosen['form']} lambda={chosen['strength']:g} (energy {chosen['energy']:.4g}; uncorrected Q {chosen['energy_uncorrected']:.4g})"
+            )
             e = self.dataset["energy"]
             for form in e["form"].values:
                 row = " ".join(f"{float(x):.4g}" for x in e.sel(form=form).values)
@@ -280,9 +298,18 @@ class CVResult:
             "store": self.dataset.attrs.get("store"),
             "estimator": self.dataset.attrs.get("estimator"),
             "num_runs": self.num_runs,
-            "runs_needed": {"runs": need.runs, "low": need.low, "high": need.high, "extrapolated": need.extrapolated,
-                            "tolerance": tolerance, "confidence": confidence, "quantiles": {str(k): v for k, v in need.quantiles.items()}},
-            "curve": {name: [None if not np.isfinite(x) else float(x) for x in curve[name].values] for name in curve.data_vars},
+            "runs_needed": {
+                "runs": need.runs,
+                "low": need.low,
+                "high": need.high,
+                "extrapolated": need.extrapolated,
+                "tolerance": tolerance,
+                "confidence": confidence,
+                "quantiles": {str(k): v for k, v in need.quantiles.items()},
+            },
+            "curve": {
+                name: [None if not np.isfinite(x) else float(x) for x in curve[name].values] for name in curve.data_vars
+            },
             "n_runs": [int(n) for n in self.counts],
             "strength": self.chosen_strength(),
         }
@@ -298,7 +325,9 @@ def _fast_path(estimator: Any, fitted: FittedEstimator) -> bool:
     )
 
 
-def _settings(ds: xr.Dataset, store: Any, estimator_name: str, n_splits: int, seed: int, counts: list[int]) -> dict[str, Any]:
+def _settings(
+    ds: xr.Dataset, store: Any, estimator_name: str, n_splits: int, seed: int, counts: list[int]
+) -> dict[str, Any]:
     return {
         "counts": json.dumps(counts),
         "qdrift_schema": CV_SCHEMA,
@@ -316,17 +345,33 @@ def _settings(ds: xr.Dataset, store: Any, estimator_name: str, n_splits: int, se
     }
 
 
-_IDENTITY = ("qdrift_schema", "qdrift_schema_version", "estimator", "n_splits", "seed", "counts", "num_runs", "seeds", "pair", "scheduler", "steps")
+_IDENTITY = (
+    "qdrift_schema",
+    "qdrift_schema_version",
+    "estimator",
+    "n_splits",
+    "seed",
+    "counts",
+    "num_runs",
+    "seeds",
+    "pair",
+    "scheduler",
+    "steps",
+)
 
 
 def _check_resumable(path: Path, settings: dict[str, Any]) -> None:
     try:
         have = dict(zarr.open_group(path, mode="r").attrs)
     except Exception:
-        raise QDriftError(f"{path} exists and is not a qdrift cross-validation result; choose another --out or pass --overwrite") from None
+        raise QDriftError(
+            f"{path} exists and is not a qdrift cross-validation result; choose another --out or pass --overwrite"
+        ) from None
     for key in _IDENTITY:
         if str(have.get(key)) != str(settings.get(key)):
-            raise QDriftError(f"{path} was computed with {key}={have.get(key)!r}, not {settings.get(key)!r}; choose another --out or pass --overwrite")
+            raise QDriftError(
+                f"{path} was computed with {key}={have.get(key)!r}, not {settings.get(key)!r}; choose another --out or pass --overwrite"
+            )
 
 
 def _part_done(path: Path, name: str) -> bool:
@@ -349,8 +394,17 @@ def _read_part(path: Path, name: str) -> xr.Dataset:
     return xr.open_zarr(path, group=f"parts/{name}", consolidated=False).load()
 
 
-def _count_piece(ds_mem: xr.Dataset, estimator_name: str, fitted_all: FittedEstimator, fast: bool, heldout_ms: np.ndarray,
-                 mask: np.ndarray, size: int, n_splits: int, seed: int) -> xr.Dataset:
+def _count_piece(
+    ds_mem: xr.Dataset,
+    estimator_name: str,
+    fitted_all: FittedEstimator,
+    fast: bool,
+    heldout_ms: np.ndarray,
+    mask: np.ndarray,
+    size: int,
+    n_splits: int,
+    seed: int,
+) -> xr.Dataset:
     """Scores of every split of one calibration count ``size`` (module docstring)."""
     runs = ds_mem.sizes["run"]
     subsets = run_subsets(runs, size, n_splits, seed)
@@ -389,14 +443,24 @@ def _count_piece(ds_mem: xr.Dataset, estimator_name: str, fitted_all: FittedEsti
     )
 
 
-def _strength_part(ds_mem: xr.Dataset, pair: Any, estimator_name: str, forms: tuple[str, ...], strengths: tuple[float, ...],
-                   folds: int, seed: int, num_samples: int, bootstrap: int, progress: Callable[[Iterable], Iterator] | None) -> xr.Dataset:
+def _strength_part(
+    ds_mem: xr.Dataset,
+    pair: Any,
+    estimator_name: str,
+    forms: tuple[str, ...],
+    strengths: tuple[float, ...],
+    folds: int,
+    seed: int,
+    num_samples: int,
+    bootstrap: int,
+    progress: Callable[[Iterable], Iterator] | None,
+) -> xr.Dataset:
     """The strength search (module docstring): energy distance of corrected Q to FP, K-fold over runs."""
     from sklearn.model_selection import KFold
 
     from qdrift_stats.correct.estimator_file import EstimatorFile
-    from qdrift_stats.metrics.distances import energy_distance
     from qdrift_stats.correct.sample import sample
+    from qdrift_stats.metrics.distances import energy_distance
 
     runs = ds_mem.sizes["run"]
     scheduler, steps = str(ds_mem.attrs["scheduler"]), int(ds_mem.sizes["step"])
@@ -417,9 +481,22 @@ def _strength_part(ds_mem: xr.Dataset, pair: Any, estimator_name: str, forms: tu
                 if lam == 0 and not decomposed:  # strength 0 without an output decomposition is the plain Q sampler
                     table[f, a, b] = uncorrected[f]
                     continue
-                test = sample(pair, scheduler, steps, num_samples, batch, fold_seed, model="q", estimator=estimator, correction=form, strength=lam)
+                test = sample(
+                    pair,
+                    scheduler,
+                    steps,
+                    num_samples,
+                    batch,
+                    fold_seed,
+                    model="q",
+                    estimator=estimator,
+                    correction=form,
+                    strength=lam,
+                )
                 finite = np.isfinite(test).all(axis=tuple(range(1, test.ndim)))
-                table[f, a, b] = energy_distance(test[finite], ref) if finite.mean() >= 0.99 else np.inf  # else: diverged
+                table[f, a, b] = (
+                    energy_distance(test[finite], ref) if finite.mean() >= 0.99 else np.inf
+                )  # else: diverged
     mean = table.mean(axis=0)
     if k >= 2:
         from scipy import stats
@@ -444,8 +521,13 @@ def _strength_part(ds_mem: xr.Dataset, pair: Any, estimator_name: str, forms: tu
             "energy_uncorrected": ((), float(uncorrected.mean())),
         },
         coords={"form": list(forms), "strength": list(strengths)},
-        attrs={"chosen_form": str(forms[best[0]]), "chosen_strength": float(strengths[best[1]]), "chosen_energy": float(mean[best]),
-               "folds": int(k), "strength_samples": int(num_samples)},
+        attrs={
+            "chosen_form": str(forms[best[0]]),
+            "chosen_strength": float(strengths[best[1]]),
+            "chosen_energy": float(mean[best]),
+            "folds": int(k),
+            "strength_samples": int(num_samples),
+        },
     )
 
 
@@ -513,7 +595,9 @@ def cross_validate(
     else:
         heldout_ms = per_run_second_moment(ds_mem, "delta_x", per_channel).values
     b_next = np.asarray(ds_mem["b_next"].values)
-    mask = np.broadcast_to(((b_next > 0).reshape((-1,) + (1,) * (fitted_all.variance.ndim - 1))), fitted_all.variance.shape) & (fitted_all.variance > 0)
+    mask = np.broadcast_to(
+        ((b_next > 0).reshape((-1,) + (1,) * (fitted_all.variance.ndim - 1))), fitted_all.variance.shape
+    ) & (fitted_all.variance > 0)
     pieces = []
     todo = [n for n in counts if path is None or not _part_done(path, f"n{n:04d}")]
     for n in progress(todo) if progress else todo:
@@ -530,11 +614,17 @@ def cross_validate(
     result = xr.concat(pieces, dim="n_runs")
     step_dims = ("step",) if not per_channel else ("step", "channel")
     result["v_all"] = (step_dims, fitted_all.variance)
-    result = result.assign_coords(b_next=("step", b_next), timestep=("step", np.asarray(ds_mem["timestep"].values)), seed=("run", np.asarray(ds_mem["seed"].values)))
+    result = result.assign_coords(
+        b_next=("step", b_next),
+        timestep=("step", np.asarray(ds_mem["timestep"].values)),
+        seed=("run", np.asarray(ds_mem["seed"].values)),
+    )
     result.attrs.update(settings)
     result.attrs["estimator_params"] = json.dumps(fitted_all.params)
     result.attrs["fast_path"] = bool(fast)
-    result = _with_strength(result, ds_mem, path, estimator, strength, pair, forms, strengths, folds, seed, num_samples, bootstrap, progress)
+    result = _with_strength(
+        result, ds_mem, path, estimator, strength, pair, forms, strengths, folds, seed, num_samples, bootstrap, progress
+    )
     if path is not None:
         root = zarr.open_group(path, mode="r+")
         for name in list(root.array_keys()):  # an earlier combined result (the parts stay)
@@ -546,9 +636,21 @@ def cross_validate(
     return CVResult(result)
 
 
-def _with_strength(result: xr.Dataset, ds_mem: xr.Dataset, path: Path | None, estimator: str, strength: bool | None, pair: Any,
-                   forms: tuple[str, ...], strengths: tuple[float, ...], folds: int, seed: int, num_samples: int, bootstrap: int,
-                   progress: Callable[[Iterable], Iterator] | None) -> xr.Dataset:
+def _with_strength(
+    result: xr.Dataset,
+    ds_mem: xr.Dataset,
+    path: Path | None,
+    estimator: str,
+    strength: bool | None,
+    pair: Any,
+    forms: tuple[str, ...],
+    strengths: tuple[float, ...],
+    folds: int,
+    seed: int,
+    num_samples: int,
+    bootstrap: int,
+    progress: Callable[[Iterable], Iterator] | None,
+) -> xr.Dataset:
     if strength is False:
         result.attrs["strength_skipped"] = "not asked"
         return result
@@ -560,24 +662,42 @@ def _with_strength(result: xr.Dataset, ds_mem: xr.Dataset, path: Path | None, es
             pair = load_pair(name)
         except QDriftError as exc:
             if strength:
-                raise QDriftError(f"the strength search re-samples the pair, which could not be loaded: {exc}") from None
+                raise QDriftError(
+                    f"the strength search re-samples the pair, which could not be loaded: {exc}"
+                ) from None
             result.attrs["strength_skipped"] = f"pair {name!r} could not be loaded"
             return result
     part = _read_part(path, "strength") if path is not None and _part_done(path, "strength") else None
     if part is not None and not (
-        list(part["form"].values) == list(forms) and len(part["strength"]) == len(strengths) and np.allclose(part["strength"].values, strengths)
-        and part.attrs.get("folds") == min(folds, ds_mem.sizes["run"]) and part.attrs.get("strength_samples") == num_samples
+        list(part["form"].values) == list(forms)
+        and len(part["strength"]) == len(strengths)
+        and np.allclose(part["strength"].values, strengths)
+        and part.attrs.get("folds") == min(folds, ds_mem.sizes["run"])
+        and part.attrs.get("strength_samples") == num_samples
     ):
         part = None  # saved with another grid: search again
     if part is None:
-        part = _strength_part(ds_mem, pair, estimator, tuple(forms), tuple(float(s) for s in strengths), folds, seed, num_samples, bootstrap, progress)
+        part = _strength_part(
+            ds_mem,
+            pair,
+            estimator,
+            tuple(forms),
+            tuple(float(s) for s in strengths),
+            folds,
+            seed,
+            num_samples,
+            bootstrap,
+            progress,
+        )
         _write_part(path, "strength", part)
     merged = xr.merge([result, part], combine_attrs="override")
     merged.attrs = {**result.attrs, **part.attrs}
     return merged
 
 
-def runs_needed_dataset(store: xr.Dataset | str | Path, estimator: str = "first-order", tolerance: float = 0.1) -> xr.Dataset:
+def runs_needed_dataset(
+    store: xr.Dataset | str | Path, estimator: str = "first-order", tolerance: float = 0.1
+) -> xr.Dataset:
     """The learning-curve Dataset of a store without the strength search (what ``qdrift plot runs-needed STORE`` draws)."""
     result = cross_validate(store, estimator=estimator, strength=False)
     return result.dataset.assign_attrs(tolerance=tolerance, runs_needed=result.runs_needed(tolerance).runs)

@@ -47,11 +47,11 @@ import zarr
 from scipy import stats
 from statsmodels.stats.diagnostic import acorr_ljungbox
 
-from qdrift_stats.record.store import storage_errors_as_qdrift
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators.base import as_dataset, check_finite_store, grid_of
 from qdrift_stats.estimators.decomposed import output_regression, pooled_step_values, subsample_index
 from qdrift_stats.estimators.empirical import per_run_second_moment
+from qdrift_stats.record.store import storage_errors_as_qdrift
 
 CORRELATED_R2 = 0.5
 PARTLY_CORRELATED_R2 = 0.1
@@ -120,7 +120,14 @@ def _ljung_box(ds: xr.Dataset, v: np.ndarray, max_series: int, lags: int, seed: 
 
 
 @storage_errors_as_qdrift
-def diagnose(store: xr.Dataset | str | Path, *, max_points: int = 100_000, max_series: int = 512, lb_lags: int | None = None, seed: int = 0) -> xr.Dataset:
+def diagnose(
+    store: xr.Dataset | str | Path,
+    *,
+    max_points: int = 100_000,
+    max_series: int = 512,
+    lb_lags: int | None = None,
+    seed: int = 0,
+) -> xr.Dataset:
     """Per-step diagnostics of a calibration store, and their summaries, as an xarray Dataset.
 
     Data variables over ``step`` (see the module docstring): ``v``, ``weight``, ``kurtosis``,
@@ -147,7 +154,9 @@ def readable(store: Any):
         raise
     except (RuntimeError, OSError, KeyError, zarr.errors.BaseZarrError) as exc:
         where = store if isinstance(store, (str, Path)) else "the store"
-        raise QDriftError(f"{where} could not be read ({type(exc).__name__}: {exc}); re-record the damaged runs") from None
+        raise QDriftError(
+            f"{where} could not be read ({type(exc).__name__}: {exc}); re-record the damaged runs"
+        ) from None
 
 
 def _diagnose(ds: xr.Dataset, max_points: int, max_series: int, lb_lags: int | None, seed: int) -> xr.Dataset:
@@ -161,7 +170,10 @@ def _diagnose(ds: xr.Dataset, max_points: int, max_series: int, lb_lags: int | N
     channel_v = per_run_second_moment(ds, "delta_x", per_channel=True).values.mean(axis=0)  # (step, channel)
     b2 = grid["b_next"] ** 2
     weight = np.where(b2 > 0, v / np.where(b2 > 0, b2, 1.0), 0.0)
-    out = {name: np.full(steps, np.nan) for name in ("kurtosis", "jb_stat", "jb_pvalue", "r2", "k", "lattice", "channel_spread")}
+    out = {
+        name: np.full(steps, np.nan)
+        for name in ("kurtosis", "jb_stat", "jb_pvalue", "r2", "k", "lattice", "channel_spread")
+    }
     for i in range(steps):
         values = pooled_step_values(ds, ("delta_out", "out_fp"), i, index)
         check_finite_store(np.stack([values["delta_out"], values["out_fp"]]), "delta_out or out_fp")
@@ -183,7 +195,9 @@ def _diagnose(ds: xr.Dataset, max_points: int, max_series: int, lb_lags: int | N
         "weighted_r2": _weighted_mean(out["r2"], w),
         "weighted_kurtosis": _weighted_mean(out["kurtosis"], w),
         "weighted_lattice": _weighted_median(out["lattice"], w),
-        "median_channel_spread": float(np.nanmedian(out["channel_spread"])) if np.any(np.isfinite(out["channel_spread"])) else float("nan"),
+        "median_channel_spread": float(np.nanmedian(out["channel_spread"]))
+        if np.any(np.isfinite(out["channel_spread"]))
+        else float("nan"),
         "max_drift_pull": float(np.max(weight) / 2) if steps else 0.0,
         "lb_reject": lb_reject,
         "lag1_autocorr": lag1,
@@ -191,7 +205,12 @@ def _diagnose(ds: xr.Dataset, max_points: int, max_series: int, lb_lags: int | N
     data = {name: ("step", values) for name, values in out.items()}
     data.update({"v": ("step", v), "weight": ("step", weight)})
     data.update({name: ((), value) for name, value in summaries.items()})
-    coords = {"step": np.arange(steps), "timestep": ("step", grid["timestep"]), "b": ("step", grid["b"]), "b_next": ("step", grid["b_next"])}
+    coords = {
+        "step": np.arange(steps),
+        "timestep": ("step", grid["timestep"]),
+        "b": ("step", grid["b"]),
+        "b_next": ("step", grid["b_next"]),
+    }
     attrs = {
         "pair": str(ds.attrs.get("pair")),
         "scheduler": str(ds.attrs.get("scheduler")),
@@ -203,8 +222,15 @@ def _diagnose(ds: xr.Dataset, max_points: int, max_series: int, lb_lags: int | N
     }
     result = xr.Dataset(data, coords=coords, attrs=attrs)
     verdict = classify(result)
-    result.attrs.update({"regime": verdict["regime"], "estimator": verdict["estimator"], "correction": verdict["correction"],
-                         "reasons": json.dumps(verdict["reasons"]), "caveats": json.dumps(verdict["caveats"])})
+    result.attrs.update(
+        {
+            "regime": verdict["regime"],
+            "estimator": verdict["estimator"],
+            "correction": verdict["correction"],
+            "reasons": json.dumps(verdict["reasons"]),
+            "caveats": json.dumps(verdict["caveats"]),
+        }
+    )
     return result
 
 
@@ -228,40 +254,66 @@ def _scalar(diag: xr.Dataset, name: str) -> float:
 
 def classify(diag: xr.Dataset) -> dict[str, Any]:
     """The regime, the recommended estimator and correction form, and the reasons, from :func:`diagnose`'s summaries."""
-    r2, lattice, kurt = _scalar(diag, "weighted_r2"), _scalar(diag, "weighted_lattice"), _scalar(diag, "weighted_kurtosis")
-    lb, spread, pull = _scalar(diag, "lb_reject"), _scalar(diag, "median_channel_spread"), _scalar(diag, "max_drift_pull")
+    r2, lattice, kurt = (
+        _scalar(diag, "weighted_r2"),
+        _scalar(diag, "weighted_lattice"),
+        _scalar(diag, "weighted_kurtosis"),
+    )
+    lb, spread, pull = (
+        _scalar(diag, "lb_reject"),
+        _scalar(diag, "median_channel_spread"),
+        _scalar(diag, "max_drift_pull"),
+    )
     reasons: list[str] = []
     caveats: list[str] = []
     if np.isfinite(r2) and r2 >= CORRELATED_R2:
         regime, estimator = "signal-correlated", "decomposed"
-        reasons.append(f"the FP output explains {r2:.0%} of the output error (weighted R^2 >= {CORRELATED_R2}): a scale error k m_fp, not noise")
+        reasons.append(
+            f"the FP output explains {r2:.0%} of the output error (weighted R^2 >= {CORRELATED_R2}): a scale error k m_fp, not noise"
+        )
     elif np.isfinite(lattice) and lattice < LATTICE_FRACTION:
         regime, estimator = "rounding-like", "decomposed"
-        reasons.append(f"the Q output takes only {lattice:.1%} distinct values per value (< {LATTICE_FRACTION:.0%}): it is rounded to a grid, "
-                       "so its error is a deterministic sawtooth of the output, not noise")
-        caveats.append("Q-Drift's noise assumption does not hold; expect a small gain at best and choose the strength with 'qdrift cv'")
+        reasons.append(
+            f"the Q output takes only {lattice:.1%} distinct values per value (< {LATTICE_FRACTION:.0%}): it is rounded to a grid, "
+            "so its error is a deterministic sawtooth of the output, not noise"
+        )
+        caveats.append(
+            "Q-Drift's noise assumption does not hold; expect a small gain at best and choose the strength with 'qdrift cv'"
+        )
     elif np.isfinite(kurt) and kurt > HEAVY_KURTOSIS:
         regime, estimator = "heavy-tailed", "robust"
-        reasons.append(f"the per-step error has weighted excess kurtosis {kurt:.1f} (> {HEAVY_KURTOSIS}): a few large values would dominate the plain mean square")
+        reasons.append(
+            f"the per-step error has weighted excess kurtosis {kurt:.1f} (> {HEAVY_KURTOSIS}): a few large values would dominate the plain mean square"
+        )
     else:
         regime, estimator = "noise-like", "empirical"
-        reasons.append(f"the signal explains little of the error (weighted R^2 {r2:.2f} < {CORRELATED_R2}), the Q output is not on a grid "
-                       f"(distinct values {lattice:.0%}) and the tails are light (weighted excess kurtosis {kurt:.1f})")
+        reasons.append(
+            f"the signal explains little of the error (weighted R^2 {r2:.2f} < {CORRELATED_R2}), the Q output is not on a grid "
+            f"(distinct values {lattice:.0%}) and the tails are light (weighted excess kurtosis {kurt:.1f})"
+        )
     if regime != "signal-correlated" and np.isfinite(r2) and r2 >= PARTLY_CORRELATED_R2:
         caveats.append(f"the signal explains {r2:.0%} of the error: the decomposed estimator removes that part first")
         if regime == "noise-like":
             estimator = "decomposed"
     if np.isfinite(lb) and lb > AUTOCORRELATED_REJECT:
-        caveats.append(f"errors correlate across steps (Ljung-Box rejects for {lb:.0%} of sample trajectories, lag-1 r {_scalar(diag, 'lag1_autocorr'):.2f}): "
-                       "the per-step independence behind the correction is weak, so check the strength with 'qdrift cv'")
+        caveats.append(
+            f"errors correlate across steps (Ljung-Box rejects for {lb:.0%} of sample trajectories, lag-1 r {_scalar(diag, 'lag1_autocorr'):.2f}): "
+            "the per-step independence behind the correction is weak, so check the strength with 'qdrift cv'"
+        )
     if np.isfinite(spread) and spread > CHANNEL_SPREAD:
-        caveats.append(f"the error's size differs across channels (median CV {spread:.2f} > {CHANNEL_SPREAD}): consider the per-channel estimator")
+        caveats.append(
+            f"the error's size differs across channels (median CV {spread:.2f} > {CHANNEL_SPREAD}): consider the per-channel estimator"
+        )
     correction = "drift" if pull < DRIFT_SAFE_PULL else "shrink"
     if correction == "shrink":
-        reasons.append(f"shrink form: the drift form's pull v/(2 b_next^2) reaches {pull:.2f} (>= {DRIFT_SAFE_PULL}), where the first-order drift is "
-                       "no longer accurate (it is clipped at 1); shrink is exact there for a Gaussian")
+        reasons.append(
+            f"shrink form: the drift form's pull v/(2 b_next^2) reaches {pull:.2f} (>= {DRIFT_SAFE_PULL}), where the first-order drift is "
+            "no longer accurate (it is clipped at 1); shrink is exact there for a Gaussian"
+        )
     else:
-        reasons.append(f"either form: the drift pull stays below {DRIFT_SAFE_PULL} ({pull:.3f}); drift is the derivation's own form")
+        reasons.append(
+            f"either form: the drift pull stays below {DRIFT_SAFE_PULL} ({pull:.3f}); drift is the derivation's own form"
+        )
     if regime == "noise-like":
         caveats.append("to sample with another step count, fit 'smooth-glm' (it interpolates over log b)")
     return {"regime": regime, "estimator": estimator, "correction": correction, "reasons": reasons, "caveats": caveats}
@@ -272,7 +324,11 @@ def report(diag: xr.Dataset) -> str:
     a = diag.attrs
     verdict = classify(diag)
     g = lambda name: _scalar(diag, name)  # noqa: E731
-    jb_reject = float(np.nanmean(diag["jb_pvalue"].values < 0.05)) if np.any(np.isfinite(diag["jb_pvalue"].values)) else float("nan")
+    jb_reject = (
+        float(np.nanmean(diag["jb_pvalue"].values < 0.05))
+        if np.any(np.isfinite(diag["jb_pvalue"].values))
+        else float("nan")
+    )
     lines = [
         f"Q-Drift diagnostics: pair {a.get('pair')}, scheduler {a.get('scheduler')}, {a.get('steps')} steps, {a.get('runs')} runs x {a.get('batch_size')} samples",
         f"Regime: {verdict['regime']}.",
@@ -298,7 +354,11 @@ def to_json(diag: xr.Dataset) -> dict[str, Any]:
     """The diagnostics as a JSON-able dict: verdict, summaries and per-step arrays."""
     verdict = classify(diag)
     summaries = {name: _json_float(diag[name].values) for name, var in diag.data_vars.items() if var.ndim == 0}
-    per_step = {name: [_json_float(x) for x in diag[name].values] for name, var in diag.data_vars.items() if var.dims == ("step",)}
+    per_step = {
+        name: [_json_float(x) for x in diag[name].values]
+        for name, var in diag.data_vars.items()
+        if var.dims == ("step",)
+    }
     per_step["timestep"] = [float(x) for x in diag["timestep"].values]
     meta = {k: v for k, v in diag.attrs.items() if k not in ("reasons", "caveats", "regime", "estimator", "correction")}
     return {**verdict, "store": meta, "summaries": summaries, "per_step": per_step}

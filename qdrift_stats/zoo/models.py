@@ -149,7 +149,18 @@ def load_scheduler_config(kind: str, path: str | Path | None = None) -> dict[str
 
 
 __all__ = [
-    "DIT_CONFIG", "DIT_SCHEDULER_CONFIG", "MODEL_KINDS", "NULL_CLASS", "UNET_CONFIG", "UNET_SCHEDULER_CONFIG",
-    "build_model", "default_data_dir", "load_digits_dit", "load_digits_model", "load_digits_unet",
-    "load_scheduler_config", "model_folder", "scheduler_config",
+    "DIT_CONFIG",
+    "DIT_SCHEDULER_CONFIG",
+    "MODEL_KINDS",
+    "NULL_CLASS",
+    "UNET_CONFIG",
+    "UNET_SCHEDULER_CONFIG",
+    "build_model",
+    "default_data_dir",
+    "load_digits_dit",
+    "load_digits_model",
+    "load_digits_unet",
+    "load_scheduler_config",
+    "model_folder",
+    "scheduler_config",
 ]

@@ -16,7 +16,7 @@ called, never changed). The FP model is loaded afresh for each pair.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from torch import nn
 
@@ -42,8 +42,9 @@ NAMED_PAIRS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_quantized_digits_model(kind: str, recipe: str, *, calibration_calls: int = CALIBRATION_CALLS,
-                                 calibration_seed: int = CALIBRATION_SEED) -> nn.Module:
+def build_quantized_digits_model(
+    kind: str, recipe: str, *, calibration_calls: int = CALIBRATION_CALLS, calibration_seed: int = CALIBRATION_SEED
+) -> nn.Module:
     """A fresh quantized copy of the shipped ``kind`` model under ``recipe`` (not cached)."""
     from qdrift_stats.quantize import quantize, recipe_info
 
@@ -55,7 +56,7 @@ def build_quantized_digits_model(kind: str, recipe: str, *, calibration_calls: i
     return quantize(fp_model, recipe, calibration)
 
 
-@lru_cache(maxsize=None)
+@cache
 def quantized_digits_model(kind: str, recipe: str) -> nn.Module:
     """The quantized ``kind`` model under ``recipe`` with the default calibration, built once per process."""
     return build_quantized_digits_model(kind, recipe)
@@ -143,9 +144,26 @@ def digits_dit_mixdq_w5a8() -> DiffusersPair:
 
 
 __all__ = [
-    "CALIBRATION_CALLS", "CALIBRATION_SEED", "NAMED_PAIRS", "ZOO_RECIPES", "build_quantized_digits_model",
-    "digits_dit_mixdq_w4a8", "digits_dit_mixdq_w5a8", "digits_dit_svdquant_w4a4", "digits_dit_w3a4",
-    "digits_dit_w4a4", "digits_dit_w4a8", "digits_dit_w8a8", "digits_unet_mixdq_w4a8", "digits_unet_mixdq_w5a8",
-    "digits_unet_svdquant_w4a4", "digits_unet_w3a4", "digits_unet_w4a4", "digits_unet_w4a8", "digits_unet_w8a8",
-    "named_pair", "pair_name", "quantized_digits_model",
+    "CALIBRATION_CALLS",
+    "CALIBRATION_SEED",
+    "NAMED_PAIRS",
+    "ZOO_RECIPES",
+    "build_quantized_digits_model",
+    "digits_dit_mixdq_w4a8",
+    "digits_dit_mixdq_w5a8",
+    "digits_dit_svdquant_w4a4",
+    "digits_dit_w3a4",
+    "digits_dit_w4a4",
+    "digits_dit_w4a8",
+    "digits_dit_w8a8",
+    "digits_unet_mixdq_w4a8",
+    "digits_unet_mixdq_w5a8",
+    "digits_unet_svdquant_w4a4",
+    "digits_unet_w3a4",
+    "digits_unet_w4a4",
+    "digits_unet_w4a8",
+    "digits_unet_w8a8",
+    "named_pair",
+    "pair_name",
+    "quantized_digits_model",
 ]

@@ -84,8 +84,7 @@ class DiffusersPair:
 
     def conditions(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
         """``{"class_labels": LongTensor (batch_size,)}`` drawn uniformly from the classes with ``generator``."""
-        labels = torch.randint(0, self.num_classes, (int(batch_size),), generator=generator,
-                               device=generator.device)
+        labels = torch.randint(0, self.num_classes, (int(batch_size),), generator=generator, device=generator.device)
         return {"class_labels": labels.to(self.device)}
 
     def fp(self, sample: torch.Tensor, timestep: Any, **cond: Any) -> torch.Tensor:
@@ -97,9 +96,15 @@ class DiffusersPair:
         return self.guided(self.q_model, sample, timestep, **cond)
 
     @torch.no_grad()
-    def guided(self, model: nn.Module, sample: torch.Tensor, timestep: Any,
-               class_labels: torch.Tensor | None = None, guidance_scale: float | None = None,
-               **extra: Any) -> torch.Tensor:
+    def guided(
+        self,
+        model: nn.Module,
+        sample: torch.Tensor,
+        timestep: Any,
+        class_labels: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        **extra: Any,
+    ) -> torch.Tensor:
         """Classifier-free guided output of ``model`` (see the class docstring)."""
         scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         batch = sample.shape[0]
@@ -114,18 +119,30 @@ class DiffusersPair:
         if class_labels is None or scale == 1.0:
             out = _raw_output(model(sample, t, class_labels=labels, **extra))
             return out.reshape(sample.shape)
-        out = _raw_output(model(torch.cat([sample, sample]), torch.cat([t, t]),
-                                class_labels=torch.cat([labels, null]), **extra))
+        out = _raw_output(
+            model(torch.cat([sample, sample]), torch.cat([t, t]), class_labels=torch.cat([labels, null]), **extra)
+        )
         cond_out, uncond_out = out.reshape(2 * batch, *sample.shape[1:]).chunk(2)
         return uncond_out + scale * (cond_out - uncond_out)
 
 
-def digits_pair(kind: str, q_model: nn.Module | None = None, *, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-                path: str | None = None, name: str | None = None) -> DiffusersPair:
+def digits_pair(
+    kind: str,
+    q_model: nn.Module | None = None,
+    *,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    path: str | None = None,
+    name: str | None = None,
+) -> DiffusersPair:
     """A pair over the shipped digits model ``kind`` (``"unet"``/``"dit"``); ``q_model`` defaults to the FP model."""
     fp_model = load_digits_model(kind, path)
-    return DiffusersPair(fp_model, q_model, scheduler_config=load_scheduler_config(kind, path),
-                         guidance_scale=guidance_scale, name=name or f"digits_{kind}")
+    return DiffusersPair(
+        fp_model,
+        q_model,
+        scheduler_config=load_scheduler_config(kind, path),
+        guidance_scale=guidance_scale,
+        name=name or f"digits_{kind}",
+    )
 
 
 def digits_unet_fp() -> DiffusersPair:
@@ -138,8 +155,12 @@ def digits_dit_fp() -> DiffusersPair:
     return digits_pair("dit", name="digits_dit_fp")
 
 
-def calibration_inputs(model_kind: str, n: int = 32, seed: int = 0, batch_size: int = 16,
-                       ) -> list[tuple[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]]:
+def calibration_inputs(
+    model_kind: str,
+    n: int = 32,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[tuple[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]]:
     """``n`` model calls ``(args, kwargs)`` for activation statistics of a digits denoiser.
 
     Each call is ``model(*args, **kwargs)`` with ``args = (noisy, timesteps)`` and
@@ -199,8 +220,15 @@ def _make_scheduler(cls: Any, config: dict[str, Any]) -> Any:
 
 
 @torch.no_grad()
-def sample_pair(pair: Any, scheduler: str = "ddim", steps: int = 50, num_samples: int = 64, batch_size: int = 256,
-                seed: int = 0, model: str = "fp") -> tuple[torch.Tensor, torch.Tensor]:
+def sample_pair(
+    pair: Any,
+    scheduler: str = "ddim",
+    steps: int = 50,
+    num_samples: int = 64,
+    batch_size: int = 256,
+    seed: int = 0,
+    model: str = "fp",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain diffusers sampling loop over ``pair.fp`` or ``pair.q``: ``(samples, class_labels)``.
 
     A small self-contained loop for the zoo's own evaluation (no Q-Drift correction); batch ``k``
@@ -235,6 +263,11 @@ def sample_pair(pair: Any, scheduler: str = "ddim", steps: int = 50, num_samples
 
 
 __all__ = [
-    "DEFAULT_GUIDANCE_SCALE", "DiffusersPair", "calibration_inputs", "digits_dit_fp", "digits_pair",
-    "digits_unet_fp", "sample_pair",
+    "DEFAULT_GUIDANCE_SCALE",
+    "DiffusersPair",
+    "calibration_inputs",
+    "digits_dit_fp",
+    "digits_pair",
+    "digits_unet_fp",
+    "sample_pair",
 ]
