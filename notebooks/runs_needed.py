@@ -62,7 +62,7 @@ print("reduced size" if SMALL else "full size", "- files in", WORK)
 steps, runs, batch = (6, 4, 16) if SMALL else (25, 12, 64)
 store = record(testbed.mixture_vp_noise(), WORK / "mixture.zarr", pair_name="qdrift_stats.testbed:mixture_vp_noise",
                scheduler_name="euler", steps=steps, runs=runs, batch_size=batch, seed=0)
-cv = cross_validate(store, WORK / "mixture-cv.zarr", estimator="first-order", n_splits=20 if SMALL else 200, strength=False)
+cv = cross_validate("first-order", store, WORK / "mixture-cv.zarr", n_splits=20 if SMALL else 200, strength=False)
 print(cv.summary(tolerance=TOLERANCE))
 
 # %% [markdown]
@@ -90,7 +90,7 @@ zoo_pair = getattr(zoo, zoo_name)()
 z_steps, z_runs, z_batch = (3, 3, 2) if SMALL else (20, 8, 16)
 zoo_store = record(zoo_pair, WORK / "zoo.zarr", pair_name=f"qdrift_stats.zoo:{zoo_name}", scheduler_name="ddim",
                    steps=z_steps, runs=z_runs, batch_size=z_batch, seed=0)
-zoo_cv = cross_validate(zoo_store, WORK / "zoo-cv.zarr", estimator="first-order", n_splits=10 if SMALL else 100, strength=False)
+zoo_cv = cross_validate("first-order", zoo_store, WORK / "zoo-cv.zarr", n_splits=10 if SMALL else 100, strength=False)
 print(zoo_cv.summary(tolerance=TOLERANCE))
 
 # %%

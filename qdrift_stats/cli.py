@@ -455,9 +455,9 @@ def cv(
 
         model_pair = load_pair(pair)
     result = cross_validate(
+        estimator_name,
         store,
         out,
-        estimator=estimator_name,
         n_splits=n_splits,
         seed=seed,
         strength=strength,

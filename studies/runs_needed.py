@@ -108,9 +108,9 @@ def study_pair(
     )
     ds = open_store(store).load()
     result = cross_validate(
+        "first-order",
         ds,
         workdir / f"{pair_name}_{scheduler}_{batch}_cv.zarr",
-        estimator="first-order",
         n_splits=splits,
         strength=False,
         overwrite=True,

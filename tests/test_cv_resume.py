@@ -14,11 +14,13 @@ import xarray as xr
 
 from qdrift_stats import testbed
 from qdrift_stats.record.lockstep import record
-from qdrift_stats.validate import crossval
+from qdrift_stats.validate import crossval, parts
+from qdrift_stats.validate import learning_curve as learning_curve_module
 from qdrift_stats.validate.crossval import cross_validate, open_cv
 
 PAIR = "qdrift_stats.testbed:mixture_vp_noise"
-SETTINGS = dict(estimator="empirical", n_splits=6, seed=3)
+ESTIMATOR = "empirical"
+SETTINGS = dict(n_splits=6, seed=3)
 STRENGTH = dict(strength=True, forms=("shrink",), strengths=(0.0, 1.0), folds=2, num_samples=48, bootstrap=50)
 
 
@@ -38,8 +40,8 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(store, tmp_path_factory):
     """The uninterrupted result, without and with the strength search."""
-    plain = cross_validate(store, tmp_path_factory.mktemp("ref") / "cv.zarr", strength=False, **SETTINGS)
-    searched = cross_validate(store, tmp_path_factory.mktemp("ref-s") / "cv.zarr", **SETTINGS, **STRENGTH)
+    plain = cross_validate(ESTIMATOR, store, tmp_path_factory.mktemp("ref") / "cv.zarr", strength=False, **SETTINGS)
+    searched = cross_validate(ESTIMATOR, store, tmp_path_factory.mktemp("ref-s") / "cv.zarr", **SETTINGS, **STRENGTH)
     return plain.dataset, searched.dataset
 
 
@@ -53,9 +55,9 @@ def assert_same_result(a: xr.Dataset, b: xr.Dataset) -> None:
 
 
 def counting(monkeypatch, fail_on: int | None = None):
-    """Wrap ``_count_piece``: record each calibration count computed; raise on the ``fail_on``-th call."""
+    """Wrap ``count_scores``: record each calibration count computed; raise on the ``fail_on``-th call."""
     calls: list[int] = []
-    original = crossval._count_piece
+    original = learning_curve_module.count_scores
 
     def wrapped(*args, **kwargs):
         calls.append(int(args[6]))
@@ -63,7 +65,7 @@ def counting(monkeypatch, fail_on: int | None = None):
             raise Interrupted()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(crossval, "_count_piece", wrapped)
+    monkeypatch.setattr(learning_curve_module, "count_scores", wrapped)
     return calls
 
 
@@ -71,11 +73,11 @@ def test_interrupted_between_counts_resumes_with_only_the_missing_counts(store, 
     out = tmp_path / "cv.zarr"
     calls = counting(monkeypatch, fail_on=3)
     with pytest.raises(Interrupted):
-        cross_validate(store, out, strength=False, **SETTINGS)
+        cross_validate(ESTIMATOR, store, out, strength=False, **SETTINGS)
     assert calls == [1, 2, 3]
     monkeypatch.undo()
     calls = counting(monkeypatch)
-    resumed = cross_validate(store, out, strength=False, **SETTINGS)
+    resumed = cross_validate(ESTIMATOR, store, out, strength=False, **SETTINGS)
     assert calls == [3, 4]  # counts 1 and 2 were committed before the interruption
     assert_same_result(resumed.dataset, reference[0])
     assert_same_result(open_cv(out).dataset[list(reference[0].data_vars)], reference[0])
@@ -83,36 +85,36 @@ def test_interrupted_between_counts_resumes_with_only_the_missing_counts(store, 
 
 def test_interrupted_while_a_part_is_written_recomputes_that_part(store, reference, tmp_path, monkeypatch):
     out = tmp_path / "cv.zarr"
-    original = crossval._write_part
+    original = parts.ResultParts.write
     written: list[str] = []
 
-    def write_then_die(path, name, piece):
+    def write_then_die(self, name, piece):
         written.append(name)
         if name == "n0002":  # the arrays land, the commit mark does not
-            piece.to_zarr(path, group=f"parts/{name}", mode="w", zarr_format=3, consolidated=False)
+            piece.to_zarr(self.path, group=f"parts/{name}", mode="w", zarr_format=3, consolidated=False)
             raise Interrupted()
-        original(path, name, piece)
+        original(self, name, piece)
 
-    monkeypatch.setattr(crossval, "_write_part", write_then_die)
+    monkeypatch.setattr(parts.ResultParts, "write", write_then_die)
     with pytest.raises(Interrupted):
-        cross_validate(store, out, strength=False, **SETTINGS)
+        cross_validate(ESTIMATOR, store, out, strength=False, **SETTINGS)
     assert written == ["n0001", "n0002"]
     monkeypatch.undo()
     calls = counting(monkeypatch)
-    resumed = cross_validate(store, out, strength=False, **SETTINGS)
+    resumed = cross_validate(ESTIMATOR, store, out, strength=False, **SETTINGS)
     assert calls == [2, 3, 4]
     assert_same_result(resumed.dataset, reference[0])
 
 
 def test_interrupted_in_the_strength_search_resumes_to_the_same_choice(store, reference, tmp_path, monkeypatch):
     out = tmp_path / "cv.zarr"
-    original = crossval._strength_part
-    monkeypatch.setattr(crossval, "_strength_part", lambda *a, **k: (_ for _ in ()).throw(Interrupted()))
+    original = crossval.strength_curve
+    monkeypatch.setattr(crossval, "strength_curve", lambda *a, **k: (_ for _ in ()).throw(Interrupted()))
     with pytest.raises(Interrupted):
-        cross_validate(store, out, **SETTINGS, **STRENGTH)
-    monkeypatch.setattr(crossval, "_strength_part", original)
+        cross_validate(ESTIMATOR, store, out, **SETTINGS, **STRENGTH)
+    monkeypatch.setattr(crossval, "strength_curve", original)
     calls = counting(monkeypatch)
-    resumed = cross_validate(store, out, **SETTINGS, **STRENGTH)
+    resumed = cross_validate(ESTIMATOR, store, out, **SETTINGS, **STRENGTH)
     assert calls == []  # every count was committed before the search started
     assert_same_result(resumed.dataset, reference[1])
     assert resumed.chosen_strength() == open_cv(out).chosen_strength()
@@ -121,8 +123,8 @@ def test_interrupted_in_the_strength_search_resumes_to_the_same_choice(store, re
 
 def test_a_finished_result_is_reused_without_recomputing(store, reference, tmp_path, monkeypatch):
     out = tmp_path / "cv.zarr"
-    cross_validate(store, out, strength=False, **SETTINGS)
+    cross_validate(ESTIMATOR, store, out, strength=False, **SETTINGS)
     calls = counting(monkeypatch)
-    again = cross_validate(store, out, strength=False, **SETTINGS)
+    again = cross_validate(ESTIMATOR, store, out, strength=False, **SETTINGS)
     assert calls == []
     assert_same_result(again.dataset, reference[0])

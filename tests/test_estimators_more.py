@@ -129,11 +129,11 @@ def truth_euler(ds):
 @pytest.mark.parametrize("key", ["vp_corr", "flow_corr"])
 def test_decomposed_recovers_the_scale_error_of_the_correlated_pair(stores, key):
     fitted = DecomposedEstimator().fit(stores[key])
-    applied = fitted.extra["applied"]
+    applied = fitted.applied
     assert applied.sum() >= len(applied) - 1  # at most the last step (FP output ~ 0) is left alone
     np.testing.assert_allclose(fitted.k[applied], -0.05, atol=1e-3)
     np.testing.assert_allclose(fitted.mu[applied], 0.0, atol=1e-3)
-    assert np.all(fitted.extra["r2"][applied] > 0.99)
+    assert np.all(fitted.r2[applied] > 0.99)
     # m_q = 0.95 m_fp exactly: once (m_q - mu) / (1 + k) is applied nothing is left to correct
     raw = EmpiricalEstimator().fit(stores[key]).variance
     assert np.all(fitted.variance[applied] <= 1e-6 * raw[applied])
@@ -141,7 +141,7 @@ def test_decomposed_recovers_the_scale_error_of_the_correlated_pair(stores, key)
 
 def test_decomposed_leaves_the_noise_pair_undecomposed_and_equals_the_empirical_statistic(stores):
     fitted = DecomposedEstimator().fit(stores["vp_noise"])
-    assert not fitted.extra["applied"].any() and np.all(fitted.k == 0) and np.all(fitted.mu == 0)
+    assert not fitted.applied.any() and np.all(fitted.k == 0) and np.all(fitted.mu == 0)
     np.testing.assert_allclose(fitted.variance, EmpiricalEstimator().fit(stores["vp_noise"]).variance, rtol=1e-4)
 
 
@@ -149,7 +149,7 @@ def test_decomposed_gains_reproduce_the_multistep_perturbation(stores):
     """DPM-Solver++ 2M: delta_x = c delta_out + d delta_out_prev exactly, so v equals the lock-step statistic."""
     ds = stores["dpm_noise"]
     fitted = DecomposedEstimator(statistic="lockstep").fit(ds)
-    assert np.any(fitted.extra["gain_previous"] != 0)
+    assert np.any(fitted.gain_previous != 0)
     np.testing.assert_allclose(fitted.variance, EmpiricalEstimator().fit(ds).variance, rtol=1e-3)
 
 
@@ -157,7 +157,7 @@ def test_decomposed_fitted_gain_of_a_one_step_solver_is_the_first_order_gain(sto
     ds = stores["vp_noise"]
     lockstep = DecomposedEstimator(statistic="lockstep").fit(ds)
     first = DecomposedEstimator().fit(ds)
-    np.testing.assert_allclose(lockstep.extra["gain"], first.extra["gain"], rtol=1e-4)
+    np.testing.assert_allclose(lockstep.gain, first.gain, rtol=1e-4)
     np.testing.assert_allclose(lockstep.variance, first.variance, rtol=1e-3)
 
 
@@ -218,7 +218,7 @@ def test_multistep_interpolation_is_better_with_the_step_correlation_model(store
     """DPM-Solver++ 2M: consecutive output errors correlate at high noise; dropping the correlation
     curve (independence across steps) must do worse on the 20-step grid than keeping it."""
     fitted = SmoothGLMEstimator(statistic="lockstep").fit(stores["dpm_noise"])
-    assert "curve_log_kappa" in fitted.extra["tensors"]
+    assert fitted.curve_log_kappa is not None and "curve_log_kappa" in fitted.export_tensors()
     fitted.export(tmp_path / "m.safetensors")
     grid = step_grid(prepared_scheduler(testbed.mixture_vp_noise(), "dpmpp-2m", 20))
     direct = EmpiricalEstimator().fit(stores["dpm_noise_20"]).variance
@@ -233,7 +233,7 @@ def test_multistep_interpolation_is_better_with_the_step_correlation_model(store
 def test_first_order_smooth_statistic_of_a_multistep_solver_interpolates_like_a_one_step_one(stores, tmp_path):
     """First-order statistic: v_i = c_i^2 E delta_out_i^2 with the first-order gain, on any grid."""
     fitted = SmoothGLMEstimator().fit(stores["dpm_noise"])
-    assert "curve_log_kappa" not in fitted.extra["tensors"]
+    assert fitted.curve_log_kappa is None and "curve_log_kappa" not in fitted.export_tensors()
     fitted.export(tmp_path / "f.safetensors")
     grid = step_grid(prepared_scheduler(testbed.mixture_vp_noise(), "dpmpp-2m", 20))
     ds = stores["dpm_noise_20"]

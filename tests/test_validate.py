@@ -13,8 +13,9 @@ from qdrift_stats.cli import main
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators import get_estimator
 from qdrift_stats.record.lockstep import record
-from qdrift_stats.validate import crossval
-from qdrift_stats.validate.crossval import CVResult, cross_validate, open_cv, run_subsets
+from qdrift_stats.validate import learning_curve as learning_curve_module
+from qdrift_stats.validate.crossval import CVResult, cross_validate, open_cv
+from qdrift_stats.validate.learning_curve import run_subsets
 
 from .test_estimators_more import memory_store, one_torch_thread  # noqa: F401 (one_torch_thread: autouse fixture)
 
@@ -55,7 +56,7 @@ def test_subsets_are_all_combinations_when_few_and_random_draws_otherwise():
 
 
 def test_learning_curve_shrinks_with_more_runs_and_matches_the_per_run_spread(noise_store):
-    result = cross_validate(noise_store, estimator="empirical", strength=False, n_splits=30)
+    result = cross_validate("empirical", noise_store, strength=False, n_splits=30)
     ds = result.dataset
     assert ds["rel_error"].dims == ("n_runs", "repeat") and list(ds["n_runs"].values) == list(range(1, 8))
     curve = result.curve(bootstrap=200)
@@ -71,7 +72,7 @@ def test_learning_curve_shrinks_with_more_runs_and_matches_the_per_run_spread(no
 
 
 def test_runs_needed_decreases_as_the_tolerance_loosens(noise_store):
-    result = cross_validate(noise_store, estimator="empirical", strength=False, n_splits=30)
+    result = cross_validate("empirical", noise_store, strength=False, n_splits=30)
     tolerances = [0.005, 0.01, 0.02, 0.05, 0.1, 0.3]
     needed = [result.runs_needed(t, 0.95, bootstrap=100) for t in tolerances]
     runs = [n.runs for n in needed]
@@ -84,34 +85,34 @@ def test_runs_needed_decreases_as_the_tolerance_loosens(noise_store):
 
 
 def test_heldout_likelihood_is_scored_and_decomposed_has_none(noise_store):
-    result = cross_validate(noise_store, estimator="empirical", counts=[1, 4], strength=False)
+    result = cross_validate("empirical", noise_store, counts=[1, 4], strength=False)
     assert np.all(np.isfinite(result.dataset["heldout_loglik"].values[:, 0]))
-    decomposed = cross_validate(noise_store, estimator="decomposed", counts=[2], n_splits=3, strength=False)
+    decomposed = cross_validate("decomposed", noise_store, counts=[2], n_splits=3, strength=False)
     assert np.all(np.isnan(decomposed.dataset["heldout_loglik"].values))
 
 
 def test_an_interrupted_cross_validation_resumes_without_recomputing(small_zarr, tmp_path, monkeypatch):
     out = tmp_path / "cv.zarr"
-    full = cross_validate(small_zarr, out, estimator="empirical", strength=False)
+    full = cross_validate("empirical", small_zarr, out, strength=False)
     # simulate a crash while N = 2 was being written: its part exists but is not marked complete
     zarr.open_group(out, path="parts/n0002", mode="r+").attrs["complete"] = False
     calls = []
-    original = crossval._count_piece
-    monkeypatch.setattr(crossval, "_count_piece", lambda *a, **k: calls.append(a[6]) or original(*a, **k))
-    resumed = cross_validate(small_zarr, out, estimator="empirical", strength=False)
+    original = learning_curve_module.count_scores
+    monkeypatch.setattr(learning_curve_module, "count_scores", lambda *a, **k: calls.append(a[6]) or original(*a, **k))
+    resumed = cross_validate("empirical", small_zarr, out, strength=False)
     assert calls == [2]
     xr.testing.assert_allclose(full.dataset["rel_error"], resumed.dataset["rel_error"])
     reread = open_cv(out)
     assert isinstance(reread, CVResult) and reread.runs_needed(0.1).runs == full.runs_needed(0.1).runs
     with pytest.raises(QDriftError, match="n_splits"):
-        cross_validate(small_zarr, out, estimator="empirical", strength=False, n_splits=7)
+        cross_validate("empirical", small_zarr, out, strength=False, n_splits=7)
 
 
 def test_strength_search_picks_the_best_scored_form_and_strength(small_zarr, tmp_path):
     result = cross_validate(
+        "empirical",
         small_zarr,
         tmp_path / "s.zarr",
-        estimator="empirical",
         counts=[1],
         strength=True,
         forms=("shrink",),

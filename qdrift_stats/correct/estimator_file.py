@@ -31,7 +31,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from safetensors.torch import save_file
 from qdrift_stats.correct.coefficients import CORRECTION_FORMS, correction_coefficients
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.schedulers.base import StepGrid, scheduler_name, step_grid
+
+if TYPE_CHECKING:
+    from qdrift_stats.estimators.base import FittedEstimator
 
 FORMAT = "qdrift-estimator"
 FORMAT_VERSION = 1
@@ -65,9 +68,24 @@ class EstimatorFile:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_fitted(
-        cls, fitted, correction: str = "shrink", strength: float = 1.0, provenance: dict[str, Any] | None = None
+        cls,
+        fitted: FittedEstimator,
+        correction: str = "shrink",
+        strength: float = 1.0,
+        provenance: dict[str, Any] | None = None,
     ) -> EstimatorFile:
-        """From a :class:`~qdrift_stats.estimators.base.FittedEstimator`."""
+        """The file of a :class:`~qdrift_stats.estimators.base.FittedEstimator` (not yet saved; see :meth:`save`).
+
+        Tensors: the per-step estimate and grid, ``k``/``mu`` when decomposed, and what the fit's
+        ``export_tensors()`` adds (a smooth estimator's curves); metadata as in the module docstring,
+        with the fit's ``export_metadata()`` in the ``estimator`` entry.
+
+        Args:
+            fitted: the fitted estimator.
+            correction: ``"shrink"`` or ``"drift"``, the form the file asks for.
+            strength: the strength ``lambda`` multiplying the statistic.
+            provenance: further provenance entries (e.g. ``{"store": path}``).
+        """
         from qdrift_stats import __version__
 
         if correction not in CORRECTION_FORMS:
@@ -85,7 +103,7 @@ class EstimatorFile:
             tensors["k"] = fitted.k
         if fitted.mu is not None:
             tensors["mu"] = fitted.mu
-        tensors.update(fitted.extra.get("tensors", {}))  # a smooth estimator's curves (see variance_on)
+        tensors.update(fitted.export_tensors())  # a smooth estimator's curves (see variance_on)
         scheduler_config = attrs.get("scheduler_config", "{}")
         metadata = {
             "format": FORMAT,
@@ -101,7 +119,7 @@ class EstimatorFile:
                 "name": fitted.name,
                 "params": fitted.params,
                 "smooth": bool(fitted.smooth),
-                **_smooth_model(fitted),
+                **fitted.export_metadata(),
             },
             "correction": {"form": correction, "strength": float(strength)},
             "num_runs": int(fitted.num_runs),
@@ -409,12 +427,6 @@ def interpolate_over_timesteps(t_from: np.ndarray, values: np.ndarray, t_to: np.
         for c in range(flat.shape[1])
     ]
     return np.stack(cols, axis=-1).reshape((len(t_to),) + np.shape(values)[1:])
-
-
-def _smooth_model(fitted) -> dict[str, Any]:
-    """The metadata entry describing a smooth estimator's curves, if it has any."""
-    model = fitted.extra.get("smooth_model")
-    return {"smooth_model": model} if model else {}
 
 
 def interpolate_log_b(b_from: np.ndarray, values: np.ndarray, b_to: np.ndarray) -> np.ndarray:

@@ -1,18 +1,21 @@
-"""What every estimator of the variance statistic returns: a results object in the statsmodels style.
+"""The estimator base class and what every estimator returns: a results object in the statsmodels style.
 
-``Estimator.fit(store) -> FittedEstimator``. A fitted estimator carries the per-step estimate
+:class:`Estimator` holds the parameters (read from ``__init__``, as scikit-learn's
+``BaseEstimator``); ``Estimator.fit(store) -> FittedEstimator``. A fitted estimator carries the per-step estimate
 ``variance`` (``(steps,)`` or ``(steps, channels)``, state units squared), its confidence interval,
 the per-run values it was computed from, the step grid it belongs to, and the store's identity;
 ``summary()`` prints a table a person can read, ``to_dataset()`` gives an xarray Dataset and
-``export(path, ...)`` writes the estimator file (:mod:`qdrift_stats.correct.estimator_file`).
+``EstimatorFile.from_fitted(fitted)`` (:mod:`qdrift_stats.correct.estimator_file`) makes the
+estimator file (``fitted.export(path)`` is a shortcut).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import xarray as xr
@@ -32,9 +35,88 @@ def reduce_dims(ds: xr.Dataset, per_channel: bool) -> list[str]:
     return [d for d in dims if not (per_channel and d == "channel")]
 
 
+class Estimator:
+    """Base class of the estimators of the variance statistic (scikit-learn / statsmodels spirit).
+
+    A subclass declares its parameters as keyword arguments of ``__init__`` and stores each under
+    the same attribute name (as scikit-learn's ``BaseEstimator``); :meth:`get_params` reads them
+    back from the signature, so :meth:`clone` (``type(est)(**est.get_params())``) gives an unfitted
+    copy with the same configuration (what cross-validation fits per split). ``fit(store)``
+    returns a :class:`FittedEstimator`.
+
+    Class attributes:
+        name: the estimator's name, recorded in fitted results and estimator files.
+        pools_runs: True when the estimate is the plain mean over runs of the fit's ``per_run``
+            values, each computed from its own run alone (the empirical and robust estimators):
+            a fit on a subset of runs is then the mean of the subset's per-run values, which
+            :mod:`qdrift_stats.validate` uses instead of refitting.
+        fixed_params: constant entries added to :attr:`params` (e.g. the model a smooth
+            estimator fits), recorded in estimator files.
+        unrecorded_params: ``__init__`` parameters left out of :attr:`params` (not JSON-able,
+            e.g. the model pair of the moment estimator).
+    """
+
+    name: ClassVar[str] = ""
+    pools_runs: ClassVar[bool] = False
+    fixed_params: ClassVar[dict[str, Any]] = {}
+    unrecorded_params: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The names of the ``__init__`` keyword parameters, in signature order."""
+        names = []
+        for p in inspect.signature(cls.__init__).parameters.values():
+            if p.name == "self":
+                continue
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise TypeError(f"{cls.__name__}.__init__ must name its parameters (no *args or **kwargs)")
+            names.append(p.name)
+        return names
+
+    def get_params(self) -> dict[str, Any]:
+        """The ``__init__`` parameters and their current values (enough to rebuild the estimator)."""
+        return {name: getattr(self, name) for name in self.param_names()}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The JSON-able parameters recorded in fitted results and estimator files."""
+        recorded = {k: v for k, v in self.get_params().items() if k not in self.unrecorded_params}
+        return {**recorded, **self.fixed_params}
+
+    def clone(self) -> Estimator:
+        """An unfitted estimator with the same parameters (scikit-learn's ``clone``)."""
+        return type(self)(**self.get_params())
+
+    def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
+        """Fit the statistic on a calibration store (path or opened Dataset)."""
+        raise NotImplementedError
+
+    def heldout_mean_square(self, ds: xr.Dataset, fitted: FittedEstimator) -> np.ndarray:
+        """``(run, step[, channel])`` per-run mean square of the perturbation this estimator models.
+
+        Cross-validation scores a fit by the Gaussian log-likelihood of held-out runs under it. The
+        default is the lock-step perturbation ``delta_x``; an estimator of another perturbation (the
+        empirical ``first-order`` statistic) returns its own per-run values.
+        """
+        return per_run_second_moment(ds, "delta_x", fitted.per_channel).values
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+def per_run_second_moment(ds: xr.Dataset, variable: str = "delta_x", per_channel: bool = False) -> xr.DataArray:
+    """``(run, step[, channel])`` mean square of a store variable per run (lazy, dask-friendly)."""
+    return (ds[variable].astype("float64") ** 2).mean(dim=reduce_dims(ds, per_channel))
+
+
 @dataclass
 class FittedEstimator:
     """A fitted variance statistic on one step grid.
+
+    Estimators with more to report return a subclass with typed fields
+    (:class:`~qdrift_stats.estimators.decomposed.DecomposedFit`,
+    :class:`~qdrift_stats.estimators.smooth.SmoothFit`, :class:`~qdrift_stats.estimators.moment.MomentFit`).
 
     Attributes:
         name: estimator name (e.g. ``"empirical"``).
@@ -66,13 +148,12 @@ class FittedEstimator:
     k: np.ndarray | None = None
     mu: np.ndarray | None = None
     smooth: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def on_store(
         cls,
         ds: xr.Dataset,
-        estimator: Any,
+        estimator: Estimator,
         variance: np.ndarray,
         ci_low: np.ndarray,
         ci_high: np.ndarray,
@@ -82,7 +163,7 @@ class FittedEstimator:
         """A fitted estimate on a store's step grid, carrying the store's attributes and seeds.
 
         ``estimator`` supplies ``name``, ``params`` and ``confidence``; ``fields`` are further
-        attributes (``k``, ``mu``, ``smooth``, ``extra``, or ``seeds`` to override the store's).
+        attributes (``k``, ``mu``, ``smooth``, a subclass's fields, or ``seeds`` to override the store's).
         """
         grid = grid_of(ds)
         fields.setdefault("seeds", np.asarray(ds["seed"].values))
@@ -100,6 +181,14 @@ class FittedEstimator:
             store_attrs=dict(ds.attrs),
             **fields,
         )
+
+    def export_tensors(self) -> dict[str, np.ndarray]:
+        """Tensors an estimator file carries beside the per-step ones (a smooth estimator's curves)."""
+        return {}
+
+    def export_metadata(self) -> dict[str, Any]:
+        """Entries of the estimator file's ``estimator`` metadata beside name, params and smooth."""
+        return {}
 
     @property
     def num_steps(self) -> int:
@@ -173,7 +262,13 @@ class FittedEstimator:
         provenance: dict[str, Any] | None = None,
         overwrite: bool = False,
     ):
-        """Write the estimator file (safetensors + JSON metadata); returns the :class:`EstimatorFile`."""
+        """Write the estimator file; returns the :class:`~qdrift_stats.correct.estimator_file.EstimatorFile`.
+
+        A convenience for ``EstimatorFile.from_fitted(self, ...).save(path)``. The import of
+        :mod:`qdrift_stats.correct.estimator_file` is done here, at call time, on purpose: the
+        estimators sit below ``correct`` in the package's layers and import nothing from it at
+        module level (``tests/test_layout.py`` checks the module-level import graph is acyclic).
+        """
         from qdrift_stats.correct.estimator_file import EstimatorFile
 
         est = EstimatorFile.from_fitted(self, correction=correction, strength=strength, provenance=provenance)
@@ -201,4 +296,12 @@ def grid_of(ds: xr.Dataset) -> dict[str, np.ndarray]:
     return {name: np.asarray(ds[name].values, dtype=np.float64) for name in ("timestep", "a", "b", "a_next", "b_next")}
 
 
-__all__ = ["FittedEstimator", "as_dataset", "reduce_dims", "grid_of", "sample_dims"]
+__all__ = [
+    "Estimator",
+    "FittedEstimator",
+    "as_dataset",
+    "reduce_dims",
+    "per_run_second_moment",
+    "grid_of",
+    "sample_dims",
+]

@@ -15,7 +15,7 @@ A step is decomposed only where the signal explains something (``R^2_i >= min_r2
 and the scale error leaves the output usable (``1 + k_i >= 0.5``); elsewhere ``k_i = mu_i = 0``
 and the step is corrected as plain noise. Without this, a step where the FP output barely varies
 (the last Euler step) gets a large, meaningless ``k`` from noise, and a step whose Q output is
-constant (rounding to 0) would divide by ``1 + k = 0``. Such steps are listed in ``extra["notes"]``.
+constant (rounding to 0) would divide by ``1 + k = 0``. Such steps are listed in the fit's ``notes``.
 
 The sampler first maps the Q output to ``(m_q - mu_i) / (1 + k_i)`` (:class:`qdrift_stats.correct.corrector.Corrector`),
 which equals ``m_fp + r / (1 + k_i)``; Q-Drift then corrects what is left. So the variance
@@ -38,20 +38,27 @@ runs, as for :class:`~qdrift_stats.estimators.empirical.EmpiricalEstimator`. Tha
 ``statistic="first-order"`` (as for ``qdrift fit``), is ``c_i^2 E (r_i / (1 + k_i))^2`` with the
 solver's first-order gain (:func:`qdrift_stats.estimators.smooth.first_order_gain`): what a fresh
 residual injects at step ``i``, each error counted once. The two agree for one-step solvers (the
-fitted gain equals the first-order one there; both are reported in ``extra``).
+fitted gain equals the first-order one there; both are reported in the fit's ``gain`` and ``gain_previous``).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import statsmodels.api as sm
 import xarray as xr
 
-from qdrift_stats.estimators.base import FittedEstimator, as_dataset, check_finite_store, check_statistic, grid_of
+from qdrift_stats.estimators.base import (
+    Estimator,
+    FittedEstimator,
+    as_dataset,
+    check_finite_store,
+    check_statistic,
+    grid_of,
+)
 from qdrift_stats.estimators.empirical import t_interval
 from qdrift_stats.record.store import storage_errors_as_qdrift
 
@@ -124,7 +131,27 @@ def state_gains(delta_x: np.ndarray, delta_out: np.ndarray, previous_out: np.nda
 
 @dataclass
 class DecomposedFit(FittedEstimator):
-    """A :class:`FittedEstimator` whose ``variance`` is that of the residual after the output correction."""
+    """A :class:`FittedEstimator` whose ``variance`` is that of the residual after the output correction.
+
+    Attributes (beside the base ones; ``(steps,)`` unless said):
+        k_ci, mu_ci: ``(steps, 2)`` confidence intervals of the fitted ``k`` and ``mu``.
+        r2: ``R^2`` of the output regression per step.
+        fitted_k: ``k`` as fitted (``k`` itself is 0 where the decomposition is not applied).
+        applied: whether the step's ``k, mu`` are applied (``R^2`` and ``1 + k`` large enough).
+        gain, gain_previous: the state gains ``c_i`` and ``d_i`` (module docstring).
+        multistep: whether the store's scheduler is multistep.
+        notes: readable notes on steps left undecomposed.
+    """
+
+    k_ci: np.ndarray | None = None
+    mu_ci: np.ndarray | None = None
+    r2: np.ndarray | None = None
+    fitted_k: np.ndarray | None = None
+    applied: np.ndarray | None = None
+    gain: np.ndarray | None = None
+    gain_previous: np.ndarray | None = None
+    multistep: bool = False
+    notes: list[str] = field(default_factory=list)
 
     def summary(self, max_rows: int = 12) -> str:
         """The base table, then per step ``k``, ``mu``, ``R^2`` and the state gain ``c``."""
@@ -136,17 +163,17 @@ class DecomposedFit(FittedEstimator):
         rows = np.arange(self.num_steps)
         if self.num_steps > max_rows:
             rows = np.unique(np.linspace(0, self.num_steps - 1, max_rows).round().astype(int))
-        k_ci, r2, c, d = self.extra["k_ci"], self.extra["r2"], self.extra["gain"], self.extra["gain_previous"]
-        fitted, applied = self.extra["fitted_k"], self.extra["applied"]
+        k_ci, r2, c, d = self.k_ci, self.r2, self.gain, self.gain_previous
+        fitted, applied = self.fitted_k, self.applied
         for i in rows:
             mark = "" if applied[i] else f"  (fitted k {fitted[i]:.4f} not applied)"
             lines.append(
                 f"{i:>5} {self.k[i]:>9.4f} [{k_ci[i, 0]:>8.4f},{k_ci[i, 1]:>8.4f}]  {self.mu[i]:>10.3e} {r2[i]:>6.3f} {c[i]:>10.3e} {d[i]:>10.3e}{mark}"
             )
-        return "\n".join(lines + [f"note: {n}" for n in self.extra["notes"]])
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
-class DecomposedEstimator:
+class DecomposedEstimator(Estimator):
     """Per-step ``delta_out = k m_fp + mu + r`` regression; the statistic is the residual's, in state units.
 
     Args:
@@ -177,17 +204,6 @@ class DecomposedEstimator:
         self.seed = seed
         self.min_r2 = min_r2
         self.min_scale = min_scale
-
-    @property
-    def params(self) -> dict:
-        return {
-            "confidence": self.confidence,
-            "max_points": self.max_points,
-            "seed": self.seed,
-            "min_r2": self.min_r2,
-            "min_scale": self.min_scale,
-            "statistic": self.statistic,
-        }
 
     @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> DecomposedFit:
@@ -247,15 +263,13 @@ class DecomposedEstimator:
             per_run,
             k=k,
             mu=mu,
-            extra={
-                "k_ci": k_ci,
-                "mu_ci": mu_ci,
-                "r2": r2,
-                "fitted_k": fitted_k,
-                "applied": applied,
-                "gain": gain,
-                "gain_previous": gain_prev,
-                "multistep": multistep,
-                "notes": notes,
-            },
+            k_ci=k_ci,
+            mu_ci=mu_ci,
+            r2=r2,
+            fitted_k=fitted_k,
+            applied=applied,
+            gain=gain,
+            gain_previous=gain_prev,
+            multistep=multistep,
+            notes=notes,
         )

@@ -27,18 +27,14 @@ from scipy import stats
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators.base import (
     STATISTICS,
+    Estimator,
     FittedEstimator,
     as_dataset,
     check_finite_store,
     check_statistic,
-    reduce_dims,
+    per_run_second_moment,
 )
 from qdrift_stats.record.store import storage_errors_as_qdrift
-
-
-def per_run_second_moment(ds: xr.Dataset, variable: str = "delta_x", per_channel: bool = False) -> xr.DataArray:
-    """``(run, step[, channel])`` mean square of a store variable per run (lazy, dask-friendly)."""
-    return (ds[variable].astype("float64") ** 2).mean(dim=reduce_dims(ds, per_channel))
 
 
 def t_interval(per_run: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,7 +49,7 @@ def t_interval(per_run: np.ndarray, confidence: float) -> tuple[np.ndarray, np.n
     return mean, np.maximum(mean - half, 0.0), mean + half
 
 
-class EmpiricalEstimator:
+class EmpiricalEstimator(Estimator):
     """Per-step mean square of the recorded perturbation ``delta_x``.
 
     Args:
@@ -63,6 +59,7 @@ class EmpiricalEstimator:
     """
 
     name = "empirical"
+    pools_runs = True
     STATISTICS = STATISTICS
 
     def __init__(self, per_channel: bool = False, confidence: float = 0.95, statistic: str = "lockstep"):
@@ -71,9 +68,9 @@ class EmpiricalEstimator:
         self.confidence = confidence
         self.statistic = statistic
 
-    @property
-    def params(self) -> dict:
-        return {"per_channel": self.per_channel, "confidence": self.confidence, "statistic": self.statistic}
+    def heldout_mean_square(self, ds: xr.Dataset, fitted: FittedEstimator) -> np.ndarray:
+        """The per-run values themselves: the mean square of ``delta_x`` or of ``gain * delta_out``."""
+        return fitted.per_run if fitted.per_run.size else super().heldout_mean_square(ds, fitted)
 
     @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:

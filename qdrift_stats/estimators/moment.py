@@ -20,7 +20,7 @@ larger root (the branch on which shrinking the residual lowers ``M``), clipped t
 the residual expanded) where the run's Q state ended up with a smaller mean square than the FP
 one. ``s = 1`` (``v_i = 0``) where ``|M(1) - T|`` is within float32 resolution or ``b_{i+1} = 0``.
 Where no ``s`` in the interval reaches ``T`` (a bound, or ``T`` below the parabola's minimum,
-then the closest ``s``) the step is flagged in ``extra["capped"]``. Map ``s`` to ``v_i`` (shrink
+then the closest ``s``) the step is flagged in the fit's ``capped``. Map ``s`` to ``v_i`` (shrink
 ``b^2 (1/s^2 - 1)``, drift ``2 b^2 (1 - s)``; both negative for ``s > 1``), correct the Q state
 with the signed ``s`` and go on to step ``i + 1``. The estimate is the mean over runs of the
 signed per-run ``v_i`` with a Student-t interval over runs; only the final estimate and interval
@@ -56,6 +56,7 @@ Export it with the form it was solved for (``params["form"]``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ import xarray as xr
 
 from qdrift_stats.correct.coefficients import CORRECTION_FORMS
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.estimators.base import FittedEstimator, as_dataset
+from qdrift_stats.estimators.base import Estimator, FittedEstimator, as_dataset
 from qdrift_stats.estimators.empirical import t_interval
 from qdrift_stats.loop import initial_noise, prepared_scheduler, scale_model_input
 from qdrift_stats.pair import check_pair, load_pair
@@ -145,7 +146,20 @@ def matched_run(
     return v, capped
 
 
-class MomentEstimator:
+@dataclass
+class MomentFit(FittedEstimator):
+    """A :class:`FittedEstimator` of the moment estimator.
+
+    Attributes (beside the base ones):
+        correction_form: the correction form the ``v_i`` were solved for (export with it).
+        capped: ``(runs, steps)`` whether a run's solution at a step sat at a bound (module docstring).
+    """
+
+    correction_form: str = "shrink"
+    capped: np.ndarray | None = None
+
+
+class MomentEstimator(Estimator):
     """Per-step ``v_i`` that keeps the corrected Q trajectory's second moment equal to the FP one.
 
     Its estimand is the population solution of that match (module docstring), not the per-step
@@ -161,6 +175,7 @@ class MomentEstimator:
     """
 
     name = "moment"
+    unrecorded_params = ("pair",)
 
     def __init__(self, pair: Any = None, form: str = "shrink", min_factor: float = 0.5, confidence: float = 0.95):
         if form not in CORRECTION_FORMS:
@@ -172,10 +187,6 @@ class MomentEstimator:
         self.min_factor = min_factor
         self.confidence = confidence
 
-    @property
-    def params(self) -> dict:
-        return {"form": self.form, "min_factor": self.min_factor, "confidence": self.confidence}
-
     def _pair(self, ds: xr.Dataset) -> Any:
         if self.pair is not None:
             return check_pair(self.pair)
@@ -185,7 +196,7 @@ class MomentEstimator:
         return load_pair(str(name))
 
     @storage_errors_as_qdrift
-    def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
+    def fit(self, store: xr.Dataset | str | Path) -> MomentFit:
         ds = as_dataset(store)
         pair = self._pair(ds)
         scheduler_name, steps, batch = str(ds.attrs["scheduler"]), int(ds.attrs["steps"]), int(ds.attrs["batch_size"])
@@ -197,13 +208,6 @@ class MomentEstimator:
             )
         variance, low, high = t_interval(per_run, self.confidence)  # low already floored at 0
         variance, high = np.maximum(variance, 0.0), np.maximum(high, 0.0)
-        return FittedEstimator.on_store(
-            ds,
-            self,
-            variance,
-            low,
-            high,
-            per_run,
-            seeds=seeds,
-            extra={"correction_form": self.form, "capped": capped},
+        return MomentFit.on_store(
+            ds, self, variance, low, high, per_run, seeds=seeds, correction_form=self.form, capped=capped
         )

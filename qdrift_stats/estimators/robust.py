@@ -44,7 +44,7 @@ from scipy import stats
 from statsmodels.robust import scale
 
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.estimators.base import FittedEstimator, as_dataset, check_finite_store
+from qdrift_stats.estimators.base import Estimator, FittedEstimator, as_dataset, check_finite_store
 from qdrift_stats.estimators.decomposed import pooled_step_values, subsample_index
 from qdrift_stats.estimators.empirical import t_interval
 from qdrift_stats.record.store import storage_errors_as_qdrift
@@ -99,7 +99,7 @@ def bootstrap_interval(per_run: np.ndarray, confidence: float, draws: int, seed:
     return low, high
 
 
-class RobustEstimator:
+class RobustEstimator(Estimator):
     """Per-step robust second moment of ``delta_x`` (per run, averaged over runs).
 
     What it estimates depends on ``method`` (module docstring): ``"winsor"`` the mean square
@@ -118,6 +118,7 @@ class RobustEstimator:
     """
 
     name = "robust"
+    pools_runs = True
 
     def __init__(
         self,
@@ -140,18 +141,6 @@ class RobustEstimator:
         self.bootstrap = bootstrap
         self.max_points = max_points
         self.seed = seed
-
-    @property
-    def params(self) -> dict:
-        return {
-            "method": self.method,
-            "c": self.c,
-            "ci": self.ci,
-            "confidence": self.confidence,
-            "bootstrap": self.bootstrap,
-            "max_points": self.max_points,
-            "seed": self.seed,
-        }
 
     @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:

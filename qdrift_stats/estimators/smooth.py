@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ from statsmodels.nonparametric.smoothers_lowess import lowess
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators.base import (
     STATISTICS,
+    Estimator,
     FittedEstimator,
     as_dataset,
     check_finite_store,
@@ -235,7 +237,47 @@ def _lowess(x: np.ndarray, y: np.ndarray, at: np.ndarray, frac: float, iteration
     return np.interp(at, x[order], fitted[order])
 
 
-class _SmoothBase:
+@dataclass
+class SmoothFit(FittedEstimator):
+    """A :class:`FittedEstimator` from a smooth model of the output-space variance over ``log b``.
+
+    Attributes (beside the base ones; ``(steps,)`` unless said):
+        curve_log_b, curve_log_u: ``(points,)`` the fitted curve ``log u`` over ``log b`` (exported).
+        curve_log_kappa: ``(points,)`` the correlation decay ``log kappa`` over ``curve_log_b``, for
+            the lock-step statistic of a multistep solver (exported); None otherwise.
+        smooth_model: what the curves model (recorded in the estimator file's metadata).
+        gain, gain_previous: the solver gains ``c_i`` and ``d_i`` (module docstring).
+        u: the output-space variance per step, mean over runs (output units squared).
+        u_fit: the smooth model's ``u`` at the recorded levels.
+        usable: the steps with a positive ``u`` in every run (the ones fitted).
+        df_used: basis functions used (GLM only).
+        dispersion: the GLM's dispersion (GLM only).
+    """
+
+    curve_log_b: np.ndarray | None = None
+    curve_log_u: np.ndarray | None = None
+    curve_log_kappa: np.ndarray | None = None
+    smooth_model: dict[str, Any] = field(default_factory=dict)
+    gain: np.ndarray | None = None
+    gain_previous: np.ndarray | None = None
+    u: np.ndarray | None = None
+    u_fit: np.ndarray | None = None
+    usable: np.ndarray | None = None
+    df_used: int | None = None
+    dispersion: float | None = None
+
+    def export_tensors(self) -> dict[str, np.ndarray]:
+        """The curves (``curve_log_b``, ``curve_log_u``, optional ``curve_log_kappa``)."""
+        curves = {"curve_log_b": self.curve_log_b, "curve_log_u": self.curve_log_u}
+        if self.curve_log_kappa is not None:
+            curves["curve_log_kappa"] = self.curve_log_kappa
+        return {k: v for k, v in curves.items() if v is not None}
+
+    def export_metadata(self) -> dict[str, Any]:
+        return {"smooth_model": self.smooth_model} if self.smooth_model else {}
+
+
+class _SmoothBase(Estimator):
     """What both smooth estimators share: output-space data, gains, correlation model and the result."""
 
     name = "smooth"
@@ -321,17 +363,15 @@ class _SmoothBase:
         curve_log_b: np.ndarray,
         curve_log_u: np.ndarray,
         extra: dict[str, Any],
-    ) -> FittedEstimator:
+    ) -> SmoothFit:
+        """The fit; ``extra``: further :class:`SmoothFit` fields (``usable``, ``df_used``, ``dispersion``)."""
         c, d, log_b, grid = prep["c"], prep["d"], prep["log_b"], prep["grid"]
         kappa = self._kappa_at(prep, log_b)
         bounds = np.sort(
             np.stack([combine_variance(c, d, u_low, log_b, kappa), combine_variance(c, d, u_high, log_b, kappa)]),
             axis=0,
         )
-        tensors = {"curve_log_b": curve_log_b, "curve_log_u": curve_log_u}
-        if kappa is not None:
-            tensors["curve_log_kappa"] = np.log(self._kappa_at(prep, curve_log_b))
-        return FittedEstimator(
+        return SmoothFit(
             name=self.name,
             params=self.params,
             variance=np.maximum(combine_variance(c, d, u_fit, log_b, kappa), 0.0),
@@ -345,23 +385,23 @@ class _SmoothBase:
             store_attrs=dict(ds.attrs),
             seeds=np.asarray(ds["seed"].values),
             smooth=True,
-            extra={
-                "tensors": tensors,
-                "smooth_model": {
-                    "space": "output",
-                    "covariate": "log b",
-                    "gains": "solver probes",
-                    "multistep_correlation": "exp(-kappa(b) dlog b)" if kappa is not None else None,
-                },
-                "gain": c,
-                "gain_previous": d,
-                "u": prep["u"].mean(axis=0),
-                "u_fit": u_fit,
-                **extra,
+            curve_log_b=curve_log_b,
+            curve_log_u=curve_log_u,
+            curve_log_kappa=np.log(self._kappa_at(prep, curve_log_b)) if kappa is not None else None,
+            smooth_model={
+                "space": "output",
+                "covariate": "log b",
+                "gains": "solver probes",
+                "multistep_correlation": "exp(-kappa(b) dlog b)" if kappa is not None else None,
             },
+            gain=c,
+            gain_previous=d,
+            u=prep["u"].mean(axis=0),
+            u_fit=u_fit,
+            **extra,
         )
 
-    def _fit_zero(self, ds: xr.Dataset, prep: dict[str, Any]) -> FittedEstimator:
+    def _fit_zero(self, ds: xr.Dataset, prep: dict[str, Any]) -> SmoothFit:
         zeros = np.zeros(len(prep["c"]))
         curve_b = np.array([prep["log_b"].min(), prep["log_b"].max()])
         prep = dict(prep, kappa_points=None)
@@ -384,6 +424,7 @@ class SmoothGLMEstimator(_SmoothBase):
     """
 
     name = "smooth-glm"
+    fixed_params = {"model": "gamma-glm-log-link-bspline"}
 
     def __init__(
         self, df: int = 6, confidence: float = 0.95, cov_type: str = "nonrobust", statistic: str = "first-order"
@@ -396,18 +437,8 @@ class SmoothGLMEstimator(_SmoothBase):
         self.df = df
         self.cov_type = cov_type
 
-    @property
-    def params(self) -> dict:
-        return {
-            "df": self.df,
-            "confidence": self.confidence,
-            "cov_type": self.cov_type,
-            "statistic": self.statistic,
-            "model": "gamma-glm-log-link-bspline",
-        }
-
     @storage_errors_as_qdrift
-    def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
+    def fit(self, store: xr.Dataset | str | Path) -> SmoothFit:
         ds = as_dataset(store)
         prep = self._prepare(ds)
         u, usable, log_b = prep["u"], prep["usable"], prep["log_b"]
@@ -482,19 +513,8 @@ class SmoothLowessEstimator(_SmoothBase):
         self.bootstrap = bootstrap
         self.seed = seed
 
-    @property
-    def params(self) -> dict:
-        return {
-            "frac": self.frac,
-            "iterations": self.iterations,
-            "bootstrap": self.bootstrap,
-            "confidence": self.confidence,
-            "seed": self.seed,
-            "statistic": self.statistic,
-        }
-
     @storage_errors_as_qdrift
-    def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
+    def fit(self, store: xr.Dataset | str | Path) -> SmoothFit:
         ds = as_dataset(store)
         prep = self._prepare(ds)
         u, usable, log_b = prep["u"], prep["usable"], prep["log_b"]

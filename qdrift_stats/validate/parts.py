@@ -1,0 +1,98 @@
+"""Resumable results on disk: a zarr folder whose ``parts/`` groups are committed one by one.
+
+A long computation (:func:`~qdrift_stats.validate.crossval.cross_validate`) writes each finished
+piece (one calibration count, the strength search) as a group ``parts/NAME`` and marks it complete
+(the commit point); an interrupted run is resumed by reading the complete parts back and computing
+only the others. The root group's attributes hold the settings that identify the computation: a
+folder written with other settings is refused, never silently mixed. :meth:`ResultParts.finish`
+writes the combined Dataset at the root and marks the whole result complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+import zarr
+
+from qdrift_stats.errors import QDriftError
+
+
+class ResultParts:
+    """A results folder (zarr v3) with committed parts; see the module docstring.
+
+    Args:
+        path: the folder.
+        settings: JSON-able attributes that identify the computation (written at the root).
+        identity: the keys of ``settings`` that must match an existing folder's to resume it.
+        kind: what the folder holds, for messages (e.g. ``"cross-validation result"``).
+        overwrite: replace an existing folder instead of resuming it.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        settings: dict[str, Any],
+        identity: Sequence[str],
+        kind: str = "result",
+        overwrite: bool = False,
+    ):
+        self.path = Path(path)
+        if self.path.exists():
+            if overwrite:
+                shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+            else:
+                self._check_resumable(settings, identity, kind)
+        if not self.path.exists():
+            group = zarr.open_group(self.path, mode="w", zarr_format=3)
+            group.attrs.update(settings)
+
+    def _check_resumable(self, settings: dict[str, Any], identity: Sequence[str], kind: str) -> None:
+        try:
+            have = dict(zarr.open_group(self.path, mode="r").attrs)
+        except Exception:
+            raise QDriftError(
+                f"{self.path} exists and is not a qdrift {kind}; choose another --out or pass --overwrite"
+            ) from None
+        for key in identity:
+            if str(have.get(key)) != str(settings.get(key)):
+                raise QDriftError(
+                    f"{self.path} was computed with {key}={have.get(key)!r}, not {settings.get(key)!r}; "
+                    "choose another --out or pass --overwrite"
+                )
+
+    def done(self, name: str) -> bool:
+        """Whether the part ``name`` was committed."""
+        try:
+            group = zarr.open_group(self.path, path=f"parts/{name}", mode="r")
+        except Exception:
+            return False
+        return bool(group.attrs.get("complete", False))
+
+    def read(self, name: str) -> xr.Dataset:
+        """A committed part, loaded into memory."""
+        return xr.open_zarr(self.path, group=f"parts/{name}", consolidated=False).load()
+
+    def write(self, name: str, piece: xr.Dataset) -> None:
+        """Write the part ``name`` and commit it (the ``complete`` mark is written last)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            piece.to_zarr(self.path, group=f"parts/{name}", mode="w", zarr_format=3, consolidated=False)
+        zarr.open_group(self.path, path=f"parts/{name}", mode="r+").attrs["complete"] = True  # the commit point
+
+    def finish(self, result: xr.Dataset) -> None:
+        """Write the combined ``result`` at the root (replacing an earlier one; the parts stay) and mark it complete."""
+        root = zarr.open_group(self.path, mode="r+")
+        for name in list(root.array_keys()):
+            del root[name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result.to_zarr(self.path, mode="a", zarr_format=3, consolidated=False)
+        zarr.open_group(self.path, mode="r+").attrs["complete"] = True
+
+
+__all__ = ["ResultParts"]
