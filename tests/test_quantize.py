@@ -13,7 +13,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("optimum.quanto")
 pytest.importorskip("torchao")
 
-from qdrift_stats.quantize import _call  # noqa: E402
+from qdrift_stats.quantize.fake import call_model  # noqa: E402
 from qdrift_stats.quantize.mixdq import allocate_bits  # noqa: E402
 
 
@@ -64,8 +64,8 @@ def unet_calls(n: int, seed: int, batch: int = 8) -> list:
 
 
 def rel_error(q: nn.Module, fp: nn.Module, calls: list) -> float:
-    num = sum(float((_call(q, a, k) - _call(fp, a, k)).pow(2).sum()) for a, k in calls)
-    den = sum(float(_call(fp, a, k).pow(2).sum()) for a, k in calls)
+    num = sum(float((call_model(q, a, k) - call_model(fp, a, k)).pow(2).sum()) for a, k in calls)
+    den = sum(float(call_model(fp, a, k).pow(2).sum()) for a, k in calls)
     return (num / den) ** 0.5
 
 
@@ -76,7 +76,7 @@ class Case:
         self.calib = calls(3, seed=1)
         self.eval = calls(3, seed=2)
         self.state = {k: v.clone() for k, v in self.fp.state_dict().items()}
-        self.ref = [_call(self.fp, a, k).clone() for a, k in self.eval]
+        self.ref = [call_model(self.fp, a, k).clone() for a, k in self.eval]
         self._q: dict = {}
         self._err: dict = {}
 
@@ -119,11 +119,11 @@ def test_recipe_quantizes_a_copy(cases, model, recipe):
     fp_ptrs = {p.data_ptr() for p in case.fp.parameters()}
     assert not fp_ptrs & {t.data_ptr() for t in q.state_dict().values() if type(t) is torch.Tensor}
     for (a, k), ref in zip(case.eval, case.ref):
-        out = _call(q, a, k)
+        out = call_model(q, a, k)
         assert out.shape == ref.shape and out.dtype == torch.float32
         assert torch.isfinite(out).all()
-        assert torch.equal(out, _call(q, a, k))  # deterministic
-        assert torch.equal(_call(case.fp, a, k), ref)
+        assert torch.equal(out, call_model(q, a, k))  # deterministic
+        assert torch.equal(call_model(case.fp, a, k), ref)
     err = case.err(recipe)
     info = RECIPES[recipe]
     bound = 0.1 if min(info.weight_bits, info.activation_bits) >= 8 else 0.6
@@ -281,12 +281,12 @@ def test_unknown_recipe_and_bad_input(cases):
 def test_call_helper_extracts_the_main_tensor(cases):
     case = cases["unet"]
     (sample, t), kw = case.eval[0]
-    out = _call(case.fp, (sample, t), kw)
-    assert torch.equal(out, _call(case.fp, (sample, t), {**kw, "return_dict": False}))
+    out = call_model(case.fp, (sample, t), kw)
+    assert torch.equal(out, call_model(case.fp, (sample, t), {**kw, "return_dict": False}))
 
     class TupleModel(nn.Module):
         def forward(self, x):
             return (x * 2, x)
 
     x = torch.ones(3)
-    assert torch.equal(_call(TupleModel(), (x,), {}), x * 2)
+    assert torch.equal(call_model(TupleModel(), (x,), {}), x * 2)

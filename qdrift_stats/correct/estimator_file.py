@@ -400,10 +400,18 @@ SOLVER_CONFIG_KEYS: tuple[str, ...] = (
 )
 
 
-def _comparable(value: Any) -> Any:
-    from qdrift_stats.schedulers.base import _jsonable
+def _builtin(value: Any) -> Any:
+    """``json.dumps`` fallback: numpy scalars and arrays as Python numbers and lists."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON-able: {type(value).__name__}")
 
-    return json.loads(json.dumps(_jsonable(value)))
+
+def _comparable(value: Any) -> Any:
+    """A config value as it reads back from JSON (tuples become lists, numpy values Python ones)."""
+    return json.loads(json.dumps(value, default=_builtin))
 
 
 def config_differences(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -173,10 +173,10 @@ def quantize(
 
 
 def __getattr__(name: str) -> Any:
-    if name == "_call":
-        from qdrift_stats.quantize.fake import _call
+    if name == "call_model":
+        from qdrift_stats.quantize.fake import call_model
 
-        return _call
+        return call_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

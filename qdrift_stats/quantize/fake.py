@@ -39,7 +39,7 @@ Calibration = Sequence[tuple[tuple, dict]]
 
 
 @contextlib.contextmanager
-def _quiet_import_logs():
+def quiet_import_logs():
     """torchao logs a warning per CUDA-only extension it cannot load on a CPU-only machine; hide them."""
     names = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
     loggers = [logging.getLogger(n) for n in names]
@@ -53,7 +53,7 @@ def _quiet_import_logs():
             lg.setLevel(level)
 
 
-with _quiet_import_logs():
+with quiet_import_logs():
     from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer
 
 
@@ -75,7 +75,7 @@ def _to_tensor(out: Any) -> torch.Tensor:
     raise QDriftError(f"cannot find the output tensor in a model output of type {type(out).__name__}")
 
 
-def _call(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> torch.Tensor:
+def call_model(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> torch.Tensor:
     """Call ``model(*args, **kwargs)`` without gradients and return its main output tensor."""
     with torch.no_grad():
         out = model(*args, **(kwargs or {}))
@@ -111,7 +111,7 @@ def check_calibration(calibration: Any, recipe: str, required: bool) -> list[tup
 
 def run_calibration(model: nn.Module, calibration: Iterable[tuple[tuple, dict]]) -> list[torch.Tensor]:
     """Run every calibration call through ``model``; return the main outputs."""
-    return [_call(model, args, kwargs) for args, kwargs in calibration]
+    return [call_model(model, args, kwargs) for args, kwargs in calibration]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,9 +142,9 @@ def target_layers(
     """
     layers = {}
     for name, module in model.named_modules():
-        if isinstance(module, _QuantLayer) or not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, QuantLayer) or not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
-        if any(isinstance(p, _QuantLayer) for p in _parents(model, name)):
+        if any(isinstance(p, QuantLayer) for p in _parents(model, name)):
             continue
         if _selected(name, include, exclude):
             layers[name] = module
@@ -278,14 +278,14 @@ class TokenFakeQuantizer(nn.Module):
         return f"bits={self.bits}, per_token, asymmetric, channel_dim={self.channel_dim}"
 
 
-class _QuantLayer:
+class QuantLayer:
     """Marker base of every layer this package puts in a model."""
 
     weight_bits: int | None
     act_bits: int | None
 
 
-class FakeQuantLinear(_QuantLayer, nn.Linear):
+class FakeQuantLinear(QuantLayer, nn.Linear):
     """``nn.Linear`` with a fake-quantized weight and per-token fake-quantized inputs."""
 
     @classmethod
@@ -309,7 +309,7 @@ class FakeQuantLinear(_QuantLayer, nn.Linear):
         return super().extra_repr() + f", weight_bits={self.weight_bits}, act_bits={self.act_bits}"
 
 
-class FakeQuantConv2d(_QuantLayer, nn.Conv2d):
+class FakeQuantConv2d(QuantLayer, nn.Conv2d):
     """``nn.Conv2d`` with a fake-quantized weight and per-pixel fake-quantized inputs."""
 
     @classmethod

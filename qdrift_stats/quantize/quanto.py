@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.quantize.fake import Calibration, _quiet_import_logs, check_calibration, finish
+from qdrift_stats.quantize.fake import Calibration, quiet_import_logs, check_calibration, finish
 
-with _quiet_import_logs():
+with quiet_import_logs():
     from optimum.quanto import Calibration as QuantoCalibration
     from optimum.quanto import QTensor, freeze, qint4, qint8
     from optimum.quanto import quantize as quanto_quantize

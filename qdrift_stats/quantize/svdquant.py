@@ -36,7 +36,7 @@ from qdrift_stats.errors import QDriftError
 from qdrift_stats.quantize.fake import (
     Calibration,
     TokenFakeQuantizer,
-    _QuantLayer,
+    QuantLayer,
     check_calibration,
     collect_input_absmax,
     fake_quant_layer,
@@ -66,7 +66,7 @@ def smoothing_factors(weight: torch.Tensor, act_absmax: torch.Tensor | None, alp
     return s.clamp(min=1e-5, max=1e5)
 
 
-class _SVDQuantMixin(_QuantLayer):
+class _SVDQuantMixin(QuantLayer):
     def _init_svd(
         self,
         layer: nn.Module,
