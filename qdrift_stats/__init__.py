@@ -54,7 +54,32 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "QDriftError": ("qdrift_stats.errors", "QDriftError"),
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "__version__",
+    "record",
+    "calibrate_pipeline",
+    "open_store",
+    "load_pair",
+    "get_estimator",
+    "ESTIMATORS",
+    "Estimator",
+    "FittedEstimator",
+    "EmpiricalEstimator",
+    "DecomposedEstimator",
+    "SmoothGLMEstimator",
+    "SmoothLowessEstimator",
+    "RobustEstimator",
+    "MomentEstimator",
+    "cross_validate",
+    "open_cv",
+    "learning_curve",
+    "strength_curve",
+    "diagnose",
+    "EstimatorFile",
+    "sample",
+    "QDriftScheduler",
+    "QDriftError",
+]
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load on first use
     from qdrift_stats import record

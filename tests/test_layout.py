@@ -203,3 +203,9 @@ def test_record_is_the_subpackage_and_the_function():
 
     assert callable(qdrift_stats.record) and qdrift_stats.record.store.SCHEMA
     assert qdrift_stats.record.lockstep.record is record
+
+
+def test_all_lists_exactly_the_lazy_names():
+    import qdrift_stats
+
+    assert set(qdrift_stats.__all__) == {"__version__", *qdrift_stats._LAZY}
