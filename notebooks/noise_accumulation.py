@@ -31,7 +31,8 @@ import numpy as np
 
 from qdrift_stats import testbed
 from qdrift_stats.estimators import get_estimator
-from qdrift_stats.plots.figures import accumulation_dataset, plot_accumulation
+from qdrift_stats.plots.datasets import accumulation_dataset
+from qdrift_stats.plots.figures import plot_accumulation
 from qdrift_stats.record.lockstep import record
 
 warnings.filterwarnings("ignore")

@@ -2,12 +2,14 @@
 
 Every ``plot_*`` function takes xarray inputs (or objects with a ``to_dataset()``), draws on a new
 :class:`matplotlib.figure.Figure` (no pyplot, so no global backend is touched; ``savefig``
-renders with Agg) and returns it. :func:`save_figure` writes a PNG.
+renders with Agg) and returns it. :func:`save_figure` writes a PNG. Nothing here fits an
+estimator, re-samples a pair or reads a store: the data come from :mod:`qdrift_stats.plots.datasets`
+(or a Dataset saved from there).
 
 Input layouts:
 
-- accumulation: :func:`accumulation_dataset` (from a store recorded with ``--trajectories``,
-  the pair and an estimator file);
+- accumulation: :func:`~qdrift_stats.plots.datasets.accumulation_dataset` (from a store recorded
+  with ``--trajectories``, the pair and an estimator file);
 - variance: :meth:`FittedEstimator.to_dataset() <qdrift_stats.estimators.base.FittedEstimator.to_dataset>`
   of any estimator (``variance``, optional ``ci_low``/``ci_high`` over ``step`` [``channel``],
   coordinate ``b_next``), or an :class:`~qdrift_stats.correct.estimator_file.EstimatorFile`;
@@ -31,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from qdrift_stats.errors import QDriftError
+from qdrift_stats.plots.datasets import plot_data, variance_dataset
 
 BAND = (0.1, 0.9)
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -55,149 +58,6 @@ def _title_from(attrs: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # noise accumulation
 # ---------------------------------------------------------------------------------------------
-
-
-def accumulation_dataset(
-    pair: Any,
-    store: xr.Dataset | str | Path,
-    estimator: Any,
-    *,
-    correction: str | None = None,
-    strength: float | None = None,
-    runs: int | None = None,
-) -> xr.Dataset:
-    """How quantization noise accumulates along sampling, without and with Q-Drift, per run and step.
-
-    For each run of ``store`` (recorded with ``--trajectories``) the corrected, free-running Q
-    trajectory is re-sampled from the run's seed (same initial noise and conditions as the
-    recording) with :func:`~qdrift_stats.loop.run_sampler` and the estimator's
-    :class:`~qdrift_stats.correct.corrector.Corrector`; the stored ``traj_fp`` and ``traj_q`` give the FP
-    and uncorrected Q trajectories. The first FP and Q steps of each run are recomputed and
-    compared with the store (two extra model calls per run) so that a different pair is refused.
-    One run is held in memory at a time.
-
-    Args:
-        pair: the model pair the store was recorded with, or its ``MODULE:FACTORY`` spec.
-        store: calibration store path or Dataset with ``traj_fp`` and ``traj_q``.
-        estimator: :class:`~qdrift_stats.correct.estimator_file.EstimatorFile` or its path, fitted on this grid.
-        correction, strength: override the file's correction form and strength.
-        runs: use only the first ``runs`` runs (default all).
-
-    Returns:
-        Dataset with, for the states after each step: ``dist_q``, ``dist_corrected``
-        ``(run, step, sample)``, the pathwise distance to the paired FP state (RMS over the sample
-        dims of ``x_q - x_fp``, resp. corrected; state units); ``var_fp``, ``var_q``,
-        ``var_corrected`` ``(run, step)``, the spread of the states (variance over the run's
-        samples averaged over the sample dims, state units^2; Q-Drift aims to make
-        ``var_corrected`` equal ``var_fp``, not the paths equal); ``per_step_rms(step)``, the
-        estimator's ``sqrt(v_i)`` (channel mean for a per-channel one), state units; coordinates
-        ``seed(run)``, ``timestep, b, b_next(step)``; attributes pair, scheduler, steps,
-        correction, strength, estimator.
-
-    Raises:
-        QDriftError: the store has no trajectories, or the pair does not reproduce its FP trajectory.
-    """
-    import torch
-
-    from qdrift_stats.correct.estimator_file import EstimatorFile
-    from qdrift_stats.estimators.base import as_dataset
-    from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler, scale_model_input
-    from qdrift_stats.pair import check_pair, load_pair
-    from qdrift_stats.schedulers.base import step_grid, step_kwargs
-
-    ds = as_dataset(store)
-    if any(v not in ds for v in ("traj_fp", "traj_q")):
-        raise QDriftError("the store has no trajectories; record it with 'qdrift record ... --trajectories'")
-    if isinstance(pair, str):
-        pair = load_pair(pair)
-    check_pair(pair)
-    est = estimator if isinstance(estimator, EstimatorFile) else EstimatorFile.load(estimator)
-    attrs = dict(ds.attrs)
-    if tuple(pair.sample_shape) != tuple(ds["traj_fp"].shape[3:]):
-        raise QDriftError(
-            f"the pair's samples are {tuple(pair.sample_shape)}, the store's {tuple(ds['traj_fp'].shape[3:])}: not the recorded pair"
-        )
-    if runs is not None:
-        ds = ds.isel(run=slice(0, runs))
-    scheduler_name, steps, batch = str(attrs["scheduler"]), int(attrs["steps"]), int(attrs["batch_size"])
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("dist_q", "dist_corrected", "var_fp", "var_q", "var_corrected")}
-    for r, seed in enumerate(ds["seed"].values):
-        scheduler = prepared_scheduler(pair, scheduler_name, steps)
-        x, cond = initial_noise(pair, scheduler, batch, int(seed))
-        traj_fp = ds["traj_fp"].isel(run=r).values
-        traj_q = ds["traj_q"].isel(run=r).values
-        with torch.no_grad():
-            # The first FP and Q steps must reproduce the recorded trajectories, else the distances lie.
-            for model, recorded in ((pair.fp, traj_fp), (pair.q, traj_q)):
-                check = prepared_scheduler(pair, scheduler_name, steps)
-                t0 = check.timesteps[0]
-                first = check.step(
-                    model(scale_model_input(check, x, t0), t0, **cond), t0, x, **step_kwargs(check), return_dict=False
-                )[0]
-                tol = 1e-2 if recorded.dtype == np.float16 else 1e-4
-                if not np.allclose(
-                    first.float().cpu().numpy(),
-                    recorded[0].astype(np.float32),
-                    rtol=tol,
-                    atol=tol * float(np.abs(recorded[0]).max()),
-                ):
-                    raise QDriftError(
-                        f"the pair does not reproduce the store's trajectories at seed {int(seed)}: not the recorded pair or scheduler"
-                    )
-            corrector = est.corrector(
-                scheduler, correction=correction, strength=strength, device=x.device, dtype=x.dtype
-            )
-            states: list[np.ndarray] = []
-            run_sampler(
-                pair.q,
-                scheduler,
-                x,
-                cond,
-                corrector=corrector,
-                callback=lambda s: states.append(s["x_next"].float().cpu().numpy()),
-            )
-        flat = {  # (steps, batch, dim) float64
-            "fp": traj_fp.reshape(steps, batch, -1).astype(np.float64),
-            "q": traj_q.reshape(steps, batch, -1).astype(np.float64),
-            "corrected": np.stack(states).reshape(steps, batch, -1).astype(np.float64),
-        }
-        for name in ("q", "corrected"):
-            out[f"dist_{name}"].append(np.sqrt(((flat[name] - flat["fp"]) ** 2).mean(axis=2)))
-        for name, value in flat.items():
-            out[f"var_{name}"].append(value.var(axis=1).mean(axis=1))
-    grid = step_grid(prepared_scheduler(pair, scheduler_name, steps))
-    variance = est.variance_on(grid)
-    per_step = np.sqrt(variance if variance.ndim == 1 else variance.mean(axis=1))
-    form = correction or est.metadata["correction"]["form"]
-    lam = est.metadata["correction"].get("strength", 1.0) if strength is None else strength
-    data = {
-        name: (("run", "step", "sample") if name.startswith("dist") else ("run", "step"), np.stack(values))
-        for name, values in out.items()
-    }
-    data["per_step_rms"] = (("step",), per_step)
-    acc = xr.Dataset(
-        data,
-        coords={
-            "seed": ("run", ds["seed"].values),
-            "step": ds["step"].values,
-            "timestep": ("step", ds["timestep"].values),
-            "b": ("step", ds["b"].values),
-            "b_next": ("step", ds["b_next"].values),
-        },
-        attrs={
-            "pair": attrs.get("pair", ""),
-            "scheduler": scheduler_name,
-            "steps": steps,
-            "correction": form,
-            "strength": float(lam),
-            "estimator": str(est.metadata["estimator"].get("name")),
-        },
-    )
-    for name in ("dist_q", "dist_corrected", "per_step_rms"):
-        acc[name].attrs["units"] = "state units"
-    for name in ("var_fp", "var_q", "var_corrected"):
-        acc[name].attrs["units"] = "state units^2"
-    return acc
 
 
 def _quantiles(values: xr.DataArray, over: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -307,46 +167,6 @@ def plot_accumulation(acc: xr.Dataset, x: str = "b") -> Figure:
 # ---------------------------------------------------------------------------------------------
 # the variance statistic
 # ---------------------------------------------------------------------------------------------
-
-
-def variance_dataset(estimate: Any) -> xr.Dataset:
-    """A Dataset with ``variance`` (and CI bounds) over ``step`` [``channel``] with coordinate ``b_next``.
-
-    Accepts a :class:`~qdrift_stats.estimators.base.FittedEstimator` (or anything with
-    ``to_dataset()``), an :class:`~qdrift_stats.correct.estimator_file.EstimatorFile`, or such a Dataset.
-    """
-    from qdrift_stats.correct.estimator_file import EstimatorFile
-
-    if isinstance(estimate, xr.Dataset):
-        ds = estimate
-    elif isinstance(estimate, EstimatorFile):
-        t = estimate.tensors
-        dims = ("step", "channel") if t["variance"].ndim == 2 else ("step",)
-        data = {k: (dims, t[k]) for k in ("variance", "ci_low", "ci_high") if k in t}
-        meta = estimate.metadata
-        ds = xr.Dataset(
-            data,
-            coords={
-                "step": np.arange(len(t["timesteps"])),
-                "timestep": ("step", t["timesteps"]),
-                "b_next": ("step", t["b_next"]),
-            },
-            attrs={
-                "estimator": meta["estimator"].get("name"),
-                "pair": meta.get("provenance", {}).get("pair", ""),
-                "scheduler": meta["scheduler"].get("name"),
-                "steps": meta.get("steps"),
-            },
-        )
-    elif hasattr(estimate, "to_dataset"):
-        ds = estimate.to_dataset()
-        store_attrs = getattr(estimate, "store_attrs", {}) or {}
-        ds.attrs.update({k: store_attrs[k] for k in ("pair", "scheduler", "steps") if k in store_attrs})
-    else:
-        raise QDriftError(f"cannot plot the variance of a {type(estimate).__name__}")
-    if "variance" not in ds or "b_next" not in ds.coords:
-        raise QDriftError("a variance Dataset needs the variable 'variance' and the coordinate 'b_next'")
-    return ds
 
 
 def _style(k: int) -> tuple[str, str]:
@@ -554,19 +374,11 @@ def plot_runs_needed(cv: xr.Dataset, tolerance: float | None = None) -> Figure:
 
 
 def _thresholds() -> dict[str, float]:
-    """The regime thresholds of :mod:`qdrift_stats.validate.diagnostics` (its constants; these defaults without it)."""
-    values = {
-        "HEAVY_KURTOSIS": 1.5,
-        "CORRELATED_R2": 0.5,
-        "PARTLY_CORRELATED_R2": 0.1,
-        "LATTICE_FRACTION": 0.2,
-        "AUTOCORRELATED_REJECT": 0.5,
-    }
-    try:
-        from qdrift_stats import diagnostics
-    except ImportError:
-        return values
-    return {k: float(getattr(diagnostics, k, v)) for k, v in values.items()}
+    """The regime thresholds of :mod:`qdrift_stats.validate.diagnostics` (its constants)."""
+    from qdrift_stats.validate import diagnostics
+
+    names = ("HEAVY_KURTOSIS", "CORRELATED_R2", "PARTLY_CORRELATED_R2", "LATTICE_FRACTION", "AUTOCORRELATED_REJECT")
+    return {k: float(getattr(diagnostics, k)) for k in names}
 
 
 # Per-step panels: (accepted variable names, title, y scale, y limits, reference lines [(value, label)]).
@@ -760,69 +572,6 @@ def plot_diagnostics(diag: xr.Dataset, x: str = "step") -> Figure:
 # from files (the command line's ``qdrift plot``)
 # ---------------------------------------------------------------------------------------------
 
-PLOT_KINDS: tuple[str, ...] = ("accumulation", "variance", "runs-needed", "diagnostics")
-# Fitted by 'qdrift plot variance STORE' without --fit: cheap ones (no model calls), one of each kind.
-DEFAULT_VARIANCE_FITS: tuple[str, ...] = ("empirical", "first-order", "decomposed", "smooth-glm", "robust")
-# Functions a module may offer to compute a kind's Dataset from a calibration store, tried in order.
-_PRODUCERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "runs-needed": (
-        "qdrift_stats.validate.crossval",
-        ("runs_needed_dataset", "runs_needed", "cross_validate", "cv_dataset"),
-    ),
-    "diagnostics": ("qdrift_stats.validate.diagnostics", ("diagnostics_dataset", "diagnose", "diagnostics")),
-}
-
-
-def _is_store(path: Path) -> bool:
-    from qdrift_stats.record.store import SCHEMA
-
-    if not path.is_dir():
-        return False
-    try:
-        import zarr
-
-        return zarr.open_group(path, mode="r").attrs.get("qdrift_schema") == SCHEMA
-    except Exception:
-        return False
-
-
-def open_result(path: str | Path) -> xr.Dataset:
-    """A results Dataset saved as zarr (a folder) or netCDF (a file)."""
-    path = Path(path)
-    if not path.exists():
-        raise QDriftError(f"{path} does not exist")
-    try:
-        if not path.is_dir():
-            return xr.open_dataset(path)
-        with warnings.catch_warnings():  # results saved without consolidated metadata read fine
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return xr.open_zarr(path)
-    except Exception as exc:
-        raise QDriftError(f"{path} is not a readable zarr or netCDF dataset ({type(exc).__name__})") from None
-
-
-def _dataset_for(kind: str, source: Path) -> xr.Dataset:
-    """The Dataset a kind plots: read from ``source``, or computed from a calibration store by its module."""
-    if not _is_store(source):
-        return open_result(source)
-    module_name, names = _PRODUCERS[kind]
-    import importlib
-
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        raise QDriftError(
-            f"'qdrift plot {kind}' of a calibration store needs {module_name}, which this installation lacks; pass a saved {kind} Dataset (zarr or netCDF) instead"
-        ) from None
-    for name in names:
-        producer = getattr(module, name, None)
-        if callable(producer):
-            result = producer(source)
-            return result if isinstance(result, xr.Dataset) else result.to_dataset()
-    raise QDriftError(
-        f"{module_name} offers none of {', '.join(names)}; pass a saved {kind} Dataset (zarr or netCDF) instead"
-    )
-
 
 def figure_for(
     kind: str,
@@ -833,73 +582,34 @@ def figure_for(
     fits: Sequence[str] = (),
     x: str | None = None,
 ) -> Figure:
-    """The figure ``qdrift plot KIND SOURCE`` draws.
+    """The figure ``qdrift plot KIND SOURCE`` draws: :func:`~qdrift_stats.plots.datasets.plot_data`, then ``plot_*``.
 
     Args:
-        kind: one of :data:`PLOT_KINDS`.
+        kind: one of :data:`~qdrift_stats.plots.datasets.PLOT_KINDS`.
         source: ``accumulation``: a store recorded with ``--trajectories``; ``variance``: a store
             (fitted with the registered estimators named in ``fits``, ``("all",)`` for every one,
-            default :data:`DEFAULT_VARIANCE_FITS`) or an estimator file;
-            ``runs-needed`` / ``diagnostics``: a saved Dataset, or a store when the producing
-            module is installed.
+            default :data:`~qdrift_stats.plots.datasets.DEFAULT_VARIANCE_FITS`) or an estimator file;
+            ``runs-needed`` / ``diagnostics``: a saved Dataset, or a store (computed).
         estimator: an estimator file; required for ``accumulation`` (the correction), added to
             the comparison for ``variance``.
         pair: ``MODULE:FACTORY`` for ``accumulation`` (default: the store's recorded pair).
         x: ``"b"`` or ``"step"`` for the plots that offer both.
     """
-    source = Path(source)
-    if kind not in PLOT_KINDS:
-        raise QDriftError(f"unknown plot kind {kind!r}; choose one of {', '.join(PLOT_KINDS)}")
-    if not source.exists():
-        raise QDriftError(f"{source} does not exist")
+    data = plot_data(kind, source, estimator=estimator, pair=pair, fits=fits)
     if kind == "accumulation":
-        from qdrift_stats.record.store import store_attrs
-
-        if estimator is None:
-            raise QDriftError("'qdrift plot accumulation' needs --estimator EST.safetensors (the correction to apply)")
-        pair = pair or str(store_attrs(source).get("pair"))
-        return plot_accumulation(accumulation_dataset(pair, source, estimator), x=x or "b")
+        return plot_accumulation(data, x=x or "b")
     if kind == "variance":
-        from qdrift_stats.correct.estimator_file import EstimatorFile
-
-        estimates: list[Any] = []
-        if source.suffix == ".safetensors":
-            estimates.append(EstimatorFile.load(source))
-        else:
-            from qdrift_stats.estimators import ESTIMATORS, get_estimator
-            from qdrift_stats.record.store import open_store
-
-            ds = open_store(source)
-            names = list(fits) if fits else [n for n in DEFAULT_VARIANCE_FITS if n in ESTIMATORS]
-            if names == ["all"]:
-                names = list(ESTIMATORS)
-            for name in names:
-                try:
-                    fitted = get_estimator(name).fit(ds)
-                except QDriftError:
-                    if fits and fits != ("all",) and list(fits) != ["all"]:
-                        raise
-                    continue  # an estimator that does not apply to this store (a default or 'all' choice)
-                estimates.append(variance_dataset(fitted).assign_attrs(estimator=name))
-        if estimator is not None:
-            estimates.append(EstimatorFile.load(estimator))
-        if not estimates:
-            raise QDriftError(f"no estimator could be fitted to {source}")
-        return plot_variance(estimates)
+        return plot_variance(data)
     if kind == "runs-needed":
-        return plot_runs_needed(_dataset_for(kind, source))
-    return plot_diagnostics(_dataset_for(kind, source), x=x or "step")
+        return plot_runs_needed(data)
+    return plot_diagnostics(data, x=x or "step")
 
 
 __all__ = [
-    "accumulation_dataset",
     "plot_accumulation",
-    "variance_dataset",
     "plot_variance",
     "plot_runs_needed",
     "plot_diagnostics",
     "save_figure",
     "figure_for",
-    "open_result",
-    "PLOT_KINDS",
 ]
