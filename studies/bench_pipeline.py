@@ -193,13 +193,13 @@ def bench_steps(
         for label, scheduler in (("plain", plain), ("wrapped", wrapped)):
             scheduler.set_timesteps(steps, device=device)
             for t in scheduler.timesteps:
-                dt = timed(lambda: scheduler.step(out, t, x), device)
+                dt = timed(lambda scheduler=scheduler, t=t: scheduler.step(out, t, x), device)
                 if repeat:
                     per_step[label].append(dt)
         corrector = wrapped.corrector
         x_next = x * 0.9
         for i in range(steps - 1):  # the last step is not corrected (it lands on b = 0)
-            dt = timed(lambda: corrector(i, x, out, x_next), device)
+            dt = timed(lambda corrector=corrector, i=i, x_next=x_next: corrector(i, x, out, x_next), device)
             if repeat:
                 per_step["correction"].append(dt)
     return {f"{label}_step_s": statistics.median(values) for label, values in per_step.items()}

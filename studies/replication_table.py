@@ -432,7 +432,7 @@ def main_table(rows: list[dict]) -> str:
     for key, group in _groups(rows):
         fp, q, dr, sh = group["fp"], group["q"], group["drift"], group["shrink"]
 
-        def kept(r):
+        def kept(r, q=q):
             return f"{f(r.get('consistency'))}" + _outside(r, q)
 
         lines.append(
