@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.quantize.fake import Calibration, quiet_import_logs, check_calibration, finish
+from qdrift_stats.quantize.fake import Calibration, check_calibration, finish, quiet_import_logs
 
 with quiet_import_logs():
     from optimum.quanto import Calibration as QuantoCalibration

@@ -35,8 +35,8 @@ from torch import nn
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.quantize.fake import (
     Calibration,
-    TokenFakeQuantizer,
     QuantLayer,
+    TokenFakeQuantizer,
     check_calibration,
     collect_input_absmax,
     fake_quant_layer,
