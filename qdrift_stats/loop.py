@@ -23,7 +23,7 @@ from qdrift_stats.pair import pair_conditions, pair_device, pair_dtype
 from qdrift_stats.schedulers.base import make_scheduler, step_kwargs
 
 ModelFn = Callable[..., torch.Tensor]
-StepCallback = Callable[[dict[str, Any]], None]
+StepCallback = Callable[[dict[str, Any]], torch.Tensor | None]
 
 
 def scale_model_input(scheduler, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -60,12 +60,19 @@ def run_sampler(
 ) -> torch.Tensor:
     """Run a configured scheduler from state ``x``; return the final state.
 
+    This is the package's only loop over ``scheduler.timesteps``: recording (a second, lock-step
+    scheduler advanced in the callback), moment matching, accumulation data and the solver-gain
+    probe all drive it.
+
     Args:
         model: ``model(model_input, timestep, **cond) -> output`` (a pair's ``fp`` or ``q``).
         scheduler: a diffusers scheduler after ``set_timesteps``.
         x: ``(batch, *sample_shape)`` initial state (already scaled by ``init_noise_sigma``).
         corrector: optional Q-Drift correction applied after each step.
-        callback: optional, called after each step with ``{"i", "t", "x", "x_next", "output"}``.
+        callback: optional, called after each step with ``{"i", "t", "x", "model_input", "output",
+            "x_next"}`` (``output`` as the scheduler received it, ``x_next`` after the correction).
+            If it returns a tensor, that tensor is the next state instead of ``x_next`` (lock-step
+            and probing loops use this; a plain observer returns None).
     """
     cond = cond or {}
     kwargs = step_kwargs(scheduler)
@@ -78,7 +85,11 @@ def run_sampler(
         if corrector is not None:
             x_next = corrector(i, x, output, x_next)
         if callback is not None:
-            callback({"i": i, "t": t, "x": x, "x_next": x_next, "output": output})
+            replaced = callback(
+                {"i": i, "t": t, "x": x, "model_input": model_input, "output": output, "x_next": x_next}
+            )
+            if replaced is not None:
+                x_next = replaced
         x = x_next
     return x
 

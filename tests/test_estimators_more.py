@@ -23,11 +23,11 @@ from qdrift_stats.estimators import (
 )
 from qdrift_stats.estimators.moment import matched_run, solve_shrink_factor, variance_from_factor
 from qdrift_stats.estimators.robust import robust_second_moment
-from qdrift_stats.estimators.smooth import first_order_gain, solver_gains
+from qdrift_stats.estimators.smooth import solver_gains
 from qdrift_stats.loop import prepared_scheduler
 from qdrift_stats.record.lockstep import record, record_run
 from qdrift_stats.record.store import open_store, run_dataset
-from qdrift_stats.schedulers.base import step_grid
+from qdrift_stats.schedulers.base import first_order_gain, step_grid
 from qdrift_stats.testbed.errors import NoiseLikeError, QuantizationError
 
 

@@ -76,3 +76,56 @@ def test_unknown_scheduler_is_refused_with_the_choices():
 def test_scheduler_of_the_wrong_kind_for_the_pair_is_refused(name, config):
     with pytest.raises(QDriftError, match="needs a"):
         make_scheduler(name, config)
+
+
+def test_registry_round_trips_every_name_and_declares_the_flags():
+    from qdrift_stats.schedulers import SCHEDULER_NAMES, adapter_for, get_adapter
+
+    assert SCHEDULER_NAMES[:5] == ("euler", "ddim", "dpmpp-2m", "flow-euler", "flow-dpmpp-2m")
+    for name in SCHEDULER_NAMES:
+        adapter = get_adapter(name)
+        scheduler = make_scheduler(name, config_for(name))
+        assert adapter_for(scheduler) is adapter and adapter.name == name
+        assert adapter.flow == name.startswith("flow")
+    assert [n for n in SCHEDULER_NAMES if get_adapter(n).multistep] == ["dpmpp-2m", "flow-dpmpp-2m"]
+    assert not any(get_adapter(n).stochastic for n in SCHEDULER_NAMES)
+    assert get_adapter("ddim").step_kwargs(make_scheduler("ddim", VP_SCHEDULER_CONFIG)) == {"eta": 0.0}
+
+
+def test_a_new_scheduler_is_one_registered_adapter():
+    """A new adapter class, registered, is reachable by name everywhere (here: Euler with trailing spacing)."""
+    import numpy as np
+    from diffusers import EulerDiscreteScheduler
+
+    from qdrift_stats.schedulers import adapter_for, output_gains, register, unregister
+    from qdrift_stats.schedulers.euler import EulerAdapter
+
+    class TrailingEuler(EulerDiscreteScheduler):
+        pass
+
+    @register
+    class TrailingEulerAdapter(EulerAdapter):
+        name = "euler-trailing"
+        diffusers_classes = (TrailingEuler,)
+
+        def build(self, config):
+            return TrailingEuler.from_config({**config, "timestep_spacing": "trailing"})
+
+    try:
+        from qdrift_stats import schedulers
+
+        assert "euler-trailing" in schedulers.SCHEDULER_NAMES  # the registry, read now
+        sched = make_scheduler("euler-trailing", VP_SCHEDULER_CONFIG)
+        assert adapter_for(sched).name == "euler-trailing"  # the exact class wins over the Euler subclass match
+        assert adapter_for(make_scheduler("euler", VP_SCHEDULER_CONFIG)).name == "euler"
+        sched.set_timesteps(5)
+        grid = step_grid(sched)
+        assert grid.name == "euler-trailing"
+        sigmas = sched.sigmas.double().numpy()
+        np.testing.assert_allclose(
+            output_gains("euler-trailing", VP_SCHEDULER_CONFIG, 5), sigmas[1:] - sigmas[:-1], rtol=1e-12
+        )
+    finally:
+        unregister("euler-trailing")
+    with pytest.raises(QDriftError, match="unknown scheduler 'euler-trailing'"):
+        make_scheduler("euler-trailing", VP_SCHEDULER_CONFIG)

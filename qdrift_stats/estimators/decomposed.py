@@ -36,7 +36,7 @@ and ``v_i`` is its mean square: per run, then averaged over runs with a Student-
 runs, as for :class:`~qdrift_stats.estimators.empirical.EmpiricalEstimator`. That is the
 ``statistic="lockstep"`` variant (the method's literal definition). The default,
 ``statistic="first-order"`` (as for ``qdrift fit``), is ``c_i^2 E (r_i / (1 + k_i))^2`` with the
-solver's first-order gain (:func:`qdrift_stats.estimators.smooth.first_order_gain`): what a fresh
+solver's first-order gain (:func:`qdrift_stats.schedulers.base.first_order_gain`): what a fresh
 residual injects at step ``i``, each error counted once. The two agree for one-step solvers (the
 fitted gain equals the first-order one there; both are reported in the fit's ``gain`` and ``gain_previous``).
 """
@@ -57,12 +57,10 @@ from qdrift_stats.estimators.base import (
     as_dataset,
     check_finite_store,
     check_statistic,
-    grid_of,
 )
 from qdrift_stats.estimators.empirical import t_interval
-from qdrift_stats.record.store import storage_errors_as_qdrift
-
-MULTISTEP_SCHEDULERS: tuple[str, ...] = ("dpmpp-2m", "flow-dpmpp-2m")
+from qdrift_stats.record.store import storage_errors_as_qdrift, store_grid
+from qdrift_stats.schedulers.base import gain_on, is_multistep
 
 
 def pooled_step_values(
@@ -209,17 +207,8 @@ class DecomposedEstimator(Estimator):
     def fit(self, store: xr.Dataset | str | Path) -> DecomposedFit:
         ds = as_dataset(store)
         steps = ds.sizes["step"]
-        multistep = str(ds.attrs.get("scheduler")) in MULTISTEP_SCHEDULERS
-        from qdrift_stats.estimators.smooth import first_order_gain  # smooth imports this module
-
-        coords = grid_of(ds)
-        first_gain = first_order_gain(
-            str(ds.attrs.get("prediction_type", "epsilon")),
-            coords["a"],
-            coords["b"],
-            coords["a_next"],
-            coords["b_next"],
-        )
+        multistep = is_multistep(str(ds.attrs.get("scheduler")))
+        first_gain = gain_on(store_grid(ds))
         index = subsample_index(ds, self.max_points, self.seed)
         k, mu, r2 = np.zeros(steps), np.zeros(steps), np.full(steps, np.nan)
         k_ci, mu_ci = np.full((steps, 2), np.nan), np.full((steps, 2), np.nan)

@@ -68,7 +68,7 @@ from qdrift_stats.correct.coefficients import CORRECTION_FORMS
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators.base import Estimator, FittedEstimator, as_dataset
 from qdrift_stats.estimators.empirical import t_interval
-from qdrift_stats.loop import initial_noise, prepared_scheduler, scale_model_input
+from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler, scale_model_input
 from qdrift_stats.pair import check_pair, load_pair
 from qdrift_stats.record.store import storage_errors_as_qdrift
 from qdrift_stats.schedulers.base import step_grid, step_kwargs
@@ -121,28 +121,32 @@ def matched_run(
     sched_q = prepared_scheduler(pair, scheduler_name, steps)
     grid = step_grid(sched_q)
     x_fp, cond = initial_noise(pair, sched_fp, batch_size, seed)
-    x_q = x_fp.clone()
-    kw_fp, kw_q = step_kwargs(sched_fp), step_kwargs(sched_q)
+    kw_q = step_kwargs(sched_q)
     v, capped = np.zeros(steps), np.zeros(steps, dtype=bool)
+    q_state = {"x": x_fp.clone()}
+
+    def matched_q_step(state: dict[str, Any]) -> None:
+        """The free-running, corrected Q sampler, advanced beside the FP sampler's step ``i``."""
+        i, t, next_fp = state["i"], state["t"], state["x_next"]
+        x_q = q_state["x"]
+        out_q = pair.q(scale_model_input(sched_q, x_q, t), t, **cond)
+        next_q = sched_q.step(out_q, t, x_q, **kw_q, return_dict=False)[0]
+        b_next = float(grid.b_next[i])
+        if b_next > 0:
+            anchor = float(grid.a_next[i]) * grid.x0_from_output(i, x_q, out_q).double()
+            r = next_q.double() - anchor
+            target = float((next_fp.double() ** 2).mean())
+            A, B, C = float((anchor**2).mean()), float((anchor * r).mean()), float((r**2).mean())
+            s = solve_shrink_factor(A, B, C, target, min_factor)
+            capped[i] = abs(A + 2 * s * B + s * s * C - target) > target * _CAP_TOLERANCE
+            v[i] = variance_from_factor(s, b_next, form)
+            next_q = (anchor + s * r).to(next_q.dtype)
+        if not bool(torch.isfinite(next_q).all() and torch.isfinite(next_fp).all()):
+            raise QDriftError(f"non-finite state while moment matching run seed {seed}, step {i}")
+        q_state["x"] = next_q
+
     with torch.no_grad():
-        for i, t in enumerate(sched_q.timesteps):
-            out_fp = pair.fp(scale_model_input(sched_fp, x_fp, t), t, **cond)
-            out_q = pair.q(scale_model_input(sched_q, x_q, t), t, **cond)
-            next_fp = sched_fp.step(out_fp, t, x_fp, **kw_fp, return_dict=False)[0]
-            next_q = sched_q.step(out_q, t, x_q, **kw_q, return_dict=False)[0]
-            b_next = float(grid.b_next[i])
-            if b_next > 0:
-                anchor = float(grid.a_next[i]) * grid.x0_from_output(i, x_q, out_q).double()
-                r = next_q.double() - anchor
-                target = float((next_fp.double() ** 2).mean())
-                A, B, C = float((anchor**2).mean()), float((anchor * r).mean()), float((r**2).mean())
-                s = solve_shrink_factor(A, B, C, target, min_factor)
-                capped[i] = abs(A + 2 * s * B + s * s * C - target) > target * _CAP_TOLERANCE
-                v[i] = variance_from_factor(s, b_next, form)
-                next_q = (anchor + s * r).to(next_q.dtype)
-            if not bool(torch.isfinite(next_q).all() and torch.isfinite(next_fp).all()):
-                raise QDriftError(f"non-finite state while moment matching run seed {seed}, step {i}")
-            x_fp, x_q = next_fp, next_q
+        run_sampler(pair.fp, sched_fp, x_fp, cond, callback=matched_q_step)
     return v, capped
 
 

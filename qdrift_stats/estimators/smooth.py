@@ -11,7 +11,7 @@ at level ``b``. The store records it directly (``delta_out``), so both estimator
 and map back to state units with the solver's gains:
 
 - one-step solvers (Euler, DDIM, flow Euler): ``v_i = c_i^2 u(b_i)``, exact in expectation;
-  ``c_i`` is the first-order gain (:func:`first_order_gain`: Euler eps ``b_next - b``, flow Euler
+  ``c_i`` is the first-order gain (:func:`qdrift_stats.schedulers.base.first_order_gain`: Euler eps ``b_next - b``, flow Euler
   ``b_next - b``, DDIM eps ``b_next - a_next b / a``);
 - multistep solvers (DPM-Solver++ 2M), ``statistic="first-order"`` (the default, as for
   ``qdrift fit``): ``v_i = c_i^2 u(b_i)`` with the first-order gain, the variance a fresh output
@@ -79,37 +79,13 @@ from qdrift_stats.estimators.base import (
     grid_of,
     reduce_dims,
 )
-from qdrift_stats.estimators.decomposed import MULTISTEP_SCHEDULERS
-from qdrift_stats.record.store import storage_errors_as_qdrift
-from qdrift_stats.schedulers.base import FLOW_PREDICTION, step_grid, step_kwargs
+from qdrift_stats.loop import run_sampler
+from qdrift_stats.record.store import storage_errors_as_qdrift, store_grid
+from qdrift_stats.schedulers.base import gain_on, is_multistep, step_grid
 
 CURVE_POINTS = 256
 _LOG_ZERO = -700.0  # log of a curve that is zero everywhere (exp underflows to 0)
 _RHO_CLIP = (1e-3, 1.0 - 1e-6)
-
-
-def first_order_gain(
-    prediction_type: str, a: np.ndarray, b: np.ndarray, a_next: np.ndarray, b_next: np.ndarray
-) -> np.ndarray:
-    """``d x_next / d model_output`` of a first-order step (Euler = DDIM = DPM-Solver 1), per step.
-
-    The step is ``x_next = a_next x0_hat + b_next eps_hat`` with ``eps_hat = (x - a x0_hat) / b``,
-    so the gain is ``(a_next - b_next a / b) * d x0_hat / d output``, where ``d x0_hat / d output``
-    is ``-b / a`` (epsilon), ``-b / sqrt(a^2 + b^2)`` (v), ``1`` (sample), ``-b`` (flow velocity);
-    see :func:`qdrift_stats.schedulers.base.x0_from_output`. Arrays ``(steps,)``, float64.
-    """
-    a, b, a_next, b_next = (np.asarray(v, dtype=np.float64) for v in (a, b, a_next, b_next))
-    if prediction_type == "epsilon":
-        dx0 = -b / a
-    elif prediction_type == "v_prediction":
-        dx0 = -b / np.sqrt(a * a + b * b)
-    elif prediction_type == "sample":
-        dx0 = np.ones_like(b)
-    elif prediction_type == FLOW_PREDICTION:
-        dx0 = -b
-    else:
-        raise QDriftError(f"unsupported prediction_type {prediction_type!r} for a smooth estimator")
-    return (a_next - b_next * a / b) * dx0
 
 
 def solver_gains(scheduler) -> tuple[np.ndarray, np.ndarray]:
@@ -118,21 +94,25 @@ def solver_gains(scheduler) -> tuple[np.ndarray, np.ndarray]:
     ``scheduler``: a diffusers scheduler after ``set_timesteps`` (it is stepped through once, so
     pass a fresh one). Probe ``j`` of a batch of ``steps`` probes has output 1 at step ``j`` and 0
     elsewhere, and the state is held at 0, so step ``i`` returns ``c_i`` for probe ``i`` and ``d_i``
-    for probe ``i - 1``. ``d`` is 0 for one-step solvers.
+    for probe ``i - 1``. ``d`` is 0 for one-step solvers. The probe is a run of
+    :func:`qdrift_stats.loop.run_sampler` whose "model" returns the unit outputs.
     """
-    from qdrift_stats.loop import scale_model_input
-
     n = len(scheduler.timesteps)
-    kwargs = step_kwargs(scheduler)
-    x = torch.zeros(n, 1, dtype=torch.float64)
     c, d = np.zeros(n), np.zeros(n)
-    for i, t in enumerate(scheduler.timesteps):
-        scale_model_input(scheduler, x, t)
+    step = iter(range(n))
+
+    def unit_outputs(model_input: torch.Tensor, t: Any) -> torch.Tensor:
         probe = torch.zeros(n, 1, dtype=torch.float64)
-        probe[i] = 1.0
-        x_next = scheduler.step(probe, t, x, **kwargs, return_dict=False)[0][:, 0].double().numpy()
+        probe[next(step)] = 1.0
+        return probe
+
+    def read_gains(state: dict[str, Any]) -> torch.Tensor:
+        i, x_next = state["i"], state["x_next"][:, 0].double().numpy()
         c[i] = x_next[i]
         d[i] = x_next[i - 1] if i > 0 else 0.0
+        return state["x"]  # hold the state at 0
+
+    run_sampler(unit_outputs, scheduler, torch.zeros(n, 1, dtype=torch.float64), callback=read_gains)
     return c, d
 
 
@@ -169,11 +149,11 @@ def variance_from_curves(tensors: dict[str, np.ndarray], identity: dict[str, Any
     ``tensors``: ``curve_log_b`` (increasing), ``curve_log_u`` and optionally ``curve_log_kappa``,
     each ``(points,)``; ``identity``: the file's scheduler metadata; ``grid``: the sampler's
     :class:`~qdrift_stats.schedulers.base.StepGrid`. Curves are constant beyond their range. One-step
-    solvers and the first-order statistic take their gains from the grid (:func:`first_order_gain`);
+    solvers and the first-order statistic take their gains from the grid (the adapter's first-order gain);
     the lock-step statistic of a multistep solver (a ``curve_log_kappa`` is stored) from the
     recorded scheduler rebuilt with the grid's step count (:func:`solver_gains`).
     """
-    if "curve_log_kappa" in tensors and str(identity.get("name")) in MULTISTEP_SCHEDULERS:  # lock-step statistic
+    if "curve_log_kappa" in tensors and is_multistep(str(identity.get("name"))):  # lock-step statistic
         scheduler = scheduler_from_identity(identity, grid.num_steps)
         if not np.allclose(step_grid(scheduler).timesteps, grid.timesteps, rtol=0, atol=1e-4):
             raise QDriftError(
@@ -182,7 +162,7 @@ def variance_from_curves(tensors: dict[str, np.ndarray], identity: dict[str, Any
             )
         c, d = solver_gains(scheduler)
     else:
-        c = first_order_gain(grid.prediction_type, grid.a, grid.b, grid.a_next, grid.b_next)
+        c = gain_on(grid)
         d = np.zeros_like(c)
     log_b = np.log(grid.b)
     curve_b = tensors["curve_log_b"]
@@ -293,7 +273,7 @@ class _SmoothBase(Estimator):
         dims = reduce_dims(ds, per_channel=False)
         u = (ds["delta_out"].astype("float64") ** 2).mean(dim=dims).values  # (run, step), output units^2
         grid = grid_of(ds)
-        multistep = str(ds.attrs.get("scheduler")) in MULTISTEP_SCHEDULERS
+        multistep = is_multistep(str(ds.attrs.get("scheduler")))
         if self.statistic == "lockstep" and multistep:
             identity = {
                 "name": ds.attrs.get("scheduler"),
@@ -308,8 +288,7 @@ class _SmoothBase(Estimator):
             c, d = solver_gains(scheduler)
             per_run = (ds["delta_x"].astype("float64") ** 2).mean(dim=dims).values  # (run, step), state units^2
         else:  # one-step solvers (where both statistics agree) and the first-order statistic
-            prediction = str(ds.attrs.get("prediction_type", "epsilon"))
-            c = first_order_gain(prediction, grid["a"], grid["b"], grid["a_next"], grid["b_next"])
+            c = gain_on(store_grid(ds))
             d = np.zeros_like(c)
             per_run = u * c**2
         check_finite_store(np.stack([per_run, u]), "delta_x or delta_out")

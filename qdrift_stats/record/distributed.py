@@ -110,10 +110,11 @@ def record_one_run(
     pair_spec: str, scheduler_name: str, steps: int, batch_size: int, seed: int, trajectories: bool, dtype: str
 ) -> dict[str, np.ndarray]:
     """One paired run computed where it is called (a worker): name -> ``(steps, batch, *sample_shape)`` in ``dtype``."""
-    from qdrift_stats.record.lockstep import _DTYPES, record_run
+    from qdrift_stats.record.lockstep import record_run
+    from qdrift_stats.record.store import STORAGE_DTYPES
 
     arrays, _ = record_run(_worker_pair(pair_spec), scheduler_name, steps, batch_size, seed, trajectories)
-    return {name: value.astype(_DTYPES[dtype]) for name, value in arrays.items()}
+    return {name: value.astype(STORAGE_DTYPES[dtype]) for name, value in arrays.items()}
 
 
 def _connect(

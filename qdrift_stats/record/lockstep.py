@@ -30,6 +30,7 @@ from qdrift_stats.pair import check_pair
 from qdrift_stats.record.store import (
     SCHEMA,
     SCHEMA_VERSION,
+    STORAGE_DTYPES,
     append_run,
     check_compatible,
     package_version,
@@ -39,8 +40,6 @@ from qdrift_stats.record.store import (
     writer_lock,
 )
 from qdrift_stats.schedulers.base import output_gains, scheduler_identity, step_grid, step_kwargs
-
-_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 @dataclass(frozen=True)
@@ -70,28 +69,29 @@ def record_run(
     """
     sched_fp = prepared_scheduler(pair, scheduler_name, steps)
     sched_q = prepared_scheduler(pair, scheduler_name, steps)
-    kw_fp, kw_q = step_kwargs(sched_fp), step_kwargs(sched_q)
+    kw_q = step_kwargs(sched_q)
     x, cond = initial_noise(pair, sched_fp, batch_size, seed)
     x_start = x.clone()
     delta_x, delta_out, out_fp, traj_fp = [], [], [], []
+
+    def q_step(state: dict[str, Any]) -> None:
+        """The lock-step Q scheduler: from the same state, with the Q output; the FP branch goes on."""
+        i, t, x_i, m_fp, x_fp = state["i"], state["t"], state["x"], state["output"], state["x_next"]
+        model_input = scale_model_input(sched_q, x_i, t)  # also keeps the Q scheduler's bookkeeping in step
+        m_q = pair.q(model_input, t, **cond)
+        x_q = sched_q.step(m_q, t, x_i, **kw_q, return_dict=False)[0]
+        for name, value in (("m_fp", m_fp), ("m_q", m_q), ("x_fp", x_fp), ("x_q", x_q)):
+            if not bool(torch.isfinite(value).all()):
+                raise QDriftError(
+                    f"non-finite {name} at run seed {seed}, step {i} (timestep {float(t):g}); nothing was written for this run"
+                )
+        delta_x.append(x_q - x_fp)
+        delta_out.append(m_q - m_fp)
+        out_fp.append(m_fp)
+        traj_fp.append(x_fp)
+
     with torch.no_grad():
-        for i, t in enumerate(sched_fp.timesteps):
-            model_input = scale_model_input(sched_fp, x, t)
-            scale_model_input(sched_q, x, t)  # keeps the Q scheduler's own bookkeeping in step
-            m_fp = pair.fp(model_input, t, **cond)
-            m_q = pair.q(model_input, t, **cond)
-            x_fp = sched_fp.step(m_fp, t, x, **kw_fp, return_dict=False)[0]
-            x_q = sched_q.step(m_q, t, x, **kw_q, return_dict=False)[0]
-            for name, value in (("m_fp", m_fp), ("m_q", m_q), ("x_fp", x_fp), ("x_q", x_q)):
-                if not bool(torch.isfinite(value).all()):
-                    raise QDriftError(
-                        f"non-finite {name} at run seed {seed}, step {i} (timestep {float(t):g}); nothing was written for this run"
-                    )
-            delta_x.append(x_q - x_fp)
-            delta_out.append(m_q - m_fp)
-            out_fp.append(m_fp)
-            traj_fp.append(x_fp)
-            x = x_fp
+        run_sampler(pair.fp, sched_fp, x, cond, callback=q_step)
         arrays = {
             "delta_x": _stack(delta_x),
             "delta_out": _stack(delta_out),
@@ -163,8 +163,8 @@ def check_recording_args(runs: int, batch_size: int, dtype: str) -> None:
     """One-line errors for the arguments every recording takes."""
     if runs < 1 or batch_size < 1:
         raise QDriftError("--runs and --batch must be positive")
-    if dtype not in _DTYPES:
-        raise QDriftError(f"--dtype must be one of {', '.join(_DTYPES)}")
+    if dtype not in STORAGE_DTYPES:
+        raise QDriftError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}")
 
 
 def record(
@@ -203,7 +203,7 @@ def record(
         run_index = len(done_seeds)
         for run_seed in progress(todo) if progress else todo:
             arrays, _ = record_run(pair, scheduler_name, steps, batch_size, run_seed, trajectories)
-            arrays = {k: v.astype(_DTYPES[dtype]) for k, v in arrays.items()}
+            arrays = {k: v.astype(STORAGE_DTYPES[dtype]) for k, v in arrays.items()}
             append_run(out, run_dataset(arrays, run_seed, run_index, coords, attrs))
             run_index += 1
     return out

@@ -55,6 +55,7 @@ from qdrift_stats.errors import QDriftError
 from qdrift_stats.record.store import (
     SCHEMA,
     SCHEMA_VERSION,
+    STORAGE_DTYPES,
     append_run,
     check_compatible,
     package_version,
@@ -66,7 +67,6 @@ from qdrift_stats.schedulers.base import scheduler_identity, step_grid
 
 DENOISER_NAMES: tuple[str, ...] = ("unet", "transformer")
 _LATENT_KWARGS: tuple[str, ...] = ("sample", "hidden_states", "x")
-_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,8 +423,8 @@ def calibrate_pipeline(
         The store path. Store variables are ``(run, step, sample, channel, height, width)`` over the
         latents the scheduler steps.
     """
-    if dtype not in _DTYPES:
-        raise QDriftError(f"dtype must be one of {', '.join(_DTYPES)}")
+    if dtype not in STORAGE_DTYPES:
+        raise QDriftError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise QDriftError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
     seeds = [int(s) for s in seeds]
@@ -503,7 +503,7 @@ def calibrate_pipeline(
         }
         if out.exists():
             check_compatible(store_attrs(out), attrs, out)
-        arrays = {k: v.astype(_DTYPES[dtype]) for k, v in arrays.items()}
+        arrays = {k: v.astype(STORAGE_DTYPES[dtype]) for k, v in arrays.items()}
         append_run(out, run_dataset(arrays, seed, run_index, coords, attrs))
         run_index += 1
     return out

@@ -36,9 +36,11 @@ import xarray as xr
 import zarr
 
 from qdrift_stats.errors import QDriftError
+from qdrift_stats.schedulers.base import StepGrid
 
 SCHEMA = "qdrift-calibration"
 SCHEMA_VERSION = 1
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}  # the --dtype choices
 PERTURBATION_VARS = ("delta_x", "delta_out", "out_fp")
 TRAJECTORY_VARS = ("traj_fp", "traj_q")
 # Coordinates every reader needs (``gain`` is optional: stores of older versions lack it).
@@ -276,6 +278,22 @@ def open_store(path: str | Path) -> xr.Dataset:
     if done == 0:
         raise QDriftError(f"{path} holds no complete run")
     return ds
+
+
+def store_grid(ds: xr.Dataset) -> StepGrid:
+    """The step grid recorded in a store (its per-step coordinates, scheduler name and prediction type)."""
+    coords = {
+        name: np.asarray(ds[name].values, dtype=np.float64) for name in ("timestep", "a", "b", "a_next", "b_next")
+    }
+    return StepGrid(
+        str(ds.attrs.get("scheduler", "")),
+        coords["timestep"],
+        coords["a"],
+        coords["b"],
+        coords["a_next"],
+        coords["b_next"],
+        str(ds.attrs.get("prediction_type", "epsilon")),
+    )
 
 
 def scheduler_config_of(attrs: dict[str, Any]) -> dict[str, Any]:

@@ -1,21 +1,82 @@
-"""Scheduler adapters: the state coordinates ``(a, b)``, ``x0_hat`` and step gains of each supported
-diffusers scheduler (see :mod:`qdrift_stats.schedulers.base`)."""
+"""Scheduler adapters: the state coordinates ``(a, b)``, ``x0_hat`` and first-order gain of each
+supported diffusers scheduler, one module per family, registered by name (see
+:mod:`qdrift_stats.schedulers.base`).
 
-from qdrift_stats.schedulers.base import *  # noqa: F401,F403
-from qdrift_stats.schedulers.base import (  # noqa: F401
+============== ==================================================== ============== ==========
+name           diffusers class                                      pair kind      module
+============== ==================================================== ============== ==========
+euler          ``EulerDiscreteScheduler``                           VP (eps/v/x0)  ``euler``
+ddim           ``DDIMScheduler`` (eta 0)                            VP             ``ddim``
+dpmpp-2m       ``DPMSolverMultistepScheduler`` (2M, dpmsolver++)    VP             ``dpmpp``
+flow-euler     ``FlowMatchEulerDiscreteScheduler``                  flow (velocity) ``flow_euler``
+flow-dpmpp-2m  ``DPMSolverMultistepScheduler`` with flow sigmas     flow (velocity) ``dpmpp``
+============== ==================================================== ============== ==========
+
+A new scheduler: one module here with a registered :class:`~qdrift_stats.schedulers.base.SchedulerAdapter`
+subclass, and its import line below.
+"""
+
+from typing import Any
+
+# Importing a family module registers its adapters; SCHEDULER_NAMES lists the VP ones, then the flow ones,
+# each in import order.
+# isort: off
+from qdrift_stats.schedulers import euler, ddim, flow_euler, dpmpp  # noqa: F401
+
+# isort: on
+from qdrift_stats.schedulers.base import (
     FLOW_PREDICTION,
-    FLOW_SCHEDULERS,
-    SCHEDULER_NAMES,
-    VP_SCHEDULERS,
+    SchedulerAdapter,
     StepGrid,
-    _jsonable,  # noqa: F401  (moved module; made public by the adapters work)
-    first_order_twin,
+    adapter_for,
+    find_adapter,
+    first_order_gain,
+    gain_on,
+    get_adapter,
     is_flow_config,
+    is_multistep,
+    jsonable,
     make_scheduler,
     output_gains,
+    register,
     scheduler_identity,
     scheduler_name,
+    scheduler_names,
     step_grid,
     step_kwargs,
+    unregister,
     x0_from_output,
 )
+
+__all__ = [
+    "FLOW_PREDICTION",
+    "SCHEDULER_NAMES",
+    "SchedulerAdapter",
+    "StepGrid",
+    "adapter_for",
+    "find_adapter",
+    "first_order_gain",
+    "gain_on",
+    "get_adapter",
+    "is_flow_config",
+    "is_multistep",
+    "jsonable",
+    "make_scheduler",
+    "output_gains",
+    "register",
+    "scheduler_identity",
+    "scheduler_name",
+    "scheduler_names",
+    "step_grid",
+    "step_kwargs",
+    "unregister",
+    "x0_from_output",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("SCHEDULER_NAMES", "VP_SCHEDULERS", "FLOW_SCHEDULERS"):  # follow the registry
+        from qdrift_stats.schedulers import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,108 +1,43 @@
-"""Adapters between diffusers schedulers and the state coordinates Q-Drift needs.
+"""Scheduler adapters: what Q-Drift needs to know about a diffusers scheduler, in one class per family.
 
 Every supported sampler keeps a state ``x = a * x0 + b * eps``. After ``set_timesteps`` an
 adapter reads, for each step ``i``, the coordinates ``(a_i, b_i)`` of the current state and
-``(a_{i+1}, b_{i+1})`` of the level the step lands on, and turns a model output into the
-clean-sample estimate ``x0_hat``. diffusers does the steps; nothing here re-implements a solver.
+``(a_{i+1}, b_{i+1})`` of the level the step lands on (a :class:`StepGrid`), and turns a model
+output into the clean-sample estimate ``x0_hat``. diffusers does the steps; nothing here
+re-implements a solver.
 
-Scheduler names (the command line's ``--scheduler``):
+An adapter (a subclass of :class:`SchedulerAdapter`, registered with :func:`register`) declares:
 
-============== ==================================================== ==============
-name           diffusers class                                      pair kind
-============== ==================================================== ==============
-euler          ``EulerDiscreteScheduler``                           VP (eps/v/x0)
-ddim           ``DDIMScheduler`` (eta 0)                            VP
-dpmpp-2m       ``DPMSolverMultistepScheduler`` (2M, dpmsolver++)    VP
-flow-euler     ``FlowMatchEulerDiscreteScheduler``                  flow (velocity)
-flow-dpmpp-2m  ``DPMSolverMultistepScheduler`` with flow sigmas     flow (velocity)
-============== ==================================================== ==============
+- ``name``: the command line's ``--scheduler`` name; ``diffusers_classes``: the classes it drives;
+- ``flow``: whether it samples flow-matching (velocity) pairs (else VP pairs: epsilon / v / sample);
+- ``multistep`` (the step reuses earlier model outputs) and ``stochastic`` (the step injects noise);
+- :meth:`~SchedulerAdapter.build`: the scheduler from a pair's ``scheduler_config``;
+- :meth:`~SchedulerAdapter.grid`: the per-step coordinates of a configured scheduler;
+- :meth:`~SchedulerAdapter.x0_hat` per prediction type and :meth:`~SchedulerAdapter.first_order_gain`
+  (both have defaults that follow from the coordinates; see :func:`x0_from_output`, :func:`first_order_gain`);
+- :meth:`~SchedulerAdapter.step_kwargs`: keyword arguments that make ``scheduler.step`` deterministic.
+
+A new scheduler is one module in this package holding its adapter class, decorated with
+:func:`register`, plus one import line in ``qdrift_stats/schedulers/__init__.py``. The registered
+names are :func:`scheduler_names` (also ``SCHEDULER_NAMES``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-)
 
 from qdrift_stats.errors import QDriftError
 
-SCHEDULER_NAMES: tuple[str, ...] = ("euler", "ddim", "dpmpp-2m", "flow-euler", "flow-dpmpp-2m")
-VP_SCHEDULERS: tuple[str, ...] = ("euler", "ddim", "dpmpp-2m")
-FLOW_SCHEDULERS: tuple[str, ...] = ("flow-euler", "flow-dpmpp-2m")
-
 FLOW_PREDICTION = "flow_prediction"
-_VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
+VP_PREDICTIONS: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 
 
-def is_flow_config(config: dict[str, Any]) -> bool:
-    """Whether a pair's scheduler config describes a flow-matching (velocity) model."""
-    return (
-        config.get("prediction_type") == FLOW_PREDICTION
-        or "FlowMatch" in str(config.get("_class_name", ""))
-        or ("shift" in config and "beta_schedule" not in config)
-    )
-
-
-def make_scheduler(name: str, config: dict[str, Any]):
-    """Build the diffusers scheduler called ``name`` from a pair's ``scheduler_config``.
-
-    Raises :class:`QDriftError` for an unknown name or a scheduler that does not fit the pair
-    (a flow scheduler for an epsilon model, or the reverse).
-    """
-    if name not in SCHEDULER_NAMES:
-        raise QDriftError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
-    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    flow = is_flow_config(config)
-    if flow and name in VP_SCHEDULERS:
-        raise QDriftError(
-            f"scheduler {name!r} needs a VP model but the pair is flow-matching; use flow-euler or flow-dpmpp-2m"
-        )
-    if not flow and name in FLOW_SCHEDULERS:
-        raise QDriftError(
-            f"scheduler {name!r} needs a flow-matching model but the pair predicts {config.get('prediction_type', 'epsilon')!r}"
-        )
-    if not flow and config.get("prediction_type", "epsilon") not in _VP_PREDICTIONS:
-        raise QDriftError(f"unsupported prediction_type {config.get('prediction_type')!r}")
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "dpmpp-2m":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    if name == "flow-euler":
-        return FlowMatchEulerDiscreteScheduler.from_config({k: v for k, v in config.items() if k != "prediction_type"})
-    flow_config = {k: v for k, v in config.items() if k not in ("shift", "prediction_type")}
-    return DPMSolverMultistepScheduler.from_config(
-        flow_config,
-        algorithm_type="dpmsolver++",
-        solver_order=2,
-        use_flow_sigmas=True,
-        prediction_type=FLOW_PREDICTION,
-        flow_shift=float(config.get("shift", 1.0)),
-    )
-
-
-def scheduler_name(scheduler) -> str:
-    """The name in :data:`SCHEDULER_NAMES` of a configured diffusers scheduler instance."""
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        return "flow-euler"
-    if isinstance(scheduler, EulerDiscreteScheduler):
-        return "euler"
-    if isinstance(scheduler, DDIMScheduler):
-        return "ddim"
-    if isinstance(scheduler, DPMSolverMultistepScheduler):
-        return "flow-dpmpp-2m" if scheduler.config.use_flow_sigmas else "dpmpp-2m"
-    raise QDriftError(
-        f"unsupported scheduler class {type(scheduler).__name__}; supported: {', '.join(SCHEDULER_NAMES)}"
-    )
+# --------------------------------------------------------------------------------------------------
+# coordinates
 
 
 @dataclass(frozen=True)
@@ -133,6 +68,13 @@ class StepGrid:
         """
         return x0_from_output(self.prediction_type, float(self.a[i]), float(self.b[i]), x, model_output)
 
+    @classmethod
+    def from_levels(
+        cls, name: str, timesteps: np.ndarray, a: np.ndarray, b: np.ndarray, prediction_type: str
+    ) -> StepGrid:
+        """A grid from ``steps + 1`` levels ``(a, b)``: step ``i`` goes from level ``i`` to level ``i + 1``."""
+        return cls(name, timesteps, a[:-1], b[:-1], a[1:], b[1:], prediction_type)
+
 
 def x0_from_output(prediction_type: str, a: float, b: float, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Clean-sample estimate from a model output, for a state ``x = a x0 + b eps``.
@@ -152,80 +94,227 @@ def x0_from_output(prediction_type: str, a: float, b: float, x: torch.Tensor, ou
     raise QDriftError(f"unsupported prediction_type {prediction_type!r}")
 
 
-def step_grid(scheduler) -> StepGrid:
-    """Read the per-step coordinates of a scheduler on which ``set_timesteps`` has been called."""
-    name = scheduler_name(scheduler)
-    cfg = scheduler.config
-    timesteps = scheduler.timesteps.detach().cpu().double().numpy()
-    n = len(timesteps)
-    if name in ("euler", "flow-euler", "dpmpp-2m", "flow-dpmpp-2m"):
-        sigmas = scheduler.sigmas.detach().cpu().double().numpy()
-        if len(sigmas) != n + 1:
-            raise QDriftError(f"{name}: expected {n + 1} sigmas, got {len(sigmas)} (unsupported scheduler options)")
-        if name == "euler":
-            a, b = np.ones_like(sigmas), sigmas
-        elif name == "dpmpp-2m":
-            a = 1.0 / np.sqrt(sigmas**2 + 1.0)
-            b = sigmas * a
-        else:
-            a, b = 1.0 - sigmas, sigmas
-        prediction = FLOW_PREDICTION if name.startswith("flow") else cfg.prediction_type
-        return StepGrid(name, timesteps, a[:-1], b[:-1], a[1:], b[1:], prediction)
-    # DDIM: levels are alphas_cumprod at the timesteps; the last step lands on final_alpha_cumprod.
-    abar_all = scheduler.alphas_cumprod.detach().cpu().double().numpy()
-    final = float(scheduler.final_alpha_cumprod)
-    stride = cfg.num_train_timesteps // scheduler.num_inference_steps
-    t_int = timesteps.astype(np.int64)
-    prev = t_int - stride
-    abar = abar_all[t_int]
-    abar_next = np.where(prev >= 0, abar_all[np.clip(prev, 0, None)], final)
-    return StepGrid(
-        name,
-        timesteps,
-        np.sqrt(abar),
-        np.sqrt(1.0 - abar),
-        np.sqrt(abar_next),
-        np.sqrt(np.clip(1.0 - abar_next, 0.0, None)),
-        cfg.prediction_type,
+def x0_slope(prediction_type: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``d x0_hat / d output`` of :func:`x0_from_output` (it is affine in the output), per step.
+
+    ``-b / a`` (epsilon), ``-b / sqrt(a^2 + b^2)`` (v), ``1`` (sample), ``-b`` (flow velocity).
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if prediction_type == "epsilon":
+        return -b / a
+    if prediction_type == "v_prediction":
+        return -b / np.sqrt(a * a + b * b)
+    if prediction_type == "sample":
+        return np.ones_like(b)
+    if prediction_type == FLOW_PREDICTION:
+        return -b
+    raise QDriftError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def first_order_gain(
+    prediction_type: str, a: np.ndarray, b: np.ndarray, a_next: np.ndarray, b_next: np.ndarray
+) -> np.ndarray:
+    """``d x_next / d model_output`` of a first-order step (Euler = DDIM = DPM-Solver 1), per step.
+
+    The step is ``x_next = a_next x0_hat + b_next eps_hat`` with ``eps_hat = (x - a x0_hat) / b``,
+    so the gain is ``(a_next - b_next a / b) * d x0_hat / d output`` (:func:`x0_slope`). For a
+    one-step solver the lock-step perturbation is exactly ``Delta_i = c_i (m_q - m_fp)``; for a
+    multistep solver ``c_i^2 E (m_q - m_fp)^2`` is the variance a fresh output error injects at
+    step ``i`` before the solver's history reuses it (the first-order statistic of
+    :mod:`qdrift_stats.estimators.empirical`). Arrays ``(steps,)``, float64.
+    """
+    a, b, a_next, b_next = (np.asarray(v, dtype=np.float64) for v in (a, b, a_next, b_next))
+    return (a_next - b_next * a / b) * x0_slope(prediction_type, a, b)
+
+
+def is_flow_config(config: dict[str, Any]) -> bool:
+    """Whether a pair's scheduler config describes a flow-matching (velocity) model."""
+    return (
+        config.get("prediction_type") == FLOW_PREDICTION
+        or "FlowMatch" in str(config.get("_class_name", ""))
+        or ("shift" in config and "beta_schedule" not in config)
     )
 
 
-def first_order_twin(name: str, config: dict[str, Any]):
-    """A first-order scheduler on the same grid: the scheduler itself for one-step solvers, and
-    DPM-Solver++ of order 1 (the exponential-integrator form of DDIM) for ``dpmpp-2m`` and
-    ``flow-dpmpp-2m``."""
-    scheduler = make_scheduler(name, config)
-    if isinstance(scheduler, DPMSolverMultistepScheduler):
-        scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config, solver_order=1)
-    return scheduler
+def sigmas_of(scheduler, name: str) -> np.ndarray:
+    """The ``steps + 1`` sigmas of a configured sigma-based scheduler, float64."""
+    n = len(scheduler.timesteps)
+    sigmas = scheduler.sigmas.detach().cpu().double().numpy()
+    if len(sigmas) != n + 1:
+        raise QDriftError(f"{name}: expected {n + 1} sigmas, got {len(sigmas)} (unsupported scheduler options)")
+    return sigmas
 
 
-def output_gains(name: str, config: dict[str, Any], steps: int) -> np.ndarray:
-    """``(steps,)`` per-step gain ``c_i`` of the first-order step on the model output.
+def timesteps_of(scheduler) -> np.ndarray:
+    """A configured scheduler's timesteps, float64 on the host."""
+    return scheduler.timesteps.detach().cpu().double().numpy()
 
-    A first-order step is affine in (state, output): ``x_{i+1} = A_i x_i + c_i m_i``; stepping
-    from the state 0 with the output 1 gives ``c_i``. For a one-step solver the lock-step
-    perturbation is exactly ``Delta_i = c_i (m_q - m_fp)``; for a multistep solver
-    ``c_i^2 E (m_q - m_fp)^2`` is the variance a fresh output error injects at step ``i``
-    before the solver's history reuses it (see the first-order statistic in
-    :mod:`qdrift_stats.estimators.empirical`).
+
+# --------------------------------------------------------------------------------------------------
+# the adapter base class and the registry
+
+
+class SchedulerAdapter:
+    """What Q-Drift needs to know about one diffusers scheduler family (module docstring).
+
+    Subclasses set the class attributes and implement :meth:`build` and :meth:`grid`; the rest has
+    defaults. Adapters hold no state: the registry keeps one instance per name.
     """
-    scheduler = first_order_twin(name, config)
-    scheduler.set_timesteps(steps)
-    zero = torch.zeros(1, dtype=torch.float64)
-    one = torch.ones(1, dtype=torch.float64)
-    kwargs = step_kwargs(scheduler)
-    gains = []
-    for t in scheduler.timesteps:
-        if hasattr(scheduler, "scale_model_input"):
-            scheduler.scale_model_input(zero, t)  # bookkeeping only: the state is 0
-        gains.append(float(scheduler.step(one, t, zero, **kwargs, return_dict=False)[0][0]))
-    return np.asarray(gains, dtype=np.float64)
+
+    name: ClassVar[str] = ""
+    diffusers_classes: ClassVar[tuple[type, ...]] = ()
+    flow: ClassVar[bool] = False
+    multistep: ClassVar[bool] = False
+    stochastic: ClassVar[bool] = False
+
+    @property
+    def prediction_types(self) -> tuple[str, ...]:
+        """The model outputs this adapter can turn into ``x0_hat``."""
+        return (FLOW_PREDICTION,) if self.flow else VP_PREDICTIONS
+
+    def build(self, config: dict[str, Any]):
+        """The diffusers scheduler for a pair's ``scheduler_config`` (diffusers' ``_`` keys removed)."""
+        raise NotImplementedError
+
+    def matches(self, scheduler) -> bool:
+        """Whether this adapter drives a configured scheduler instance (default: its class)."""
+        return isinstance(scheduler, self.diffusers_classes)
+
+    def grid(self, scheduler) -> StepGrid:
+        """The per-step coordinates of a scheduler on which ``set_timesteps`` has been called."""
+        raise NotImplementedError
+
+    def step_kwargs(self, scheduler) -> dict[str, Any]:
+        """Extra keyword arguments for ``scheduler.step`` (e.g. DDIM's ``eta=0``)."""
+        return {}
+
+    def x0_hat(self, grid: StepGrid, i: int, x: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        """Clean-sample estimate at step ``i`` (:func:`x0_from_output` on the grid's prediction type)."""
+        return grid.x0_from_output(i, x, model_output)
+
+    def first_order_gain(self, grid: StepGrid) -> np.ndarray:
+        """``(steps,)`` gain ``c_i`` of the first-order step on the model output (:func:`first_order_gain`)."""
+        return first_order_gain(grid.prediction_type, grid.a, grid.b, grid.a_next, grid.b_next)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+_ADAPTERS: dict[str, SchedulerAdapter] = {}
+
+
+def register(cls: type[SchedulerAdapter]) -> type[SchedulerAdapter]:
+    """Class decorator: register an adapter under its ``name`` (a name is registered once)."""
+    if not cls.name or cls.name in _ADAPTERS:
+        raise ValueError(f"scheduler adapter name {cls.name!r} is empty or already registered")
+    _ADAPTERS[cls.name] = cls()
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove the adapter registered as ``name`` (for tests and plugins that replace one)."""
+    _ADAPTERS.pop(str(name), None)
+
+
+def scheduler_names(flow: bool | None = None) -> tuple[str, ...]:
+    """The registered scheduler names: the VP ones, then the flow ones, each in registration order
+    (only the flow / only the VP ones if ``flow`` is given)."""
+    if flow is None:
+        return scheduler_names(False) + scheduler_names(True)
+    return tuple(name for name, adapter in _ADAPTERS.items() if adapter.flow == flow)
+
+
+def get_adapter(name: str) -> SchedulerAdapter:
+    """The adapter registered as ``name``; :class:`QDriftError` naming the choices otherwise."""
+    adapter = _ADAPTERS.get(str(name))
+    if adapter is None:
+        raise QDriftError(f"unknown scheduler {name!r}; choose one of {', '.join(scheduler_names())}")
+    return adapter
+
+
+def find_adapter(scheduler) -> SchedulerAdapter | None:
+    """The adapter of a scheduler instance, or None: an exact class match first, then a subclass."""
+    candidates = [a for a in _ADAPTERS.values() if a.matches(scheduler)]
+    exact = [a for a in candidates if type(scheduler) in a.diffusers_classes]
+    return (exact or candidates or [None])[0]
+
+
+def adapter_for(scheduler) -> SchedulerAdapter:
+    """The adapter of a configured diffusers scheduler instance; :class:`QDriftError` if none fits."""
+    adapter = find_adapter(scheduler)
+    if adapter is None:
+        raise QDriftError(
+            f"unsupported scheduler class {type(scheduler).__name__}; supported: {', '.join(scheduler_names())}"
+        )
+    return adapter
+
+
+def _choices(names: tuple[str, ...]) -> str:
+    return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# the functions the rest of the package calls
+
+
+def make_scheduler(name: str, config: dict[str, Any]):
+    """Build the diffusers scheduler called ``name`` from a pair's ``scheduler_config``.
+
+    Raises :class:`QDriftError` for an unknown name or a scheduler that does not fit the pair
+    (a flow scheduler for an epsilon model, or the reverse).
+    """
+    adapter = get_adapter(name)
+    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    flow = is_flow_config(config)
+    if flow and not adapter.flow:
+        raise QDriftError(
+            f"scheduler {name!r} needs a VP model but the pair is flow-matching; use {_choices(scheduler_names(True))}"
+        )
+    if not flow and adapter.flow:
+        raise QDriftError(
+            f"scheduler {name!r} needs a flow-matching model but the pair predicts {config.get('prediction_type', 'epsilon')!r}"
+        )
+    if not flow and config.get("prediction_type", "epsilon") not in adapter.prediction_types:
+        raise QDriftError(f"unsupported prediction_type {config.get('prediction_type')!r}")
+    return adapter.build(config)
+
+
+def scheduler_name(scheduler) -> str:
+    """The registered name of a configured diffusers scheduler instance."""
+    return adapter_for(scheduler).name
+
+
+def step_grid(scheduler) -> StepGrid:
+    """Read the per-step coordinates of a scheduler on which ``set_timesteps`` has been called."""
+    return adapter_for(scheduler).grid(scheduler)
 
 
 def step_kwargs(scheduler) -> dict[str, Any]:
-    """Extra keyword arguments for ``scheduler.step`` that make the update deterministic (DDIM: eta 0)."""
-    return {"eta": 0.0} if isinstance(scheduler, DDIMScheduler) else {}
+    """Extra keyword arguments for ``scheduler.step`` that make the update deterministic ({} if none is known)."""
+    adapter = find_adapter(scheduler)
+    return adapter.step_kwargs(scheduler) if adapter is not None else {}
+
+
+def is_multistep(name: str) -> bool:
+    """Whether the scheduler registered as ``name`` reuses earlier model outputs (False for unknown names)."""
+    adapter = _ADAPTERS.get(str(name))
+    return bool(adapter is not None and adapter.multistep)
+
+
+def gain_on(grid: StepGrid) -> np.ndarray:
+    """``(steps,)`` first-order gain on a grid, by the adapter registered as ``grid.name``
+    (:func:`first_order_gain` for a name no adapter has, e.g. a store of a newer version)."""
+    adapter = _ADAPTERS.get(str(grid.name))
+    return adapter.first_order_gain(grid) if adapter is not None else SchedulerAdapter.first_order_gain(None, grid)
+
+
+def output_gains(name: str, config: dict[str, Any], steps: int) -> np.ndarray:
+    """``(steps,)`` per-step gain ``c_i`` of the first-order step on the model output, for ``steps`` steps
+    of the scheduler ``name`` built from ``config`` (the adapter's :meth:`SchedulerAdapter.first_order_gain`)."""
+    scheduler = make_scheduler(name, config)
+    scheduler.set_timesteps(steps)
+    adapter = adapter_for(scheduler)
+    return adapter.first_order_gain(adapter.grid(scheduler))
 
 
 def scheduler_identity(scheduler) -> dict[str, Any]:
@@ -234,15 +323,27 @@ def scheduler_identity(scheduler) -> dict[str, Any]:
     diffusers' bookkeeping key ``_use_default_values`` is left out: it is built from a set, so its
     order changes from one process to the next.
     """
-    config = {k: _jsonable(v) for k, v in dict(scheduler.config).items() if k != "_use_default_values"}
+    config = {k: jsonable(v) for k, v in dict(scheduler.config).items() if k != "_use_default_values"}
     return {"name": scheduler_name(scheduler), "class": type(scheduler).__name__, "config": config}
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays (also inside lists and tuples) turned into Python ones."""
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     return value
+
+
+def __getattr__(name: str) -> Any:
+    # The name tuples follow the registry, which grows as the family modules are imported.
+    if name == "SCHEDULER_NAMES":
+        return scheduler_names()
+    if name == "VP_SCHEDULERS":
+        return scheduler_names(flow=False)
+    if name == "FLOW_SCHEDULERS":
+        return scheduler_names(flow=True)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

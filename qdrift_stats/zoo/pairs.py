@@ -236,6 +236,8 @@ def sample_pair(
     """
     import diffusers
 
+    from qdrift_stats.loop import run_sampler
+
     if scheduler not in _SCHEDULERS:
         raise QDriftError(f"scheduler must be one of {', '.join(_SCHEDULERS)}, got {scheduler!r}")
     if model not in ("fp", "q"):
@@ -251,10 +253,7 @@ def sample_pair(
         sched = _make_scheduler(cls, pair.scheduler_config)
         sched.set_timesteps(steps)
         x = torch.randn((b, *pair.sample_shape), generator=gen) * float(getattr(sched, "init_noise_sigma", None) or 1.0)
-        scale_input = getattr(sched, "scale_model_input", None)
-        for t in sched.timesteps:
-            out = denoise(scale_input(x, t) if scale_input is not None else x, t, **cond)
-            x = sched.step(out, t, x).prev_sample
+        x = run_sampler(denoise, sched, x, cond)
         outs.append(x)
         labels.append(cond.get("class_labels", torch.full((b,), -1)).cpu())
         done += b
