@@ -15,13 +15,18 @@ from .test_estimators_more import memory_store, one_torch_thread, spiky_pair  # 
 
 FAMILIES = {
     # name: (pair factory, scheduler, regime, estimator)
-    "vp_noise": (testbed.mixture_vp_noise, "euler", "noise-like", "empirical"),
+    "vp_noise": (testbed.mixture_vp_noise, "euler", "noise-like", "first-order"),
     "vp_correlated": (testbed.mixture_vp_correlated, "euler", "signal-correlated", "decomposed"),
     "vp_rounding": (testbed.mixture_vp_rounding, "euler", "rounding-like", "decomposed"),
-    "flow_noise": (testbed.mixture_flow_noise, "flow-euler", "noise-like", "empirical"),
+    "flow_noise": (testbed.mixture_flow_noise, "flow-euler", "noise-like", "first-order"),
     "flow_correlated": (testbed.mixture_flow_correlated, "flow-euler", "signal-correlated", "decomposed"),
     "flow_rounding": (testbed.mixture_flow_rounding, "flow-euler", "rounding-like", "decomposed"),
     "vp_spiky": (spiky_pair, "euler", "heavy-tailed", "robust"),
+    # multistep solvers: the first-order statistic, never the lock-step one that counts reused errors again
+    "vp_noise_dpmpp": (testbed.mixture_vp_noise, "dpmpp-2m", "noise-like", "first-order"),
+    "flow_noise_dpmpp": (testbed.mixture_flow_noise, "flow-dpmpp-2m", "noise-like", "first-order"),
+    "vp_spiky_dpmpp": (spiky_pair, "dpmpp-2m", "heavy-tailed", "robust-first-order"),
+    "vp_correlated_dpmpp": (testbed.mixture_vp_correlated, "dpmpp-2m", "signal-correlated", "decomposed"),
 }
 
 
@@ -121,3 +126,32 @@ def test_a_subsampled_diagnosis_reaches_the_same_verdict(diagnosed):
     small = diagnose(ds, max_points=400, max_series=64)
     assert small.attrs["regime"] == regime
     np.testing.assert_allclose(small["kurtosis"].values, diagnosed["vp_rounding"]["kurtosis"].values, atol=0.5)
+
+
+def test_the_recommended_estimator_reads_the_first_order_statistic_on_a_multistep_store(tmp_path):
+    """On DPM-Solver++ the lock-step robust statistic counts reused errors again; the recommended
+    ``robust-first-order`` is ``gain^2 delta_out^2``-based and equals the first-order empirical one on bounded noise."""
+    from qdrift_stats.estimators import get_estimator
+    from qdrift_stats.record.store import open_store
+    from qdrift_stats.validate.diagnostics import recommended_estimator
+
+    store = tmp_path / "dpm.zarr"
+    record(
+        testbed.mixture_vp_noise(),
+        store,
+        pair_name="qdrift_stats.testbed:mixture_vp_noise",
+        scheduler_name="dpmpp-2m",
+        steps=10,
+        runs=3,
+        batch_size=32,
+        seed=0,
+    )
+    ds = open_store(store).load()
+    assert recommended_estimator("heavy-tailed", "dpmpp-2m") == "robust-first-order"
+    assert recommended_estimator("heavy-tailed", "euler") == "robust"
+    first = get_estimator("first-order").fit(ds).variance
+    robust_first = get_estimator("robust-first-order").fit(ds).variance
+    lockstep = get_estimator("robust").fit(ds).variance
+    np.testing.assert_allclose(robust_first, first, rtol=1e-9)  # a bounded sinusoid is never winsorized
+    inner = slice(2, -1)
+    assert np.all(lockstep[inner] > 1.3 * first[inner])  # the lock-step statistic of 2M counts reused errors

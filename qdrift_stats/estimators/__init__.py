@@ -30,6 +30,7 @@ ESTIMATORS: dict[str, Callable[[], Estimator]] = {
     "robust": RobustEstimator,
     "robust-huber": partial(RobustEstimator, method="huber"),
     "robust-mad": partial(RobustEstimator, method="mad"),
+    "robust-first-order": partial(RobustEstimator, statistic="first-order"),
     "moment": MomentEstimator,  # re-samples the pair named in the store
 }
 

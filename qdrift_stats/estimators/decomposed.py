@@ -7,7 +7,8 @@ Per step ``i``, pooled over runs, samples and sample elements (a random subsampl
     delta_out = m_q - m_fp = k_i * m_fp + mu_i + r,
 
 gives ``k_i`` (a scale error), ``mu_i`` (a bias, output units) and the residual ``r``. Their
-confidence intervals are cluster-robust with runs as clusters (plain OLS intervals with one run),
+confidence intervals are cluster-robust with runs as clusters (CR1 sandwich) referred to Student-t
+with ``runs - 1`` degrees of freedom (plain OLS intervals with one run),
 and ``R^2_i`` says how much of the output error the signal explains (used by
 :mod:`qdrift_stats.validate.diagnostics`).
 
@@ -104,7 +105,9 @@ def output_regression(delta_out: np.ndarray, out_fp: np.ndarray, confidence: flo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if delta_out.shape[0] >= 2:
-            result = model.fit(cov_type="cluster", cov_kwds={"groups": groups})
+            # t with runs - 1 df (statsmodels' df for a cluster covariance with use_t): with few runs the
+            # sandwich is itself noisy and the normal quantile is too narrow (tests/test_pinned.py)
+            result = model.fit(cov_type="cluster", cov_kwds={"groups": groups}, use_t=True)
         else:
             result = model.fit()
         ci = np.asarray(result.conf_int(alpha=1 - confidence))

@@ -29,6 +29,13 @@ winsorized estimand, not Huber's or MAD's) and on the Gaussian-marginal pairs
 (``mixture_vp_gauss``, ``mixture_flow_gauss``), where the Gaussian-core estimand of Huber and MAD
 equals ``v_i``.
 
+Statistic. ``statistic="lockstep"`` (the default) reads ``delta_x``, the lock-step perturbation; for a
+multistep solver (DPM-Solver++ 2M) it carries the reused errors of earlier steps too, so it is 2-2.5x the
+first-order statistic and a correction sized by it overshoots (see :mod:`qdrift_stats.estimators.empirical`).
+``statistic="first-order"`` (``--estimator robust-first-order``) reads ``gain_i * delta_out`` instead, the
+perturbation a fresh output error injects through the first-order step, each error counted once; the
+two agree for one-step solvers (``delta_x = gain * delta_out`` there).
+
 The estimate is the mean of the per-run values. Its interval is a Student-t interval over runs
 (``ci="t"``, as for the empirical estimator) or an expanded percentile bootstrap over runs (``ci="bootstrap"``).
 """
@@ -44,7 +51,7 @@ from scipy import stats
 from statsmodels.robust import scale
 
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.estimators.base import Estimator, FittedEstimator, as_dataset, check_finite_store
+from qdrift_stats.estimators.base import Estimator, FittedEstimator, as_dataset, check_finite_store, check_statistic
 from qdrift_stats.estimators.decomposed import pooled_step_values, subsample_index
 from qdrift_stats.estimators.empirical import t_interval
 from qdrift_stats.record.store import storage_errors_as_qdrift
@@ -115,6 +122,7 @@ class RobustEstimator(Estimator):
         bootstrap: number of resamples for ``ci="bootstrap"``.
         max_points: most values per run and step (a fixed random subsample beyond that).
         seed: seed of the subsample and the bootstrap.
+        statistic: ``"lockstep"`` (``delta_x``) or ``"first-order"`` (``gain * delta_out``; module docstring).
     """
 
     name = "robust"
@@ -129,7 +137,9 @@ class RobustEstimator(Estimator):
         bootstrap: int = 2000,
         max_points: int = 100_000,
         seed: int = 0,
+        statistic: str = "lockstep",
     ):
+        check_statistic(statistic)
         if method not in ROBUST_METHODS:
             raise QDriftError(f"unknown robust method {method!r}; choose one of {', '.join(ROBUST_METHODS)}")
         if ci not in ("t", "bootstrap"):
@@ -141,6 +151,7 @@ class RobustEstimator(Estimator):
         self.bootstrap = bootstrap
         self.max_points = max_points
         self.seed = seed
+        self.statistic = statistic
 
     @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
@@ -148,8 +159,17 @@ class RobustEstimator(Estimator):
         runs, steps = ds.sizes["run"], ds.sizes["step"]
         index = subsample_index(ds, self.max_points * runs, self.seed)
         per_run = np.zeros((runs, steps))
+        if self.statistic == "first-order":
+            if "gain" not in ds.coords:
+                raise QDriftError(
+                    "the store has no 'gain' coordinate (recorded by an older qdrift-stats); use the lockstep statistic"
+                )
+            gain = np.asarray(ds["gain"].values, dtype=np.float64)
         for i in range(steps):
-            values = pooled_step_values(ds, ("delta_x",), i, index)["delta_x"]
+            if self.statistic == "first-order":
+                values = gain[i] * pooled_step_values(ds, ("delta_out",), i, index)["delta_out"]
+            else:
+                values = pooled_step_values(ds, ("delta_x",), i, index)["delta_x"]
             check_finite_store(values)
             per_run[:, i] = [robust_second_moment(values[r], self.method, self.c) for r in range(runs)]
         variance, low, high = t_interval(per_run, self.confidence)

@@ -26,8 +26,17 @@ constants; they separate the testbed's error families with wide margins, see ``t
 2. *rounding-like*: weighted median ``lattice`` < :data:`LATTICE_FRACTION` (the Q output lives on a
    grid; its error is a deterministic sawtooth of the output, not noise) -> ``decomposed`` (it takes
    out any linear part) with a strength chosen by ``qdrift cv``, and little to expect;
-3. *heavy-tailed*: weighted mean excess kurtosis > :data:`HEAVY_KURTOSIS` -> ``robust``;
-4. otherwise *noise-like* -> ``empirical`` (``smooth-glm`` to sample with another step count).
+3. *heavy-tailed*: weighted mean excess kurtosis > :data:`HEAVY_KURTOSIS` -> ``robust`` on one-step
+   solvers, ``robust-first-order`` on multistep ones;
+4. otherwise *noise-like* -> ``first-order`` (``smooth-glm`` to sample with another step count).
+
+The recommended statistic depends on the scheduler (:func:`recommended_estimator`). On a multistep
+solver (DPM-Solver++ 2M, VP or flow) the lock-step perturbation ``delta_x`` also carries the reused
+errors of earlier steps, so the lock-step statistic (``empirical``, ``robust``) is 2-2.5x the
+first-order one and a correction sized by it overshoots (224% of the gap closed where the first-order
+statistic closed 105%, issue 14); the first-order statistic (``first-order``, ``robust-first-order``,
+``decomposed``'s default) counts each error once. On one-step solvers (Euler, DDIM, flow Euler) the
+two statistics are equal.
 
 The shrink form is recommended unless the drift form's pull ``v / (2 b_next^2)`` stays below
 :data:`DRIFT_SAFE_PULL` at every step. :func:`report` says all this in words.
@@ -61,6 +70,20 @@ AUTOCORRELATED_REJECT = 0.5
 CHANNEL_SPREAD = 0.5
 DRIFT_SAFE_PULL = 0.1
 LATTICE_RESOLUTION = 1e-6
+MULTISTEP = ("dpmpp-2m", "flow-dpmpp-2m")
+#: regime -> (estimator on one-step solvers, estimator on multistep solvers)
+RECOMMENDED: dict[str, tuple[str, str]] = {
+    "signal-correlated": ("decomposed", "decomposed"),  # its default statistic is first-order
+    "rounding-like": ("decomposed", "decomposed"),
+    "heavy-tailed": ("robust", "robust-first-order"),
+    "noise-like": ("first-order", "first-order"),
+}
+
+
+def recommended_estimator(regime: str, scheduler: str) -> str:
+    """The estimator :func:`classify` recommends for an error regime on a scheduler (module docstring)."""
+    one_step, multistep = RECOMMENDED[regime]
+    return multistep if str(scheduler) in MULTISTEP else one_step
 
 
 def lattice_fraction(values: np.ndarray) -> float:
@@ -266,13 +289,14 @@ def classify(diag: xr.Dataset) -> dict[str, Any]:
     )
     reasons: list[str] = []
     caveats: list[str] = []
+    scheduler = str(diag.attrs.get("scheduler"))
     if np.isfinite(r2) and r2 >= CORRELATED_R2:
-        regime, estimator = "signal-correlated", "decomposed"
+        regime = "signal-correlated"
         reasons.append(
             f"the FP output explains {r2:.0%} of the output error (weighted R^2 >= {CORRELATED_R2}): a scale error k m_fp, not noise"
         )
     elif np.isfinite(lattice) and lattice < LATTICE_FRACTION:
-        regime, estimator = "rounding-like", "decomposed"
+        regime = "rounding-like"
         reasons.append(
             f"the Q output takes only {lattice:.1%} distinct values per value (< {LATTICE_FRACTION:.0%}): it is rounded to a grid, "
             "so its error is a deterministic sawtooth of the output, not noise"
@@ -281,16 +305,25 @@ def classify(diag: xr.Dataset) -> dict[str, Any]:
             "Q-Drift's noise assumption does not hold; expect a small gain at best and choose the strength with 'qdrift cv'"
         )
     elif np.isfinite(kurt) and kurt > HEAVY_KURTOSIS:
-        regime, estimator = "heavy-tailed", "robust"
+        regime = "heavy-tailed"
         reasons.append(
             f"the per-step error has weighted excess kurtosis {kurt:.1f} (> {HEAVY_KURTOSIS}): a few large values would dominate the plain mean square"
         )
     else:
-        regime, estimator = "noise-like", "empirical"
+        regime = "noise-like"
         reasons.append(
             f"the signal explains little of the error (weighted R^2 {r2:.2f} < {CORRELATED_R2}), the Q output is not on a grid "
             f"(distinct values {lattice:.0%}) and the tails are light (weighted excess kurtosis {kurt:.1f})"
         )
+    estimator = recommended_estimator(regime, scheduler)
+    if scheduler in MULTISTEP:
+        reasons.append(
+            f"{scheduler} is a multistep solver: its lock-step perturbation also carries the reused errors of earlier steps, "
+            "so the lock-step statistic (empirical, robust) is 2-2.5x the first-order one and overshoots; "
+            f"{estimator} counts each error once"
+        )
+    elif regime == "heavy-tailed":
+        reasons.append(f"{scheduler} is a one-step solver: the lock-step and first-order statistics are equal")
     if regime != "signal-correlated" and np.isfinite(r2) and r2 >= PARTLY_CORRELATED_R2:
         caveats.append(f"the signal explains {r2:.0%} of the error: the decomposed estimator removes that part first")
         if regime == "noise-like":
