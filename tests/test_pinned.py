@@ -281,7 +281,7 @@ def test_decomposed_k_interval_is_run_clustered_on_t_with_runs_minus_one_df():
     N, K, G = runs * n, 2, runs
     cov = bread @ meat @ bread * G / (G - 1) * (N - 1) / (N - K)
     se_k = np.sqrt(cov[1, 1])
-    k_ci = fitted.extra["k_ci"][0]
+    k_ci = fitted.k_ci[0]
     np.testing.assert_allclose(k_ci, [beta[1] - T975[G - 1] * se_k, beta[1] + T975[G - 1] * se_k], rtol=1e-8)
 
 
@@ -298,7 +298,7 @@ def test_smooth_glm_covariate_is_the_level_the_model_saw():
     z /= np.sqrt((z**2).mean(axis=(2, 3), keepdims=True))  # every (run, step) mean square exactly 1
     d = z * 0.1 * b[None, :, None, None]
     fitted = SmoothGLMEstimator().fit(_hand_store(d, np.zeros_like(d), gain, b, b_next))
-    np.testing.assert_allclose(fitted.extra["u_fit"], 0.01 * b**2, rtol=1e-6)
+    np.testing.assert_allclose(fitted.u_fit, 0.01 * b**2, rtol=1e-6)
     np.testing.assert_allclose(fitted.variance, gain**2 * 0.01 * b**2, rtol=1e-6)
 
 
@@ -325,6 +325,6 @@ def test_smooth_glm_default_interval_is_run_clustered_on_t_with_runs_minus_one_d
     result = glm.fit(cov_type="cluster", cov_kwds={"groups": np.repeat(np.arange(runs), len(b))})
     pred = result.get_prediction(basis)
     normal_half = np.log(np.asarray(pred.conf_int(alpha=0.05))[:, 1] / pred.predicted_mean)
-    np.testing.assert_allclose(fitted.extra["u_fit"], pred.predicted_mean, rtol=1e-6)
+    np.testing.assert_allclose(fitted.u_fit, pred.predicted_mean, rtol=1e-6)
     ours_half = np.log(fitted.ci_high / fitted.variance)
     np.testing.assert_allclose(ours_half[:-1], normal_half[:-1] * T975[runs - 1] / Z975, rtol=1e-5)
