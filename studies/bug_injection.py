@@ -87,9 +87,9 @@ BUGS: list[tuple[str, str, str, str]] = [
     ),
     (
         "first-order gain shifted by one step",
-        "estimators/smooth.py",
-        "return (a_next - b_next * a / b) * dx0",
-        "return np.roll((a_next - b_next * a / b) * dx0, 1)",
+        "schedulers/base.py",
+        "return (a_next - b_next * a / b) * x0_slope(prediction_type, a, b)",
+        "return np.roll((a_next - b_next * a / b) * x0_slope(prediction_type, a, b), 1)",
     ),
     (
         "decomposed k interval on the normal quantile",

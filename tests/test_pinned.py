@@ -157,7 +157,7 @@ def test_output_decomposition_divides_by_one_plus_k_at_the_steps_own_index():
 def test_first_order_gain_is_the_closed_form_per_step(name):
     """``d x_{i+1} / d m_i`` of a first-order step: Euler ``b' - b``; DDIM / DPM-Solver 1 (VP, eps)
     ``b' - a' b / a``; flow ``s' - s``."""
-    from qdrift_stats.estimators.smooth import first_order_gain
+    from qdrift_stats.schedulers.base import first_order_gain
 
     steps = 6
     a, b, a_next, b_next = levels_by_hand(name, steps)
