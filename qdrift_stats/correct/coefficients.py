@@ -80,7 +80,11 @@ def correction_coefficients(
 
 
 def apply_correction(
-    x_next: torch.Tensor, x0_hat: torch.Tensor, a_next: torch.Tensor | float, coefficient: torch.Tensor
+    x_next: torch.Tensor,
+    x0_hat: torch.Tensor,
+    a_next: torch.Tensor | float,
+    coefficient: torch.Tensor,
+    channel_axis: int = 1,
 ) -> torch.Tensor:
     """One corrected state: ``x_next - c * (x_next - a_next * x0_hat)``.
 
@@ -88,12 +92,24 @@ def apply_correction(
         x_next: ``(batch, *sample_shape)``, the scheduler's output state.
         x0_hat: same shape, the clean-sample estimate of the step.
         a_next: signal scale of the target level (0-d tensor or float).
-        coefficient: 0-d (scalar statistic) or ``(channels,)`` (per-channel statistic, channel = first
-            sample dim), already on ``x_next``'s device and dtype.
+        coefficient: 0-d (scalar statistic) or ``(channels,)`` (per-channel statistic), already on
+            ``x_next``'s device and dtype.
+        channel_axis: the axis of ``x_next`` that holds the channels (1: ``(batch, channel, ...)``;
+            -1 for packed token latents ``(batch, token, channel)``).
     """
     if coefficient.ndim:
-        coefficient = coefficient.reshape((1, -1) + (1,) * (x_next.ndim - 2))
+        coefficient = channelwise(coefficient, x_next, channel_axis)
     return x_next - coefficient * (x_next - a_next * x0_hat)
+
+
+def channelwise(value: torch.Tensor, like: torch.Tensor, channel_axis: int = 1) -> torch.Tensor:
+    """A 0-d or ``(channels,)`` tensor shaped to broadcast over ``like`` along ``channel_axis``."""
+    if not value.ndim:
+        return value
+    axis = channel_axis % like.ndim
+    shape = [1] * like.ndim
+    shape[axis] = -1
+    return value.reshape(shape)
 
 
 def divergence_risk(variance: np.ndarray, b_next: np.ndarray, strength: float = 1.0) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qdrift_stats.correct.coefficients import apply_correction, correction_coefficients
+from qdrift_stats.correct.coefficients import apply_correction, channelwise, correction_coefficients
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.schedulers import StepGrid
 
@@ -26,6 +26,7 @@ class Corrector:
         device, dtype: those of the sampler's state; coefficients are moved there once.
         k, mu: optional ``(steps[, channels])`` decomposition of the output error
             ``m_q - m_fp = k m_fp + mu + r``; the output is first mapped to ``(m_q - mu) / (1 + k)``.
+        channel_axis: the state's channel axis for per-channel values (1; -1 for packed token latents).
     """
 
     def __init__(
@@ -36,8 +37,10 @@ class Corrector:
         dtype: torch.dtype,
         k: np.ndarray | None = None,
         mu: np.ndarray | None = None,
+        channel_axis: int = 1,
     ):
         coefficients = np.asarray(coefficients, dtype=np.float64)
+        self.channel_axis = int(channel_axis)
         if coefficients.shape[0] != grid.num_steps:
             raise QDriftError(f"correction has {coefficients.shape[0]} steps but the sampler has {grid.num_steps}")
         self.grid = grid
@@ -65,13 +68,17 @@ class Corrector:
         """The same correction with its per-step tensors on ``device`` in ``dtype`` (one transfer each,
         from the float64 host values, so no precision is lost on the way)."""
         coefficients, k, mu = self._host
-        return Corrector(self.grid, coefficients, torch.device(device), dtype, k=k, mu=mu)
+        return Corrector(
+            self.grid, coefficients, torch.device(device), dtype, k=k, mu=mu, channel_axis=self.channel_axis
+        )
 
     def correct_output(self, i: int, model_output: torch.Tensor) -> torch.Tensor:
         """The decomposition's output correction ``(m_q - mu_i) / (1 + k_i)`` (identity without one)."""
         if not self.output_active[i]:
             return model_output
-        return _channelwise(self.scale[i], model_output) * (model_output - _channelwise(self.shift[i], model_output))
+        axis = self.channel_axis
+        scale, shift = channelwise(self.scale[i], model_output, axis), channelwise(self.shift[i], model_output, axis)
+        return scale * (model_output - shift)
 
     @classmethod
     def from_variance(
@@ -90,9 +97,4 @@ class Corrector:
         if not self.active[i]:
             return x_next
         x0_hat = self.grid.x0_from_output(i, x, model_output)
-        return apply_correction(x_next, x0_hat, float(self.grid.a_next[i]), self.coefficients[i])
-
-
-def _channelwise(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a 0-d or ``(channels,)`` tensor over ``(batch, channels, ...)``."""
-    return value.reshape((1, -1) + (1,) * (like.ndim - 2)) if value.ndim else value
+        return apply_correction(x_next, x0_hat, float(self.grid.a_next[i]), self.coefficients[i], self.channel_axis)

@@ -177,7 +177,18 @@ class QDriftScheduler(SchedulerProxy):
     """
 
     _proxy_attributes = SchedulerProxy._proxy_attributes | frozenset(
-        {"estimator", "correction", "strength", "model", "recipe", "corrector", "_correctors", "_step_counter"}
+        {
+            "estimator",
+            "correction",
+            "strength",
+            "model",
+            "recipe",
+            "corrector",
+            "_correctors",
+            "_step_counter",
+            "_timesteps_call",
+            "_synced",
+        }
     )
 
     def __init__(
@@ -189,6 +200,7 @@ class QDriftScheduler(SchedulerProxy):
         strength: float | None = None,
         model: str | None = None,
         recipe: str | None = None,
+        pipeline: Any = None,
     ):
         if isinstance(scheduler, QDriftScheduler):
             raise QDriftError(
@@ -201,6 +213,11 @@ class QDriftScheduler(SchedulerProxy):
             isinstance(strength, (int, float)) and math.isfinite(strength) and strength >= 0
         ):
             raise QDriftError(f"strength must be a finite non-negative number, got {strength!r}")
+        if estimator is None or not isinstance(estimator, (EstimatorFile, str, Path)):
+            raise QDriftError(
+                f"QDriftScheduler needs an estimator file or EstimatorFile, got {type(estimator).__name__}; "
+                "export one with 'qdrift fit STORE --out EST.safetensors'"
+            )
         self.estimator = estimator if isinstance(estimator, EstimatorFile) else EstimatorFile.load(estimator)
         self.correction = correction
         self.strength = None if strength is None else float(strength)
@@ -212,6 +229,10 @@ class QDriftScheduler(SchedulerProxy):
         self.corrector: Corrector | None = None
         self._correctors: dict[tuple[torch.device, torch.dtype], Corrector] = {}
         self._step_counter = 0
+        self._timesteps_call: dict[str, Any] = {}
+        self._synced = True
+        if pipeline is not None:
+            check_pipeline(pipeline, self.estimator)
 
     def __repr__(self) -> str:
         form = self.correction or self.estimator.metadata["correction"]["form"]
@@ -231,6 +252,7 @@ class QDriftScheduler(SchedulerProxy):
         Refuses (QDriftError) a grid the estimator was not fitted for, or interpolates a smooth one.
         """
         result = self.scheduler.set_timesteps(*args, **kwargs)
+        self._timesteps_call = {k: v for k, v in kwargs.items() if k in ("mu", "sigmas", "timesteps")}
         self._prepare_corrector()
         return result
 
@@ -240,6 +262,7 @@ class QDriftScheduler(SchedulerProxy):
         if inner is not None:
             inner(begin_index)
         self._step_counter = int(begin_index)
+        self._synced = True
 
     @mirrors_wrapped_signature
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -254,6 +277,8 @@ class QDriftScheduler(SchedulerProxy):
                 raise QDriftError("QDriftScheduler.step called before set_timesteps")
             self._prepare_corrector()
             corrector = self.corrector
+        if not self._synced:
+            self._sync_to(timestep, corrector)
         i = self._step_counter
         if i >= corrector.grid.num_steps:
             raise QDriftError(f"step {i} is past the {corrector.grid.num_steps} steps set by set_timesteps")
@@ -274,16 +299,39 @@ class QDriftScheduler(SchedulerProxy):
         return with_prev_sample(output, corrected)
 
     # ---- the corrector ----------------------------------------------------------------------
+    def _sync_to(self, timestep: Any, corrector: Corrector) -> None:
+        """First step after ``set_timesteps`` on a scheduler without a step index (DDIM): an img2img
+        pipeline that skips the first steps without ``set_begin_index`` starts at a later timestep;
+        find its step (one host read of the timestep per run)."""
+        self._synced = True
+        if hasattr(self.scheduler, "_step_index"):
+            return
+        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        timesteps = corrector.grid.timesteps
+        i = self._step_counter
+        if i < len(timesteps) and abs(timesteps[i] - t) <= 1e-6 * max(1.0, abs(t)):
+            return
+        matches = [j for j, s in enumerate(timesteps) if abs(s - t) <= 1e-6 * max(1.0, abs(t))]
+        if len(matches) != 1:
+            raise QDriftError(f"timestep {t:g} is not one step of the grid set by set_timesteps")
+        self._step_counter = matches[0]
+
     def _prepare_corrector(self) -> None:
         """Build the host-side correction for the scheduler's current grid and reset the step counter."""
         timesteps = getattr(self.scheduler, "timesteps", None)
         device = timesteps.device if isinstance(timesteps, torch.Tensor) else torch.device("cpu")
         corrector = self.estimator.corrector(
-            self.scheduler, correction=self.correction, strength=self.strength, device=device, dtype=torch.float32
+            self.scheduler,
+            correction=self.correction,
+            strength=self.strength,
+            device=device,
+            dtype=torch.float32,
+            call=self._timesteps_call,
         )
         self.corrector = corrector
         self._correctors = {(corrector.coefficients.device, torch.float32): corrector}
         self._step_counter = 0
+        self._synced = False
 
     def _corrector_on(self, like: torch.Tensor) -> Corrector:
         """The corrector with its tensors on ``like``'s device and dtype (moved once, then cached)."""
@@ -366,7 +414,39 @@ class QDriftScheduler(SchedulerProxy):
         )
 
 
+def check_pipeline(pipe: Any, estimator: EstimatorFile | str | Path) -> float | None:
+    """Check that ``pipe``'s denoiser is the quantized model ``estimator`` was calibrated on.
+
+    The estimator file carries a fingerprint of the calibrated quantized denoiser (its output on a
+    fixed seeded probe input, :mod:`qdrift_stats.record.fingerprint`). The pipeline's ``transformer``
+    or ``unet`` is run once on the probe; a denoiser that does not reproduce the quantized output
+    (e.g. a quantized pipeline that reloaded from ``save_pretrained`` as the plain model) is refused
+    with a one-line :class:`QDriftError`. Returns the distance ratio (small: the same model), or
+    ``None`` when the file records no fingerprint (noted in the file's ``notes`` and logged).
+    """
+    from qdrift_stats.record.fingerprint import check_denoiser
+
+    if estimator is None or not isinstance(estimator, (EstimatorFile, str, Path)):
+        raise QDriftError(f"check_pipeline needs an estimator file or EstimatorFile, got {type(estimator).__name__}")
+    est = estimator if isinstance(estimator, EstimatorFile) else EstimatorFile.load(estimator)
+    source = str(est.path) if est.path else "the estimator"
+    recorded = est.metadata.get("fingerprint")
+    denoiser = next(
+        (m for m in (getattr(pipe, n, None) for n in ("transformer", "unet")) if isinstance(m, torch.nn.Module)), None
+    )
+    if denoiser is None:
+        raise QDriftError(f"{type(pipe).__name__} has no 'transformer' or 'unet' module to check")
+    if not recorded:
+        note = f"{source} records no denoiser fingerprint; cannot check the pipeline's denoiser"
+        if note not in est.notes:
+            est.notes.append(note)
+            log.warning(note)
+        return None
+    return check_denoiser(denoiser, recorded, source)
+
+
 __all__ = [
+    "check_pipeline",
     "ESTIMATOR_FILE_NAME",
     "QDriftScheduler",
     "SchedulerMixin",

@@ -133,6 +133,7 @@ class EstimatorFile:
                 **(provenance or {}),
             },
         }
+        metadata.update(_pipeline_metadata(attrs))
         return cls({k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}, metadata)
 
     @classmethod
@@ -168,7 +169,10 @@ class EstimatorFile:
         path = Path(path)
         if path.exists() and not overwrite:
             raise QDriftError(f"{path} exists; pass --overwrite to replace it")
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in self.tensors.items()}
+        # one copy each: two tensors sharing memory (a one-run fit's ci_low and ci_high) are refused by safetensors
+        tensors = {
+            k: torch.from_numpy(np.array(v, dtype=np.float64, order="C", copy=True)) for k, v in self.tensors.items()
+        }
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(self.metadata, sort_keys=True)})
         os.replace(tmp, path)
@@ -248,7 +252,46 @@ class EstimatorFile:
     def _describe(self) -> str:
         return f"{self.scheduler_name} with {self.steps} steps"
 
-    def variance_on(self, grid: StepGrid, name: str | None = None) -> np.ndarray:
+    @property
+    def channel_axis(self) -> int:
+        """The state axis of the channels for per-channel values: 1, or -1 for packed token latents."""
+        dims = self.metadata.get("sample_dims")
+        if isinstance(dims, list) and "channel" in dims:
+            index = dims.index("channel")
+            return -1 if index == len(dims) - 1 and index > 0 else 1 + index
+        return 1
+
+    def _grid_offset(self, grid: StepGrid) -> int | None:
+        """``k`` when the file's grid is the last ``steps`` steps of ``grid`` from step ``k`` (img2img), else ``None``."""
+        k = grid.num_steps - self.steps
+        if k <= 0:
+            return None
+        same = np.allclose(grid.timesteps[k:], self.tensors["timesteps"], rtol=0, atol=1e-6) and np.allclose(
+            grid.b_next[k:], self.tensors["b_next"], rtol=1e-6, atol=1e-9
+        )
+        return k if same else None
+
+    def _grid_difference(self, grid: StepGrid, call: dict[str, Any] | None) -> str:
+        """What differs between the file's grid and a sampler's, in words (step count, shift, size, sigmas)."""
+        recorded = self.metadata.get("grid") or {}
+        reasons = []
+        if grid.num_steps != self.steps:
+            reasons.append("the step count")
+        old_mu = (recorded.get("set_timesteps") or {}).get("mu")
+        new_mu = (call or {}).get("mu")
+        if old_mu is not None and new_mu is not None and not np.isclose(float(old_mu), float(new_mu)):
+            shape = recorded.get("sample_shape")
+            size = f"; calibrated on latents {tuple(shape)}" if shape else ""
+            reasons.append(f"the sigma shift (mu {float(old_mu):.4g} vs {float(new_mu):.4g}: another image size{size})")
+        elif grid.num_steps == self.steps:
+            custom = (recorded.get("set_timesteps") or {}).get("sigmas") is not None or (call or {}).get("sigmas")
+            reasons.append(
+                "the pipeline's custom sigmas" if custom is not None else "the timesteps (shift, spacing or strength)"
+            )
+        levels = f"noise levels b_next {_levels(self.tensors['b_next'])} vs {_levels(grid.b_next)}"
+        return f"what differs: {', '.join(reasons)}; {levels}"
+
+    def variance_on(self, grid: StepGrid, name: str | None = None, call: dict[str, Any] | None = None) -> np.ndarray:
         """The statistic on a sampler's step grid; refuses a grid it was not fitted for.
 
         Same scheduler and timesteps: the stored values. Same scheduler, another grid, smooth
@@ -263,10 +306,16 @@ class EstimatorFile:
             raise QDriftError(f"{source} was fitted for scheduler {self.scheduler_name}, not {name}")
         if self._same_grid(grid):
             return self.variance
+        offset = self._grid_offset(grid)
+        if offset is not None:  # img2img: the file covers the steps the pipeline runs from step `offset`
+            note = f"{source}: fitted on the last {self.steps} of {grid.num_steps} steps (img2img); no correction before step {offset}"
+            if note not in self.notes:
+                self.notes.append(note)
+            return np.concatenate([np.zeros((offset,) + self.variance.shape[1:]), self.variance])
         if not self.smooth:
             raise QDriftError(
-                f"{source} was fitted for {self._describe()}, this sampler runs {name} with {grid.num_steps} steps; "
-                "re-record for this grid or export a smooth estimator"
+                f"{source} was fitted for {self._describe()}, this sampler runs {name} with {grid.num_steps} steps: "
+                f"{self._grid_difference(grid, call)}; re-record for this grid or export a smooth estimator"
             )
         if CURVE_TENSORS[0] in self.tensors and CURVE_TENSORS[1] in self.tensors:
             from qdrift_stats.estimators.smooth import variance_from_curves
@@ -276,19 +325,38 @@ class EstimatorFile:
         else:
             variance = interpolate_log_b(self.tensors["b_next"], self.variance, grid.b_next)
             how = "linear interpolation of log v"
-        note = f"{source}: interpolated from {self.steps} to {grid.num_steps} steps over log b ({how})"
+        note = (
+            f"{source}: interpolated from {self.steps} to {grid.num_steps} steps over log b ({how}); "
+            f"{self._grid_difference(grid, call)}"
+        )
         self.notes.append(note)
         log.warning(note)
         return variance
 
-    def coefficients(self, grid: StepGrid, correction: str | None = None, strength: float | None = None) -> np.ndarray:
-        """Per-step pull coefficients on a grid (see :func:`qdrift_stats.correct.coefficients.correction_coefficients`)."""
+    def coefficients(
+        self,
+        grid: StepGrid,
+        correction: str | None = None,
+        strength: float | None = None,
+        call: dict[str, Any] | None = None,
+    ) -> np.ndarray:
+        """Per-step pull coefficients on a grid (see :func:`qdrift_stats.correct.coefficients.correction_coefficients`).
+
+        ``call``: the sampler's ``set_timesteps`` keyword arguments (``mu``, ``sigmas``), for the
+        refusal to say what differs.
+        """
         form = correction or self.metadata["correction"]["form"]
         lam = self.metadata["correction"].get("strength", 1.0) if strength is None else strength
-        return correction_coefficients(self.variance_on(grid), grid.b_next, form, float(lam))
+        return correction_coefficients(self.variance_on(grid, call=call), grid.b_next, form, float(lam))
 
     def corrector(
-        self, scheduler, correction: str | None = None, strength: float | None = None, device=None, dtype=None
+        self,
+        scheduler,
+        correction: str | None = None,
+        strength: float | None = None,
+        device=None,
+        dtype=None,
+        call: dict[str, Any] | None = None,
     ):
         """A :class:`~qdrift_stats.correct.corrector.Corrector` for a scheduler after ``set_timesteps``."""
         from qdrift_stats.correct.corrector import Corrector
@@ -297,9 +365,9 @@ class EstimatorFile:
         self.check_scheduler(scheduler)
         device = torch.device(device) if device is not None else scheduler.timesteps.device
         dtype = dtype or torch.float32
-        coefficients = self.coefficients(grid, correction, strength)
+        coefficients = self.coefficients(grid, correction, strength, call)
         k, mu = self.decomposition_on(grid)
-        return Corrector(grid, coefficients, device, dtype, k=k, mu=mu)
+        return Corrector(grid, coefficients, device, dtype, k=k, mu=mu, channel_axis=self.channel_axis)
 
     # ---- provenance -----------------------------------------------------------------------
     def _same_grid(self, grid: StepGrid) -> bool:
@@ -378,6 +446,9 @@ class EstimatorFile:
         k, mu = self.tensors.get("k"), self.tensors.get("mu")
         if (k is None and mu is None) or self._same_grid(grid):
             return k, mu
+        offset = self._grid_offset(grid)
+        if offset is not None:  # img2img: nothing before the calibrated steps
+            return tuple(None if v is None else np.concatenate([np.zeros((offset,) + v.shape[1:]), v]) for v in (k, mu))
         return tuple(
             None if v is None else interpolate_over_timesteps(self.tensors["timesteps"], v, grid.timesteps)
             for v in (k, mu)
@@ -435,6 +506,33 @@ def interpolate_over_timesteps(t_from: np.ndarray, values: np.ndarray, t_to: np.
         for c in range(flat.shape[1])
     ]
     return np.stack(cols, axis=-1).reshape((len(t_to),) + np.shape(values)[1:])
+
+
+def _levels(b: np.ndarray) -> str:
+    values = [f"{v:.3g}" for v in np.asarray(b, dtype=np.float64)]
+    return "[" + ", ".join(values if len(values) <= 5 else values[:3] + ["..."] + values[-1:]) + "]"
+
+
+def _pipeline_metadata(attrs: dict[str, Any]) -> dict[str, Any]:
+    """What a pipeline calibration store adds to an estimator file: the latent layout (``sample_dims``),
+    the grid the pipeline ran (``grid``: its ``set_timesteps`` call, begin index, latent shape) and
+    the quantized denoiser's ``fingerprint`` (:mod:`qdrift_stats.record.fingerprint`)."""
+    extra: dict[str, Any] = {}
+    for key, target in (("sample_dims", "sample_dims"), ("q_fingerprint", "fingerprint")):
+        value = attrs.get(key)
+        if isinstance(value, str) and value:
+            try:
+                extra[target] = json.loads(value)
+            except json.JSONDecodeError:
+                raise QDriftError(f"the store's {key} attribute is not valid JSON; re-record the store") from None
+    if attrs.get("set_timesteps"):
+        extra["grid"] = {
+            "set_timesteps": json.loads(attrs["set_timesteps"]),
+            "begin_index": int(attrs.get("begin_index", 0)),
+            "grid_steps": int(attrs.get("grid_steps", attrs.get("steps", 0))),
+            "sample_shape": list(attrs.get("sample_shape") or []),
+        }
+    return extra
 
 
 def interpolate_log_b(b_from: np.ndarray, values: np.ndarray, b_to: np.ndarray) -> np.ndarray:

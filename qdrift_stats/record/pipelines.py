@@ -52,6 +52,7 @@ from torch import nn
 
 from qdrift_stats.correct.diffusers import SchedulerProxy, mirrors_wrapped_signature, prev_sample_of, with_prev_sample
 from qdrift_stats.errors import QDriftError
+from qdrift_stats.record.fingerprint import check_denoiser, fingerprint, probe_spec
 from qdrift_stats.record.store import (
     SCHEMA,
     SCHEMA_VERSION,
@@ -62,8 +63,9 @@ from qdrift_stats.record.store import (
     repair_store,
     run_dataset,
     store_attrs,
+    writer_lock,
 )
-from qdrift_stats.schedulers.base import scheduler_identity, step_grid
+from qdrift_stats.schedulers.base import StepGrid, scheduler_identity, scheduler_name, step_grid, step_kwargs
 
 DENOISER_NAMES: tuple[str, ...] = ("unet", "transformer")
 _LATENT_KWARGS: tuple[str, ...] = ("sample", "hidden_states", "x")
@@ -89,6 +91,11 @@ class PassLog:
     timesteps: list[float] = field(default_factory=list)
     denoiser_inputs: list[list[torch.Tensor]] = field(default_factory=list)
     pending_inputs: list[torch.Tensor] = field(default_factory=list)
+    set_timesteps_call: tuple[tuple, dict] | None = None
+    full_grid: StepGrid | None = None
+    begin_index: int | None = None
+    probe: dict[str, Any] | None = None
+    probe_recorded: bool = False
 
     @property
     def num_steps(self) -> int:
@@ -111,6 +118,22 @@ class _RecordingScheduler(SchedulerProxy):
     def __init__(self, scheduler: Any, log: PassLog):
         super().__init__(scheduler)
         self.log = log
+
+    @mirrors_wrapped_signature
+    def set_timesteps(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped ``set_timesteps``; the call (``mu``, ``sigmas``, ``timesteps``, ...) and its grid are logged."""
+        result = self.scheduler.set_timesteps(*args, **kwargs)
+        self.log.set_timesteps_call = (tuple(args), dict(kwargs))
+        self.log.full_grid = step_grid(self.scheduler)
+        self.log.begin_index = None
+        return result
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """img2img pipelines start at step ``begin_index`` of the grid (logged)."""
+        inner = getattr(self.scheduler, "set_begin_index", None)
+        if inner is not None:
+            inner(begin_index)
+        self.log.begin_index = int(begin_index)
 
     @mirrors_wrapped_signature
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -183,6 +206,8 @@ def _latent_input(args: tuple, kwargs: dict) -> tuple[str | int, torch.Tensor]:
 
 def _record_inputs_hook(log: PassLog) -> Callable:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not log.probe_recorded:  # the structure of the first denoiser call, for the fingerprint probe
+            log.probe, log.probe_recorded = probe_spec(tuple(args), dict(kwargs)), True
         log.pending_inputs.append(_latent_input(args, kwargs)[1].detach().clone())
 
     return hook
@@ -318,6 +343,175 @@ def paired_run_arrays(
 
 
 # --------------------------------------------------------------------------------------------------
+# the grid a pipeline ran: its own set_timesteps call, replayed
+
+
+@dataclass(frozen=True)
+class ReplayedGrid:
+    """The steps a pipeline ran: a contiguous part of the grid its own ``set_timesteps`` call gave.
+
+    ``grid``: the per-step coordinates of the steps run; ``begin_index``: where they start in the
+    full grid of ``full_steps`` steps (img2img / inpaint skip the first ``begin_index``);
+    ``call``: the ``set_timesteps`` arguments (JSON-able: ``num_inference_steps``, ``mu``,
+    ``sigmas``, ``timesteps``, ...; the device left out).
+    """
+
+    grid: StepGrid
+    begin_index: int
+    full_steps: int
+    call: dict[str, Any]
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def coordinates(self, scheduler: Any) -> dict[str, np.ndarray]:
+        """The store's per-step coordinates: ``timestep, a, b, a_next, b_next, gain`` (float64 ``(steps,)``)."""
+        g = self.grid
+        return {
+            "timestep": g.timesteps,
+            "a": g.a,
+            "b": g.b,
+            "a_next": g.a_next,
+            "b_next": g.b_next,
+            "gain": replayed_output_gains(scheduler, self),
+        }
+
+    def same_as(self, other: ReplayedGrid) -> bool:
+        return (
+            self.begin_index == other.begin_index
+            and self.grid.num_steps == other.grid.num_steps
+            and np.allclose(self.grid.timesteps, other.grid.timesteps, rtol=0, atol=1e-6)
+            and np.allclose(self.grid.b_next, other.grid.b_next, rtol=1e-6, atol=1e-9)
+        )
+
+
+def _json_arg(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().double().numpy()
+    if isinstance(value, np.ndarray):
+        return [float(v) for v in value.reshape(-1)]
+    if isinstance(value, (list, tuple)):
+        return [_json_arg(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _host_arg(value: Any) -> Any:
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
+
+
+def replayed_grid(fp_log: PassLog, name: str) -> ReplayedGrid:
+    """The grid of an FP pass: the logged ``set_timesteps`` call's grid, from the step the pipeline began at."""
+    full = fp_log.full_grid
+    if full is None or fp_log.set_timesteps_call is None:
+        raise QDriftError("the pipeline never called scheduler.set_timesteps; cannot tell the step grid")
+    n = fp_log.num_steps
+    logged = np.asarray(fp_log.timesteps, dtype=np.float64)
+
+    def matches(k: int) -> bool:
+        return 0 <= k and k + n <= full.num_steps and np.allclose(full.timesteps[k : k + n], logged, rtol=0, atol=1e-6)
+
+    begin = fp_log.begin_index
+    if begin is None or not matches(begin):
+        begin = next((k for k in range(full.num_steps - n + 1) if matches(k)), None)
+    if begin is None:
+        raise QDriftError(
+            f"the pipeline ran {n} steps at timesteps {_short(logged)} that are not a contiguous part of the "
+            f"{full.num_steps}-step grid its set_timesteps call gave ({_short(full.timesteps)})"
+        )
+    sl = slice(begin, begin + n)
+    grid = StepGrid(
+        name, full.timesteps[sl], full.a[sl], full.b[sl], full.a_next[sl], full.b_next[sl], full.prediction_type
+    )
+    args, kwargs = fp_log.set_timesteps_call
+    kwargs = {k: v for k, v in kwargs.items() if k != "device"}
+    args = tuple(a for a in args if not isinstance(a, (torch.device, str)))  # set_timesteps(n, device)
+    call = {"args": _json_arg(list(args)), **{k: _json_arg(v) for k, v in sorted(kwargs.items())}}
+    host_args = tuple(_host_arg(a) for a in args)
+    host_kwargs = {k: _host_arg(v) for k, v in kwargs.items()}
+    return ReplayedGrid(grid, int(begin), full.num_steps, call, host_args, host_kwargs)
+
+
+def _short(values: np.ndarray) -> str:
+    values = [f"{v:g}" for v in np.asarray(values).reshape(-1)]
+    return "[" + ", ".join(values if len(values) <= 6 else values[:3] + ["..."] + values[-2:]) + "]"
+
+
+def replayed_output_gains(scheduler: Any, replay: ReplayedGrid) -> np.ndarray:
+    """``(steps,)`` gain ``c_i`` of the first-order step on the model output, on the replayed grid.
+
+    The scheduler's first-order twin (DPM-Solver++ of order 1 for a multistep DPM-Solver; the
+    scheduler itself for a one-step solver) gets the pipeline's own ``set_timesteps`` call and begin
+    index, and is stepped from the state 0 with the output 1 (see
+    :func:`qdrift_stats.schedulers.base.output_gains`).
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    twin = _fresh_copy(scheduler)
+    if isinstance(twin, DPMSolverMultistepScheduler):
+        twin = DPMSolverMultistepScheduler.from_config(twin.config, solver_order=1)
+    twin.set_timesteps(*replay.args, **replay.kwargs)
+    if replay.begin_index and hasattr(twin, "set_begin_index"):
+        twin.set_begin_index(replay.begin_index)
+    zero = torch.zeros(1, dtype=torch.float64)
+    one = torch.ones(1, dtype=torch.float64)
+    kwargs = step_kwargs(twin)
+    gains = []
+    for t in twin.timesteps[replay.begin_index : replay.begin_index + replay.grid.num_steps]:
+        if hasattr(twin, "scale_model_input"):
+            twin.scale_model_input(zero, t)
+        gains.append(float(twin.step(one, t, zero, **kwargs, return_dict=False)[0][0]))
+    return np.asarray(gains, dtype=np.float64)
+
+
+def latent_dims(latent_shape: Sequence[int]) -> tuple[str, ...]:
+    """Names of the dims of the latents a pipeline's scheduler steps (without the batch).
+
+    ``(channel, height, width)`` for image latents; ``(token, channel)`` for packed token latents
+    (Flux, and any pipeline that steps ``(batch, tokens, channels)``), so that per-channel
+    statistics use the real channels; ``(channel, frame, height, width)`` for video latents.
+    """
+    if len(latent_shape) == 2:
+        return ("token", "channel")
+    if len(latent_shape) == 3:
+        return ("channel", "height", "width")
+    if len(latent_shape) == 4:
+        return ("channel", "frame", "height", "width")
+    return ("channel",) + tuple(f"dim_{k}" for k in range(1, len(latent_shape)))
+
+
+@dataclass
+class PipelineRun:
+    """One recorded run: the store arrays ``(steps, batch, *latent)`` and the grid it ran on."""
+
+    arrays: dict[str, np.ndarray]
+    replay: ReplayedGrid
+    probe: dict[str, Any] | None
+
+
+def record_pipeline_run(
+    fp_pipe: Any,
+    q_pipe: Any,
+    call: dict[str, Any],
+    seed: int,
+    images: int | None,
+    trajectories: bool = False,
+    dtype: str = "float32",
+) -> PipelineRun:
+    """One paired run (FP pass, lock-step Q pass, optional free Q pass) of one seed."""
+    fp_scheduler = fp_pipe.scheduler
+    fp_log = run_fp_pass(fp_pipe, call, seed)
+    replay = replayed_grid(fp_log, scheduler_name(fp_scheduler))
+    q_log = run_q_pass(q_pipe, fp_scheduler, fp_log, call, seed)
+    free_log = run_free_q_pass(q_pipe, fp_scheduler, call, seed) if trajectories else None
+    arrays = paired_run_arrays(fp_log, q_log, images, free_log)
+    arrays = {k: v.astype(STORAGE_DTYPES[dtype]) for k, v in arrays.items()}
+    return PipelineRun(arrays, replay, fp_log.probe)
+
+
+# --------------------------------------------------------------------------------------------------
 # the public entry point
 
 
@@ -420,8 +614,11 @@ def calibrate_pipeline(
         dtype: ``"float32"`` or ``"float16"`` storage.
 
     Returns:
-        The store path. Store variables are ``(run, step, sample, channel, height, width)`` over the
-        latents the scheduler steps.
+        The store path. Store variables are ``(run, step, sample, *latent dims)`` over the latents the
+        scheduler steps: ``channel, height, width`` for image latents, ``token, channel`` for packed
+        token latents (Flux); see :func:`latent_dims`. The step grid is the one the pipeline's own
+        ``set_timesteps`` call gave (custom ``sigmas`` / ``timesteps``, ``mu`` of a resolution-dependent
+        shift), from the step it began at (img2img ``strength``): see :class:`ReplayedGrid`.
     """
     if dtype not in STORAGE_DTYPES:
         raise QDriftError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}")
@@ -440,27 +637,23 @@ def calibrate_pipeline(
         raise QDriftError(
             f"fp_pipe.scheduler is a {type(fp_scheduler).__name__}; calibrate with the plain diffusers scheduler"
         )
+    scheduler_name(fp_scheduler)  # an unsupported scheduler is refused before any pipeline call
     call, conditions, images = _pipeline_call(
         fp_pipe, prompts, class_labels, num_inference_steps, guidance_scale, pipeline_kwargs
     )
 
-    # The grid the pipelines will run: the same set_timesteps on a copy of the FP scheduler.
-    probe = _fresh_copy(fp_scheduler)
-    probe.set_timesteps(num_inference_steps)
-    grid = step_grid(probe)
     identity = scheduler_identity(fp_scheduler)
     if model_id is None:
         model_id = str(getattr(fp_pipe, "name_or_path", None) or "") or None
     out = Path(out)
-    identity_attrs = {  # batch_size and sample_shape are known after the first run
+    identity_attrs = {  # the grid, batch_size and sample_shape are known after the first run
         "qdrift_schema": SCHEMA,
         "qdrift_schema_version": SCHEMA_VERSION,
         "pair": pair_name or describe_pipelines(fp_pipe, q_pipe, conditions, guidance_scale, recipe),
         "scheduler": identity["name"],
         "scheduler_class": identity["class"],
         "scheduler_config": json.dumps(identity["config"], sort_keys=True),
-        "steps": num_inference_steps,
-        "prediction_type": grid.prediction_type,
+        "num_inference_steps": num_inference_steps,
         "dtype": dtype,
         "trajectories": bool(trajectories),
         "package": "qdrift-stats",
@@ -472,45 +665,110 @@ def calibrate_pipeline(
         "model_id": model_id or "",
         "recipe": recipe or "",
     }
-    done_seeds: set[int] = set()
-    run_index = 0
-    if out.exists():
-        if overwrite:
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        else:
-            existing = store_attrs(out)
-            check_compatible(existing, {**existing, **identity_attrs}, out)
-            run_index = repair_store(out)
-            import zarr
-
-            done_seeds = {int(s) for s in zarr.open_group(out, mode="r")["seed"][:run_index]}
-    coords = {"timestep": grid.timesteps, "a": grid.a, "b": grid.b, "a_next": grid.a_next, "b_next": grid.b_next}
-    todo = [s for s in seeds if s not in done_seeds]
-    for seed in progress(todo) if progress else todo:
-        fp_log = run_fp_pass(fp_pipe, call, seed)
-        if fp_log.num_steps != grid.num_steps or not np.allclose(fp_log.timesteps, grid.timesteps, rtol=0, atol=1e-6):
-            raise QDriftError(
-                f"{type(fp_pipe).__name__} ran {fp_log.num_steps} steps at other timesteps than "
-                f"{identity['name']}.set_timesteps({num_inference_steps}); pipelines that pass custom timesteps or sigmas are not supported"
-            )
-        q_log = run_q_pass(q_pipe, fp_scheduler, fp_log, call, seed)
-        free_log = run_free_q_pass(q_pipe, fp_scheduler, call, seed) if trajectories else None
-        arrays = paired_run_arrays(fp_log, q_log, images, free_log)
-        attrs = {
-            **identity_attrs,
-            "batch_size": int(arrays["delta_x"].shape[1]),
-            "sample_shape": list(arrays["delta_x"].shape[2:]),
-        }
+    with writer_lock(out):
+        done_seeds: set[int] = set()
+        run_index = 0
+        existing: dict[str, Any] | None = None
         if out.exists():
-            check_compatible(store_attrs(out), attrs, out)
-        arrays = {k: v.astype(STORAGE_DTYPES[dtype]) for k, v in arrays.items()}
-        append_run(out, run_dataset(arrays, seed, run_index, coords, attrs))
-        run_index += 1
+            if overwrite:
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            else:
+                existing = store_attrs(out)
+                check_compatible(existing, {**existing, **identity_attrs}, out)
+                run_index = repair_store(out)
+                import zarr
+
+                done_seeds = {int(s) for s in zarr.open_group(out, mode="r")["seed"][:run_index]}
+        todo = [s for s in seeds if s not in done_seeds]
+        first: PipelineRun | None = None
+        first_seed = -1
+        run_attrs: dict[str, Any] = {}
+        coords: dict[str, np.ndarray] = {}
+        for seed in progress(todo) if progress else todo:
+            run = record_pipeline_run(fp_pipe, q_pipe, call, seed, images, trajectories, dtype)
+            if first is None:
+                first, first_seed = run, seed
+                run_attrs = pipeline_run_attrs(identity_attrs, run, fp_pipe, q_pipe, existing)
+                coords = run.replay.coordinates(fp_scheduler)
+                if existing is not None:
+                    check_same_pipeline_store(out, existing, run_attrs, coords)
+            elif not run.replay.same_as(first.replay):
+                raise QDriftError(
+                    f"seed {seed}: the pipeline ran another step grid than for seed {first_seed}; "
+                    "calibrate runs of one grid per store"
+                )
+            append_run(out, run_dataset(run.arrays, seed, run_index, coords, run_attrs, dims=run_attrs_dims(run_attrs)))
+            run_index += 1
     return out
+
+
+def run_attrs_dims(attrs: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(json.loads(attrs["sample_dims"]))
+
+
+def pipeline_run_attrs(
+    identity_attrs: dict[str, Any], run: PipelineRun, fp_pipe: Any, q_pipe: Any, existing: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The store attributes once the first run has shown the grid, the batch and the latent layout.
+
+    Besides the record store's attributes: ``set_timesteps`` (the pipeline's own call, JSON),
+    ``begin_index`` and ``grid_steps`` (img2img runs the last ``steps`` of ``grid_steps``),
+    ``sample_dims`` (JSON list, see :func:`latent_dims`) and ``q_fingerprint`` (JSON, see
+    :mod:`qdrift_stats.record.fingerprint`; empty if the denoiser call cannot be probed). When runs
+    are appended to an ``existing`` store with a fingerprint of the same probe, only the quantized
+    denoiser is probed again, and refused if it differs.
+    """
+    shape = run.arrays["delta_x"].shape
+    replay = run.replay
+    fingerprint_json = ""
+    old = json.loads(existing["q_fingerprint"]) if existing and existing.get("q_fingerprint") else None
+    if old is not None and old.get("probe") == run.probe:
+        check_denoiser(pipeline_denoiser(q_pipe)[1], old, "the store")  # refuses another quantized model
+        fingerprint_json = existing["q_fingerprint"]
+    elif run.probe is not None:
+        recorded = fingerprint(pipeline_denoiser(fp_pipe)[1], pipeline_denoiser(q_pipe)[1], run.probe)
+        fingerprint_json = json.dumps(recorded, sort_keys=True) if recorded is not None else ""
+    return {
+        **identity_attrs,
+        "steps": int(replay.grid.num_steps),
+        "grid_steps": int(replay.full_steps),
+        "begin_index": int(replay.begin_index),
+        "set_timesteps": json.dumps(replay.call, sort_keys=True),
+        "prediction_type": replay.grid.prediction_type,
+        "batch_size": int(shape[1]),
+        "sample_shape": list(shape[2:]),
+        "sample_dims": json.dumps(list(latent_dims(shape[2:]))),
+        "q_fingerprint": fingerprint_json,
+    }
+
+
+def check_same_pipeline_store(out: Path, existing: dict[str, Any], attrs: dict[str, Any], coords: dict) -> None:
+    """Refuse to append runs of another grid or latent layout to an existing store."""
+    check_compatible(existing, attrs, out)
+    import zarr
+
+    group = zarr.open_group(out, mode="r")
+    timesteps = np.asarray(group["timestep"][:], dtype=np.float64)
+    b_next = np.asarray(group["b_next"][:], dtype=np.float64)
+    if len(timesteps) != len(coords["timestep"]) or not (
+        np.allclose(timesteps, coords["timestep"], rtol=0, atol=1e-6)
+        and np.allclose(b_next, coords["b_next"], rtol=1e-6, atol=1e-9)
+    ):
+        raise QDriftError(
+            f"{out} was recorded on the step grid {_short(timesteps)}, this pipeline runs {_short(coords['timestep'])}; "
+            "choose another --out or pass --overwrite"
+        )
+    if existing.get("sample_dims") and existing.get("sample_dims") != attrs.get("sample_dims"):
+        raise QDriftError(f"{out} was recorded with latent dims {existing['sample_dims']}, not {attrs['sample_dims']}")
 
 
 __all__ = [
     "PassLog",
+    "PipelineRun",
+    "ReplayedGrid",
+    "latent_dims",
+    "record_pipeline_run",
+    "replayed_grid",
     "calibrate_pipeline",
     "describe_pipelines",
     "paired_run_arrays",

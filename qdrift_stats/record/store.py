@@ -109,16 +109,26 @@ def package_version() -> str:
 
 
 def run_dataset(
-    arrays: dict[str, np.ndarray], seed: int, run_index: int, coords: dict[str, np.ndarray], attrs: dict[str, Any]
+    arrays: dict[str, np.ndarray],
+    seed: int,
+    run_index: int,
+    coords: dict[str, np.ndarray],
+    attrs: dict[str, Any],
+    dims: tuple[str, ...] | None = None,
 ) -> xr.Dataset:
     """A one-run dataset ready to be appended.
 
     Args:
         arrays: name -> ``(step, sample, *sample_shape)`` array of one run.
         coords: per-step coordinates ``timestep, a, b, a_next, b_next``, each ``(steps,)``.
+        dims: names of the sample's own dims (default :func:`sample_dims`); pipelines with packed
+            token latents name them ``("token", "channel")``.
     """
     first = next(iter(arrays.values()))
-    dims = ("run", "step", "sample") + sample_dims(first.shape[2:])
+    own = tuple(dims) if dims is not None else sample_dims(first.shape[2:])
+    if len(own) != first.ndim - 2:
+        raise QDriftError(f"sample dims {own} do not fit samples of shape {first.shape[2:]}")
+    dims = ("run", "step", "sample") + own
     data_vars = {name: (dims, value[None]) for name, value in arrays.items()}
     all_coords: dict[str, Any] = {
         "run": ("run", np.array([run_index], dtype=np.int64)),
