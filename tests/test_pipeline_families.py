@@ -44,7 +44,10 @@ def with_scheduler(pipe, scheduler):
 
 
 def latents(pipe, call, seed=5, steps=STEPS):
-    out = pipe(**call, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="latent")
+    output_type = "pt" if type(pipe).__name__ == "DiTPipeline" else "latent"  # DiT always decodes
+    out = pipe(
+        **call, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type=output_type
+    )
     return out.images
 
 
@@ -58,6 +61,7 @@ def chain(fp, q, call, tmp_path, steps=STEPS, guidance_key="guidance_scale"):
     """The whole chain; returns ``(store dataset, estimator file, plain, corrected)``."""
     kwargs = dict(call)
     guidance = kwargs.pop(guidance_key, None)
+    labels = kwargs.pop("class_labels", None)
     store = calibrate_pipeline(
         fp,
         q,
@@ -65,6 +69,7 @@ def chain(fp, q, call, tmp_path, steps=STEPS, guidance_key="guidance_scale"):
         seeds=[0, 1],
         num_inference_steps=steps,
         guidance_scale=guidance,
+        class_labels=labels,
         pipeline_kwargs=kwargs,
         recipe="w4a4",
     )
@@ -139,6 +144,54 @@ def test_flux_at_another_image_size_is_refused_naming_the_shift_or_interpolated_
     corrected = latents(with_scheduler(q, wrapper), bigger)
     assert torch.isfinite(corrected).all() and not torch.equal(corrected, latents(q, bigger))
     assert any("interpolated" in n and "the sigma shift" in n for n in wrapper.notes)
+
+
+# ---- the other families ------------------------------------------------------------------------------
+
+FAMILIES = {
+    # name: (builder, call, scheduler name recorded, sample dims)
+    "sd3": (lambda: tiny.sd3(False), tiny.sd3_call, "flow-euler", ("channel", "height", "width")),
+    "sd3.5-dynamic-shift": (lambda: tiny.sd3(True), tiny.sd3_call, "flow-euler", ("channel", "height", "width")),
+    "pixart-sigma": (tiny.pixart_sigma, tiny.pixart_call, "dpmpp-2m", ("channel", "height", "width")),
+    "sana-flow-dpmpp": (lambda: tiny.sana(True), tiny.sana_call, "flow-dpmpp-2m", ("channel", "height", "width")),
+    "sana-flow-euler": (lambda: tiny.sana(False), tiny.sana_call, "flow-euler", ("channel", "height", "width")),
+    "sdxl": (tiny.sdxl, tiny.sdxl_call, "euler", ("channel", "height", "width")),
+    "sd": (tiny.sd, tiny.sd_call, "ddim", ("channel", "height", "width")),
+    "dit": (tiny.dit, tiny.dit_call, "ddim", ("channel", "height", "width")),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_pipeline_family_chain(family, tmp_path):
+    build, call, name, dims = FAMILIES[family]
+    fp = build()
+    q = tiny.twin(fp)
+    ds, est, _, _ = chain(fp, q, call(), tmp_path)
+    assert ds.attrs["scheduler"] == name and ds.attrs["pipeline"] == type(fp).__name__
+    assert ds["delta_x"].dims[3:] == dims and ds.sizes["step"] == STEPS
+    # the recorded grid is the one the pipeline's own set_timesteps call gives, replayed on a copy
+    replay = type(fp.scheduler).from_config(fp.scheduler.config)
+    kwargs = json.loads(ds.attrs["set_timesteps"])
+    args = kwargs.pop("args")
+    replay.set_timesteps(*args, **{k: np.asarray(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+    np.testing.assert_allclose(ds["timestep"].values, replay.timesteps.double().numpy(), rtol=0, atol=1e-4)
+    if family == "sd3.5-dynamic-shift":  # mu of 16 latent tokens (32 px / 8), as the pipeline computes it
+        assert kwargs["mu"] == pytest.approx(0.5 + (16 - 256) * (1.15 - 0.5) / (4096 - 256))
+    assert est.steps == STEPS and est.metadata["scheduler"]["class"] == type(fp.scheduler).__name__
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim"])
+def test_img2img_records_and_corrects_the_steps_the_strength_leaves(scheduler, tmp_path):
+    fp = tiny.sd(scheduler, img2img=True)
+    q = tiny.twin(fp)
+    call = {**tiny.sd_call(img2img=True), "strength": 0.5}
+    ds, est, _, _ = chain(fp, q, call, tmp_path, steps=4)
+    # strength 0.5 of 4 steps: the pipeline skips 2 and runs the last 2 of the 4-step grid
+    full = type(fp.scheduler).from_config(fp.scheduler.config)
+    full.set_timesteps(4)
+    assert ds.attrs["begin_index"] == 2 and ds.attrs["grid_steps"] == 4 and ds.sizes["step"] == 2
+    np.testing.assert_allclose(ds["timestep"].values, full.timesteps[2:].double().numpy())
+    assert est.steps == 2
 
 
 # ---- fingerprint -----------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ The probe: every argument of the first denoiser call is kept as JSON: small tens
 :data:`VERBATIM_ELEMENTS` elements: timesteps, class labels, guidance) and integer tensors by
 value, larger floating-point tensors (latents, text embeddings, position ids) by shape only; those
 are drawn from ``torch.Generator().manual_seed(PROBE_SEED)`` in argument order, in float32 on the
-CPU, then moved to the denoiser's device and dtype. Only :data:`SUBSAMPLE` output values, at fixed
+CPU (positional arguments first, then keyword arguments in sorted order), then moved to the
+denoiser's device and dtype. Only :data:`SUBSAMPLE` output values, at fixed
 evenly spaced positions, are kept.
 
 The test: with ``o`` the checked output, ``q`` and ``f`` the recorded quantized and full-precision
@@ -92,7 +93,7 @@ def _build(entry: dict[str, Any], generator: torch.Generator, device: torch.devi
     if "value" in entry:
         return entry["value"]
     if "dict" in entry:
-        return {k: _build(v, generator, device, dtype) for k, v in entry["dict"].items()}
+        return {k: _build(entry["dict"][k], generator, device, dtype) for k in sorted(entry["dict"])}
     if "list" in entry:
         items = [_build(v, generator, device, dtype) for v in entry["list"]]
         return tuple(items) if entry.get("tuple") else items
@@ -111,7 +112,8 @@ def probe_input(spec: dict[str, Any], module: nn.Module) -> tuple[tuple, dict]:
     device, dtype = _where(module)
     generator = torch.Generator().manual_seed(PROBE_SEED)
     args = tuple(_build(a, generator, device, dtype) for a in spec["args"])
-    kwargs = {k: _build(v, generator, device, dtype) for k, v in spec["kwargs"].items()}
+    # keyword arguments in sorted order: the spec travels as JSON with sorted keys
+    kwargs = {k: _build(spec["kwargs"][k], generator, device, dtype) for k in sorted(spec["kwargs"])}
     return args, kwargs
 
 
