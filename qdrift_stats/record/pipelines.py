@@ -65,7 +65,7 @@ from qdrift_stats.record.store import (
     store_attrs,
     writer_lock,
 )
-from qdrift_stats.schedulers.base import StepGrid, scheduler_identity, scheduler_name, step_grid, step_kwargs
+from qdrift_stats.schedulers.base import StepGrid, gain_on, scheduler_identity, scheduler_name, step_grid
 
 DENOISER_NAMES: tuple[str, ...] = ("unet", "transformer")
 _LATENT_KWARGS: tuple[str, ...] = ("sample", "hidden_states", "x")
@@ -360,11 +360,10 @@ class ReplayedGrid:
     begin_index: int
     full_steps: int
     call: dict[str, Any]
-    args: tuple = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def coordinates(self, scheduler: Any) -> dict[str, np.ndarray]:
-        """The store's per-step coordinates: ``timestep, a, b, a_next, b_next, gain`` (float64 ``(steps,)``)."""
+    def coordinates(self) -> dict[str, np.ndarray]:
+        """The store's per-step coordinates: ``timestep, a, b, a_next, b_next, gain`` (float64 ``(steps,)``;
+        ``gain``: the adapter's first-order gain on the replayed grid)."""
         g = self.grid
         return {
             "timestep": g.timesteps,
@@ -372,7 +371,7 @@ class ReplayedGrid:
             "b": g.b,
             "a_next": g.a_next,
             "b_next": g.b_next,
-            "gain": replayed_output_gains(scheduler, self),
+            "gain": gain_on(g),
         }
 
     def same_as(self, other: ReplayedGrid) -> bool:
@@ -396,10 +395,6 @@ def _json_arg(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)
-
-
-def _host_arg(value: Any) -> Any:
-    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
 def replayed_grid(fp_log: PassLog, name: str) -> ReplayedGrid:
@@ -429,41 +424,12 @@ def replayed_grid(fp_log: PassLog, name: str) -> ReplayedGrid:
     kwargs = {k: v for k, v in kwargs.items() if k != "device"}
     args = tuple(a for a in args if not isinstance(a, (torch.device, str)))  # set_timesteps(n, device)
     call = {"args": _json_arg(list(args)), **{k: _json_arg(v) for k, v in sorted(kwargs.items())}}
-    host_args = tuple(_host_arg(a) for a in args)
-    host_kwargs = {k: _host_arg(v) for k, v in kwargs.items()}
-    return ReplayedGrid(grid, int(begin), full.num_steps, call, host_args, host_kwargs)
+    return ReplayedGrid(grid, int(begin), full.num_steps, call)
 
 
 def _short(values: np.ndarray) -> str:
     values = [f"{v:g}" for v in np.asarray(values).reshape(-1)]
     return "[" + ", ".join(values if len(values) <= 6 else values[:3] + ["..."] + values[-2:]) + "]"
-
-
-def replayed_output_gains(scheduler: Any, replay: ReplayedGrid) -> np.ndarray:
-    """``(steps,)`` gain ``c_i`` of the first-order step on the model output, on the replayed grid.
-
-    The scheduler's first-order twin (DPM-Solver++ of order 1 for a multistep DPM-Solver; the
-    scheduler itself for a one-step solver) gets the pipeline's own ``set_timesteps`` call and begin
-    index, and is stepped from the state 0 with the output 1 (see
-    :func:`qdrift_stats.schedulers.base.output_gains`).
-    """
-    from diffusers import DPMSolverMultistepScheduler
-
-    twin = _fresh_copy(scheduler)
-    if isinstance(twin, DPMSolverMultistepScheduler):
-        twin = DPMSolverMultistepScheduler.from_config(twin.config, solver_order=1)
-    twin.set_timesteps(*replay.args, **replay.kwargs)
-    if replay.begin_index and hasattr(twin, "set_begin_index"):
-        twin.set_begin_index(replay.begin_index)
-    zero = torch.zeros(1, dtype=torch.float64)
-    one = torch.ones(1, dtype=torch.float64)
-    kwargs = step_kwargs(twin)
-    gains = []
-    for t in twin.timesteps[replay.begin_index : replay.begin_index + replay.grid.num_steps]:
-        if hasattr(twin, "scale_model_input"):
-            twin.scale_model_input(zero, t)
-        gains.append(float(twin.step(one, t, zero, **kwargs, return_dict=False)[0][0]))
-    return np.asarray(gains, dtype=np.float64)
 
 
 def latent_dims(latent_shape: Sequence[int]) -> tuple[str, ...]:
@@ -689,7 +655,7 @@ def calibrate_pipeline(
             if first is None:
                 first, first_seed = run, seed
                 run_attrs = pipeline_run_attrs(identity_attrs, run, fp_pipe, q_pipe, existing)
-                coords = run.replay.coordinates(fp_scheduler)
+                coords = run.replay.coordinates()
                 if existing is not None:
                     check_same_pipeline_store(out, existing, run_attrs, coords)
             elif not run.replay.same_as(first.replay):
