@@ -165,18 +165,9 @@ def test_module_level_imports_are_acyclic():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-# Private names still imported across modules in files being refactored by the arch-core work
-# (schedulers/ adapters and record/); they are refused as soon as they are gone from main.
-PENDING_ARCH_CORE: set[str] = set()  # none left: the adapters made jsonable and STORAGE_DTYPES public
-
-
 def test_no_module_imports_a_private_name_of_another():
     found = private_imports()
-    unexpected = [f for f in found if f not in PENDING_ARCH_CORE]
-    assert not unexpected, "private names used across modules:\n" + "\n".join(unexpected)
-    pending = sorted(PENDING_ARCH_CORE & set(found))
-    if pending:
-        pytest.skip("private names pending the arch-core refactor (schedulers/, record/): " + "; ".join(pending))
+    assert not found, "private names used across modules:\n" + "\n".join(found)
 
 
 def test_import_qdrift_stats_loads_neither_torch_nor_diffusers():
