@@ -161,10 +161,10 @@ def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: 
 )
 @click.option(
     "--correction",
-    default="shrink",
-    show_default=True,
-    type=click.Choice(["drift", "shrink"]),
-    help="Correction form: shrink (exact for a Gaussian convolution, never diverges) or drift (first order, clipped at 1).",
+    default=None,
+    type=click.Choice(["drift", "shrink", "published"]),
+    help="Correction form: shrink (the default: exact for a Gaussian convolution, never diverges), drift (first order, "
+    "clipped at 1) or published (the published Q-Drift code's step rescaling; the default of --estimator published).",
 )
 @click.option(
     "--strength", default=1.0, show_default=True, type=float, help="Strength lambda multiplying the statistic."
@@ -179,7 +179,10 @@ def fit(store, out, estimator_name, correction, strength, overwrite, quiet, as_j
     from qdrift_stats.estimators import get_estimator
 
     fitted = get_estimator(estimator_name).fit(store)
-    fitted.export(out, correction=correction, strength=strength, provenance={"store": str(store)}, overwrite=overwrite)
+    written = fitted.export(
+        out, correction=correction, strength=strength, provenance={"store": str(store)}, overwrite=overwrite
+    )
+    correction = written.form
     if as_json:
         import json
 

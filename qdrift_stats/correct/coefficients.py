@@ -118,3 +118,76 @@ def divergence_risk(variance: np.ndarray, b_next: np.ndarray, strength: float = 
     Where it exceeds 1 the ``drift`` form is clipped (module docstring) and no longer first order.
     """
     return correction_coefficients(variance, b_next, UNCLIPPED_DRIFT, strength)
+
+
+#: The published Q-Drift code's correction (a baseline; see :func:`published_coefficients`).
+PUBLISHED = "published"
+#: The forms an estimator file may record: the library's, and the published baseline.
+FILE_FORMS: tuple[str, ...] = CORRECTION_FORMS + (PUBLISHED,)
+
+
+def published_coefficients(
+    scheduler: str,
+    a: np.ndarray,
+    b: np.ndarray,
+    a_next: np.ndarray,
+    b_next: np.ndarray,
+    output_variance: np.ndarray,
+    gain: np.ndarray | None = None,
+    gain_previous: np.ndarray | None = None,
+    strength: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The published Q-Drift code's per-step correction, as ``(c, ratio)`` for an increment rescaling.
+
+    The published schedulers scale each step's deterministic increment by ``1 + c_i`` in the
+    coordinates ``y = x / a`` (Euler and flow-matching Euler step in ``x`` itself):
+
+        y_{i+1} <- y_i + (1 + c_i) (y_{i+1} - y_i),   i.e.   x_{i+1} <- x_{i+1} + c_i (x_{i+1} - ratio_i x_i)
+
+    with ``ratio_i = a_{i+1} / a_i`` (1 for ``euler`` and ``flow-euler``). ``V`` is the conditional
+    variance of the output error (output units, per step and channel). Per scheduler:
+
+    - ``euler``, ``flow-euler`` (as published): ``c = V |sigma_{i+1} - sigma_i| / (2 sigma_i)`` at the
+      *current* level ``sigma = b``; on the last step (``sigma_{i+1} = 0``) that is ``V / 2``.
+    - ``ddim`` (no published version; the same rule in DDIM's own Euler coordinates
+      ``sigma = b / a``, ``y = x / a``).
+    - ``dpmpp-2m``, ``flow-dpmpp-2m`` (as published): the variance of the step in ``y`` propagated
+      through the solver's coefficients on the current and the previous output,
+      ``Var(dy) = (gain_i^2 V_i + gain_prev_i^2 V_{i-1}) / a_{i+1}^2`` (errors of different steps
+      taken as independent), matched to the marginal-preserving diffusion:
+      ``c = Var(dy) / (sbar_i^2 - sbar_{i+1}^2)``, ``sbar = b / a``.
+
+    ``strength`` multiplies ``c`` (the published ``qdrift_scale``). Returns float64 ``c`` of the
+    shape of ``output_variance`` and ``ratio`` ``(steps,)``. Nothing is clipped: this is the
+    published rule, kept as a baseline.
+    """
+    a, b, a_next, b_next = (np.asarray(v, dtype=np.float64) for v in (a, b, a_next, b_next))
+    V = np.asarray(output_variance, dtype=np.float64)
+    if V.shape[0] != len(b):
+        raise QDriftError(f"estimator has {V.shape[0]} steps but the sampler has {len(b)}")
+    if not np.all(np.isfinite(V)) or np.any(V < 0):
+        raise QDriftError("output variance must be finite and non-negative")
+
+    def col(x: np.ndarray) -> np.ndarray:
+        return x.reshape((-1,) + (1,) * (V.ndim - 1))
+
+    if scheduler in ("euler", "flow-euler"):
+        sigma, sigma_next = b, b_next
+        c = V * col(np.abs(sigma_next - sigma) / (2.0 * sigma))
+        ratio = np.ones_like(b)
+    elif scheduler == "ddim":
+        sigma, sigma_next = b / a, b_next / a_next
+        c = V * col(np.abs(sigma_next - sigma) / (2.0 * sigma))
+        ratio = a_next / a
+    elif scheduler in ("dpmpp-2m", "flow-dpmpp-2m"):
+        if gain is None:
+            raise QDriftError("the published DPM-Solver++ correction needs the solver's gains")
+        gp = np.zeros_like(gain) if gain_previous is None else np.asarray(gain_previous, dtype=np.float64)
+        V_prev = np.concatenate([np.zeros_like(V[:1]), V[:-1]], axis=0)
+        var_dy = (col(np.asarray(gain, dtype=np.float64) ** 2) * V + col(gp**2) * V_prev) / col(a_next**2)
+        sbar, sbar_next = b / a, b_next / a_next
+        c = var_dy / col(np.maximum(np.abs(sbar**2 - sbar_next**2), 1e-20))
+        ratio = a_next / a
+    else:
+        raise QDriftError(f"no published correction for scheduler {scheduler!r}")
+    return strength * c, ratio

@@ -98,3 +98,36 @@ class Corrector:
             return x_next
         x0_hat = self.grid.x0_from_output(i, x, model_output)
         return apply_correction(x_next, x0_hat, float(self.grid.a_next[i]), self.coefficients[i], self.channel_axis)
+
+
+class IncrementCorrector(Corrector):
+    """The published Q-Drift code's update: the step's increment rescaled, ``x_{i+1} + c_i (x_{i+1} - ratio_i x_i)``.
+
+    ``coefficients``: ``(steps[, channels])`` ``c_i`` and ``ratio``: ``(steps,)`` (see
+    :func:`qdrift_stats.correct.coefficients.published_coefficients`). The output map ``k, mu``
+    (the conditional-mean bias) works as for :class:`Corrector`.
+    """
+
+    def __init__(self, grid, coefficients, ratio, device, dtype, k=None, mu=None, channel_axis: int = 1):
+        super().__init__(grid, coefficients, device, dtype, k=k, mu=mu, channel_axis=channel_axis)
+        self._ratio_host = np.asarray(ratio, dtype=np.float64)
+        self.ratio = [float(r) for r in self._ratio_host]
+
+    def to(self, device, dtype) -> IncrementCorrector:
+        coefficients, k, mu = self._host
+        return IncrementCorrector(
+            self.grid,
+            coefficients,
+            self._ratio_host,
+            torch.device(device),
+            dtype,
+            k=k,
+            mu=mu,
+            channel_axis=self.channel_axis,
+        )
+
+    def __call__(self, i, x, model_output, x_next):
+        if not self.active[i]:
+            return x_next
+        c = channelwise(self.coefficients[i], x_next, self.channel_axis)
+        return x_next + c * (x_next - self.ratio[i] * x)

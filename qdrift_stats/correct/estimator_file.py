@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qdrift_stats.correct.coefficients import CORRECTION_FORMS, correction_coefficients
+from qdrift_stats.correct.coefficients import FILE_FORMS, PUBLISHED, correction_coefficients, published_coefficients
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.schedulers.base import StepGrid, scheduler_name, step_grid
 
@@ -49,7 +49,7 @@ FORMAT = "qdrift-estimator"
 FORMAT_VERSION = 1
 METADATA_KEY = "qdrift"
 _REQUIRED_TENSORS = ("variance", "timesteps", "a_next", "b_next")
-_OPTIONAL_TENSORS = ("k", "mu", "ci_low", "ci_high")
+_OPTIONAL_TENSORS = ("k", "mu", "ci_low", "ci_high", "output_variance")
 # A smooth estimator's model over log b (not per step): (points,) each, see variance_on.
 CURVE_TENSORS = ("curve_log_b", "curve_log_u", "curve_log_kappa")
 
@@ -70,7 +70,7 @@ class EstimatorFile:
     def from_fitted(
         cls,
         fitted: FittedEstimator,
-        correction: str = "shrink",
+        correction: str | None = None,
         strength: float = 1.0,
         provenance: dict[str, Any] | None = None,
     ) -> EstimatorFile:
@@ -82,14 +82,20 @@ class EstimatorFile:
 
         Args:
             fitted: the fitted estimator.
-            correction: ``"shrink"`` or ``"drift"``, the form the file asks for.
+            correction: ``"shrink"`` or ``"drift"``, the form the file asks for; ``"published"`` for the
+                published baseline's own rule (only with the ``published`` estimator). ``None``: the
+                fit's ``default_correction`` (``shrink`` unless the estimator says otherwise).
             strength: the strength ``lambda`` multiplying the statistic.
             provenance: further provenance entries (e.g. ``{"store": path}``).
         """
         from qdrift_stats import __version__
 
-        if correction not in CORRECTION_FORMS:
+        if correction is None:
+            correction = getattr(fitted, "default_correction", "shrink")
+        if correction not in FILE_FORMS:
             raise QDriftError(f"unknown correction form {correction!r}; choose drift or shrink")
+        if (correction == PUBLISHED) != ("output_variance" in fitted.export_tensors()):
+            raise QDriftError("the 'published' correction form goes with the 'published' estimator, and only with it")
         attrs = fitted.store_attrs
         tensors = {
             "variance": fitted.variance,
@@ -228,8 +234,14 @@ class EstimatorFile:
         for key in ("scheduler", "correction", "estimator"):
             if not isinstance(metadata.get(key), dict):
                 raise QDriftError(f"{path}: metadata lacks the '{key}' object")
-        if metadata["correction"].get("form") not in CORRECTION_FORMS:
+        if metadata["correction"].get("form") not in FILE_FORMS:
             raise QDriftError(f"{path}: unknown correction form {metadata['correction'].get('form')!r}")
+        if metadata["correction"].get("form") == PUBLISHED and "output_variance" not in tensors:
+            raise QDriftError(f"{path}: the 'published' form needs the 'output_variance' tensor")
+        if "output_variance" in tensors and (
+            not np.all(np.isfinite(tensors["output_variance"])) or np.any(tensors["output_variance"] < 0)
+        ):
+            raise QDriftError(f"{path}: output_variance must be finite and non-negative")
         return cls(tensors, metadata, path)
 
     # ---- use ----------------------------------------------------------------------------
@@ -347,7 +359,36 @@ class EstimatorFile:
         """
         form = correction or self.metadata["correction"]["form"]
         lam = self.metadata["correction"].get("strength", 1.0) if strength is None else strength
+        if form == PUBLISHED:
+            return self.published_on(grid, float(lam))[0]
         return correction_coefficients(self.variance_on(grid, call=call), grid.b_next, form, float(lam))
+
+    @property
+    def form(self) -> str:
+        """The correction form the file asks for."""
+        return str(self.metadata["correction"]["form"])
+
+    def published_on(self, grid: StepGrid, strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """``(c, ratio)`` of the published correction on a grid (:func:`~qdrift_stats.correct.coefficients.published_coefficients`).
+
+        The output variance is keyed by timestep and linearly interpolated onto the grid's timesteps
+        (constant beyond the ends), as the published code does; DPM-Solver++'s gains are read off a
+        scheduler rebuilt from the file's identity on the grid's step count.
+        """
+        if "output_variance" not in self.tensors:
+            source = str(self.path) if self.path else "estimator"
+            raise QDriftError(f"{source} has no output variance: the 'published' form needs the 'published' estimator")
+        V = self.tensors["output_variance"]
+        if not self._same_grid(grid):
+            V = interpolate_over_timesteps(self.tensors["timesteps"], V, grid.timesteps)
+        gain = gain_previous = None
+        if grid.name in ("dpmpp-2m", "flow-dpmpp-2m"):
+            from qdrift_stats.estimators.smooth import scheduler_from_identity, solver_gains
+
+            gain, gain_previous = solver_gains(scheduler_from_identity(self.metadata["scheduler"], grid.num_steps))
+        return published_coefficients(
+            grid.name, grid.a, grid.b, grid.a_next, grid.b_next, V, gain, gain_previous, strength
+        )
 
     def corrector(
         self,
@@ -365,8 +406,14 @@ class EstimatorFile:
         self.check_scheduler(scheduler)
         device = torch.device(device) if device is not None else scheduler.timesteps.device
         dtype = dtype or torch.float32
-        coefficients = self.coefficients(grid, correction, strength, call)
         k, mu = self.decomposition_on(grid)
+        if (correction or self.form) == PUBLISHED:
+            from qdrift_stats.correct.corrector import IncrementCorrector
+
+            lam = self.metadata["correction"].get("strength", 1.0) if strength is None else strength
+            c, ratio = self.published_on(grid, float(lam))
+            return IncrementCorrector(grid, c, ratio, device, dtype, k=k, mu=mu, channel_axis=self.channel_axis)
+        coefficients = self.coefficients(grid, correction, strength, call)
         return Corrector(grid, coefficients, device, dtype, k=k, mu=mu, channel_axis=self.channel_axis)
 
     # ---- provenance -----------------------------------------------------------------------

@@ -15,6 +15,8 @@ from qdrift_stats.estimators.base import Estimator, FittedEstimator
 from qdrift_stats.estimators.decomposed import DecomposedEstimator, DecomposedFit
 from qdrift_stats.estimators.empirical import EmpiricalEstimator
 from qdrift_stats.estimators.moment import MomentEstimator, MomentFit
+from qdrift_stats.estimators.baselines import PTQDEstimator, PublishedEstimator
+from qdrift_stats.estimators.persistent import PersistentEstimator
 from qdrift_stats.estimators.robust import RobustEstimator
 from qdrift_stats.estimators.smooth import SmoothFit, SmoothGLMEstimator, SmoothLowessEstimator
 
@@ -32,6 +34,12 @@ ESTIMATORS: dict[str, Callable[[], Estimator]] = {
     "robust-mad": partial(RobustEstimator, method="mad"),
     "robust-first-order": partial(RobustEstimator, statistic="first-order"),
     "moment": MomentEstimator,  # re-samples the pair named in the store
+    "persistent": PersistentEstimator,
+    "persistent-ptqd": partial(PersistentEstimator, bias="ptqd"),
+    "persistent-conditional": partial(PersistentEstimator, bias="conditional"),
+    "published": PublishedEstimator,  # the published Q-Drift code's statistic and correction (baseline)
+    "published-bias": partial(PublishedEstimator, bias=True),
+    "ptqd": PTQDEstimator,  # PTQD's output correction (baseline)
 }
 
 
@@ -62,6 +70,9 @@ __all__ = [
     "FittedEstimator",
     "MomentEstimator",
     "MomentFit",
+    "PersistentEstimator",
+    "PTQDEstimator",
+    "PublishedEstimator",
     "RobustEstimator",
     "SmoothFit",
     "SmoothGLMEstimator",

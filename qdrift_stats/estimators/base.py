@@ -257,7 +257,7 @@ class FittedEstimator:
     def export(
         self,
         path: str | Path,
-        correction: str = "shrink",
+        correction: str | None = None,
         strength: float = 1.0,
         provenance: dict[str, Any] | None = None,
         overwrite: bool = False,

@@ -16,7 +16,19 @@ name                       kind     quantization error
 ``mixture_flow_lowfreq``   flow     low-frequency sine: correlated along the trajectory
 ``mixture_flow_correlated`` flow    signal-correlated
 ``mixture_flow_rounding``  flow     output rounding
+``mixture_vp_weight``      VP eps   weight error ``dW z`` (persistent along the trajectory)
+``mixture_vp_weight_strong`` VP eps the same, 2.7x larger (a regime where no variance term suffices)
+``mixture_flow_weight``    flow     weight error
+``mixture_vp_actround``    VP eps   coarsely rounded hidden activation (persistent, rough)
+``mixture_flow_actround``  flow     coarsely rounded hidden activation
+``mixture_vp_actround_fine`` VP eps finely rounded hidden activation (grid 0.05: still persistent)
+``mixture_flow_actround_fine`` flow finely rounded hidden activation
 ========================== ======== ==========================================
+
+The persistent families (:class:`~.errors.WeightError`, :class:`~.errors.ActivationRoundingError`)
+model real PTQ error: a deterministic function of a slowly moving input, so that the error of one
+step repeats in the next. ``PERSISTENT_FAMILIES`` and ``NOISE_FAMILIES`` list the pairs by regime
+(the studies report them separately).
 
 The noise-like sine error ``A sin(G z + phi)`` has a bounded (arcsine) marginal; the ``_gauss``
 pairs use :class:`~.errors.GaussianNoiseError`, the same phase mapped to an exactly Gaussian
@@ -27,11 +39,13 @@ marginal of the same variance ``A^2 / 2`` (same ``A``), so the true statistic of
 from __future__ import annotations
 
 from qdrift_stats.testbed.errors import (
+    ActivationRoundingError,
     CorrelatedError,
     GaussianNoiseError,
     NoiseLikeError,
     QuantizationError,
     RoundingError,
+    WeightError,
     ZeroError,
 )
 from qdrift_stats.testbed.metrics import gap_closed, mixture_metrics, negative_log_likelihood, within_mode_variance
@@ -39,6 +53,11 @@ from qdrift_stats.testbed.mixture import FLOW_SCHEDULER_CONFIG, VP_SCHEDULER_CON
 
 DIM = 8
 NOISE_AMPLITUDE = {"vp": 0.5, "flow": 1.0}
+#: Output-error size of the persistent families (per-coordinate std, output units).
+WEIGHT_AMPLITUDE = 0.15
+WEIGHT_STRONG_AMPLITUDE = 0.4
+ACTIVATION_AMPLITUDE = 0.3
+ACTIVATION_COARSE, ACTIVATION_FINE = 0.5, 0.05
 
 
 def default_mixture() -> GaussianMixture:
@@ -97,6 +116,53 @@ def mixture_flow_rounding() -> MixturePair:
     return _pair("flow", RoundingError(delta=0.25))
 
 
+def mixture_vp_weight() -> MixturePair:
+    """VP pair with a weight error ``dW z`` (persistent along each trajectory)."""
+    return _pair("vp", WeightError(DIM, amplitude=WEIGHT_AMPLITUDE))
+
+
+def mixture_vp_weight_strong() -> MixturePair:
+    """VP pair with a large weight error: a systematic distortion no variance term repairs."""
+    return _pair("vp", WeightError(DIM, amplitude=WEIGHT_STRONG_AMPLITUDE))
+
+
+def mixture_flow_weight() -> MixturePair:
+    """Flow pair with a weight error ``dW z``."""
+    return _pair("flow", WeightError(DIM, amplitude=WEIGHT_AMPLITUDE))
+
+
+def mixture_vp_actround() -> MixturePair:
+    """VP pair with a coarsely rounded hidden activation (grid 0.5: persistent and rough)."""
+    return _pair("vp", ActivationRoundingError(DIM, amplitude=ACTIVATION_AMPLITUDE, delta=ACTIVATION_COARSE))
+
+
+def mixture_flow_actround() -> MixturePair:
+    """Flow pair with a coarsely rounded hidden activation."""
+    return _pair("flow", ActivationRoundingError(DIM, amplitude=ACTIVATION_AMPLITUDE, delta=ACTIVATION_COARSE))
+
+
+def mixture_vp_actround_fine() -> MixturePair:
+    """VP pair with a finely rounded hidden activation (grid 0.05: sign changes more often, still persistent)."""
+    return _pair("vp", ActivationRoundingError(DIM, amplitude=ACTIVATION_AMPLITUDE, delta=ACTIVATION_FINE))
+
+
+def mixture_flow_actround_fine() -> MixturePair:
+    """Flow pair with a finely rounded hidden activation."""
+    return _pair("flow", ActivationRoundingError(DIM, amplitude=ACTIVATION_AMPLITUDE, delta=ACTIVATION_FINE))
+
+
+PERSISTENT_FAMILIES: tuple[str, ...] = (
+    "mixture_vp_weight",
+    "mixture_flow_weight",
+    "mixture_vp_actround",
+    "mixture_flow_actround",
+    "mixture_vp_actround_fine",
+    "mixture_flow_actround_fine",
+    "mixture_flow_lowfreq",
+)
+NOISE_FAMILIES: tuple[str, ...] = ("mixture_vp_noise", "mixture_flow_noise", "mixture_vp_gauss", "mixture_flow_gauss")
+
+
 __all__ = [
     "GaussianMixture",
     "MixturePair",
@@ -106,6 +172,10 @@ __all__ = [
     "GaussianNoiseError",
     "CorrelatedError",
     "RoundingError",
+    "WeightError",
+    "ActivationRoundingError",
+    "PERSISTENT_FAMILIES",
+    "NOISE_FAMILIES",
     "VP_SCHEDULER_CONFIG",
     "FLOW_SCHEDULER_CONFIG",
     "within_mode_variance",

@@ -115,3 +115,75 @@ class RoundingError(QuantizationError):
 
     def __call__(self, m_fp, model_input, timestep):
         return torch.round(m_fp / self.delta) * self.delta
+
+
+@dataclass
+class WeightError(QuantizationError):
+    """A weight error ``dW z``: ``m_q = m_fp + amplitude * W z / sqrt(d)``, ``z`` the flattened model input.
+
+    ``W`` is a fixed ``(d, d)`` standard-normal matrix drawn from ``seed``: the error of a linear
+    layer whose weights were rounded, seen through the identity. Unlike :class:`NoiseLikeError` it
+    is a *smooth* function of the input, so it changes as slowly as the input does: along a
+    deterministic trajectory at high noise the model input is nearly the initial noise, and the
+    error stays nearly the same from step to step (it **persists**). Its per-coordinate variance is
+    ``amplitude^2 * E|z|^2 / d`` (about ``amplitude^2`` for a unit-variance input), and it has zero
+    mean for a zero-mean input. Part of it is explained by the FP output wherever the output
+    follows the input (the diagonal of ``W`` at high noise), the rest is not.
+    """
+
+    dim: int
+    amplitude: float = 0.1
+    seed: int = 4321
+    name = "weight"
+
+    def __post_init__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        self._W = torch.randn(self.dim, self.dim, generator=g, dtype=torch.float64) / math.sqrt(self.dim)
+
+    def __call__(self, m_fp, model_input, timestep):
+        z = model_input.reshape(model_input.shape[0], -1).double()
+        err = self.amplitude * (z @ self._W.T)
+        return m_fp + err.reshape(m_fp.shape).to(m_fp.dtype)
+
+
+@dataclass
+class ActivationRoundingError(QuantizationError):
+    """An activation error: a hidden feature rounded to a grid, seen through an output projection.
+
+    ``h = tanh(H z + c)`` with a fixed ``(hidden, d)`` matrix ``H`` (entries ``N(0, scale^2 / d)``)
+    and offsets ``c ~ N(0, 1)``; the quantized layer uses ``delta * round(h / delta)`` instead of
+    ``h``, and the error reaches the output through a fixed ``(d, hidden)`` projection ``B``
+    (entries ``N(0, 1 / hidden)``):
+
+        m_q = m_fp + amplitude * B (delta round(h / delta) - h) / (delta / sqrt(12)).
+
+    The rounding error of one feature is a sawtooth of the input: constant in sign and slowly
+    varying until ``h`` crosses a grid point. With a coarse grid (``delta`` large against how far
+    ``h`` moves along a trajectory) it **persists** over many steps; with a fine grid it changes
+    sign often and looks like noise. Normalised by the uniform rounding error's std
+    ``delta / sqrt(12)`` so that ``amplitude`` sets the output error's size (per-coordinate
+    variance about ``amplitude^2``) whatever the grid.
+    """
+
+    dim: int
+    amplitude: float = 0.1
+    delta: float = 0.5
+    hidden: int = 32
+    scale: float = 1.0
+    seed: int = 2468
+    name = "activation-rounding"
+
+    def __post_init__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        self._H = torch.randn(self.hidden, self.dim, generator=g, dtype=torch.float64) * (
+            self.scale / math.sqrt(self.dim)
+        )
+        self._c = torch.randn(self.hidden, generator=g, dtype=torch.float64)
+        self._B = torch.randn(self.dim, self.hidden, generator=g, dtype=torch.float64) / math.sqrt(self.hidden)
+
+    def __call__(self, m_fp, model_input, timestep):
+        z = model_input.reshape(model_input.shape[0], -1).double()
+        h = torch.tanh(z @ self._H.T + self._c)
+        rounded = torch.round(h / self.delta) * self.delta
+        err = self.amplitude * ((rounded - h) @ self._B.T) / (self.delta / math.sqrt(12.0))
+        return m_fp + err.reshape(m_fp.shape).to(m_fp.dtype)

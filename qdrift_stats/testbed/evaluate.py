@@ -87,6 +87,7 @@ def evaluate_correction(
     estimator: Any = None,
     workdir: str | Path | None = None,
     keep_samples: bool = False,
+    trajectories: bool = False,
 ) -> CorrectionResult:
     """Record ``runs`` calibration runs, fit the empirical statistic, and compare FP, Q and corrected Q.
 
@@ -107,6 +108,7 @@ def evaluate_correction(
             batch_size=batch,
             seed=calibration_seed,
             overwrite=True,
+            trajectories=trajectories,
         )
         fitted = (estimator or EmpiricalEstimator(statistic="first-order")).fit(store)
         path = root / f"{scheduler_name}_{steps}.safetensors"

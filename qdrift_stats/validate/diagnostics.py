@@ -77,6 +77,7 @@ RECOMMENDED: dict[str, tuple[str, str]] = {
     "rounding-like": ("decomposed", "decomposed"),
     "heavy-tailed": ("robust", "robust-first-order"),
     "noise-like": ("first-order", "first-order"),
+    "persistent": ("persistent", "persistent"),  # issue 12; see docs/results.md, the mixture table
 }
 
 
@@ -84,6 +85,8 @@ def recommended_estimator(regime: str, scheduler: str) -> str:
     """The estimator :func:`classify` recommends for an error regime on a scheduler (module docstring)."""
     one_step, multistep = RECOMMENDED[regime]
     return multistep if str(scheduler) in MULTISTEP else one_step
+#: Accumulated over independent variance above which the error counts as persistent (see validate/budget.py).
+PERSISTENT_RATIO = 1.5
 
 
 def lattice_fraction(values: np.ndarray) -> float:
@@ -213,6 +216,7 @@ def _diagnose(ds: xr.Dataset, max_points: int, max_series: int, lb_lags: int | N
             out["channel_spread"][i] = float(row.std() / row.mean())
     lags = lb_lags or int(max(1, min(5, steps // 4)))
     lb_reject, lag1, tested = _ljung_box(ds, v, max_series, lags, seed)
+    persistence = _persistence_section(ds, max_points, seed)
     w = weight if weight.sum() > 0 else np.ones(steps)
     summaries = {
         "weighted_r2": _weighted_mean(out["r2"], w),
@@ -224,9 +228,10 @@ def _diagnose(ds: xr.Dataset, max_points: int, max_series: int, lb_lags: int | N
         "max_drift_pull": float(np.max(weight) / 2) if steps else 0.0,
         "lb_reject": lb_reject,
         "lag1_autocorr": lag1,
+        **persistence["summaries"],
     }
     data = {name: ("step", values) for name, values in out.items()}
-    data.update({"v": ("step", v), "weight": ("step", weight)})
+    data.update({"v": ("step", v), "weight": ("step", weight), "lag1_raw": ("step", persistence["lag1_raw"])})
     data.update({name: ((), value) for name, value in summaries.items()})
     coords = {
         "step": np.arange(steps),
@@ -255,6 +260,20 @@ def _diagnose(ds: xr.Dataset, max_points: int, max_series: int, lb_lags: int | N
         }
     )
     return result
+
+
+# ---- persistence along the trajectory (issue 12; see qdrift_stats.validate.budget) ----------------------
+def _persistence_section(ds: xr.Dataset, max_points: int, seed: int) -> dict[str, Any]:
+    """The error budget's persistence summaries: unlike Ljung-Box, nothing is demeaned per series, so
+    an error that stays the same along a trajectory is seen (it accumulates ``steps``-fold)."""
+    from qdrift_stats.validate.budget import error_budget
+
+    budget = error_budget(ds, max_points=max_points, seed=seed)
+    names = ("persistence_ratio", "fraction_persistence", "fraction_bias", "fraction_explained_ptqd")
+    return {
+        "summaries": {name: float(budget[name].values) for name in names},
+        "lag1_raw": np.asarray(budget["lag1_raw"].values),
+    }
 
 
 def _weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
@@ -287,6 +306,7 @@ def classify(diag: xr.Dataset) -> dict[str, Any]:
         _scalar(diag, "median_channel_spread"),
         _scalar(diag, "max_drift_pull"),
     )
+    persist = _scalar(diag, "persistence_ratio") if "persistence_ratio" in diag else float("nan")
     reasons: list[str] = []
     caveats: list[str] = []
     scheduler = str(diag.attrs.get("scheduler"))
@@ -303,6 +323,13 @@ def classify(diag: xr.Dataset) -> dict[str, Any]:
         )
         caveats.append(
             "Q-Drift's noise assumption does not hold; expect a small gain at best and choose the strength with 'qdrift cv'"
+        )
+    elif np.isfinite(persist) and persist > PERSISTENT_RATIO:
+        regime = "persistent"
+        reasons.append(
+            f"the error repeats along each trajectory: the perturbations accumulate to {persist:.1f}x the sum of the per-step "
+            f"variances (> {PERSISTENT_RATIO}; propagated through the scheduler, not demeaned per trajectory), so the per-step "
+            "statistic under-corrects"
         )
     elif np.isfinite(kurt) and kurt > HEAVY_KURTOSIS:
         regime = "heavy-tailed"
@@ -328,6 +355,11 @@ def classify(diag: xr.Dataset) -> dict[str, Any]:
         caveats.append(f"the signal explains {r2:.0%} of the error: the decomposed estimator removes that part first")
         if regime == "noise-like":
             estimator = "decomposed"
+    if regime in ("signal-correlated", "rounding-like") and np.isfinite(persist) and persist > PERSISTENT_RATIO:
+        caveats.append(
+            f"what the decomposition leaves also persists along trajectories ({persist:.1f}x the independent variance): "
+            "try 'persistent-ptqd' (the PTQD bias term with the persistence-aware statistic)"
+        )
     if np.isfinite(lb) and lb > AUTOCORRELATED_REJECT:
         caveats.append(
             f"errors correlate across steps (Ljung-Box rejects for {lb:.0%} of sample trajectories, lag-1 r {_scalar(diag, 'lag1_autocorr'):.2f}): "
@@ -374,6 +406,9 @@ def report(diag: xr.Dataset) -> str:
         f"Gaussian 0, uniform -1.2, sinusoid -1.5); Jarque-Bera rejects normality at {jb_reject:.0%} of steps",
         f"  across steps         Ljung-Box ({a.get('lb_lags')} lags) rejects for {g('lb_reject'):.0%} of {a.get('lb_series')} sample trajectories; "
         f"mean lag-1 autocorrelation {g('lag1_autocorr'):.2f}",
+        f"  along trajectories   accumulated / independent variance {g('persistence_ratio'):.2f}   (persistent above {PERSISTENT_RATIO}; "
+        f"not demeaned per trajectory); persistence {g('fraction_persistence'):.0%}, per-step mean bias {g('fraction_bias'):.0%} "
+        "of the predicted final deviation (qdrift budget STORE for the full error budget)",
         f"  across channels      median CV of the per-channel variance {g('median_channel_spread'):.2f}",
         f"  drift-form pull      max v/(2 b_next^2) {g('max_drift_pull'):.3g}",
     ]

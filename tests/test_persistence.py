@@ -1,0 +1,199 @@
+"""Persistent error: the testbed families, the persistence-aware statistic, the error budget and diagnose.
+
+Ground truth here is built by construction: synthetic stores whose output error is exactly constant
+along each trajectory (or exactly independent from step to step), so the per-step values of the
+statistic and the budget are known in closed form.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from qdrift_stats import testbed
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.estimators import get_estimator
+from qdrift_stats.estimators.persistent import PersistentEstimator, accumulated_cross_terms, shrink_to_zero
+from qdrift_stats.loop import prepared_scheduler
+from qdrift_stats.record.store import run_dataset
+from qdrift_stats.schedulers.base import output_gains, scheduler_identity, step_grid
+from qdrift_stats.validate.budget import error_budget, is_persistent, propagators, state_coefficients
+from qdrift_stats.validate.diagnostics import classify, diagnose
+
+RUNS, BATCH, DIM, STEPS = 4, 256, 8, 10
+
+
+def synthetic_store(scheduler: str, kind: str, error: str, seed: int = 0, offset: float = 0.0) -> xr.Dataset:
+    """A store on a real step grid whose output error is ``constant`` along each trajectory,
+    ``independent`` from step to step, or (``offset``) shifted by a constant shared by every sample."""
+    pair = testbed.mixture_vp_noise() if kind == "vp" else testbed.mixture_flow_noise()
+    sched = prepared_scheduler(pair, scheduler, STEPS)
+    grid = step_grid(sched)
+    gains = output_gains(scheduler, pair.scheduler_config, STEPS)
+    ident = scheduler_identity(sched)
+    rng = np.random.default_rng(seed)
+    coords = {"timestep": grid.timesteps, "a": grid.a, "b": grid.b, "a_next": grid.a_next, "b_next": grid.b_next}
+    attrs = {
+        "scheduler": scheduler,
+        "scheduler_config": json.dumps(ident["config"]),
+        "prediction_type": grid.prediction_type,
+        "pair": f"synthetic-{error}",
+    }
+    parts = []
+    for r in range(RUNS):
+        if error == "constant":
+            e = np.broadcast_to(rng.standard_normal((1, BATCH, DIM)), (STEPS, BATCH, DIM))
+        else:
+            e = rng.standard_normal((STEPS, BATCH, DIM))
+        e = e + offset
+        out_fp = rng.standard_normal((STEPS, BATCH, DIM))
+        arrays = {"delta_x": gains[:, None, None] * e, "delta_out": np.array(e), "out_fp": out_fp}
+        parts.append(run_dataset(arrays, r, r, coords, attrs))
+    ds = xr.concat(parts, dim="run").assign_coords(gain=("step", gains))
+    return ds.assign_attrs(attrs)
+
+
+@pytest.fixture(scope="module")
+def stores():
+    return {
+        (sched, err): synthetic_store(sched, kind, err)
+        for sched, kind in (("ddim", "vp"), ("flow-euler", "flow"))
+        for err in ("constant", "independent")
+    }
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "flow-euler"])
+def test_persistent_statistic_matches_the_closed_form_for_an_error_constant_along_each_trajectory(stores, scheduler):
+    ds = stores[(scheduler, "constant")]
+    fitted = PersistentEstimator(center=False).fit(ds)
+    g, b = ds["gain"].values, ds["b_next"].values
+    m = float(np.mean(ds["delta_out"].isel(step=0).values ** 2))  # E e^2 (the same at every step)
+    for i in range(STEPS):
+        if b[i] == 0:
+            expected = g[i] ** 2 * m  # the last step is not corrected: its plain v_i
+        else:
+            earlier = sum(g[j] / b[j] for j in range(i))
+            expected = g[i] ** 2 * m + 2 * b[i] * g[i] * m * earlier
+        # 1024 independent samples: the shrinkage of the cross term towards 0 is below 1%
+        assert fitted.variance[i] == pytest.approx(expected, rel=0.01), i
+    assert fitted.extra["persistence_ratio"] > 2.0
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "flow-euler"])
+def test_persistent_statistic_equals_the_per_step_one_for_independent_errors(stores, scheduler):
+    ds = stores[(scheduler, "independent")]
+    fitted = PersistentEstimator(center=False).fit(ds)
+    g = ds["gain"].values
+    truth = g**2  # E e^2 = 1 at every step
+    # each v_i pools 4 x 256 x 8 unit-variance values: 3 standard errors ~ 0.13 relative to chi^2 spread
+    np.testing.assert_allclose(fitted.variance, truth, rtol=0.15)
+    assert 0.85 < fitted.extra["persistence_ratio"] < 1.15
+
+
+def test_cross_terms_of_a_hand_made_sequence_and_the_shrinkage():
+    # two trajectories, b = 1 throughout (propagation by b is then the identity)
+    delta = np.array([[[1.0, -1.0]], [[2.0, -2.0]], [[0.5, 0.5]]])  # (steps, groups, n)
+    terms = accumulated_cross_terms(delta, np.ones(3))
+    np.testing.assert_allclose(terms["v"][:, 0], [1.0, 4.0, 0.25])
+    # cross_i = mean(U_{i-1} * Delta_i): U_0 = (1, -1), U_1 = (3, -3)
+    np.testing.assert_allclose(terms["cross"][:, 0], [0.0, 2.0, 0.0])
+    np.testing.assert_allclose(terms["accumulated"][:, 0], [1.0, 9.0, 0.25 * 0 + ((3.5**2 + 2.5**2) / 2)])
+    assert shrink_to_zero(np.array([1.0]), np.array([2.0]))[0] == 0.0
+    assert shrink_to_zero(np.array([10.0]), np.array([1.0]))[0] == pytest.approx(9.9)
+
+
+def test_budget_finds_persistence_in_the_constant_store_and_none_in_the_independent_one(stores):
+    constant = error_budget(stores[("flow-euler", "constant")])
+    independent = error_budget(stores[("flow-euler", "independent")])
+    assert is_persistent(constant) and not is_persistent(independent)
+    # FlowMatchEuler's state coefficient is 1 (x_{i+1} = x_i + dt * v): the accumulated sum is (sum g)^2 E e^2
+    np.testing.assert_allclose(constant["A"].values, 1.0, atol=1e-12)
+    g = stores[("flow-euler", "constant")]["gain"].values
+    ratio = float(constant["persistence_ratio"])
+    assert ratio == pytest.approx(np.sum(g) ** 2 / np.sum(g**2), rel=0.02)
+    assert abs(float(independent["fraction_persistence"])) < 0.1
+    assert float(constant["fraction_persistence"]) > 0.5
+    # the lag-1 correlation, not demeaned per series, is 1 for the constant error and ~0 for the independent one
+    assert np.nanmin(constant["lag1_raw"].values) > 0.99
+    assert np.nanmax(np.abs(independent["lag1_raw"].values)) < 0.1
+
+
+def test_budget_attributes_a_shared_offset_to_the_bias_part():
+    ds = synthetic_store("flow-euler", "flow", "independent", seed=3, offset=3.0)
+    budget = error_budget(ds)
+    assert float(budget["fraction_bias"]) > 0.8
+
+
+def test_state_coefficients_and_propagators_of_ddim_are_the_ratio_of_signal_scales():
+    pair = testbed.mixture_vp_noise()
+    sched = prepared_scheduler(pair, "ddim", STEPS)
+    grid = step_grid(sched)
+    attrs = {"scheduler": "ddim", "scheduler_config": json.dumps(scheduler_identity(sched)["config"])}
+    A = state_coefficients(attrs, STEPS)
+    # DDIM with the output held fixed: x_{i+1} = (a_{i+1} / a_i) x_i + gain * eps
+    np.testing.assert_allclose(A, grid.a_next / grid.a, rtol=1e-5)
+    P = propagators(A)
+    np.testing.assert_allclose(P[0], np.prod(A[1:]), rtol=1e-12)
+    assert P[-1] == 1.0
+
+
+def test_diagnose_detects_an_error_constant_along_each_trajectory_that_ljung_box_cannot_see(stores):
+    constant = diagnose(stores[("ddim", "constant")], max_series=64)
+    independent = diagnose(stores[("ddim", "independent")], max_series=64)
+    assert constant.attrs["regime"] == "persistent"
+    assert constant.attrs["estimator"] == "persistent"
+    assert float(constant["persistence_ratio"]) > 2.0
+    assert np.nanmin(constant["lag1_raw"].values) > 0.99  # not demeaned per trajectory
+    assert independent.attrs["regime"] != "persistent"
+    assert classify(constant)["regime"] == "persistent"
+    # without the persistence section (Ljung-Box alone demeans each series, which removes a constant error)
+    # the same store reads as plain noise
+    assert classify(constant.drop_vars("persistence_ratio"))["regime"] == "noise-like"
+
+
+@pytest.mark.parametrize("factory", ["mixture_vp_weight", "mixture_flow_weight", "mixture_vp_actround"])
+def test_persistent_testbed_families_repeat_their_error_from_step_to_step(factory):
+    pair = getattr(testbed, factory)()
+    x = torch.randn(512, DIM, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    t0, t1 = torch.tensor(900.0), torch.tensor(880.0)
+    e0 = pair.q(x, t0) - pair.fp(x, t0)
+    e1 = pair.q(x * 0.999, t1) - pair.fp(x * 0.999, t1)  # the next step's nearly unchanged input
+    corr = float(torch.sum(e0 * e1) / torch.sqrt(torch.sum(e0**2) * torch.sum(e1**2)))
+    assert corr > 0.9
+    assert float(e0.pow(2).mean()) > 1e-3
+
+
+def test_weight_error_is_the_linear_map_it_says():
+    err = testbed.WeightError(DIM, amplitude=0.2)
+    z = torch.randn(5, DIM, dtype=torch.float64)
+    m = torch.zeros(5, DIM, dtype=torch.float64)
+    out = err(m, z, torch.tensor(0.0))
+    torch.testing.assert_close(out, 0.2 * z @ err._W.T)
+    torch.testing.assert_close(err(m, 2 * z, torch.tensor(0.0)), 2 * out)  # linear
+
+
+def test_activation_rounding_error_vanishes_on_the_grid_and_is_bounded():
+    err = testbed.ActivationRoundingError(DIM, amplitude=0.3, delta=0.5)
+    z = torch.randn(1000, DIM, dtype=torch.float64)
+    e = err(torch.zeros_like(z), z, torch.tensor(0.0))
+    # |round(h) - h| <= delta / 2 per feature, through B and the normalisation by delta / sqrt(12)
+    bound = 0.3 * err._B.abs().sum(dim=1).max() * (0.25 / (0.5 / 12**0.5))
+    assert float(e.abs().max()) <= float(bound) + 1e-12
+    assert float(e.pow(2).mean()) > 0.01
+
+
+def test_persistent_estimator_refuses_unknown_options():
+    with pytest.raises(QDriftError):
+        PersistentEstimator(bias="median")
+    with pytest.raises(QDriftError):
+        PersistentEstimator(propagation="sideways")
+
+
+def test_registered_names_fit_and_export(tmp_path, stores):
+    ds = stores[("flow-euler", "constant")]
+    for name in ("persistent", "persistent-ptqd", "persistent-conditional", "ptqd", "published"):
+        fitted = get_estimator(name).fit(ds)
+        assert np.all(np.isfinite(fitted.variance)) and np.all(fitted.variance >= 0)
+        fitted.export(tmp_path / f"{name}.safetensors")
