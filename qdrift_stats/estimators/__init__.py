@@ -12,10 +12,10 @@ from functools import partial
 
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators.base import Estimator, FittedEstimator
+from qdrift_stats.estimators.baselines import PTQDEstimator, PublishedEstimator
 from qdrift_stats.estimators.decomposed import DecomposedEstimator, DecomposedFit
 from qdrift_stats.estimators.empirical import EmpiricalEstimator
 from qdrift_stats.estimators.moment import MomentEstimator, MomentFit
-from qdrift_stats.estimators.baselines import PTQDEstimator, PublishedEstimator
 from qdrift_stats.estimators.persistent import PersistentEstimator
 from qdrift_stats.estimators.robust import RobustEstimator
 from qdrift_stats.estimators.smooth import SmoothFit, SmoothGLMEstimator, SmoothLowessEstimator

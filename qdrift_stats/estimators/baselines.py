@@ -19,12 +19,11 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
-
-from dataclasses import dataclass
 
 from qdrift_stats.estimators.base import Estimator, FittedEstimator, as_dataset, check_finite_store
 from qdrift_stats.estimators.bias import TRIM_STD, channel_index, conditional_gaussian, conditional_output_map

@@ -35,6 +35,7 @@ scheduler steps; the statistic describes what is left.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,29 @@ def persistent_statistic(v: np.ndarray, cross: np.ndarray, cross_se: np.ndarray,
     final = np.asarray(b_next) <= 0
     w[final] = v[final]
     return w
+
+
+@dataclass
+class PersistentFit(FittedEstimator):
+    """A :class:`FittedEstimator` whose ``variance`` is the persistence-aware ``w_i``, with its parts.
+
+    Attributes (``(steps[, channels])``): ``independent_variance`` (the per-step ``v_i`` of the same
+    perturbations), ``cross`` and ``cross_se`` (the cross term with the accumulated perturbation and
+    its standard error, before shrinkage), ``accumulated`` (``E U_i^2``); ``persistence_ratio``:
+    ``sum w / sum v`` over the corrected steps (1 for independent errors).
+    """
+
+    independent_variance: np.ndarray | None = None
+    cross: np.ndarray | None = None
+    cross_se: np.ndarray | None = None
+    accumulated: np.ndarray | None = None
+    persistence_ratio: float = float("nan")
+
+    def summary(self, max_rows: int = 12) -> str:
+        return (
+            super().summary(max_rows)
+            + f"\naccumulated / independent (sum w / sum v over corrected steps): {self.persistence_ratio:.2f}"
+        )
 
 
 class PersistentEstimator(Estimator):
@@ -284,7 +308,7 @@ class PersistentEstimator(Estimator):
         active = grid["b_next"] > 0
         total_w = float(np.sum(variance[active]))
         total_v = float(np.sum(independent[active]))
-        return FittedEstimator.on_store(
+        return PersistentFit.on_store(
             ds,
             self,
             variance,
@@ -292,14 +316,11 @@ class PersistentEstimator(Estimator):
             high,
             squeeze(per_run),
             **fields,
-            extra={
-                "independent_variance": independent,
-                "cross": squeeze(terms["cross"]),
-                "cross_se": squeeze(terms["cross_se"]),
-                "accumulated": squeeze(terms["accumulated"]),
-                "persistence_ratio": total_w / total_v if total_v > 0 else float("nan"),
-                "visibility": visible,
-            },
+            independent_variance=independent,
+            cross=squeeze(terms["cross"]),
+            cross_se=squeeze(terms["cross_se"]),
+            accumulated=squeeze(terms["accumulated"]),
+            persistence_ratio=total_w / total_v if total_v > 0 else float("nan"),
         )
 
     def _fit_free(self, ds, grid, delta, center, runs, groups, n, order, ks, mus) -> FittedEstimator:
@@ -338,7 +359,7 @@ class PersistentEstimator(Estimator):
         variance, independent = squeeze(w), squeeze(v_run.mean(axis=0))
         active = b_next > 0
         total_v = float(np.sum(independent[active]))
-        return FittedEstimator.on_store(
+        return PersistentFit.on_store(
             ds,
             self,
             variance,
@@ -346,9 +367,7 @@ class PersistentEstimator(Estimator):
             high,
             squeeze(w_run),
             **fields,
-            extra={
-                "independent_variance": independent,
-                "accumulated": squeeze(acc.mean(axis=0)),
-                "persistence_ratio": float(np.sum(variance[active])) / total_v if total_v > 0 else float("nan"),
-            },
+            independent_variance=independent,
+            accumulated=squeeze(acc.mean(axis=0)),
+            persistence_ratio=float(np.sum(variance[active])) / total_v if total_v > 0 else float("nan"),
         )

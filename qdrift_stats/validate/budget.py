@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import xarray as xr
 
 from qdrift_stats.estimators.base import as_dataset, check_finite_store, grid_of
@@ -58,23 +57,25 @@ PARTS: tuple[str, ...] = ("bias", "explained_ptqd", "independent", "persistence"
 PERSISTENT_RATIO = 1.5
 
 
-def state_coefficients(store_attrs: dict[str, Any], steps: int) -> np.ndarray:
-    """``(steps,)`` the first-order step's coefficient ``A_i`` on the state (output held at 0)."""
-    from qdrift_stats.schedulers.base import first_order_twin, step_kwargs
+def state_coefficients(prediction_type: str, a, b, a_next, b_next) -> np.ndarray:
+    """``(steps,)`` the first-order step's coefficient ``A_i`` on the state, the model output held fixed.
 
-    config = store_attrs.get("scheduler_config", "{}")
-    config = json.loads(config) if isinstance(config, str) else dict(config)
-    scheduler = first_order_twin(str(store_attrs.get("scheduler")), config)
-    scheduler.set_timesteps(int(steps))
-    one = torch.ones(1, dtype=torch.float64)
-    zero = torch.zeros(1, dtype=torch.float64)
-    kwargs = step_kwargs(scheduler)
-    out = []
-    for t in scheduler.timesteps:
-        if hasattr(scheduler, "scale_model_input"):
-            scheduler.scale_model_input(one, t)
-        out.append(float(scheduler.step(zero, t, one, **kwargs, return_dict=False)[0][0]))
-    return np.asarray(out)
+    The first-order step is ``x_{i+1} = a_{i+1} x0_hat + b_{i+1} eps_hat`` with ``eps_hat = (x - a x0_hat) / b``;
+    with ``d = d x0_hat / d x`` at fixed output (``1/a`` epsilon, ``a / (a^2 + b^2)`` v, ``0`` sample,
+    ``1`` flow velocity; :func:`qdrift_stats.schedulers.base.x0_from_output`),
+    ``A = a_{i+1} d + b_{i+1} (1 - a d) / b``: ``a_{i+1} / a_i`` for epsilon (1 for Euler's VE
+    coordinates), 1 for flow matching.
+    """
+    a, b, a_next, b_next = (np.asarray(v, dtype=np.float64) for v in (a, b, a_next, b_next))
+    if prediction_type == "epsilon":
+        d = 1.0 / a
+    elif prediction_type == "v_prediction":
+        d = a / (a * a + b * b)
+    elif prediction_type == "sample":
+        d = np.zeros_like(a)
+    else:  # flow velocity: x0_hat = x - b v
+        d = np.ones_like(a)
+    return a_next * d + b_next * (1.0 - a * d) / b
 
 
 def propagators(A: np.ndarray) -> np.ndarray:
@@ -132,11 +133,12 @@ def error_budget(store: xr.Dataset | str | Path, max_points: int = 200_000, seed
             ]
         )
         notes.append("no 'gain' coordinate: gains fitted from delta_x on delta_out")
-    if ds.attrs.get("scheduler_config") and ds.attrs.get("scheduler"):
-        A = state_coefficients(ds.attrs, steps)
+    prediction = ds.attrs.get("prediction_type")
+    if prediction:
+        A = state_coefficients(str(prediction), grid["a"], grid["b"], grid["a_next"], grid["b_next"])
     else:
         A = np.ones(steps)
-        notes.append("no scheduler config in the store: perturbations propagated unchanged (A = 1)")
+        notes.append("no prediction type in the store: perturbations propagated unchanged (A = 1)")
     P = propagators(A)
     index = subsample_index(ds, max_points, seed)
     n = channel.size

@@ -85,6 +85,8 @@ def recommended_estimator(regime: str, scheduler: str) -> str:
     """The estimator :func:`classify` recommends for an error regime on a scheduler (module docstring)."""
     one_step, multistep = RECOMMENDED[regime]
     return multistep if str(scheduler) in MULTISTEP else one_step
+
+
 #: Accumulated over independent variance above which the error counts as persistent (see validate/budget.py).
 PERSISTENT_RATIO = 1.5
 
