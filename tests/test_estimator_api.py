@@ -53,6 +53,7 @@ def test_parameters_are_read_from_init_and_clone_keeps_them():
         "bootstrap": 2000,
         "max_points": 100_000,
         "seed": 0,
+        "statistic": "lockstep",
     }
     copy = est.clone()
     assert copy is not est and type(copy) is RobustEstimator and copy.get_params() == est.get_params()
@@ -60,20 +61,21 @@ def test_parameters_are_read_from_init_and_clone_keeps_them():
 
 
 def test_recorded_parameters_keep_the_estimator_file_format():
-    """The JSON ``params`` written to estimator files (format v1) are what they were before the base class."""
-    assert get_estimator("first-order").params == {"per_channel": False, "confidence": 0.95, "statistic": "first-order"}
-    assert get_estimator("smooth-glm").params == {
-        "df": 6,
-        "confidence": 0.95,
-        "cov_type": "nonrobust",
-        "statistic": "first-order",
-        "model": "gamma-glm-log-link-bspline",
-    }
+    """The JSON ``params`` written to estimator files (format v1): the ``__init__`` parameters, plus
+    a smooth GLM's fixed ``model`` entry, minus what is not JSON (the moment estimator's pair)."""
+    first_order = get_estimator("first-order")
+    assert first_order.params == {"per_channel": False, "confidence": 0.95, "statistic": "first-order"}
+    glm = get_estimator("smooth-glm")
+    assert list(glm.params) == ["df", "confidence", "cov_type", "statistic", "model"]
+    assert glm.params["model"] == "gamma-glm-log-link-bspline"
+    assert {k: v for k, v in glm.params.items() if k != "model"} == glm.get_params()
     # the moment estimator's pair is a parameter (clone keeps it) but is not recorded
     pair = testbed.mixture_vp_noise()
     moment = MomentEstimator(pair=pair)
     assert moment.params == {"form": "shrink", "min_factor": 0.5, "confidence": 0.95}
     assert moment.clone().pair is pair
+    for name in ESTIMATORS:  # every recorded parameter set is JSON
+        json.dumps(get_estimator(name).params)
 
 
 def test_pooling_flag_replaces_type_checks():
