@@ -14,7 +14,13 @@ from pathlib import Path
 import click
 
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.schedulers.base import SCHEDULER_NAMES
+from qdrift_stats.outputs import check_output
+
+# Kept literal so that 'qdrift --help' does not import torch and diffusers (tests compare it with
+# qdrift_stats.schedulers.base.SCHEDULER_NAMES).
+SCHEDULER_HELP = "One of euler, ddim, dpmpp-2m, flow-euler, flow-dpmpp-2m."
+PAIR_HELP = "Model pair MODULE:FACTORY or path/to/file.py:FACTORY (the current folder is importable)."
+QUIET_HELP = "No progress lines (they go to stderr: a bar on a terminal, one line per item elsewhere)."
 
 EPILOG_RECORD = """\b
 Example:
@@ -36,14 +42,16 @@ Example:
 """
 
 
-def _progress(label: str):
-    """A tqdm wrapper shown only on a terminal."""
+def _progress(label: str, *units: str, quiet: bool = False):
+    """Progress of a command's loops (:mod:`qdrift_stats.progress`): the k-th loop counts ``units[k]``."""
+    from qdrift_stats.progress import progress
+
+    calls = iter(units or ("item",))
+    last = [units[-1] if units else "item"]
 
     def wrap(items: Iterable) -> Iterator:
-        from tqdm.auto import tqdm
-
-        items = list(items)
-        return iter(tqdm(items, desc=label, disable=not sys.stderr.isatty(), leave=False))
+        last[0] = next(calls, last[0])
+        return progress(f"qdrift {label}", last[0], quiet=quiet)(items)
 
     return wrap
 
@@ -55,8 +63,8 @@ def cli() -> None:
 
 
 @cli.command(epilog=EPILOG_RECORD)
-@click.option("--pair", required=True, help="Model pair MODULE:FACTORY.")
-@click.option("--scheduler", required=True, help=f"One of {', '.join(SCHEDULER_NAMES)}.")
+@click.option("--pair", required=True, help=PAIR_HELP)
+@click.option("--scheduler", required=True, help=SCHEDULER_HELP)
 @click.option("--steps", required=True, type=int, help="Number of sampling steps.")
 @click.option("--runs", required=True, type=int, help="Number of paired calibration runs (seeds SEED..SEED+RUNS-1).")
 @click.option("--batch", required=True, type=int, help="Samples per run.")
@@ -76,8 +84,22 @@ def cli() -> None:
     "--scheduler-address", help="Record on a running dask cluster, e.g. tcp://host:8786 (same store as without)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (store, runs, seeds).")
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
 def record(
-    pair, scheduler, steps, runs, batch, seed, out, trajectories, dtype, overwrite, workers, scheduler_address, as_json
+    pair,
+    scheduler,
+    steps,
+    runs,
+    batch,
+    seed,
+    out,
+    trajectories,
+    dtype,
+    overwrite,
+    workers,
+    scheduler_address,
+    as_json,
+    quiet,
 ):
     """Record paired FP/Q calibration runs into a zarr store.
 
@@ -85,6 +107,7 @@ def record(
     interrupted recording resumes where it stopped. With --workers or --scheduler-address the runs
     are computed on a dask cluster (the pair is built on each worker) and written here in seed order.
     """
+    check_output(out, "store", overwrite=overwrite, resumable=True)
     if workers is not None or scheduler_address is not None:
         from qdrift_stats.record.distributed import record_distributed
 
@@ -120,7 +143,7 @@ def record(
         trajectories=trajectories,
         dtype=dtype,
         overwrite=overwrite,
-        progress=_progress("record"),
+        progress=_progress("record", "run", quiet=quiet),
     )
     _report_recording(path, runs, batch, steps, scheduler, as_json)
 
@@ -170,15 +193,30 @@ def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: 
     "--strength", default=1.0, show_default=True, type=float, help="Strength lambda multiplying the statistic."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing estimator file.")
+@click.option(
+    "--pair", help="Model pair, for estimators that re-sample it (moment); never taken from the store. " + PAIR_HELP
+)
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the summary table.")
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the estimate (per step, with its CI) as JSON instead of the table."
 )
-def fit(store, out, estimator_name, correction, strength, overwrite, quiet, as_json):
+def fit(store, out, estimator_name, correction, strength, overwrite, pair, quiet, as_json):
     """Fit the variance statistic from a calibration store and export it."""
     from qdrift_stats.estimators import get_estimator
+    from qdrift_stats.inputs import check_number
 
-    fitted = get_estimator(estimator_name).fit(store)
+    check_number(strength, "--strength", low=0.0)
+    check_output(out, "estimator", overwrite=overwrite, inputs=(store,))
+    estimator = get_estimator(estimator_name)
+    if pair:
+        if not hasattr(estimator, "pair"):
+            raise QDriftError(
+                f"--pair is used only by estimators that re-sample the pair (moment), not {estimator_name}"
+            )
+        from qdrift_stats.pair import load_pair
+
+        estimator.pair = load_pair(pair)
+    fitted = estimator.fit(store)
     written = fitted.export(
         out, correction=correction, strength=strength, provenance={"store": str(store)}, overwrite=overwrite
     )
@@ -207,18 +245,21 @@ def fit(store, out, estimator_name, correction, strength, overwrite, quiet, as_j
                     "ci_low": listed(fitted.ci_low),
                     "ci_high": listed(fitted.ci_high),
                     "confidence": fitted.confidence,
+                    "interval_note": fitted.interval_note(),
                 }
             )
         )
         return
     if not quiet:
         click.echo(fitted.summary())
+    elif fitted.interval_note():
+        click.echo(f"note: {fitted.interval_note()}", err=True)
     click.echo(f"wrote {out}")
 
 
 @cli.command(epilog=EPILOG_SAMPLE)
-@click.option("--pair", required=True, help="Model pair MODULE:FACTORY.")
-@click.option("--scheduler", required=True, help=f"One of {', '.join(SCHEDULER_NAMES)}.")
+@click.option("--pair", required=True, help=PAIR_HELP)
+@click.option("--scheduler", required=True, help=SCHEDULER_HELP)
 @click.option("--steps", required=True, type=int)
 @click.option("--num-samples", required=True, type=int)
 @click.option("--batch", required=True, type=int)
@@ -232,6 +273,7 @@ def fit(store, out, estimator_name, correction, strength, overwrite, quiet, as_j
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .npy, float32 (M, *sample_shape).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (output file, shape, notes).")
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
 def sample(
     pair,
     scheduler,
@@ -246,17 +288,24 @@ def sample(
     out,
     overwrite,
     as_json,
+    quiet,
 ):
     """Draw final clean samples with the FP or Q model, optionally corrected."""
     import numpy as np
 
     from qdrift_stats.correct.estimator_file import EstimatorFile
     from qdrift_stats.correct.sample import sample as run_sample
+    from qdrift_stats.inputs import check_number
+    from qdrift_stats.outputs import atomic_output
     from qdrift_stats.pair import load_pair
 
-    if out.exists() and not overwrite:
-        raise QDriftError(f"{out} exists; pass --overwrite to replace it")
+    if strength is not None:
+        check_number(strength, "--strength", low=0.0)
+    check_output(out, "npy", overwrite=overwrite, inputs=(estimator_path,))  # before any sampling
     estimator = EstimatorFile.load(estimator_path) if estimator_path else None
+    warnings_ = estimator.use_warnings(pair=pair, model=model) if estimator is not None else []
+    for line in warnings_ if not as_json else ():
+        click.echo(f"warning: {line}", err=True)
     model_pair = load_pair(pair)
     samples = run_sample(
         model_pair,
@@ -269,11 +318,11 @@ def sample(
         estimator=estimator,
         correction=correction,
         strength=strength,
-        progress=_progress("sample"),
+        progress=_progress("sample", "batch", quiet=quiet),
     )
-    with open(out, "wb") as handle:  # np.save(path) would append ".npy" to another suffix
+    with atomic_output(out, "npy") as tmp, open(tmp, "wb") as handle:  # np.save(path) would append ".npy"
         np.save(handle, samples)
-    notes = list(estimator.notes) if estimator else []
+    notes = warnings_ + (list(estimator.notes) if estimator else [])
     if as_json:
         import json
 
@@ -289,7 +338,7 @@ def sample(
             )
         )
         return
-    for note in notes:
+    for note in notes[len(warnings_) :]:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {samples.shape[0]} samples {tuple(samples.shape[1:])} -> {out}")
 
@@ -299,11 +348,18 @@ def sample(
 @click.option(
     "--samples", "num_samples", default=4000, show_default=True, type=int, help="Samples per sampler and model."
 )
-def demo(out, num_samples):
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
+def demo(out, num_samples, quiet):
     """The whole chain on the embedded default (the mixture testbed): record, fit, correct, measure."""
     from qdrift_stats.demo import run_demo
 
-    click.echo(run_demo(out, num_samples=num_samples, progress=_progress("demo")))
+    if out is not None:
+        out = Path(out)
+        if out.is_symlink() or (out.exists() and not out.is_dir()):
+            raise QDriftError(f"--out {out} must be a folder (not a file or a link)")
+        if not out.parent.is_dir():
+            raise QDriftError(f"the folder {out.parent} of --out {out} does not exist; create it first")
+    click.echo(run_demo(out, num_samples=num_samples, progress=_progress("demo", "scheduler", quiet=quiet)))
 
 
 EPILOG_PLOT = """\b
@@ -325,7 +381,7 @@ Example:
     type=click.Path(path_type=Path),
     help="Estimator file: the correction (accumulation, required) or one more estimate to compare (variance).",
 )
-@click.option("--pair", help="Model pair MODULE:FACTORY (accumulation; default: the store's recorded pair).")
+@click.option("--pair", help="accumulation: the model pair (required; never taken from the store). " + PAIR_HELP)
 @click.option(
     "--fit",
     "fit_names",
@@ -340,12 +396,13 @@ def plot(kind, source, out, estimator_path, pair, fit_names, x_axis, overwrite):
     KIND is accumulation, variance, runs-needed or diagnostics. SOURCE is a calibration store (accumulation: recorded with --trajectories), an estimator
     file (variance), or a saved runs-needed / diagnostics Dataset (zarr or netCDF).
     """
+    from qdrift_stats.outputs import atomic_output
     from qdrift_stats.plots.figures import figure_for, save_figure
 
-    if out.exists() and not overwrite:
-        raise QDriftError(f"{out} exists; pass --overwrite to replace it")
+    check_output(out, "figure", overwrite=overwrite, inputs=(source, estimator_path))
     fig = figure_for(kind, source, estimator=estimator_path, pair=pair, fits=fit_names, x=x_axis)
-    save_figure(fig, out)
+    with atomic_output(out, "figure") as tmp:
+        save_figure(fig, tmp)
     click.echo(f"wrote {kind} figure -> {out}")
 
 
@@ -373,21 +430,16 @@ def diagnose(store, as_json, out, overwrite):
     steps: Ljung-Box autocorrelation of each sample's standardised errors.
     """
     import json
-    import shutil
-    import warnings
 
+    from qdrift_stats.outputs import write_zarr_dataset
     from qdrift_stats.validate.diagnostics import diagnose as run_diagnose
     from qdrift_stats.validate.diagnostics import report, to_json
 
-    if out is not None and out.exists() and not overwrite:
-        raise QDriftError(f"{out} exists; pass --overwrite to replace it")
+    if out is not None:
+        check_output(out, "diagnostics", overwrite=overwrite, inputs=(store,))
     diag = run_diagnose(store)
     if out is not None:
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            diag.to_zarr(out, mode="w", zarr_format=3, consolidated=False)
+        write_zarr_dataset(diag, out, "diagnostics")
     click.echo(json.dumps(to_json(diag), indent=1) if as_json else report(diag))
 
 
@@ -427,9 +479,9 @@ Example:
 @click.option(
     "--strength/--no-strength",
     default=None,
-    help="Choose the correction form and strength by CV (re-samples the pair). Default: when the store's pair can be loaded.",
+    help="Choose the correction form and strength by CV (re-samples the pair, so needs --pair). Default: when --pair is given.",
 )
-@click.option("--pair", help="Model pair MODULE:FACTORY for the strength search (default: the store's recorded pair).")
+@click.option("--pair", help="Model pair for the strength search (never taken from the store). " + PAIR_HELP)
 @click.option(
     "--samples",
     "num_samples",
@@ -440,8 +492,21 @@ Example:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the headline numbers as JSON.")
 @click.option("--overwrite", is_flag=True, help="Start over, replacing an existing --out.")
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
 def cv(
-    store, out, estimator_name, n_splits, seed, tolerance, confidence, strength, pair, num_samples, as_json, overwrite
+    store,
+    out,
+    estimator_name,
+    n_splits,
+    seed,
+    tolerance,
+    confidence,
+    strength,
+    pair,
+    num_samples,
+    as_json,
+    overwrite,
+    quiet,
 ):
     """Cross-validate over calibration runs: error against the number of runs, runs needed, correction strength.
 
@@ -452,6 +517,7 @@ def cv(
 
     from qdrift_stats.validate.crossval import cross_validate
 
+    check_output(out, "cv", overwrite=overwrite, inputs=(store,), resumable=True)
     model_pair = None
     if pair:
         from qdrift_stats.pair import load_pair
@@ -467,7 +533,7 @@ def cv(
         pair=model_pair,
         num_samples=num_samples,
         overwrite=overwrite,
-        progress=_progress("cv"),
+        progress=_progress("cv", "calibration count", "strength fold", quiet=quiet),
     )
     click.echo(
         json.dumps(result.to_json(tolerance, confidence), indent=1)
@@ -476,8 +542,46 @@ def cv(
     )
 
 
+def _quiet_third_party() -> None:
+    """Silence warnings users cannot act on (the library's own warnings and notes stay)."""
+    import logging
+    import warnings
+
+    for module in ("torchao", "torch", "diffusers", "transformers", "zarr", "xarray", "optimum", "dask", "numcodecs"):
+        warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*(pytree|_register_pytree_node|Consolidated metadata).*")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # read when diffusers configures its logger
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("torchao", "diffusers", "transformers", "optimum", "distributed", "numcodecs", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _silence_shutdown_noise() -> None:
+    """After Ctrl-C: no "Task was destroyed but it is pending" / "Exception ignored" lines from zarr's event loop."""
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+    sys.unraisablehook = lambda _unraisable: None
+
+
+def _os_error_line(exc: OSError) -> str:
+    import errno
+
+    reason = exc.strerror or type(exc).__name__
+    where = f": {exc.filename}" if exc.filename else ""
+    hint = {
+        errno.ENOSPC: "; free some space or choose another --out",
+        errno.EROFS: "; choose another --out",
+        errno.EACCES: "; check the permissions or choose another --out",
+        errno.EDQUOT: "; free some space or choose another --out",
+    }.get(exc.errno, "")
+    return f"{reason}{where}{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the CLI and turns errors into one line and an exit code."""
+    _quiet_third_party()
     try:
         result = cli.main(args=argv, prog_name="qdrift", standalone_mode=False)
         return result if isinstance(result, int) else 0
@@ -488,10 +592,13 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"qdrift: error: {' '.join(exc.format_message().split())}", err=True)
         code = 2
     except (click.exceptions.Abort, KeyboardInterrupt):
+        _silence_shutdown_noise()
         click.echo("qdrift: interrupted", err=True)
         code = 130
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-        click.echo(f"qdrift: error: {exc.strerror or type(exc).__name__}: {exc.filename}", err=True)
+    except OSError as exc:  # a missing file, a read-only or full disk: the user's environment, one line
+        if os.environ.get("QDRIFT_DEBUG"):
+            raise
+        click.echo(f"qdrift: error: {' '.join(_os_error_line(exc).split())}", err=True)
         code = 2
     except Exception as exc:  # an internal error: one line, the traceback on request
         if os.environ.get("QDRIFT_DEBUG"):

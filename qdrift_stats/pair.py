@@ -70,15 +70,98 @@ def check_pair(pair: Any, name: str = "pair") -> Any:
 
 
 def load_pair(spec: str) -> Any:
-    """Build the pair named ``MODULE:FACTORY`` (e.g. ``qdrift_stats.testbed:mixture_vp_noise``)."""
-    module_name, sep, factory_name = spec.partition(":")
-    if not sep or not module_name or not factory_name:
-        raise QDriftError(f"--pair must look like MODULE:FACTORY, got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise QDriftError(f"cannot import pair module {module_name!r}: {exc}") from None
+    """Build the pair named ``MODULE:FACTORY`` or ``path/to/file.py:FACTORY``.
+
+    ``MODULE`` is imported as usual, with the current folder importable (as ``python -m`` does);
+    a ``.py`` path is loaded from that file (its folder importable while it loads). A pair is only
+    ever built from a name the user gives (``--pair`` or the caller), never from a name stored in a
+    data file. Anything that goes wrong while importing or calling the factory (a missing model
+    file, a syntax error) is a one-line :class:`QDriftError` naming the pair.
+    """
+    if not isinstance(spec, str):
+        raise QDriftError(f"--pair must be a string MODULE:FACTORY, got {type(spec).__name__}")
+    module_name, sep, factory_name = spec.rpartition(":")
+    if not sep or not module_name or not factory_name or not factory_name.isidentifier():
+        raise QDriftError(f"--pair must look like MODULE:FACTORY or path/to/file.py:FACTORY, got {spec!r}")
+    module = _import_pair_module(module_name, spec)
     factory: Callable[[], Any] | None = getattr(module, factory_name, None)
     if not callable(factory):
-        raise QDriftError(f"module {module_name!r} has no callable {factory_name!r}")
-    return check_pair(factory(), name=spec)
+        raise QDriftError(f"{module_name!r} has no callable {factory_name!r} (--pair {spec})")
+    try:
+        pair = factory()
+    except QDriftError:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        raise QDriftError(f"--pair {spec}: the factory failed: {_one_line(exc)}") from None
+    return check_pair(pair, name=spec)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def _import_pair_module(module_name: str, spec: str) -> Any:
+    import os
+    import sys
+
+    is_file = module_name.endswith(".py") or "/" in module_name or os.sep in module_name
+    try:
+        if is_file:
+            return _import_file(module_name, spec)
+        cwd = os.getcwd()
+        if cwd not in sys.path and "" not in sys.path:
+            sys.path.append(cwd)  # after the installed packages: the current folder never shadows them
+        return importlib.import_module(module_name)
+    except QDriftError:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except ModuleNotFoundError as exc:
+        hint = " (a file? give its path, e.g. ./my_pairs.py:FACTORY)" if exc.name == module_name else ""
+        raise QDriftError(f"cannot import pair module {module_name!r}: {_one_line(exc)}{hint}") from None
+    except Exception as exc:
+        raise QDriftError(f"cannot import pair module {module_name!r}: {_one_line(exc)}") from None
+
+
+def _import_file(file_name: str, spec: str) -> Any:
+    import hashlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(file_name).expanduser().resolve()
+    if not path.is_file():
+        raise QDriftError(f"--pair {spec}: the file {file_name} does not exist")
+    name = f"qdrift_user_pair_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise QDriftError(f"--pair {spec}: cannot load {file_name} as Python")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    folder = str(path.parent)
+    sys.path.insert(0, folder)  # the file may import its neighbours
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+    return module
+
+
+def recorded_pair_hint(recorded: Any, what: str) -> str:
+    """The one line asking for ``--pair`` when a step re-samples the model pair.
+
+    A store names the pair it was recorded with, but a pair is code: it is imported only from a
+    name the user passes, never from a data file (a store naming ``os:abort`` would otherwise run it).
+    """
+    name = "".join(c for c in str(recorded) if c.isprintable()) if recorded else ""
+    example = f" (the store was recorded with --pair {name})" if name and len(name) < 200 else ""
+    return f"{what} re-samples the model pair: pass --pair MODULE:FACTORY{example}"

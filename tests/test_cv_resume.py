@@ -21,7 +21,15 @@ from qdrift_stats.validate.crossval import cross_validate, open_cv
 PAIR = "qdrift_stats.testbed:mixture_vp_noise"
 ESTIMATOR = "empirical"
 SETTINGS = dict(n_splits=6, seed=3)
-STRENGTH = dict(strength=True, forms=("shrink",), strengths=(0.0, 1.0), folds=2, num_samples=48, bootstrap=50)
+STRENGTH = dict(
+    strength=True,
+    pair=testbed.mixture_vp_noise(),  # never loaded from the store's attribute
+    forms=("shrink",),
+    strengths=(0.0, 1.0),
+    folds=2,
+    num_samples=48,
+    bootstrap=50,
+)
 
 
 class Interrupted(KeyboardInterrupt):

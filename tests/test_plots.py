@@ -203,7 +203,7 @@ def one_line_error(code, err, match):
 def test_qdrift_plot_writes_png_figures(tmp_path, capsys, traj_store):
     store, est = traj_store
     for kind, extra in (
-        ("accumulation", ["--estimator", est]),
+        ("accumulation", ["--estimator", est, "--pair", VP_PAIR]),
         ("variance", ["--fit", "empirical", "--fit", "per-channel"]),
     ):
         out = tmp_path / f"{kind}.png"

@@ -115,6 +115,7 @@ def test_strength_search_picks_the_best_scored_form_and_strength(small_zarr, tmp
         tmp_path / "s.zarr",
         counts=[1],
         strength=True,
+        pair=testbed.mixture_vp_noise(),  # never loaded from the store's attribute
         forms=("shrink",),
         strengths=(0.0, 1.0),
         folds=2,

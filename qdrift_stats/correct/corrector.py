@@ -77,6 +77,7 @@ class Corrector:
         if not self.output_active[i]:
             return model_output
         axis = self.channel_axis
+        _check_channels(self.scale, model_output, axis, "decomposition")
         scale, shift = channelwise(self.scale[i], model_output, axis), channelwise(self.shift[i], model_output, axis)
         return scale * (model_output - shift)
 
@@ -96,6 +97,7 @@ class Corrector:
         """Corrected ``x_next`` for step ``i`` (``x``: state before the step, same shapes)."""
         if not self.active[i]:
             return x_next
+        _check_channels(self.coefficients, x_next, self.channel_axis, "estimator")
         x0_hat = self.grid.x0_from_output(i, x, model_output)
         return apply_correction(x_next, x0_hat, float(self.grid.a_next[i]), self.coefficients[i], self.channel_axis)
 
@@ -131,3 +133,12 @@ class IncrementCorrector(Corrector):
             return x_next
         c = channelwise(self.coefficients[i], x_next, self.channel_axis)
         return x_next + c * (x_next - self.ratio[i] * x)
+
+
+def _check_channels(per_step: torch.Tensor, like: torch.Tensor, axis: int, what: str) -> None:
+    """Refuse a per-channel correction whose channel count is not the state's (shapes only, no sync)."""
+    if per_step.ndim == 2 and (like.ndim < 2 or like.shape[axis % like.ndim] != per_step.shape[1]):
+        raise QDriftError(
+            f"the {what} is per channel with {per_step.shape[1]} channels, the samples have shape "
+            f"{tuple(like.shape[1:])}; fit it on a store of this model"
+        )

@@ -368,6 +368,15 @@ class QDriftScheduler(SchedulerProxy):
             "recipe": self.recipe,
         }
         (folder / WRAPPER_CONFIG_NAME).write_text(json.dumps(options, indent=2, sort_keys=True) + "\n")
+        if _diffusers_imports_only_known_libraries():
+            # model_index.json names this module as the scheduler's library. diffusers >= 0.42 imports
+            # no library a saved folder names unless it is already imported, but loads a component's
+            # own module file when the user passes trust_remote_code=True: this one-line file (only an
+            # import of the installed package) lets a fresh interpreter reload the pipeline that way.
+            (folder / f"{type(self).__module__}.py").write_text(
+                f"# Written by qdrift-stats: the saved scheduler is {type(self).__name__} from the installed package.\n"
+                f"from {type(self).__module__} import {type(self).__name__}  # noqa: F401\n"
+            )
 
     @classmethod
     def from_pretrained(
@@ -389,15 +398,21 @@ class QDriftScheduler(SchedulerProxy):
         options_file = folder / WRAPPER_CONFIG_NAME
         if not options_file.is_file():
             raise QDriftError(f"{folder} holds no {WRAPPER_CONFIG_NAME}: not a saved QDriftScheduler")
+        from qdrift_stats.inputs import loads_bounded
+
         try:
-            options = json.loads(options_file.read_text())
-        except json.JSONDecodeError:
-            raise QDriftError(f"{options_file} is not valid JSON") from None
+            text = options_file.read_text()
+        except (OSError, UnicodeDecodeError):
+            raise QDriftError(f"{options_file} is not readable text") from None
+        options = loads_bounded(text, what=str(options_file), max_bytes=2**20)
+        if not isinstance(options, dict):
+            raise QDriftError(f"{options_file} is not a JSON object")
         if options.get("format") != WRAPPER_FORMAT or options.get("format_version") != WRAPPER_FORMAT_VERSION:
             raise QDriftError(
                 f"{options_file} has format {options.get('format')!r} version {options.get('format_version')!r}; "
                 f"this qdrift-stats reads {WRAPPER_FORMAT!r} version {WRAPPER_FORMAT_VERSION}"
             )
+        _check_options(options, options_file)
         class_name = str(options.get("wrapped_class"))
         scheduler_class = getattr(diffusers, class_name, None)
         if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
@@ -443,6 +458,38 @@ def check_pipeline(pipe: Any, estimator: EstimatorFile | str | Path) -> float | 
             log.warning(note)
         return None
     return check_denoiser(denoiser, recorded, source)
+
+
+def _diffusers_imports_only_known_libraries() -> bool:
+    """Whether this diffusers refuses to import a library named by a saved folder (0.42 and later)."""
+    try:
+        from diffusers.pipelines import pipeline_loading_utils
+    except ImportError:  # pragma: no cover
+        return False
+    return hasattr(pipeline_loading_utils, "_get_library_or_raise")
+
+
+def _check_options(options: dict[str, Any], source: Path) -> None:
+    """One-line errors for malformed wrapper options (types, ranges, an estimator file outside the folder)."""
+    from qdrift_stats.inputs import check_number
+
+    name = options.get("estimator_file", ESTIMATOR_FILE_NAME)
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise QDriftError(f"{source}: estimator_file must be a file name inside the folder, got {name!r}")
+    if not isinstance(options.get("wrapped_class"), str) or not options["wrapped_class"].isidentifier():
+        raise QDriftError(
+            f"{source}: wrapped_class must be a diffusers class name, got {options.get('wrapped_class')!r}"
+        )
+    correction = options.get("correction")
+    if correction is not None and correction not in CORRECTION_FORMS:
+        raise QDriftError(
+            f"{source}: correction must be one of {', '.join(CORRECTION_FORMS)} or null, got {correction!r}"
+        )
+    if options.get("strength") is not None:
+        check_number(options["strength"], f"{source}: strength", low=0.0)
+    for key in ("model", "recipe"):
+        if options.get(key) is not None and not isinstance(options[key], str):
+            raise QDriftError(f"{source}: {key} must be a string or null, got {type(options[key]).__name__}")
 
 
 __all__ = [

@@ -89,6 +89,7 @@ class EstimatorFile:
             provenance: further provenance entries (e.g. ``{"store": path}``).
         """
         from qdrift_stats import __version__
+        from qdrift_stats.inputs import check_number
 
         if correction is None:
             correction = getattr(fitted, "default_correction", "shrink")
@@ -96,6 +97,7 @@ class EstimatorFile:
             raise QDriftError(f"unknown correction form {correction!r}; choose drift or shrink")
         if (correction == PUBLISHED) != ("output_variance" in fitted.export_tensors()):
             raise QDriftError("the 'published' correction form goes with the 'published' estimator, and only with it")
+        strength = check_number(strength, "--strength", low=0.0)
         attrs = fitted.store_attrs
         tensors = {
             "variance": fitted.variance,
@@ -170,24 +172,31 @@ class EstimatorFile:
         return cls(tensors, metadata)
 
     # ---- files --------------------------------------------------------------------------
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the file; refuse to replace an existing one unless ``overwrite``."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise QDriftError(f"{path} exists; pass --overwrite to replace it")
-        # one copy each: two tensors sharing memory (a one-run fit's ci_low and ci_high) are refused by safetensors
+    def save(self, path: str | Path, overwrite: bool = False, inputs: tuple[str | Path, ...] = ()) -> Path:
+        """Write the file; refuse to replace an existing one unless ``overwrite`` (and only an estimator file).
+
+        The tensors and metadata are validated as a reader would (:meth:`validate`), so no file is
+        written that :meth:`load` refuses. The file is written to a temporary sibling and renamed
+        into place (:mod:`qdrift_stats.outputs`); ``inputs`` are paths the output must not replace.
+        """
+        from qdrift_stats.outputs import atomic_output, check_output
+
+        path = check_output(path, "estimator", overwrite=overwrite, inputs=inputs)
+        self.validate(self.tensors, self.metadata, str(path))
+        # One copy per tensor: safetensors refuses tensors that share memory (a 1-run fit's NaN bounds).
         tensors = {
             k: torch.from_numpy(np.array(v, dtype=np.float64, order="C", copy=True)) for k, v in self.tensors.items()
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(self.metadata, sort_keys=True)})
-        os.replace(tmp, path)
+        with atomic_output(path, "estimator") as tmp:
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(self.metadata, sort_keys=True)})
         self.path = path
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> EstimatorFile:
         """Read and validate an estimator file (safetensors only; nothing is unpickled)."""
+        from qdrift_stats.inputs import MAX_JSON_BYTES, loads_bounded
+
         path = Path(path)
         if not path.is_file():
             raise QDriftError(f"estimator file {path} does not exist")
@@ -197,10 +206,17 @@ class EstimatorFile:
                 tensors = {k: f.get_tensor(k).double().numpy() for k in f.keys()}
         except Exception as exc:
             raise QDriftError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
+        text = header.get(METADATA_KEY)
+        if not isinstance(text, str):
+            raise QDriftError(f"{path} has no valid '{METADATA_KEY}' metadata: not a qdrift estimator file")
         try:
-            metadata = json.loads(header[METADATA_KEY])
-        except (KeyError, json.JSONDecodeError, TypeError):
-            raise QDriftError(f"{path} has no valid '{METADATA_KEY}' metadata: not a qdrift estimator file") from None
+            metadata = loads_bounded(text, what=f"{path}: the '{METADATA_KEY}' metadata", max_bytes=MAX_JSON_BYTES)
+        except QDriftError as exc:
+            if "not valid JSON" in str(exc):
+                raise QDriftError(
+                    f"{path} has no valid '{METADATA_KEY}' metadata: not a qdrift estimator file"
+                ) from None
+            raise
         if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
             raise QDriftError(
                 f"{path} is not a qdrift estimator file (format {metadata.get('format') if isinstance(metadata, dict) else None!r})"
@@ -209,40 +225,96 @@ class EstimatorFile:
             raise QDriftError(
                 f"{path} has estimator format version {metadata.get('format_version')!r}; this qdrift-stats reads version {FORMAT_VERSION}"
             )
+        cls.validate(tensors, metadata, str(path))
+        return cls(tensors, metadata, path)
+
+    @staticmethod
+    def validate(tensors: dict[str, np.ndarray], metadata: dict[str, Any], source: str = "estimator") -> None:
+        """Check every tensor and the metadata an estimator file needs; raise a one-line :class:`QDriftError`.
+
+        Tensors: the required ones present; ``timesteps``, ``a_next``, ``b_next`` one-dimensional
+        and finite, ``b_next >= 0``; ``variance`` ``(steps,)`` or ``(steps, channels)``, finite and
+        non-negative; ``k`` and ``mu`` finite, ``(steps,)`` or of the variance's shape, ``1 + k > 0``;
+        ``ci_low``/``ci_high`` of the variance's shape (NaN allowed: undefined with one run);
+        a smooth model's curves finite and of one length. Metadata: the scheduler, correction and
+        estimator objects; a known correction form; a finite strength >= 0; ``steps`` (when given)
+        equal to the tensors' step count.
+        """
+        from qdrift_stats.inputs import check_number
+
+        tensors = {k: np.asarray(v) for k, v in tensors.items()}
         missing = [k for k in _REQUIRED_TENSORS if k not in tensors]
         if missing:
-            raise QDriftError(f"{path} lacks the tensors {', '.join(missing)}")
-        steps = len(tensors["timesteps"])
+            raise QDriftError(f"{source} lacks the tensors {', '.join(missing)}")
+        steps = len(tensors["timesteps"]) if tensors["timesteps"].ndim else 0
         for k, v in tensors.items():
             if k in _REQUIRED_TENSORS + _OPTIONAL_TENSORS and (v.ndim == 0 or v.shape[0] != steps):
-                raise QDriftError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, expected {steps} steps first")
+                raise QDriftError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected {steps} steps first")
             if (k in _REQUIRED_TENSORS + _OPTIONAL_TENSORS and v.ndim > 2) or (
                 k in ("timesteps", "a_next", "b_next") and v.ndim != 1
             ):
                 raise QDriftError(
-                    f"{path}: tensor {k!r} has shape {tuple(v.shape)}, expected (steps,) or (steps, channels)"
+                    f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected (steps,) or (steps, channels)"
                 )
+        if steps == 0:
+            raise QDriftError(f"{source} has no steps")
+        for k in ("timesteps", "a_next", "b_next"):
+            if not np.all(np.isfinite(tensors[k])):
+                raise QDriftError(f"{source}: tensor {k!r} must be finite")
+        if np.any(tensors["b_next"] < 0):
+            raise QDriftError(f"{source}: tensor 'b_next' must be non-negative")
+        variance = tensors["variance"]
+        if not np.all(np.isfinite(variance)) or np.any(variance < 0):
+            raise QDriftError(f"{source}: variance must be finite and non-negative")
+        for k in ("ci_low", "ci_high"):
+            if k in tensors and tensors[k].shape != variance.shape:
+                raise QDriftError(
+                    f"{source}: tensor {k!r} has shape {tuple(tensors[k].shape)}, the variance {tuple(variance.shape)}"
+                )
+        for k in ("k", "mu"):
+            if k not in tensors:
+                continue
+            v = tensors[k]
+            if v.shape != (steps,) and v.shape != variance.shape and not (variance.ndim == 1 and v.ndim == 2):
+                raise QDriftError(
+                    f"{source}: tensor {k!r} has shape {tuple(v.shape)}; expected ({steps},) or the variance's {tuple(variance.shape)}"
+                )
+            if not np.all(np.isfinite(v)) or np.any(np.abs(v) > 1e30):
+                raise QDriftError(f"{source}: tensor {k!r} must be finite (and below 1e30 in size)")
+        if "k" in tensors and np.any(1.0 + tensors["k"] <= 1e-6):
+            raise QDriftError(
+                f"{source}: tensor 'k' must satisfy 1 + k > 0 at every step (the output is divided by it)"
+            )
+        if "k" in tensors and "mu" in tensors and tensors["k"].shape != tensors["mu"].shape:
+            raise QDriftError(
+                f"{source}: tensors 'k' {tuple(tensors['k'].shape)} and 'mu' {tuple(tensors['mu'].shape)} differ in shape"
+            )
         curves = [tensors[k] for k in CURVE_TENSORS if k in tensors]
         if curves and (
             len({c.shape for c in curves}) != 1
             or curves[0].ndim != 1
             or not all(np.all(np.isfinite(c)) for c in curves)
         ):
-            raise QDriftError(f"{path}: the smooth model's curves must be finite and of one length")
-        if not np.all(np.isfinite(tensors["variance"])) or np.any(tensors["variance"] < 0):
-            raise QDriftError(f"{path}: variance must be finite and non-negative")
+            raise QDriftError(f"{source}: the smooth model's curves must be finite and of one length")
         for key in ("scheduler", "correction", "estimator"):
             if not isinstance(metadata.get(key), dict):
-                raise QDriftError(f"{path}: metadata lacks the '{key}' object")
+                raise QDriftError(f"{source}: metadata lacks the '{key}' object")
         if metadata["correction"].get("form") not in FILE_FORMS:
-            raise QDriftError(f"{path}: unknown correction form {metadata['correction'].get('form')!r}")
+            raise QDriftError(f"{source}: unknown correction form {metadata['correction'].get('form')!r}")
         if metadata["correction"].get("form") == PUBLISHED and "output_variance" not in tensors:
-            raise QDriftError(f"{path}: the 'published' form needs the 'output_variance' tensor")
+            raise QDriftError(f"{source}: the 'published' form needs the 'output_variance' tensor")
         if "output_variance" in tensors and (
             not np.all(np.isfinite(tensors["output_variance"])) or np.any(tensors["output_variance"] < 0)
         ):
-            raise QDriftError(f"{path}: output_variance must be finite and non-negative")
-        return cls(tensors, metadata, path)
+            raise QDriftError(f"{source}: output_variance must be finite and non-negative")
+        check_number(metadata["correction"].get("strength", 1.0), f"{source}: correction strength", low=0.0)
+        if not isinstance(metadata["scheduler"].get("config", {}) or {}, dict):
+            raise QDriftError(f"{source}: metadata scheduler config must be a JSON object")
+        declared = metadata.get("steps")
+        if declared is not None and (isinstance(declared, bool) or declared != steps):
+            raise QDriftError(f"{source}: metadata says {declared!r} steps, the tensors hold {steps}")
+        if not isinstance(metadata.get("provenance", {}) or {}, dict):
+            raise QDriftError(f"{source}: metadata provenance must be a JSON object")
 
     # ---- use ----------------------------------------------------------------------------
     @property
@@ -483,6 +555,26 @@ class EstimatorFile:
                     f"{source} was calibrated for {label} {recorded!r}, not {given!r}; re-calibrate for this {label}"
                 )
 
+    def use_warnings(self, pair: str | None = None, model: str | None = None) -> list[str]:
+        """Warnings before sampling with this estimator: another recorded pair, or correcting the FP model.
+
+        Args:
+            pair: the pair name the sampler uses (``--pair``); compared with the recorded one.
+            model: ``"fp"`` or ``"q"``: which model is corrected.
+        """
+        source = str(self.path) if self.path else "estimator"
+        out = []
+        recorded = (self.metadata.get("provenance") or {}).get("pair")
+        if pair is not None and recorded and not same_pair_name(str(recorded), str(pair)):
+            out.append(
+                f"{source} was recorded with pair {recorded!r}, not {pair!r}: its statistic describes that pair's quantization error"
+            )
+        if model == "fp":
+            out.append(
+                f"correcting the FP model with {source}: the correction is meant for the quantized model (--model q)"
+            )
+        return out
+
     def decomposition_on(self, grid: StepGrid) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The output decomposition ``(k, mu)`` on a sampler's grid (``None`` where the file has none).
 
@@ -500,6 +592,25 @@ class EstimatorFile:
             None if v is None else interpolate_over_timesteps(self.tensors["timesteps"], v, grid.timesteps)
             for v in (k, mu)
         )
+
+
+def same_pair_name(a: str, b: str) -> bool:
+    """Whether two ``--pair`` names load the same factory (``./my_pairs.py:f`` and ``my_pairs:f`` do).
+
+    A file path is compared by its file name without ``.py`` with the last part of a module name.
+    """
+
+    def key(name: str) -> tuple[str, str, bool]:
+        module, _, factory = name.rpartition(":")
+        is_file = module.endswith(".py") or "/" in module or os.sep in module
+        return (Path(module).stem if is_file else module), factory, is_file
+
+    (ma, fa, file_a), (mb, fb, file_b) = key(a), key(b)
+    if fa != fb:
+        return False
+    if file_a or file_b:
+        return ma.rpartition(".")[2] == mb.rpartition(".")[2]
+    return ma == mb
 
 
 #: Scheduler config keys that change the solver or the meaning of the model output: an estimator

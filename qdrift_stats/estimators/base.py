@@ -252,7 +252,18 @@ class FittedEstimator:
             lines.append(
                 f"{i:>5} {self.timesteps[i]:>9.2f} {self.b_next[i]:>9.4f} {v[i]:>11.4e} {lo[i]:>12.4e} {hi[i]:>11.4e}  {ratio:>10.3e}"
             )
-        return "\n".join(head + lines)
+        note = self.interval_note()
+        return "\n".join(head + lines + ([f"note: {note}"] if note else []))
+
+    def interval_note(self) -> str | None:
+        """Why the confidence bounds are NaN, when they all are (e.g. a 1-run store), else ``None``."""
+        if np.isfinite(self.ci_low).any() or np.isfinite(self.ci_high).any():
+            return None
+        if self.num_runs < 2:
+            return (
+                f"no confidence interval: the store holds {self.num_runs} run, an interval over runs needs at least 2"
+            )
+        return "no confidence interval: this estimator gives none for this store"
 
     def export(
         self,

@@ -42,8 +42,7 @@ def t_interval(per_run: np.ndarray, confidence: float) -> tuple[np.ndarray, np.n
     n = per_run.shape[0]
     mean = per_run.mean(axis=0)
     if n < 2:
-        nan = np.full_like(mean, np.nan)
-        return mean, nan, nan
+        return mean, np.full_like(mean, np.nan), np.full_like(mean, np.nan)
     se = per_run.std(axis=0, ddof=1) / np.sqrt(n)
     half = stats.t.ppf(0.5 + confidence / 2, df=n - 1) * se
     return mean, np.maximum(mean - half, 0.0), mean + half

@@ -69,7 +69,7 @@ from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators.base import Estimator, FittedEstimator, as_dataset
 from qdrift_stats.estimators.empirical import t_interval
 from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler, scale_model_input
-from qdrift_stats.pair import check_pair, load_pair
+from qdrift_stats.pair import check_pair, recorded_pair_hint
 from qdrift_stats.record.store import storage_errors_as_qdrift
 from qdrift_stats.schedulers.base import step_grid, step_kwargs
 
@@ -194,10 +194,8 @@ class MomentEstimator(Estimator):
     def _pair(self, ds: xr.Dataset) -> Any:
         if self.pair is not None:
             return check_pair(self.pair)
-        name = ds.attrs.get("pair")
-        if not name or ":" not in str(name):
-            raise QDriftError("the moment estimator re-samples the pair; the store names none, pass the pair")
-        return load_pair(str(name))
+        # A pair is code: never imported from the store's 'pair' attribute (a data file).
+        raise QDriftError(recorded_pair_hint(ds.attrs.get("pair"), "the moment estimator"))
 
     @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> MomentFit:

@@ -327,7 +327,10 @@ def plot_data(
 
         if estimator is None:
             raise QDriftError("'qdrift plot accumulation' needs --estimator EST.safetensors (the correction to apply)")
-        pair = pair or str(store_attrs(source).get("pair"))
+        if not pair:  # a pair is code: never imported from the store's 'pair' attribute
+            from qdrift_stats.pair import recorded_pair_hint
+
+            raise QDriftError(recorded_pair_hint(store_attrs(source).get("pair"), "'qdrift plot accumulation'"))
         return accumulation_dataset(pair, source, estimator)
     if kind == "variance":
         from qdrift_stats.correct.estimator_file import EstimatorFile

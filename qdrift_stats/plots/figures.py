@@ -592,7 +592,7 @@ def figure_for(
             ``runs-needed`` / ``diagnostics``: a saved Dataset, or a store (computed).
         estimator: an estimator file; required for ``accumulation`` (the correction), added to
             the comparison for ``variance``.
-        pair: ``MODULE:FACTORY`` for ``accumulation`` (default: the store's recorded pair).
+        pair: ``MODULE:FACTORY`` for ``accumulation`` (required: a pair is never loaded from the store).
         x: ``"b"`` or ``"step"`` for the plots that offer both.
     """
     data = plot_data(kind, source, estimator=estimator, pair=pair, fits=fits)

@@ -14,7 +14,6 @@ Each finished run is appended to the calibration store (see :mod:`qdrift_stats.r
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +151,9 @@ def prepare_store(out: Path, attrs: dict[str, Any], overwrite: bool) -> set[int]
     if not out.exists():
         return set()
     if overwrite:
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+        from qdrift_stats.outputs import remove_output
+
+        remove_output(out, "store")  # only a calibration store, never a foreign folder
         return set()
     check_compatible(store_attrs(out), attrs, out)
     done = repair_store(out)

@@ -270,8 +270,9 @@ def open_store(path: str | Path) -> xr.Dataset:
             raise QDriftError(
                 f"{path} has an invalid scheduler_config attribute (not a JSON object); re-record the store"
             )
+    drop = _unread_variables(path)
     try:
-        ds = xr.open_zarr(path, consolidated=True)
+        ds = xr.open_zarr(path, consolidated=True, drop_variables=drop)
     except Exception as exc:
         raise QDriftError(
             f"{path} could not be opened ({type(exc).__name__}); if a recording was interrupted, run the same 'qdrift record' again to resume"
@@ -304,6 +305,19 @@ def store_grid(ds: xr.Dataset) -> StepGrid:
         coords["b_next"],
         str(ds.attrs.get("prediction_type", "epsilon")),
     )
+
+
+def _unread_variables(path: Path) -> list[str]:
+    """Variables no reader uses (dropped on open, so nothing is allocated for them), after the
+    declared shapes of the others are checked (:func:`qdrift_stats.inputs.check_declared_arrays`)."""
+    from qdrift_stats.inputs import check_declared_arrays, declared_arrays
+
+    arrays = declared_arrays(path)
+    known = set(PERTURBATION_VARS + TRAJECTORY_VARS + REQUIRED_COORDS) | {"gain"}
+    dims = {d for name in known if name in arrays for d in arrays[name][1]}
+    keep = {name for name in arrays if name in known or name in dims}
+    check_declared_arrays({name: arrays[name] for name in keep}, str(path))
+    return sorted(set(arrays) - keep)
 
 
 def scheduler_config_of(attrs: dict[str, Any]) -> dict[str, Any]:

@@ -279,8 +279,9 @@ def cross_validate(
         counts: calibration counts to evaluate (default ``1 .. M-1``).
         n_splits: most random subsets per count.
         seed: seed of the splits and folds.
-        strength: search the correction strength; None does it when the pair can be loaded.
-        pair: the model pair for the strength search (default: load the store's ``pair`` attribute).
+        strength: search the correction strength; None does it when a pair is given.
+        pair: the model pair for the strength search (never loaded from the store: without it the
+            search is skipped, or refused when ``strength`` is True).
         forms, strengths: the grid of the strength search.
         folds: folds of the strength search.
         num_samples: samples per sampler and fold in the strength search.
@@ -329,18 +330,14 @@ def _with_strength(
         result.attrs["strength_skipped"] = "not asked"
         return result
     if pair is None:
-        from qdrift_stats.pair import load_pair
+        # A pair is code: it comes from the caller (--pair), never from the store's 'pair' attribute.
+        from qdrift_stats.pair import recorded_pair_hint
 
-        name = str(ds.attrs.get("pair", ""))
-        try:
-            pair = load_pair(name)
-        except QDriftError as exc:
-            if strength:
-                raise QDriftError(
-                    f"the strength search re-samples the pair, which could not be loaded: {exc}"
-                ) from None
-            result.attrs["strength_skipped"] = f"pair {name!r} could not be loaded"
-            return result
+        hint = recorded_pair_hint(ds.attrs.get("pair"), "the strength search")
+        if strength:
+            raise QDriftError(hint)
+        result.attrs["strength_skipped"] = f"no pair given; {hint}"
+        return result
     part = parts.read("strength") if parts is not None and parts.done("strength") else None
     if part is not None and not (
         list(part["form"].values) == list(forms)

@@ -10,7 +10,6 @@ writes the combined Dataset at the root and marks the whole result complete.
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,8 +42,10 @@ class ResultParts:
     ):
         self.path = Path(path)
         if self.path.exists():
-            if overwrite:
-                shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+            if overwrite:  # only a folder of this kind (its schema attribute), never a foreign one
+                from qdrift_stats.outputs import remove_marked_folder
+
+                remove_marked_folder(self.path, settings.get("qdrift_schema"), kind)
             else:
                 self._check_resumable(settings, identity, kind)
         if not self.path.exists():

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators.base import Estimator, as_dataset
 from qdrift_stats.record.store import storage_errors_as_qdrift
 from qdrift_stats.validate.learning_curve import as_estimator
@@ -54,7 +55,7 @@ def strength_curve(
     Args:
         estimator: a configured estimator (cloned per fold) or a registered name.
         store: calibration store path or Dataset.
-        pair: the model pair (default: load the store's ``pair`` attribute, ``MODULE:FACTORY``).
+        pair: the model pair (required: a pair is never loaded from the store's ``pair`` attribute).
         forms, strengths: the grid searched.
         folds: folds over runs (at most the number of runs).
         seed: seed of the folds and of the bootstrap.
@@ -72,13 +73,15 @@ def strength_curve(
     from qdrift_stats.correct.estimator_file import EstimatorFile
     from qdrift_stats.correct.sample import sample
     from qdrift_stats.metrics.distances import energy_distance
-    from qdrift_stats.pair import check_pair, load_pair
+    from qdrift_stats.pair import check_pair, recorded_pair_hint
 
     est, _ = as_estimator(estimator)
     ds = as_dataset(store)
     forms = tuple(forms)
     strengths = tuple(float(s) for s in strengths)
-    pair = load_pair(str(ds.attrs.get("pair", ""))) if pair is None else check_pair(pair)
+    if pair is None:  # a pair is code: never imported from the store's 'pair' attribute
+        raise QDriftError(recorded_pair_hint(ds.attrs.get("pair"), "the strength search"))
+    pair = check_pair(pair)
     runs = ds.sizes["run"]
     scheduler, steps = str(ds.attrs["scheduler"]), int(ds.sizes["step"])
     batch = min(num_samples, 512)
