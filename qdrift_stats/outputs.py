@@ -159,9 +159,6 @@ def check_output(
     if not os.access(parent, os.W_OK | os.X_OK):
         raise QDriftError(f"cannot write in the folder {parent} (permission denied or read-only)")
     resolved = out.resolve()
-    for folder in list(resolved.parents)[:8]:
-        if (folder / "zarr.json").is_file():
-            raise QDriftError(f"--out {out} lies inside the zarr store {folder}; choose another --out")
     for given in inputs:
         if given is None:
             continue
@@ -170,6 +167,9 @@ def check_output(
             raise QDriftError(f"--out {out} is, or lies inside, the input {given}; choose another --out")
         if _contains(resolved, source):
             raise QDriftError(f"--out {out} holds the input {given}; choose another --out")
+    for folder in list(resolved.parents)[:8]:
+        if (folder / "zarr.json").is_file():
+            raise QDriftError(f"--out {out} lies inside the zarr store {folder}; choose another --out")
     if out.exists():
         if not overwrite and not resumable:
             raise QDriftError(f"{out} exists; pass --overwrite to replace it")

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from diffusers import DDPMScheduler
+
 from qdrift_stats.testbed import VP_SCHEDULER_CONFIG, NoiseLikeError, default_mixture
-from qdrift_stats.testbed.mixture import _vp_levels
 
 
 class ConditionalPair:
@@ -31,7 +32,9 @@ class ConditionalPair:
         self.num_classes = self.means.shape[0]
         self.sample_shape = (self.means.shape[1],)
         self.scheduler_config = dict(VP_SCHEDULER_CONFIG)  # epsilon prediction, scaled-linear betas
-        self._sigmas = torch.as_tensor(_vp_levels(self.scheduler_config))
+        # the training noise levels sigma_t = sqrt((1 - abar_t) / abar_t) of the scheduler config
+        abar = DDPMScheduler.from_config(self.scheduler_config).alphas_cumprod.double()
+        self._sigmas = ((1.0 - abar) / abar).sqrt()
         self.error = NoiseLikeError(self.means.shape[1], amplitude=amplitude)
 
     def conditions(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
