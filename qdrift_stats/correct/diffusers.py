@@ -368,7 +368,7 @@ class QDriftScheduler(SchedulerProxy):
             "recipe": self.recipe,
         }
         (folder / WRAPPER_CONFIG_NAME).write_text(json.dumps(options, indent=2, sort_keys=True) + "\n")
-        if _diffusers_imports_only_known_libraries():
+        if diffusers_needs_module_file():
             # model_index.json names this module as the scheduler's library. diffusers >= 0.42 imports
             # no library a saved folder names unless it is already imported, but loads a component's
             # own module file when the user passes trust_remote_code=True: this one-line file (only an
@@ -460,7 +460,7 @@ def check_pipeline(pipe: Any, estimator: EstimatorFile | str | Path) -> float | 
     return check_denoiser(denoiser, recorded, source)
 
 
-def _diffusers_imports_only_known_libraries() -> bool:
+def diffusers_needs_module_file() -> bool:
     """Whether this diffusers refuses to import a library named by a saved folder (0.42 and later)."""
     try:
         from diffusers.pipelines import pipeline_loading_utils

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from diffusers import DDPMScheduler
 
 from qdrift_stats.testbed import VP_SCHEDULER_CONFIG, NoiseLikeError, default_mixture
