@@ -154,22 +154,9 @@ def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: 
         return
     import json
 
-    from qdrift_stats.record.store import open_store
+    from qdrift_stats.record.store import store_summary
 
-    ds = open_store(path)
-    seeds = [int(s) for s in ds["seed"].values]
-    click.echo(
-        json.dumps(
-            {
-                "store": str(path),
-                "runs_complete": len(seeds),
-                "seeds": seeds,
-                "steps": steps,
-                "scheduler": scheduler,
-                "batch": batch,
-            }
-        )
-    )
+    click.echo(json.dumps(store_summary(path)))
 
 
 @cli.command(epilog=EPILOG_FIT)
@@ -209,46 +196,22 @@ def fit(store, out, estimator_name, correction, strength, overwrite, pair, quiet
     check_output(out, "estimator", overwrite=overwrite, inputs=(store,))
     estimator = get_estimator(estimator_name)
     if pair:
-        if not hasattr(estimator, "pair"):
+        if "pair" not in estimator.param_names():
             raise QDriftError(
                 f"--pair is used only by estimators that re-sample the pair (moment), not {estimator_name}"
             )
         from qdrift_stats.pair import load_pair
 
-        estimator.pair = load_pair(pair)
+        estimator = estimator.with_params(pair=load_pair(pair))
     fitted = estimator.fit(store)
     written = fitted.export(
         out, correction=correction, strength=strength, provenance={"store": str(store)}, overwrite=overwrite
     )
-    correction = written.form
     if as_json:
         import json
 
-        import numpy as np
-
-        def listed(a):
-            return np.where(np.isfinite(a), a, None).tolist()
-
-        click.echo(
-            json.dumps(
-                {
-                    "estimator_file": str(out),
-                    "estimator": fitted.name,
-                    "params": fitted.params,
-                    "correction": correction,
-                    "strength": strength,
-                    "scheduler": fitted.scheduler_name,
-                    "steps": fitted.num_steps,
-                    "num_runs": fitted.num_runs,
-                    "timesteps": listed(fitted.timesteps),
-                    "variance": listed(fitted.variance),
-                    "ci_low": listed(fitted.ci_low),
-                    "ci_high": listed(fitted.ci_high),
-                    "confidence": fitted.confidence,
-                    "interval_note": fitted.interval_note(),
-                }
-            )
-        )
+        fields = {"estimator_file": str(out), "correction": written.form, "strength": strength}
+        click.echo(json.dumps({**fields, **fitted.to_json()}))
         return
     if not quiet:
         click.echo(fitted.summary())
@@ -291,12 +254,10 @@ def sample(
     quiet,
 ):
     """Draw final clean samples with the FP or Q model, optionally corrected."""
-    import numpy as np
-
     from qdrift_stats.correct.estimator_file import EstimatorFile
     from qdrift_stats.correct.sample import sample as run_sample
+    from qdrift_stats.correct.sample import save_samples
     from qdrift_stats.inputs import check_number
-    from qdrift_stats.outputs import atomic_output
     from qdrift_stats.pair import load_pair
 
     if strength is not None:
@@ -320,8 +281,7 @@ def sample(
         strength=strength,
         progress=_progress("sample", "batch", quiet=quiet),
     )
-    with atomic_output(out, "npy") as tmp, open(tmp, "wb") as handle:  # np.save(path) would append ".npy"
-        np.save(handle, samples)
+    save_samples(samples, out)
     notes = warnings_ + (list(estimator.notes) if estimator else [])
     if as_json:
         import json
@@ -353,12 +313,6 @@ def demo(out, num_samples, quiet):
     """The whole chain on the embedded default (the mixture testbed): record, fit, correct, measure."""
     from qdrift_stats.demo import run_demo
 
-    if out is not None:
-        out = Path(out)
-        if out.is_symlink() or (out.exists() and not out.is_dir()):
-            raise QDriftError(f"--out {out} must be a folder (not a file or a link)")
-        if not out.parent.is_dir():
-            raise QDriftError(f"the folder {out.parent} of --out {out} does not exist; create it first")
     click.echo(run_demo(out, num_samples=num_samples, progress=_progress("demo", "scheduler", quiet=quiet)))
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from qdrift_stats import testbed
+from qdrift_stats.errors import QDriftError
 from qdrift_stats.testbed.evaluate import evaluate_correction
 
 DEMO_CASES = (
@@ -36,8 +37,19 @@ def run_demo(
     steps: int = 50,
     progress: Callable[[Iterable], Iterator] | None = None,
 ) -> str:
-    """Run the demo; return the results table as text."""
+    """Run the demo; return the results table as text.
+
+    ``out``: a folder (created if missing, its parent must exist) that keeps the store and the
+    estimator files; None works in a temporary folder.
+    """
     import torch
+
+    if out is not None:
+        out = Path(out)
+        if out.is_symlink() or (out.exists() and not out.is_dir()):
+            raise QDriftError(f"--out {out} must be a folder (not a file or a link)")
+        if not out.parent.is_dir():
+            raise QDriftError(f"the folder {out.parent} of --out {out} does not exist; create it first")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the testbed's tensors are tiny: one thread is fastest, and robust to a busy machine

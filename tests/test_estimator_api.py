@@ -157,3 +157,23 @@ def test_cross_validate_refuses_what_is_not_an_estimator(store):
         cross_validate(object(), store, strength=False)
     with pytest.raises(QDriftError, match="unknown estimator"):
         cross_validate("no-such", store, strength=False)
+
+
+def test_with_params_rebuilds_through_init_and_refuses_unknown_names():
+    est = RobustEstimator(c=2.5).with_params(method="mad")
+    assert est.get_params()["method"] == "mad" and est.get_params()["c"] == 2.5
+    with pytest.raises(QDriftError, match="no parameter pair"):
+        RobustEstimator().with_params(pair=None)
+    with pytest.raises(QDriftError, match="unknown robust method"):
+        RobustEstimator().with_params(method="nope")  # checked by __init__
+
+
+def test_to_json_lists_the_estimate_with_none_where_undefined(store):
+    import qdrift_stats
+
+    fitted = get_estimator("empirical").fit(qdrift_stats.open_store(store).isel(run=[0]))
+    out = fitted.to_json()
+    json.dumps(out)
+    assert out["num_runs"] == 1 and out["steps"] == fitted.num_steps
+    assert out["ci_low"] == [None] * fitted.num_steps and out["interval_note"]
+    np.testing.assert_allclose(out["variance"], fitted.variance)

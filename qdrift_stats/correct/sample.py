@@ -7,6 +7,7 @@ Batch ``k`` of a request uses the seed ``seed + k``; each batch runs the one den
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,3 +62,14 @@ def sample(
             x = run_sampler(model_fn, scheduler, x, cond, corrector)
         outputs.append(x.detach().float().cpu().numpy())
     return np.concatenate(outputs, axis=0).astype(np.float32)
+
+
+def save_samples(samples: np.ndarray, out: str | Path) -> Path:
+    """Write ``samples`` as ``.npy`` to exactly ``out`` (``np.save(path)`` would append ``.npy`` to
+    another suffix), atomically: a failed write leaves ``out`` as it was
+    (:func:`qdrift_stats.outputs.atomic_output`; call :func:`~qdrift_stats.outputs.check_output` first)."""
+    from qdrift_stats.outputs import atomic_output
+
+    with atomic_output(out, "npy") as tmp, open(tmp, "wb") as handle:
+        np.save(handle, samples)
+    return Path(out)

@@ -87,6 +87,20 @@ class Estimator:
         """An unfitted estimator with the same parameters (scikit-learn's ``clone``)."""
         return type(self)(**self.get_params())
 
+    def with_params(self, **params: Any) -> Estimator:
+        """A new estimator with some parameters changed (checked by ``__init__`` as any other).
+
+        Raises:
+            QDriftError: a name that is not a parameter of this estimator.
+        """
+        unknown = sorted(set(params) - set(self.param_names()))
+        if unknown:
+            raise QDriftError(
+                f"the {self.name} estimator has no parameter {', '.join(unknown)}; "
+                f"its parameters: {', '.join(self.param_names())}"
+            )
+        return type(self)(**{**self.get_params(), **params})
+
     def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
         """Fit the statistic on a calibration store (path or opened Dataset)."""
         raise NotImplementedError
@@ -254,6 +268,29 @@ class FittedEstimator:
             )
         note = self.interval_note()
         return "\n".join(head + lines + ([f"note: {note}"] if note else []))
+
+    def to_json(self) -> dict[str, Any]:
+        """The estimate as a JSON-able dict (what ``qdrift fit --json`` prints, beside the file written).
+
+        Per-step lists hold ``None`` where a value is not finite (e.g. the bounds of a 1-run store).
+        """
+
+        def listed(a: np.ndarray) -> list:
+            return np.where(np.isfinite(a), a, None).tolist()
+
+        return {
+            "estimator": self.name,
+            "params": self.params,
+            "scheduler": self.scheduler_name,
+            "steps": self.num_steps,
+            "num_runs": self.num_runs,
+            "timesteps": listed(self.timesteps),
+            "variance": listed(self.variance),
+            "ci_low": listed(self.ci_low),
+            "ci_high": listed(self.ci_high),
+            "confidence": self.confidence,
+            "interval_note": self.interval_note(),
+        }
 
     def interval_note(self) -> str | None:
         """Why the confidence bounds are NaN, when they all are (e.g. a 1-run store), else ``None``."""

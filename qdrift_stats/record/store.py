@@ -291,6 +291,20 @@ def open_store(path: str | Path) -> xr.Dataset:
     return ds
 
 
+def store_summary(path: str | Path) -> dict[str, Any]:
+    """What a store holds, JSON-able: ``store``, ``runs_complete``, ``seeds``, ``steps``, ``scheduler``, ``batch``."""
+    ds = open_store(path)
+    seeds = [int(s) for s in ds["seed"].values]
+    return {
+        "store": str(path),
+        "runs_complete": len(seeds),
+        "seeds": seeds,
+        "steps": int(ds.sizes["step"]),
+        "scheduler": str(ds.attrs.get("scheduler")),
+        "batch": int(ds.attrs.get("batch_size", ds.sizes.get("sample", 0))),
+    }
+
+
 def store_grid(ds: xr.Dataset) -> StepGrid:
     """The step grid recorded in a store (its per-step coordinates, scheduler name and prediction type)."""
     coords = {
