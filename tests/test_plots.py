@@ -134,8 +134,14 @@ def test_runs_needed_figure_marks_the_tolerance_and_the_runs_needed():
     fig = plots.plot_runs_needed(cv_dataset())
     (ax,) = fig.axes
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
-    labels = legend_texts(ax)
+    (legend,) = fig.legends  # below the axes, so that it covers neither the band nor the curve
+    labels = [t.get_text() for t in legend.get_texts()]
     assert "median over repeats" in labels and "tolerance 0.1" in labels
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
     assert [t.get_text() for t in ax.texts] == ["16 runs needed"]
     with pytest.raises(QDriftError, match="rel_error"):
         plots.plot_runs_needed(xr.Dataset({"other": ("x", [1.0])}))
@@ -164,11 +170,17 @@ def diagnostics_dataset(names, scalars=True):
 
 def test_diagnostics_figure_has_one_panel_per_diagnostic():
     fig = plots.plot_diagnostics(diagnostics_dataset(["kurtosis", "jb_pvalue", "r2", "lattice"]))
-    visible = [ax for ax in fig.axes if ax.get_visible()]
+    *grid, twin = fig.axes  # the 3 x 2 panels, then the Ljung-Box panel's right axis
+    visible = [ax for ax in grid if ax.get_visible()]
     assert len(visible) == 6  # 4 per-step panels, the Ljung-Box bars, the reasons
     assert [ax.get_yscale() for ax in visible[:4]] == ["linear", "log", "linear", "linear"]
+    assert all(ax.get_ylabel() for ax in visible[:4])  # every panel says what its y axis is
     assert "Jarque-Bera" in visible[1].get_title() and "Ljung-Box" in visible[4].get_title()
-    assert len(visible[4].patches) == 2 and "light tails" in visible[5].texts[0].get_text()
+    # the two across-step quantities have different units: one bar on each axis, each axis labelled
+    assert len(visible[4].patches) == 1 and len(twin.patches) == 1
+    assert "fraction" in visible[4].get_ylabel() and "autocorrelation" in twin.get_ylabel()
+    assert twin.get_ylim() == (-1.0, 1.0) and visible[4].get_ylim() == (0.0, 1.0)
+    assert "light tails" in visible[5].texts[0].get_text()
     assert "noise-like" in fig._suptitle.get_text()
     two = plots.plot_diagnostics(diagnostics_dataset(["kurtosis", "ljung_box_pvalue"], scalars=False), x="b")
     assert len([ax for ax in two.axes if ax.get_visible()]) == 2 and two.axes[0].get_xscale() == "log"

@@ -364,7 +364,8 @@ def plot_runs_needed(cv: xr.Dataset, tolerance: float | None = None) -> Figure:
     sub = _title_from(cv.attrs)
     ax.set_title(head + (f"\n{sub}" if sub else ""), fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="center right")
+    # below the axes: inside, the legend would cover the band it explains
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="outside lower center", ncols=3, frameon=False)
     return fig
 
 
@@ -426,6 +427,20 @@ def _step_panels(t: dict[str, float]) -> tuple:
             [(t["LATTICE_FRACTION"], f"{t['LATTICE_FRACTION']:g}: rounded to a grid below")],
         ),
     )
+
+
+# The y label of each per-step panel (units: the panels' titles say what is tested).
+_PANEL_YLABELS = {
+    "kurtosis": "excess kurtosis (0: Gaussian)",
+    "excess_kurtosis": "excess kurtosis (0: Gaussian)",
+    "jb_pvalue": "p-value (log scale)",
+    "jarque_bera_pvalue": "p-value (log scale)",
+    "ljung_box_pvalue": "p-value (log scale)",
+    "lb_pvalue": "p-value (log scale)",
+    "r2": "$R^2$ (fraction of variance)",
+    "r_squared": "$R^2$ (fraction of variance)",
+    "lattice": "distinct values / values",
+}
 
 
 def _verdict_lines(diag: xr.Dataset, width: int = 70) -> list[str]:
@@ -524,20 +539,22 @@ def plot_diagnostics(diag: xr.Dataset, x: str = "step") -> Figure:
         else:
             ax.set_xlabel("step")
         ax.set_title(title + (f" (floored at {P_FLOOR:g})" if clipped else ""), fontsize=9)
+        ax.set_ylabel(_PANEL_YLABELS.get(name, name), fontsize=8)
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=7, loc="center right")
+        ax.legend(fontsize=7, loc="best")
     if across:
         ax = axes[len(panels)]
-        labels = {
-            "lb_reject": "Ljung-Box rejects\n(fraction of trajectories)",
-            "lag1_autocorr": "mean lag-1\nautocorrelation",
-        }
-        heights = [float(diag[n].values) for n in across]
-        ax.bar([labels[n] for n in across], heights, color=COLORS[0], width=0.5)
-        for k, h in enumerate(heights):
-            ax.annotate(f"{h:.2f}", (k, h), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)
-        ax.axhline(0.05, color="0.3", linestyle=":", linewidth=1, label="0.05: rejected by chance under independence")
-        if "lb_reject" in across:
+        # Two quantities of different units: the fraction of trajectories the test rejects (left axis,
+        # 0..1) and the mean lag-1 autocorrelation (right axis, -1..1), each bar on its own scale.
+        heights = {n: float(diag[n].values) for n in across}
+        ticks: list[tuple[int, str]] = []
+        if "lb_reject" in heights:
+            h = heights["lb_reject"]
+            ax.bar([0], [h], color=COLORS[0], width=0.5)
+            ax.annotate(f"{h:.2f}", (0, h), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)
+            ax.axhline(
+                0.05, color="0.3", linestyle=":", linewidth=1, label="0.05: rejected by chance under independence"
+            )
             ax.axhline(
                 t["AUTOCORRELATED_REJECT"],
                 color=COLORS[1],
@@ -545,13 +562,28 @@ def plot_diagnostics(diag: xr.Dataset, x: str = "step") -> Figure:
                 linewidth=1,
                 label=f"{t['AUTOCORRELATED_REJECT']:g}: rejections above this: autocorrelated",
             )
+            ticks.append((0, "Ljung-Box rejects\n(left axis)"))
+        ax.set_ylim(0.0, 1.0)
+        ax.set_ylabel("fraction of trajectories rejected at 5%", fontsize=8)
+        if "lag1_autocorr" in heights:
+            h = heights["lag1_autocorr"]
+            right = ax.twinx()
+            right.bar([1], [h], color=COLORS[2], width=0.5)
+            right.annotate(f"{h:.2f}", (1, h), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)
+            right.axhline(0.0, color="0.6", linewidth=0.8)
+            right.set_ylim(-1.0, 1.0)
+            right.set_ylabel("mean lag-1 autocorrelation (0: independent)", fontsize=8)
+            ticks.append((1, "lag-1 autocorrelation\n(right axis)"))
+        ax.set_xticks([x for x, _ in ticks])
+        ax.set_xticklabels([label for _, label in ticks], fontsize=8)
+        ax.set_xlim(-0.6, 1.6)
         lags = diag.attrs.get("lb_lags")
         ax.set_title(
             "Across steps: Ljung-Box test of each trajectory's errors" + (f" ({lags} lags)" if lags else ""), fontsize=9
         )
-        ax.set_ylim(min(0.0, min(heights) * 1.2), 1.0)
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        if "lb_reject" in heights:
+            ax.legend(fontsize=7, loc="upper left")
     notes = _verdict_lines(diag)
     if count < len(axes) and notes:
         ax = axes[count]
