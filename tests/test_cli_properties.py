@@ -98,6 +98,11 @@ def optional(strategy, *args: str):
     return st.one_of(st.just([]), strategy.map(lambda v: [*args, v]))
 
 
+def usually(strategy, *args: str):
+    """A required option: present 9 times in 10 (so that some command lines are complete)."""
+    return st.tuples(st.integers(0, 9), strategy).map(lambda t: [*args, t[1]] if t[0] else [])
+
+
 def flags(*names: str):
     return st.lists(st.sampled_from(names), unique=True)
 
@@ -111,22 +116,22 @@ def out_path(draw, verb: str) -> str:
 @st.composite
 def command(draw) -> list[str]:
     verb = draw(st.sampled_from(list(SUFFIX)))
-    out = draw(st.one_of(st.just([]), out_path(verb).map(lambda o: ["--out", o])))
+    out = draw(usually(out_path(verb), "--out"))
     pick = st.sampled_from
     if verb == "record":
         args = [
-            *draw(optional(pick(PAIRS), "--pair")),
-            *draw(optional(pick(SCHEDULERS), "--scheduler")),
-            *draw(optional(pick(["1", "2", "0", "-1", "x"]), "--steps")),
-            *draw(optional(pick(["1", "2", "0", "-1"]), "--runs")),
-            *draw(optional(pick(["1", "2", "0"]), "--batch")),
-            *draw(optional(pick(["0", "-1", "abc"]), "--seed")),
+            *draw(usually(pick(PAIRS), "--pair")),
+            *draw(usually(pick(SCHEDULERS), "--scheduler")),
+            *draw(usually(pick(["1", "2", "0", "-1", "x"]), "--steps")),
+            *draw(usually(pick(["1", "2", "0", "-1"]), "--runs")),
+            *draw(usually(pick(["1", "2", "0"]), "--batch")),
+            *draw(usually(pick(["0", "-1", "abc"]), "--seed")),
             *draw(optional(pick(["float32", "float16", "int8"]), "--dtype")),
             *draw(flags("--overwrite", "--quiet", "--json", "--trajectories")),
         ]
     elif verb == "fit":
         args = [
-            *draw(st.lists(pick(INPUTS), max_size=1)),
+            *draw(usually(pick(INPUTS))),
             *draw(optional(pick(ESTIMATORS), "--estimator")),
             *draw(optional(pick(["drift", "shrink", "x"]), "--correction")),
             *draw(optional(pick(NUMBERS), "--strength")),
@@ -135,22 +140,22 @@ def command(draw) -> list[str]:
         ]
     elif verb == "sample":
         args = [
-            *draw(optional(pick(PAIRS), "--pair")),
-            *draw(optional(pick(SCHEDULERS), "--scheduler")),
-            *draw(optional(pick(["1", "2", "3", "0", "-1"]), "--steps")),
-            *draw(optional(pick(["1", "3", "0", "-1"]), "--num-samples")),
-            *draw(optional(pick(["1", "2", "0"]), "--batch")),
-            *draw(optional(pick(["0", "5"]), "--seed")),
-            *draw(optional(pick(["fp", "q", "x"]), "--model")),
+            *draw(usually(pick(PAIRS), "--pair")),
+            *draw(usually(pick(SCHEDULERS), "--scheduler")),
+            *draw(usually(pick(["1", "2", "3", "0", "-1"]), "--steps")),
+            *draw(usually(pick(["1", "3", "0", "-1"]), "--num-samples")),
+            *draw(usually(pick(["1", "2", "0"]), "--batch")),
+            *draw(usually(pick(["0", "5"]), "--seed")),
+            *draw(usually(pick(["fp", "q", "x"]), "--model")),
             *draw(optional(pick(INPUTS), "--estimator")),
             *draw(optional(pick(NUMBERS), "--strength")),
             *draw(flags("--overwrite", "--quiet", "--json")),
         ]
     elif verb == "diagnose":
-        args = [*draw(st.lists(pick(INPUTS), max_size=1)), *draw(flags("--overwrite", "--json"))]
+        args = [*draw(usually(pick(INPUTS))), *draw(flags("--overwrite", "--json"))]
     elif verb == "cv":
         args = [
-            *draw(st.lists(pick(INPUTS), max_size=1)),
+            *draw(usually(pick(INPUTS))),
             *draw(optional(pick(["empirical", "moment", "bogus"]), "--estimator")),
             *draw(optional(pick(["1", "2", "0"]), "--splits")),
             *draw(optional(pick(["--strength", "--no-strength"]))),
@@ -161,8 +166,8 @@ def command(draw) -> list[str]:
         ]
     else:
         args = [
-            *draw(st.lists(pick(["variance", "diagnostics", "runs-needed", "accumulation", "nope"]), max_size=1)),
-            *draw(st.lists(pick(INPUTS), max_size=1)),
+            *draw(usually(pick(["variance", "diagnostics", "runs-needed", "accumulation", "nope"]))),
+            *draw(usually(pick(INPUTS))),
             *draw(optional(pick(INPUTS), "--estimator")),
             *draw(optional(pick(PAIRS), "--pair")),
             *draw(optional(pick(["empirical", "bogus"]), "--fit")),
@@ -189,16 +194,21 @@ def allowed_changes(argv: list[str]) -> list[str]:
     return [out, out + ".lock"]
 
 
-def check_one(argv: list[str], folder: Path, capsys) -> tuple[int, str]:
+def check_one(argv: list[str], folder: Path) -> tuple[int, str]:
     """Run one command in ``folder``; assert the property; return the exit code and the error line."""
+    import contextlib
+    import io
+
     before = snapshot(folder)
     cwd = os.getcwd()
+    out, errors_ = io.StringIO(), io.StringIO()
     os.chdir(folder)
     try:
-        code = main(list(argv))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(errors_):
+            code = main(list(argv))
     finally:
         os.chdir(cwd)
-    _, err = capsys.readouterr()
+    err = errors_.getvalue()
     assert code in (0, 2), (argv, err)
     assert "Traceback" not in err, (argv, err)
     errors = [line for line in err.splitlines() if line.startswith("qdrift: ")]
@@ -224,11 +234,16 @@ def check_one(argv: list[str], folder: Path, capsys) -> tuple[int, str]:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
 )
 @given(argv=command())
-def test_cli_exits_0_or_2_with_one_line_and_touches_only_its_output(argv, sandbox, capsys):
+def test_cli_exits_0_or_2_with_one_line_and_touches_only_its_output(argv, sandbox):
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "work"
-        shutil.copytree(sandbox, folder, symlinks=True)
-        for link, target in (("link.npy", "notes.txt"), ("dirlink", "docs")):  # re-point into the copy
-            (folder / link).unlink()
-            (folder / link).symlink_to(folder / target)
-        check_one(argv, folder, capsys)
+        check_one(argv, copy_sandbox(sandbox, Path(tmp)))
+
+
+def copy_sandbox(sandbox: Path, into: Path) -> Path:
+    """A fresh copy of the sandbox (its links re-pointed into the copy)."""
+    folder = into / "work"
+    shutil.copytree(sandbox, folder, symlinks=True)
+    for link, target in (("link.npy", "notes.txt"), ("dirlink", "docs")):
+        (folder / link).unlink()
+        (folder / link).symlink_to(folder / target)
+    return folder

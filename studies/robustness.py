@@ -1,0 +1,397 @@
+"""Robustness of the command line: malformed files, argument combinations, interrupts, concurrent
+writers, readers during an append, and the time ``qdrift --help`` takes.
+
+Writes the section ``robustness`` of ``docs/robustness.md``:
+
+- **malformed files**: the seeded fuzzing of ``tests/test_fuzz_files.py`` (every kind of damage to
+  a store and to an estimator file, each read by every reader), ``--per-kind`` variants per kind;
+- **argument combinations**: ``--cli-examples`` command lines drawn by the hypothesis strategy of
+  ``tests/test_cli_properties.py`` (verbs, valid and invalid paths, numbers, names, flags), each
+  run in a fresh sandbox; a crash is an exit code other than 0 and 2, a traceback, not exactly one
+  error line when refused, a file changed outside ``--out``, or a temporary left behind;
+- **interrupts**: ``qdrift record`` (a subprocess) gets SIGINT (Ctrl-C) at a random moment during
+  its runs, then the same command is run again; a crash is an exit code other than 130, any stderr
+  line other than progress and ``qdrift: interrupted`` (e.g. zarr's "Task was destroyed"), or a
+  failed resume; a loss is a final store that differs from an uninterrupted recording;
+- **concurrent writers**: two ``qdrift record`` processes on the same ``--out`` at once, then the
+  command once more; a crash is an exit code other than 0 or 2 (2: "another process is writing");
+  a loss is a final store that differs from an uninterrupted recording (a seed twice, one missing,
+  other values);
+- **readers during an append**: while a ``qdrift record`` process appends runs, this process
+  opens the store and fits it as fast as it can; a failed read is any error once the store exists
+  (before its first run completes, "holds no complete run" / "does not exist" are expected answers,
+  counted apart);
+- **--help**: wall time of ``qdrift --help`` (the console script, a fresh process each time).
+
+    python studies/robustness.py                  # about 8 minutes on 2 busy cores (process starts dominate)
+    python studies/robustness.py --quick          # a smoke run (a minute or two)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from _report import ROOT, command_line, write_section
+
+sys.path.insert(0, str(ROOT))
+
+PAGE = ROOT / "docs" / "robustness.md"
+PAIR = "qdrift_stats.testbed:mixture_vp_noise"
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def qdrift_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qdrift_stats.cli", *args]
+
+
+def record_args(out: Path, runs: int, steps: int = 30, batch: int = 64) -> list[str]:
+    return [
+        "record",
+        "--pair",
+        PAIR,
+        "--scheduler",
+        "euler",
+        "--steps",
+        str(steps),
+        "--runs",
+        str(runs),
+        "--batch",
+        str(batch),
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+    ]
+
+
+def store_values(path: Path):
+    """(seeds, delta_x) of a store's complete runs, sorted by seed."""
+    import numpy as np
+
+    from qdrift_stats.record.store import open_store
+
+    ds = open_store(path)
+    seeds = np.asarray(ds["seed"].values)
+    order = np.argsort(seeds)
+    return seeds[order].tolist(), np.asarray(ds["delta_x"].values)[order]
+
+
+def same_store(path: Path, reference) -> bool:
+    import numpy as np
+
+    try:
+        seeds, values = store_values(path)
+    except Exception:
+        return False
+    return seeds == reference[0] and np.array_equal(values, reference[1])
+
+
+def clean_stderr(err: str, verb: str = "record", allowed: tuple[str, ...] = ()) -> bool:
+    """Only progress lines and the allowed one-line messages."""
+    for line in err.splitlines():
+        if line.startswith(f"qdrift {verb}: ") or line in allowed or not line.strip():
+            continue
+        return False
+    return True
+
+
+# ---- malformed files ----------------------------------------------------------------------------
+
+
+def malformed_files(per_kind: int, seed: int, tmp: Path) -> dict:
+    from tests.test_fuzz_files import fuzz, make_base
+
+    store, est = make_base(tmp / "fuzz-base")
+    report = fuzz(store, est, tmp / "fuzz-work", per_kind, seed=seed)
+    totals = Counter(o.result for o in report.outcomes)
+    return {"files": sum(report.tried.values()), "reads": len(report.outcomes), **totals}
+
+
+# ---- argument combinations --------------------------------------------------------------------------
+
+
+def argument_combinations(examples: int, seed: int, tmp: Path) -> dict:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
+
+    from tests.test_cli_properties import build_sandbox, check_one, command, copy_sandbox
+
+    sandbox = tmp / "cli-sandbox"
+    sandbox.mkdir()
+    build_sandbox(sandbox)
+    counts: Counter = Counter()
+    crashes: list[str] = []
+
+    @hseed(seed)
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(argv=command())
+    def one(argv):
+        with tempfile.TemporaryDirectory() as work:
+            try:
+                code, _ = check_one(argv, copy_sandbox(sandbox, Path(work)))
+                counts[f"exit {code}"] += 1
+            except AssertionError as exc:
+                counts["crash"] += 1
+                crashes.append(" ".join(str(exc).split())[:300])
+        counts["tried"] += 1
+
+    one()
+    return {**counts, "examples": crashes[:3]}
+
+
+# ---- interrupts -----------------------------------------------------------------------------------
+
+
+def interrupt_trials(trials: int, runs: int, tmp: Path, reference, rng: random.Random) -> dict:
+    counts: Counter = Counter()
+    examples: list[str] = []
+    for k in range(trials):
+        out = tmp / f"int{k}.zarr"
+        proc = subprocess.Popen(
+            qdrift_cmd(*record_args(out, runs)), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        # wait for the first finished run, then interrupt at a random moment of the following ones
+        first = proc.stderr.readline()
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=300)
+        err = first + rest
+        ok = proc.returncode == 130 and clean_stderr(err, allowed=("qdrift: interrupted",))
+        if proc.returncode == 0:  # finished before the signal: not an interrupt trial
+            counts["finished before the signal"] += 1
+        elif not ok:
+            counts["crash"] += 1
+            examples.append(f"exit {proc.returncode}: {' | '.join(err.splitlines()[-3:])}")
+        again = subprocess.run(
+            qdrift_cmd(*record_args(out, runs), "--quiet"), env=env(), capture_output=True, text=True
+        )
+        if again.returncode != 0:
+            counts["crash"] += 1
+            examples.append(f"resume exit {again.returncode}: {again.stderr.strip()[-200:]}")
+        elif not same_store(out, reference):
+            counts["loss"] += 1
+        counts["tried"] += 1
+    return {**counts, "examples": examples[:3]}
+
+
+# ---- concurrent writers ---------------------------------------------------------------------------
+
+
+def concurrent_writer_trials(trials: int, runs: int, tmp: Path, reference, rng: random.Random) -> dict:
+    counts: Counter = Counter()
+    examples: list[str] = []
+    for k in range(trials):
+        out = tmp / f"cw{k}.zarr"
+        procs = []
+        for _ in range(2):
+            procs.append(
+                subprocess.Popen(
+                    qdrift_cmd(*record_args(out, runs), "--quiet"),
+                    env=env(),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            time.sleep(rng.uniform(0.0, 2.0))
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            counts[f"writer exit {p.returncode}"] += 1
+            one_line = len([line for line in err.splitlines() if line.strip()]) <= 1
+            if p.returncode not in (0, 2) or "Traceback" in err or not one_line:
+                counts["crash"] += 1
+                examples.append(f"exit {p.returncode}: {err.strip()[-200:]}")
+        final = subprocess.run(
+            qdrift_cmd(*record_args(out, runs), "--quiet"), env=env(), capture_output=True, text=True
+        )
+        if final.returncode != 0:
+            counts["crash"] += 1
+            examples.append(f"final exit {final.returncode}: {final.stderr.strip()[-200:]}")
+        elif not same_store(out, reference):
+            counts["loss"] += 1
+        counts["tried"] += 1
+    return {**counts, "examples": examples[:3]}
+
+
+# ---- readers during an append ---------------------------------------------------------------------------
+
+
+def reader_trials(trials: int, runs: int, tmp: Path) -> dict:
+    from qdrift_stats.errors import QDriftError
+    from qdrift_stats.estimators import get_estimator
+    from qdrift_stats.record.store import open_store
+
+    counts: Counter = Counter()
+    examples: list[str] = []
+    for k in range(trials):
+        out = tmp / f"rd{k}.zarr"
+        proc = subprocess.Popen(
+            qdrift_cmd(*record_args(out, runs), "--quiet"), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        seen_runs = 0
+        while proc.poll() is None:
+            try:
+                ds = open_store(out)
+                fitted = get_estimator("empirical").fit(ds)
+                if fitted.num_runs < seen_runs:
+                    counts["read fewer runs than before"] += 1
+                seen_runs = max(seen_runs, fitted.num_runs)
+                counts["reads ok"] += 1
+            except QDriftError as exc:
+                text = str(exc)
+                if "does not exist" in text or "holds no complete run" in text:
+                    counts["reads before the first run"] += 1
+                    time.sleep(0.1)
+                else:
+                    counts["failed reads"] += 1
+                    examples.append(text[:200])
+            except Exception as exc:  # noqa: BLE001 - counted as a failed read
+                counts["failed reads"] += 1
+                examples.append(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+            time.sleep(0.02)  # leave the writer its share of the 2 cores
+        proc.communicate()
+        counts["writer exit 0" if proc.returncode == 0 else "crash"] += 1
+        counts["tried"] += 1
+    return {**counts, "examples": examples[:3]}
+
+
+# ---- --help -------------------------------------------------------------------------------------
+
+
+def help_times(repeats: int) -> list[float]:
+    script = shutil.which("qdrift")
+    cmd = [script, "--help"] if script else qdrift_cmd("--help")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(cmd, env=env(), capture_output=True, check=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-kind", type=int, default=5, help="Malformed variants per kind of damage.")
+    parser.add_argument("--cli-examples", type=int, default=200, help="Argument combinations tried.")
+    parser.add_argument("--trials", type=int, default=2, help="Interrupt, concurrent-writer and reader trials each.")
+    parser.add_argument("--runs", type=int, default=6, help="Runs of the recordings in those trials.")
+    parser.add_argument("--help-repeats", type=int, default=10, help="Timed 'qdrift --help' calls.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="A smoke run: a few of each.")
+    parser.add_argument("--no-write", action="store_true", help="Print; do not update docs/robustness.md.")
+    args = parser.parse_args()
+    if args.quick:
+        args.per_kind, args.cli_examples, args.trials, args.runs, args.help_repeats = 1, 20, 1, 4, 3
+    warnings.filterwarnings("ignore")
+    rng = random.Random(args.seed)
+    start = time.time()
+    results, durations = {}, {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        t = time.time()
+        results["help"] = help_times(args.help_repeats)
+        durations["help"] = time.time() - t
+        reference_path = tmp / "reference.zarr"
+        subprocess.run(qdrift_cmd(*record_args(reference_path, args.runs), "--quiet"), env=env(), check=True)
+        reference = store_values(reference_path)
+        for name, run in (
+            ("files", lambda: malformed_files(args.per_kind, args.seed, tmp)),
+            ("cli", lambda: argument_combinations(args.cli_examples, args.seed, tmp)),
+            ("interrupt", lambda: interrupt_trials(args.trials, args.runs, tmp, reference, rng)),
+            ("concurrent", lambda: concurrent_writer_trials(args.trials, args.runs, tmp, reference, rng)),
+            ("reader", lambda: reader_trials(args.trials, args.runs, tmp)),
+        ):
+            t = time.time()
+            results[name] = run()
+            durations[name] = time.time() - t
+            print(name, results[name], f"{durations[name]:.0f} s", flush=True)
+    elapsed = time.time() - start
+    text = report(results, durations, elapsed, args)
+    print(text)
+    if not args.no_write:
+        write_section("robustness", text, PAGE)
+
+
+def report(r: dict, durations: dict, elapsed: float, args) -> str:
+    files, cli, intr, conc, read = r["files"], r["cli"], r["interrupt"], r["concurrent"], r["reader"]
+    helps = r["help"]
+    rows = [
+        (
+            "malformed files (store and estimator), each read by every reader",
+            f"{files['files']} files, {files['reads']} reads",
+            f"{files.get('ok', 0)} ok, {files.get('refused', 0)} refused",
+            files.get("crash", 0),
+            files.get("touched", 0),
+        ),
+        (
+            "command-line argument combinations (hypothesis), fresh sandbox each",
+            f"{cli.get('tried', 0)} command lines",
+            f"{cli.get('exit 0', 0)} exit 0, {cli.get('exit 2', 0)} exit 2",
+            cli.get("crash", 0),
+            "(in crash)",
+        ),
+        (
+            f"Ctrl-C (SIGINT) during `qdrift record` of {args.runs} runs, then the same command",
+            f"{intr.get('tried', 0)} trials",
+            f"{intr.get('tried', 0) - intr.get('finished before the signal', 0)} interrupted and resumed",
+            intr.get("crash", 0),
+            intr.get("loss", 0),
+        ),
+        (
+            "two `qdrift record` on one store at once, then the command once more",
+            f"{conc.get('tried', 0)} trials",
+            ", ".join(f"{conc[k]} {k}" for k in sorted(conc) if k.startswith("writer exit")),
+            conc.get("crash", 0),
+            conc.get("loss", 0),
+        ),
+        (
+            f"open + fit while `qdrift record` appends {args.runs} runs",
+            f"{read.get('tried', 0)} recordings, {read.get('reads ok', 0) + read.get('failed reads', 0)} reads once the store existed",
+            f"{read.get('reads ok', 0)} ok (complete runs only)",
+            read.get("failed reads", 0) + read.get("crash", 0) + read.get("read fewer runs than before", 0),
+            "-",
+        ),
+    ]
+    lines = [
+        f"Generated by `{command_line()}` ({elapsed / 60:.1f} minutes on a shared 2-core machine). "
+        "Seeded (the fuzzing and the argument combinations repeat exactly; interrupts and concurrent "
+        "starts depend on timing).",
+        "",
+        "| what | tried | outcomes | crashes | losses / files touched |",
+        "|---|---|---|---:|---:|",
+        *[f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows],
+        "",
+        f"`qdrift --help` wall time, a fresh process each time ({len(helps)} calls): median "
+        f"{statistics.median(helps):.2f} s, max {max(helps):.2f} s.",
+    ]
+    examples = [(k, r[k].get("examples")) for k in ("cli", "interrupt", "concurrent", "reader")]
+    if any(e for _, e in examples):
+        lines += ["", "First failures:", ""]
+        for k, e in examples:
+            for item in e or []:
+                lines.append(f"- {k}: `{item}`")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
