@@ -318,7 +318,7 @@ def demo(out, num_samples, quiet):
 
 EPILOG_PLOT = """\b
 Example:
-  qdrift plot accumulation calib.zarr --estimator est.safetensors --out accumulation.png
+  qdrift plot accumulation calib.zarr --estimator est.safetensors --pair P --out accumulation.png
   qdrift plot variance calib.zarr --fit empirical --fit per-channel --out variance.png
   qdrift plot runs-needed cv.zarr --out runs_needed.png
   qdrift plot diagnostics calib.zarr --out diagnostics.png

@@ -8,7 +8,8 @@ with trajectories; estimator file: empirical, drift form, strength 1. The same a
     qdrift record --pair qdrift_stats.testbed:mixture_vp_noise --scheduler euler --steps 50 \\
         --runs 5 --batch 64 --seed 0 --trajectories --out calib.zarr
     qdrift fit calib.zarr --estimator empirical --correction drift --out est.safetensors
-    qdrift plot accumulation calib.zarr --estimator est.safetensors --out docs/img/accumulation.png
+    qdrift plot accumulation calib.zarr --estimator est.safetensors \\
+        --pair qdrift_stats.testbed:mixture_vp_noise --out docs/img/accumulation.png
     qdrift plot variance calib.zarr --fit all --out docs/img/variance.png
     qdrift plot runs-needed calib.zarr --out docs/img/runs_needed.png
     qdrift plot diagnostics calib.zarr --out docs/img/diagnostics.png
@@ -61,7 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     EmpiricalEstimator().fit(store).export(est, correction="drift", provenance={"store": str(store)}, overwrite=True)
     for kind, name in FIGURES.items():
-        options = {"estimator": est} if kind == "accumulation" else {"fits": ("all",)} if kind == "variance" else {}
+        options = (
+            {"estimator": est, "pair": PAIR}  # a pair is never loaded from the store: pass it
+            if kind == "accumulation"
+            else {"fits": ("all",)}
+            if kind == "variance"
+            else {}
+        )
         path = save_figure(figure_for(kind, store, **options), args.out / name)
         print(f"wrote {path}")
 
