@@ -230,10 +230,9 @@ class FittedEstimator:
         data = {"variance": (dims, self.variance), "ci_low": (dims, self.ci_low), "ci_high": (dims, self.ci_high)}
         if self.per_run.size:
             data["per_run"] = (("run",) + dims, self.per_run)
-        if self.k is not None:
-            data["k"] = (dims, self.k)
-        if self.mu is not None:
-            data["mu"] = (dims, self.mu)
+        for name, value in (("k", self.k), ("mu", self.mu)):  # per channel even with a per-step variance
+            if value is not None:
+                data[name] = (("step", "channel") if np.ndim(value) == 2 else ("step",), value)
         coords = {
             "step": np.arange(self.num_steps),
             "timestep": ("step", self.timesteps),
