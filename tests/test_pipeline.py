@@ -354,6 +354,67 @@ def test_calibration_misuse_gets_one_line_errors(dit, tmp_path):
     assert not (tmp_path / "x.zarr").exists()
 
 
+def test_a_pipeline_store_has_the_gain_and_is_fitted_and_cross_validated_by_the_cli_defaults(dit, tmp_path):
+    """The store identity is written by the same writer as ``qdrift record``'s: ``gain`` included."""
+    from click.testing import CliRunner
+
+    from qdrift_stats.cli import cli
+
+    _, fp, q = dit
+    store = tmp_path / "calib.zarr"
+    calibrate_pipeline(
+        fp, q, out=store, class_labels=LABELS, seeds=[0, 1, 2], num_inference_steps=STEPS, guidance_scale=GUIDANCE
+    )
+    ds = open_store(store)
+    # DDIM eps: the first-order gain is (a_next - b_next a / b) * (-b / a), from the recorded coordinates
+    a, b, a_next, b_next = (ds[n].values for n in ("a", "b", "a_next", "b_next"))
+    np.testing.assert_allclose(ds["gain"].values, (a_next - b_next * a / b) * (-b / a), rtol=1e-12)
+    runner = CliRunner()
+    fitted = runner.invoke(cli, ["fit", str(store), "--out", str(tmp_path / "est.safetensors")])
+    assert fitted.exit_code == 0, fitted.output
+    assert EstimatorFile.load(tmp_path / "est.safetensors").metadata["estimator"]["name"]
+    validated = runner.invoke(
+        cli, ["cv", str(store), "--out", str(tmp_path / "cv.zarr"), "--no-strength", "--splits", "3"]
+    )
+    assert validated.exit_code == 0, validated.output
+
+
+def test_a_second_concurrent_calibration_of_one_store_is_refused(dit, tmp_path):
+    """The pipeline path takes the store's writer lock: while one calibration writes, another is refused."""
+    import threading
+
+    _, fp, q = dit
+    store = tmp_path / "busy.zarr"
+    common = dict(out=store, class_labels=LABELS, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+    inside, refused = threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+
+    def held(todo):  # the first calibration holds the lock while the second one tries
+        inside.set()
+        assert refused.wait(60)
+        yield from todo
+
+    def first():
+        try:
+            calibrate_pipeline(fp, q, seeds=[0], progress=held, **common)
+            outcome["first"] = "done"
+        except BaseException as exc:  # reported below
+            outcome["first"] = repr(exc)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert inside.wait(60)
+        with pytest.raises(QDriftError, match="another process is writing") as err:
+            calibrate_pipeline(fp, q, seeds=[1], **common)
+        assert "\n" not in str(err.value)
+    finally:
+        refused.set()
+        thread.join(120)
+    assert outcome["first"] == "done"
+    assert list(open_store(store)["seed"].values) == [0]
+
+
 # ---- the chain: fit, export, reload, sample with the wrapper --------------------------------------
 
 

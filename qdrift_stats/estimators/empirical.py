@@ -79,7 +79,9 @@ class EmpiricalEstimator(Estimator):
         else:
             if "gain" not in ds.coords:
                 raise QDriftError(
-                    "the store has no 'gain' coordinate (recorded by an older qdrift-stats); use the lockstep statistic"
+                    "the store has no 'gain' coordinate (recorded by an older qdrift-stats); add it once with "
+                    "python -c \"from qdrift_stats.record.store import upgrade_store; upgrade_store('STORE')\" "
+                    "or use the lockstep statistic"
                 )
             gain2 = ds["gain"].values.astype(np.float64) ** 2
             moment = per_run_second_moment(ds, "delta_out", self.per_channel).values

@@ -162,7 +162,9 @@ class RobustEstimator(Estimator):
         if self.statistic == "first-order":
             if "gain" not in ds.coords:
                 raise QDriftError(
-                    "the store has no 'gain' coordinate (recorded by an older qdrift-stats); use the lockstep statistic"
+                    "the store has no 'gain' coordinate (recorded by an older qdrift-stats); add it once with "
+                    "python -c \"from qdrift_stats.record.store import upgrade_store; upgrade_store('STORE')\" "
+                    "or use the lockstep statistic"
                 )
             gain = np.asarray(ds["gain"].values, dtype=np.float64)
         for i in range(steps):

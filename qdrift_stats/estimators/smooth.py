@@ -54,7 +54,6 @@ Both curves are constant beyond the fitted range of levels.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +80,7 @@ from qdrift_stats.estimators.base import (
 )
 from qdrift_stats.loop import run_sampler
 from qdrift_stats.record.store import storage_errors_as_qdrift, store_grid
-from qdrift_stats.schedulers.base import gain_on, is_multistep, step_grid
+from qdrift_stats.schedulers.base import gain_on, is_multistep, scheduler_from_identity, step_grid
 
 CURVE_POINTS = 256
 _LOG_ZERO = -700.0  # log of a curve that is zero everywhere (exp underflows to 0)
@@ -114,20 +113,6 @@ def solver_gains(scheduler) -> tuple[np.ndarray, np.ndarray]:
 
     run_sampler(unit_outputs, scheduler, torch.zeros(n, 1, dtype=torch.float64), callback=read_gains)
     return c, d
-
-
-def scheduler_from_identity(identity: dict[str, Any], steps: int):
-    """A diffusers scheduler rebuilt from a recorded identity (``name``, ``class``, ``config``) with ``steps`` steps."""
-    import diffusers
-
-    cls = getattr(diffusers, str(identity.get("class")), None)
-    if cls is None or not hasattr(cls, "from_config"):
-        raise QDriftError(f"cannot rebuild scheduler class {identity.get('class')!r} from the recorded identity")
-    config = identity.get("config") or {}
-    config = json.loads(config) if isinstance(config, str) else config
-    scheduler = cls.from_config(config)
-    scheduler.set_timesteps(int(steps))
-    return scheduler
 
 
 def combine_variance(

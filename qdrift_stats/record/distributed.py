@@ -14,7 +14,7 @@ Design: workers compute, the client writes.
   and returns the arrays ``(steps, batch, *sample_shape)``. Workers never touch the store, so they
   need no shared filesystem and cannot corrupt it by writing concurrently.
 - The client is the only writer. It appends finished runs with the same
-  :func:`~qdrift_stats.record.store.append_run` that ``record()`` uses, strictly in seed order: a run that
+  :class:`~qdrift_stats.record.store.StoreWriter` that ``record()`` uses, strictly in seed order: a run that
   finishes before an earlier seed waits in client memory. So the store's layout, its ``run``
   order and its commit point (``runs_complete`` + consolidated metadata, updated after each
   appended run) are exactly those of a serial recording, and resuming works the same way (an
@@ -95,14 +95,15 @@ def describe_recording(
         coordinates ``timestep, a, b, a_next, b_next, gain``, each float64 ``(steps,)``.
     """
     from qdrift_stats.loop import prepared_scheduler
-    from qdrift_stats.record.lockstep import RecordingPlan, recording_attrs, step_coordinates
+    from qdrift_stats.record.lockstep import RecordingPlan, recording_attrs
+    from qdrift_stats.record.store import step_coordinates
 
     pair = _worker_pair(pair_spec)
     plan = RecordingPlan(
         pair_spec, scheduler_name, steps, tuple(range(seed, seed + runs)), batch_size, trajectories, dtype
     )
-    attrs = recording_attrs(pair, plan, prepared_scheduler(pair, scheduler_name, steps))
-    return attrs, step_coordinates(pair, scheduler_name, steps)
+    scheduler = prepared_scheduler(pair, scheduler_name, steps)
+    return recording_attrs(pair, plan, scheduler), step_coordinates(scheduler)
 
 
 @_returning_failures
@@ -188,8 +189,8 @@ def record_distributed(
         The store path. Raises :class:`QDriftError` for bad input, a failing run or an unreachable
         scheduler (runs of earlier seeds stay committed).
     """
-    from qdrift_stats.record.lockstep import check_recording_args, prepare_store
-    from qdrift_stats.record.store import append_run, run_dataset, writer_lock
+    from qdrift_stats.record.lockstep import check_recording_args
+    from qdrift_stats.record.store import StoreWriter
 
     check_recording_args(runs, batch_size, dtype)
     out = Path(out)
@@ -211,10 +212,8 @@ def record_distributed(
         if isinstance(described, RunFailure):
             raise QDriftError(described.message)
         attrs, coords = described
-        with writer_lock(out):
-            done_seeds = prepare_store(out, attrs, overwrite)
-            todo = [s for s in range(seed, seed + runs) if s not in done_seeds]
-            run_index = len(done_seeds)
+        with StoreWriter(out, attrs, coords, overwrite=overwrite) as writer:
+            todo = writer.todo(range(seed, seed + runs))
             if not todo:
                 return out
             window = max_in_flight or 2 * max(1, sum(client.nthreads().values()))
@@ -225,7 +224,7 @@ def record_distributed(
                 )
 
             def commit(k: int, s: int, arrays: dict[str, np.ndarray]) -> None:
-                runs_complete = append_run(out, run_dataset(arrays, s, run_index + k, coords, attrs))
+                runs_complete = writer.append(s, arrays)
                 if on_commit is not None:
                     on_commit(s, runs_complete)
 

@@ -13,7 +13,6 @@ Each finished run is appended to the calibration store (see :mod:`qdrift_stats.r
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,24 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler, scale_model_input
 from qdrift_stats.pair import check_pair
-from qdrift_stats.record.store import (
-    SCHEMA,
-    SCHEMA_VERSION,
-    STORAGE_DTYPES,
-    append_run,
-    check_compatible,
-    package_version,
-    repair_store,
-    run_dataset,
-    store_attrs,
-    writer_lock,
-)
-from qdrift_stats.schedulers.base import output_gains, scheduler_identity, step_grid, step_kwargs
+from qdrift_stats.record.store import STORAGE_DTYPES, StoreWriter, identity_attrs, step_coordinates
+from qdrift_stats.schedulers.base import step_kwargs
 
 
 @dataclass(frozen=True)
@@ -110,54 +97,16 @@ def _stack(tensors: list[torch.Tensor]) -> np.ndarray:
 
 
 def recording_attrs(pair: Any, plan: RecordingPlan, scheduler) -> dict[str, Any]:
-    """The attributes a store of this recording carries (see :mod:`qdrift_stats.record.store`)."""
-    identity = scheduler_identity(scheduler)
-    return {
-        "qdrift_schema": SCHEMA,
-        "qdrift_schema_version": SCHEMA_VERSION,
-        "pair": plan.pair_name,
-        "scheduler": identity["name"],
-        "scheduler_class": identity["class"],
-        "scheduler_config": json.dumps(identity["config"], sort_keys=True),
-        "steps": plan.steps,
-        "prediction_type": step_grid(scheduler).prediction_type,
-        "batch_size": plan.batch_size,
-        "sample_shape": list(pair.sample_shape),
-        "dtype": plan.dtype,
-        "trajectories": bool(plan.trajectories),
-        "package": "qdrift-stats",
-        "package_version": package_version(),
-    }
-
-
-def step_coordinates(pair: Any, scheduler_name: str, steps: int) -> dict[str, np.ndarray]:
-    """Per-step coordinates of a store, each float64 ``(steps,)``: ``timestep, a, b, a_next, b_next, gain``."""
-    grid = step_grid(prepared_scheduler(pair, scheduler_name, steps))
-    return {
-        "timestep": grid.timesteps,
-        "a": grid.a,
-        "b": grid.b,
-        "a_next": grid.a_next,
-        "b_next": grid.b_next,
-        "gain": output_gains(scheduler_name, pair.scheduler_config, steps),
-    }
-
-
-def prepare_store(out: Path, attrs: dict[str, Any], overwrite: bool) -> set[int]:
-    """Before appending: remove the store (``overwrite``) or check it matches and trim a partial run.
-
-    Returns the seeds of its complete runs (empty for a new store). Call under :func:`writer_lock`.
-    """
-    if not out.exists():
-        return set()
-    if overwrite:
-        from qdrift_stats.outputs import remove_output
-
-        remove_output(out, "store")  # only a calibration store, never a foreign folder
-        return set()
-    check_compatible(store_attrs(out), attrs, out)
-    done = repair_store(out)
-    return {int(s) for s in zarr.open_group(out, mode="r")["seed"][:done]}
+    """The attributes a store of this recording carries (:func:`qdrift_stats.record.store.identity_attrs`)."""
+    return identity_attrs(
+        plan.pair_name,
+        scheduler,
+        plan.steps,
+        dtype=plan.dtype,
+        trajectories=plan.trajectories,
+        batch_size=plan.batch_size,
+        sample_shape=tuple(pair.sample_shape),
+    )
 
 
 def check_recording_args(runs: int, batch_size: int, dtype: str) -> None:
@@ -196,15 +145,12 @@ def record(
     plan = RecordingPlan(
         pair_name, scheduler_name, steps, tuple(range(seed, seed + runs)), batch_size, trajectories, dtype
     )
-    attrs = recording_attrs(pair, plan, prepared_scheduler(pair, scheduler_name, steps))
-    coords = step_coordinates(pair, scheduler_name, steps)
-    with writer_lock(out):
-        done_seeds = prepare_store(out, attrs, overwrite)
-        todo = [s for s in plan.seeds if s not in done_seeds]
-        run_index = len(done_seeds)
+    scheduler = prepared_scheduler(pair, scheduler_name, steps)
+    with StoreWriter(
+        out, recording_attrs(pair, plan, scheduler), step_coordinates(scheduler), overwrite=overwrite
+    ) as writer:
+        todo = writer.todo(plan.seeds)
         for run_seed in progress(todo) if progress else todo:
             arrays, _ = record_run(pair, scheduler_name, steps, batch_size, run_seed, trajectories)
-            arrays = {k: v.astype(STORAGE_DTYPES[dtype]) for k, v in arrays.items()}
-            append_run(out, run_dataset(arrays, run_seed, run_index, coords, attrs))
-            run_index += 1
+            writer.append(run_seed, arrays)
     return out

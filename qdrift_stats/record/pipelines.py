@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,19 +52,8 @@ from torch import nn
 from qdrift_stats.correct.diffusers import SchedulerProxy, mirrors_wrapped_signature, prev_sample_of, with_prev_sample
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.record.fingerprint import check_denoiser, fingerprint, probe_spec
-from qdrift_stats.record.store import (
-    SCHEMA,
-    SCHEMA_VERSION,
-    STORAGE_DTYPES,
-    append_run,
-    check_compatible,
-    package_version,
-    repair_store,
-    run_dataset,
-    store_attrs,
-    writer_lock,
-)
-from qdrift_stats.schedulers.base import StepGrid, gain_on, scheduler_identity, scheduler_name, step_grid
+from qdrift_stats.record.store import STORAGE_DTYPES, StoreWriter, check_compatible, grid_coordinates, identity_attrs
+from qdrift_stats.schedulers.base import StepGrid, scheduler_name, step_grid
 
 DENOISER_NAMES: tuple[str, ...] = ("unet", "transformer")
 _LATENT_KWARGS: tuple[str, ...] = ("sample", "hidden_states", "x")
@@ -362,17 +350,8 @@ class ReplayedGrid:
     call: dict[str, Any]
 
     def coordinates(self) -> dict[str, np.ndarray]:
-        """The store's per-step coordinates: ``timestep, a, b, a_next, b_next, gain`` (float64 ``(steps,)``;
-        ``gain``: the adapter's first-order gain on the replayed grid)."""
-        g = self.grid
-        return {
-            "timestep": g.timesteps,
-            "a": g.a,
-            "b": g.b,
-            "a_next": g.a_next,
-            "b_next": g.b_next,
-            "gain": gain_on(g),
-        }
+        """The store's per-step coordinates on the replayed grid (:func:`qdrift_stats.record.store.grid_coordinates`)."""
+        return grid_coordinates(self.grid)
 
     def same_as(self, other: ReplayedGrid) -> bool:
         return (
@@ -608,63 +587,44 @@ def calibrate_pipeline(
         fp_pipe, prompts, class_labels, num_inference_steps, guidance_scale, pipeline_kwargs
     )
 
-    identity = scheduler_identity(fp_scheduler)
     if model_id is None:
         model_id = str(getattr(fp_pipe, "name_or_path", None) or "") or None
     out = Path(out)
-    identity_attrs = {  # the grid, batch_size and sample_shape are known after the first run
-        "qdrift_schema": SCHEMA,
-        "qdrift_schema_version": SCHEMA_VERSION,
-        "pair": pair_name or describe_pipelines(fp_pipe, q_pipe, conditions, guidance_scale, recipe),
-        "scheduler": identity["name"],
-        "scheduler_class": identity["class"],
-        "scheduler_config": json.dumps(identity["config"], sort_keys=True),
-        "num_inference_steps": num_inference_steps,
-        "dtype": dtype,
-        "trajectories": bool(trajectories),
-        "package": "qdrift-stats",
-        "package_version": package_version(),
-        "pipeline": type(fp_pipe).__name__,
-        "denoiser": denoiser_name,
-        "guidance_scale": "default" if guidance_scale is None else float(guidance_scale),
-        "conditions": json.dumps(conditions, sort_keys=True, default=str),
-        "model_id": model_id or "",
-        "recipe": recipe or "",
-    }
-    with writer_lock(out):
-        done_seeds: set[int] = set()
-        run_index = 0
-        existing: dict[str, Any] | None = None
-        if out.exists():
-            if overwrite:
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
-            else:
-                existing = store_attrs(out)
-                check_compatible(existing, {**existing, **identity_attrs}, out)
-                run_index = repair_store(out)
-                import zarr
-
-                done_seeds = {int(s) for s in zarr.open_group(out, mode="r")["seed"][:run_index]}
-        todo = [s for s in seeds if s not in done_seeds]
+    identity = identity_attrs(  # the grid, batch_size and sample_shape are known after the first run
+        pair_name or describe_pipelines(fp_pipe, q_pipe, conditions, guidance_scale, recipe),
+        fp_scheduler,
+        dtype=dtype,
+        trajectories=trajectories,
+        extra={
+            "num_inference_steps": num_inference_steps,
+            "pipeline": type(fp_pipe).__name__,
+            "denoiser": denoiser_name,
+            "guidance_scale": "default" if guidance_scale is None else float(guidance_scale),
+            "conditions": json.dumps(conditions, sort_keys=True, default=str),
+            "model_id": model_id or "",
+            "recipe": recipe or "",
+        },
+    )
+    with StoreWriter(out, identity, overwrite=overwrite) as writer:
+        existing = writer.existing  # the attributes of a store being resumed
+        todo = writer.todo(seeds)
         first: PipelineRun | None = None
         first_seed = -1
-        run_attrs: dict[str, Any] = {}
-        coords: dict[str, np.ndarray] = {}
         for seed in progress(todo) if progress else todo:
             run = record_pipeline_run(fp_pipe, q_pipe, call, seed, images, trajectories, dtype)
             if first is None:
                 first, first_seed = run, seed
-                run_attrs = pipeline_run_attrs(identity_attrs, run, fp_pipe, q_pipe, existing)
-                coords = run.replay.coordinates()
+                writer.attrs = pipeline_run_attrs(identity, run, fp_pipe, q_pipe, existing)
+                writer.coords = run.replay.coordinates()
+                writer.dims = run_attrs_dims(writer.attrs)
                 if existing is not None:
-                    check_same_pipeline_store(out, existing, run_attrs, coords)
+                    check_same_pipeline_store(out, existing, writer.attrs, writer.coords)
             elif not run.replay.same_as(first.replay):
                 raise QDriftError(
                     f"seed {seed}: the pipeline ran another step grid than for seed {first_seed}; "
                     "calibrate runs of one grid per store"
                 )
-            append_run(out, run_dataset(run.arrays, seed, run_index, coords, run_attrs, dims=run_attrs_dims(run_attrs)))
-            run_index += 1
+            writer.append(seed, run.arrays)
     return out
 
 

@@ -24,6 +24,7 @@ names are :func:`scheduler_names` (also ``SCHEDULER_NAMES``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -325,6 +326,24 @@ def scheduler_identity(scheduler) -> dict[str, Any]:
     """
     config = {k: jsonable(v) for k, v in dict(scheduler.config).items() if k != "_use_default_values"}
     return {"name": scheduler_name(scheduler), "class": type(scheduler).__name__, "config": config}
+
+
+def scheduler_from_identity(identity: dict[str, Any], steps: int):
+    """A diffusers scheduler rebuilt from a recorded identity (``name``, ``class``, ``config``, as in a
+    store's or an estimator file's metadata), with ``set_timesteps(steps)`` done."""
+    import diffusers
+
+    cls = getattr(diffusers, str(identity.get("class")), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise QDriftError(f"cannot rebuild scheduler class {identity.get('class')!r} from the recorded identity")
+    config = identity.get("config") or {}
+    try:
+        config = json.loads(config) if isinstance(config, str) else dict(config)
+    except (TypeError, ValueError):
+        raise QDriftError("the recorded scheduler config is not a JSON object") from None
+    scheduler = cls.from_config(config)
+    scheduler.set_timesteps(int(steps))
+    return scheduler
 
 
 def jsonable(value: Any) -> Any:
