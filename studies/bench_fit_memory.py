@@ -5,7 +5,7 @@
                                        [--store /tmp/qdrift_bench_fit.zarr] [--keep]
 
 1. Writes a synthetic store in the exact calibration-store schema (:mod:`qdrift_stats.record.store`),
-   one run at a time with :func:`~qdrift_stats.record.store.run_dataset` / :func:`~qdrift_stats.record.store.append_run`,
+   one run at a time with the package's one store writer (:class:`~qdrift_stats.record.store.StoreWriter`),
    so the writer never holds more than one run (``steps x batch x shape`` per variable). The
    variables are float16 ``(run, step, sample, channel, height, width)``, one zarr chunk per
    ``(run, step)``; ``delta_x`` of step ``i`` is Gaussian with variance ``v_i`` (log-spaced from
@@ -79,9 +79,7 @@ def write_store(
         dims, ``[..., 1:]`` the same per channel.
     """
     from qdrift_stats.loop import prepared_scheduler
-    from qdrift_stats.record.lockstep import RecordingPlan, _store_attrs
-    from qdrift_stats.record.store import append_run, run_dataset
-    from qdrift_stats.schedulers.base import output_gains, step_grid
+    from qdrift_stats.record.store import StoreWriter, identity_attrs, step_coordinates
     from qdrift_stats.testbed import VP_SCHEDULER_CONFIG
 
     class _ShapeOnly:
@@ -92,38 +90,36 @@ def write_store(
 
     pair = _ShapeOnly()
     scheduler = prepared_scheduler(pair, "euler", steps)
-    grid = step_grid(scheduler)
-    plan = RecordingPlan(
-        "synthetic:bench_fit_memory", "euler", steps, tuple(range(seed, seed + runs)), batch, False, "float16"
+    attrs = identity_attrs(
+        "synthetic:bench_fit_memory",
+        scheduler,
+        steps,
+        dtype="float16",
+        trajectories=False,
+        batch_size=batch,
+        sample_shape=tuple(shape),
     )
-    attrs = _store_attrs(pair, plan, scheduler)
-    gain = output_gains("euler", pair.scheduler_config, steps)
-    coords = {
-        "timestep": grid.timesteps,
-        "a": grid.a,
-        "b": grid.b,
-        "a_next": grid.a_next,
-        "b_next": grid.b_next,
-        "gain": gain,
-    }
+    coords = step_coordinates(scheduler)
+    gain = coords["gain"]
     std = np.sqrt(step_variances(steps)).astype(np.float32).reshape((steps, 1) + (1,) * len(shape))
     channels = shape[0]
     refs = {name: np.zeros((runs, steps, 1 + channels)) for name in ("delta_x", "delta_out")}
     rng = np.random.default_rng(seed)
-    for r in range(runs):
-        arrays = {}
-        for name in VARIABLES:
-            values = rng.standard_normal((steps, batch, *shape), dtype=np.float32)
-            if name == "delta_x":
-                values *= std
-            arrays[name] = values.astype(np.float16)
-            del values
-            if name in refs:
-                sq = arrays[name].astype(np.float64) ** 2
-                refs[name][r, :, 0] = sq.reshape(steps, -1).mean(axis=1)
-                refs[name][r, :, 1:] = sq.swapaxes(1, 2).reshape(steps, channels, -1).mean(axis=2)
-                del sq
-        append_run(path, run_dataset(arrays, seed + r, r, coords, attrs))
+    with StoreWriter(path, attrs, coords) as writer:
+        for r in range(runs):
+            arrays = {}
+            for name in VARIABLES:
+                values = rng.standard_normal((steps, batch, *shape), dtype=np.float32)
+                if name == "delta_x":
+                    values *= std
+                arrays[name] = values.astype(np.float16)
+                del values
+                if name in refs:
+                    sq = arrays[name].astype(np.float64) ** 2
+                    refs[name][r, :, 0] = sq.reshape(steps, -1).mean(axis=1)
+                    refs[name][r, :, 1:] = sq.swapaxes(1, 2).reshape(steps, channels, -1).mean(axis=2)
+                    del sq
+            writer.append(seed + r, arrays)
     return {**refs, "gain": gain}
 
 
