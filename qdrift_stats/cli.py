@@ -167,7 +167,8 @@ def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: 
     "estimator_name",
     default="first-order",
     show_default=True,
-    help="Estimator name: first-order (default; equals the lock-step 'empirical' statistic for one-step solvers), empirical, per-channel, ...",
+    help="Estimator name: first-order (default; equals the lock-step 'empirical' statistic for "
+    "one-step solvers), empirical, per-channel, ...",
 )
 @click.option(
     "--correction",
@@ -340,15 +341,16 @@ Example:
     "--fit",
     "fit_names",
     multiple=True,
-    help="variance of a store: estimator to fit (repeatable; 'all': every registered one; default: empirical, first-order, decomposed, smooth-glm, robust).",
+    help="variance of a store: estimator to fit (repeatable; 'all': every registered one; default: "
+    "empirical, first-order, decomposed, smooth-glm, robust).",
 )
 @click.option("--x", "x_axis", type=click.Choice(["b", "step"]), help="x axis: noise level b (log) or step.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing figure file.")
 def plot(kind, source, out, estimator_path, pair, fit_names, x_axis, overwrite):
     """Draw a figure: noise accumulation, the variance statistic, runs needed or diagnostics.
 
-    KIND is accumulation, variance, runs-needed or diagnostics. SOURCE is a calibration store (accumulation: recorded with --trajectories), an estimator
-    file (variance), or a saved runs-needed / diagnostics Dataset (zarr or netCDF).
+    KIND is accumulation, variance, runs-needed or diagnostics. SOURCE is a calibration store (accumulation: recorded
+    with --trajectories), an estimator file (variance), or a saved runs-needed / diagnostics Dataset (zarr or netCDF).
     """
     from qdrift_stats.outputs import atomic_output
     from qdrift_stats.plots.figures import figure_for, save_figure
@@ -433,7 +435,8 @@ Example:
 @click.option(
     "--strength/--no-strength",
     default=None,
-    help="Choose the correction form and strength by CV (re-samples the pair, so needs --pair). Default: when --pair is given.",
+    help="Choose the correction form and strength by CV (re-samples the pair, so needs --pair). "
+    "Default: when --pair is given.",
 )
 @click.option("--pair", help="Model pair for the strength search (never taken from the store). " + PAIR_HELP)
 @click.option(
@@ -558,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("QDRIFT_DEBUG"):
             raise
         click.echo(
-            f"qdrift: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} (QDRIFT_DEBUG=1 shows the traceback)",
+            f"qdrift: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+            "(QDRIFT_DEBUG=1 shows the traceback)",
             err=True,
         )
         code = 1

@@ -82,7 +82,8 @@ def _run_demo(out, num_samples, steps, progress) -> str:
         f"5 calibration runs x 64 samples, {num_samples} samples per model from the same seeds.",
         "",
         f"{'':<14} {'within-mode variance':^35}   {'gap closed, 95% CI':^37}   {'NLL, nats per sample':^40}",
-        f"{'scheduler':<14} {'FP':>8} {'Q':>8} {'drift':>8} {'shrink':>8}   {'drift':>18} {'shrink':>18}   {'FP':>9} {'Q':>9} {'drift':>10} {'shrink':>10}",
+        f"{'scheduler':<14} {'FP':>8} {'Q':>8} {'drift':>8} {'shrink':>8}   {'drift':>18} "
+        f"{'shrink':>18}   {'FP':>9} {'Q':>9} {'drift':>10} {'shrink':>10}",
     ]
     for pair_name, scheduler in progress(cases) if progress else cases:
         pair = getattr(testbed, pair_name)()
@@ -101,7 +102,8 @@ def _run_demo(out, num_samples, steps, progress) -> str:
             f"{scheduler:<14} {_fmt(m['fp']['within_var'], '8.4f')} {_fmt(m['q']['within_var'], '8.4f')} "
             f"{_fmt(m['drift']['within_var'], '8.4f')} {_fmt(m['shrink']['within_var'], '8.4f')}   "
             f"{_closed_cell(r, 'drift', pair, 18)} {_closed_cell(r, 'shrink', pair, 18)}   "
-            f"{_fmt(m['fp']['nll'], '9.3f')} {_fmt(m['q']['nll'], '9.3f')} {_fmt(m['drift']['nll'], '10.3f')} {_fmt(m['shrink']['nll'], '10.3f')}"
+            f"{_fmt(m['fp']['nll'], '9.3f')} {_fmt(m['q']['nll'], '9.3f')} "
+            f"{_fmt(m['drift']['nll'], '10.3f')} {_fmt(m['shrink']['nll'], '10.3f')}"
         )
     lines += [
         "",

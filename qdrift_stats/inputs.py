@@ -95,11 +95,13 @@ def check_declared_arrays(arrays: dict[str, tuple[tuple[int, ...], tuple[str, ..
                 raise QDriftError(f"{where}: variable {name!r} declares an invalid size {size!r}")
             if sizes.setdefault(dim, size) != size:
                 raise QDriftError(
-                    f"{where}: dimension {dim!r} has size {sizes[dim]} in one variable and {size} in {name!r}; re-record the store"
+                    f"{where}: dimension {dim!r} has size {sizes[dim]} in one variable and {size} "
+                    f"in {name!r}; re-record the store"
                 )
         if len(shape) == 1 and shape[0] > MAX_COORD_LENGTH:
             raise QDriftError(
-                f"{where}: variable {name!r} declares {shape[0]} entries (more than {MAX_COORD_LENGTH}); not a store qdrift wrote"
+                f"{where}: variable {name!r} declares {shape[0]} entries (more than "
+                f"{MAX_COORD_LENGTH}); not a store qdrift wrote"
             )
 
 

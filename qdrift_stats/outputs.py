@@ -175,7 +175,8 @@ def check_output(
             raise QDriftError(f"{out} exists; pass --overwrite to replace it")
         if not is_own_output(out, kind):
             raise QDriftError(
-                f"{out} exists and is not a {_describe(kind)}; --overwrite replaces only such outputs, choose another --out"
+                f"{out} exists and is not a {_describe(kind)}; --overwrite replaces only such "
+                "outputs, choose another --out"
             )
     if kind == "figure" and out.suffix.lower() not in FIGURE_SUFFIXES:
         raise QDriftError(f"--out {out}: a figure is written as .png, .pdf or .svg, not {out.suffix or 'no suffix'!r}")
@@ -189,7 +190,8 @@ def remove_output(path: str | Path, kind: str) -> None:
         return
     if not is_own_output(path, kind):
         raise QDriftError(
-            f"{path} exists and is not a {_describe(kind)}; --overwrite replaces only such outputs, choose another --out"
+            f"{path} exists and is not a {_describe(kind)}; --overwrite replaces only such "
+            "outputs, choose another --out"
         )
     _remove(path)
 

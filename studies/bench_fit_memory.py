@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         per_var = args.runs * args.steps * args.batch * int(np.prod(shape)) * 2
         disk = dir_size(args.store)
         print(
-            f"store {args.store}: {args.runs} runs x {args.steps} steps x {args.batch} x {'x'.join(map(str, shape))} float16; "
+            f"store {args.store}: {args.runs} runs x {args.steps} steps x {args.batch} x "
+            f"{'x'.join(map(str, shape))} float16; "
             f"{len(VARIABLES) * per_var / 1e9:.2f} GB uncompressed ({per_var / 1e9:.2f} GB per variable), "
             f"{disk / 1e9:.2f} GB on disk; written in {write_s:.0f} s"
         )
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         print("|---|---|---|---|---|")
         for name, result, rel in rows:
             print(
-                f"| {name} | {result['peak_mb']:.0f} | {result['baseline_mb']:.0f} | {result['seconds']:.1f} | {rel:.1e} |"
+                f"| {name} | {result['peak_mb']:.0f} | {result['baseline_mb']:.0f} | "
+                f"{result['seconds']:.1f} | {rel:.1e} |"
             )
         print(
             f"\nwriter (this process) ru_maxrss {_maxrss_mb():.0f} MB; largest child ru_maxrss (RUSAGE_CHILDREN, "

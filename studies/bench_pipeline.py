@@ -1,6 +1,7 @@
 """Overhead of the Q-Drift correction inside a diffusers pipeline: whole runs and the correction alone.
 
-    python studies/bench_pipeline.py [--batch 64 256] [--steps 50] [--repeats 9] [--schedulers ddim dpmpp-2m] [--threads N]
+    python studies/bench_pipeline.py [--batch 64 256] [--steps 50] [--repeats 9] \\
+        [--schedulers ddim dpmpp-2m] [--threads N]
 
 The digits U-Net (``data/digits_unet`` when it exists, through ``qdrift_stats.zoo.load_digits_unet``;
 otherwise a randomly initialised ``UNet2DModel`` of the same config: the timing is the same) runs
@@ -247,8 +248,10 @@ def main(argv: list[str] | None = None) -> None:
                 clocks = ("wall", "cpu") if device.type == "cpu" else ("wall",)
                 for clock in clocks:
                     rows.append(
-                        f"| {label} | {clock} | {name} | {batch} | {fmt_ms(r[f'{clock}_plain_s'])} | {fmt_ms(r[f'{clock}_wrapped_s'])} | "
-                        f"{100 * r[f'{clock}_overhead']:+.2f}% | {100 * r[f'{clock}_paired_overhead']:+.2f}% | {100 * r[f'{clock}_spread']:.1f}% |"
+                        f"| {label} | {clock} | {name} | {batch} | {fmt_ms(r[f'{clock}_plain_s'])} "
+                        f"| {fmt_ms(r[f'{clock}_wrapped_s'])} | "
+                        f"{100 * r[f'{clock}_overhead']:+.2f}% | "
+                        f"{100 * r[f'{clock}_paired_overhead']:+.2f}% | {100 * r[f'{clock}_spread']:.1f}% |"
                     )
                 step_rows.append(
                     f"| {label} | {name} | {batch} | {fmt_us(s['plain_step_s'])} | {fmt_us(s['wrapped_step_s'])} | "
@@ -260,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     gpu_line = (
         ""
         if torch.cuda.is_available()
-        else "\n**GPU: no GPU was available** for this run; the script detects CUDA and adds the same rows for it when present.\n"
+        else "\n**GPU: no GPU was available** for this run; the script detects CUDA and adds the "
+        "same rows for it when present.\n"
     )
     markdown = "\n".join(
         [
@@ -273,14 +277,16 @@ def main(argv: list[str] | None = None) -> None:
             "wall clock; `cpu`: this process's CPU time, the figure least disturbed by other processes on a shared "
             "machine):",
             "",
-            "| device | clock | scheduler | batch | plain (ms) | wrapped (ms) | overhead of medians | median paired overhead | plain spread (max-min)/median |",
+            "| device | clock | scheduler | batch | plain (ms) | wrapped (ms) | overhead of "
+            "medians | median paired overhead | plain spread (max-min)/median |",
             "|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
             "One scheduler step alone (median over the schedule's steps and repeats, microseconds) and the "
             "overhead it predicts for a whole call (`steps x (wrapped - plain) / plain call`):",
             "",
-            "| device | scheduler | batch | plain step (us) | wrapped step (us) | correction alone (us) | predicted overhead |",
+            "| device | scheduler | batch | plain step (us) | wrapped step (us) | correction alone "
+            "(us) | predicted overhead |",
             "|---|---|---|---|---|---|---|",
             *step_rows,
         ]

@@ -77,7 +77,8 @@ BUGS: list[tuple[str, str, str, str]] = [
         "x0_hat from the next level (a_{i+1}, b_{i+1})",
         "correct/corrector.py",
         "x0_hat = self.grid.x0_from_output(i, x, model_output)",
-        "x0_hat = x0_from_output(self.grid.prediction_type, float(self.grid.a_next[i]), float(self.grid.b_next[i]) or 1.0, x, model_output)",
+        "x0_hat = x0_from_output(self.grid.prediction_type, float(self.grid.a_next[i]), "
+        "float(self.grid.b_next[i]) or 1.0, x, model_output)",
     ),
     (
         "pull target a_i x0_hat instead of a_{i+1} x0_hat",

@@ -106,11 +106,13 @@ def main() -> None:
     md = [
         "## The decomposed estimator on the signal-correlated error (mixture testbed)",
         "",
-        f"5 calibration runs x 64 samples per cell; {samples} samples per sampler from the same seeds. Within-mode variance "
+        f"5 calibration runs x 64 samples per cell; {samples} samples per sampler from the same "
+        "seeds. Within-mode variance "
         "(truth 0.0900) and NLL (nats) under the true mixture; *closed*: fraction of the FP-to-Q gap closed, "
         "95% paired bootstrap interval for the within-mode variance in brackets.",
         "",
-        "| pair | scheduler | steps | estimator | form | within-var FP | Q | corrected | closed (within-var) | NLL FP | Q | corrected | closed (NLL) |",
+        "| pair | scheduler | steps | estimator | form | within-var FP | Q | corrected | closed "
+        "(within-var) | NLL FP | Q | corrected | closed (NLL) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pair_name, scheduler, steps in cases:
@@ -130,9 +132,12 @@ def main() -> None:
                 lo, hi = bootstrap_closed(r, pair, form, args.reps)
                 status = "" if r.status.get(form, "ok") == "ok" else f" ({r.status[form]})"
                 md.append(
-                    f"| `{pair_name}` | {scheduler} | {steps} | {est_name} | {form}{status} | {fmt(m['fp']['within_var'])} | "
-                    f"{fmt(m['q']['within_var'])} | {fmt(m[form]['within_var'])} | {pct(r.closed(form))} [{pct(lo)}, {pct(hi)}] | "
-                    f"{fmt(m['fp']['nll'], '.3f')} | {fmt(m['q']['nll'], '.3f')} | {fmt(m[form]['nll'], '.3f')} | {pct(r.closed(form, 'nll'))} |"
+                    f"| `{pair_name}` | {scheduler} | {steps} | {est_name} | {form}{status} | "
+                    f"{fmt(m['fp']['within_var'])} | "
+                    f"{fmt(m['q']['within_var'])} | {fmt(m[form]['within_var'])} | "
+                    f"{pct(r.closed(form))} [{pct(lo)}, {pct(hi)}] | "
+                    f"{fmt(m['fp']['nll'], '.3f')} | {fmt(m['q']['nll'], '.3f')} | "
+                    f"{fmt(m[form]['nll'], '.3f')} | {pct(r.closed(form, 'nll'))} |"
                 )
             print(md[-2], md[-1], sep="\n", flush=True)
     elapsed = time.time() - start

@@ -144,7 +144,8 @@ def render(rows: list[dict], header: str) -> str:
     lines = [
         header,
         "",
-        "| model | scheduler | recipe | samples per set | seeds: FP and Q / reference | FD→test: Q − FP [paired CI] | FD→FP: Q − FP [paired CI] "
+        "| model | scheduler | recipe | samples per set | seeds: FP and Q / reference | FD→test: Q "
+        "− FP [paired CI] | FD→FP: Q − FP [paired CI] "
         "| KID→FP: Q − FP [t CI over blocks] | per-seed change: median | seeds changed > 20% |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -160,7 +161,8 @@ def render(rows: list[dict], header: str) -> str:
         "",
         "Interval half-widths (the smallest effect these samples resolve): "
         + "; ".join(
-            f"{r['model']}/{r['recipe']} (seeds {r['sample_seed']}+): FD→test ±{(float(r['q_minus_fp_test_hi']) - float(r['q_minus_fp_test_lo'])) / 2:.4f}, "
+            f"{r['model']}/{r['recipe']} (seeds {r['sample_seed']}+): FD→test "
+            f"±{(float(r['q_minus_fp_test_hi']) - float(r['q_minus_fp_test_lo'])) / 2:.4f}, "
             f"FD→FP ±{(float(r['q_minus_fp_fp_hi']) - float(r['q_minus_fp_fp_lo'])) / 2:.4f}"
             for r in rows
         )

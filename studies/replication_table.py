@@ -425,7 +425,8 @@ def _mark(v: str) -> str:
 
 def main_table(rows: list[dict]) -> str:
     lines = [
-        "| model | scheduler | recipe | FD FP | FD Q [95% CI] | Q − FP [paired CI] | FD drift | drift − Q [paired CI] | drift "
+        "| model | scheduler | recipe | FD FP | FD Q [95% CI] | Q − FP [paired CI] | FD drift | "
+        "drift − Q [paired CI] | drift "
         "| FD shrink | shrink − Q [paired CI] | shrink | consistency Q [CI] | drift | shrink |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -436,7 +437,8 @@ def main_table(rows: list[dict]) -> str:
             return f"{f(r.get('consistency'))}" + _outside(r, q)
 
         lines.append(
-            f"| {key[0]} | {key[1]} | {key[2]} | {f(fp['fd_test'])} | {ci(q, 'fd_test')} | {signed_ci(q, 'q_minus_fp_test')} "
+            f"| {key[0]} | {key[1]} | {key[2]} | {f(fp['fd_test'])} | {ci(q, 'fd_test')} | "
+            f"{signed_ci(q, 'q_minus_fp_test')} "
             f"| {f(dr.get('fd_test'))} | {signed_ci(dr, 'diff_test')} | {_mark(dr.get('verdict_test', ''))} "
             f"| {f(sh.get('fd_test'))} | {signed_ci(sh, 'diff_test')} | {_mark(sh.get('verdict_test', ''))} "
             f"| {ci(q, 'consistency')} | {kept(dr)} | {kept(sh)} |"
@@ -446,8 +448,10 @@ def main_table(rows: list[dict]) -> str:
 
 def fp_distance_table(rows: list[dict]) -> str:
     lines = [
-        "| model | scheduler | recipe | FD→FP: FP (noise floor) | Q | Q − FP [paired CI] | drift | drift − Q [paired CI] | drift "
-        "| shrink | shrink − Q [paired CI] | shrink | gap closed: drift | shrink | max pull coefficient: unclipped | drift | shrink |",
+        "| model | scheduler | recipe | FD→FP: FP (noise floor) | Q | Q − FP [paired CI] | drift | "
+        "drift − Q [paired CI] | drift "
+        "| shrink | shrink − Q [paired CI] | shrink | gap closed: drift | shrink | max pull "
+        "coefficient: unclipped | drift | shrink |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, group in _groups(rows):
@@ -476,13 +480,15 @@ def _groups(rows: list[dict]):
 
 def stability_table(rows: list[dict]) -> str:
     lines = [
-        "| model | scheduler | FD to test: seeds 100000+ [95% bootstrap CI] | other seed sets | FD between two FP seed sets | class consistency |",
+        "| model | scheduler | FD to test: seeds 100000+ [95% bootstrap CI] | other seed sets | FD "
+        "between two FP seed sets | class consistency |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["form"] == "fp":
             lines.append(
-                f"| {r['model']} | {r['scheduler']} | {ci(r, 'fd_test')} | {r['fd_test_other_seeds'].replace(';', ', ')} "
+                f"| {r['model']} | {r['scheduler']} | {ci(r, 'fd_test')} | "
+                f"{r['fd_test_other_seeds'].replace(';', ', ')} "
                 f"| {f(r['fd_fp'])} (sets 100000+ vs 200000+)"
                 + (
                     f", {f(r['fd_fp_other_pair'])} (200000+ vs 300000+)"
@@ -580,7 +586,8 @@ def summary(rows: list[dict]) -> list[str]:
     if paired:
         for sign, label in ((-1, "a significant **loss**"), (1, "a significant gain")):
             hits = [
-                f"{k[0]}/{k[1]}/{k[2]} {form} {float(r['consistency_diff']):+.3f} (+{int(float(r['consistency_gained']))} / "
+                f"{k[0]}/{k[1]}/{k[2]} {form} {float(r['consistency_diff']):+.3f} "
+                f"(+{int(float(r['consistency_gained']))} / "
                 f"−{int(float(r['consistency_lost']))} seeds, p = {float(r['consistency_mcnemar_p']):.2g})"
                 for k, form, r in paired
                 if float(r["consistency_mcnemar_p"]) < 0.05 and sign * float(r["consistency_diff"]) > 0
@@ -755,11 +762,13 @@ def control_lines(rows: list[dict]) -> list[str]:
         return []
     q_rows = {(r["model"], r["scheduler"], r["recipe"], r["form"]): r for r in rows}
     lines = [
-        "Control: the same fitted correction applied to the **FP** sampler (same seeds; differences paired against FP). "
+        "Control: the same fitted correction applied to the **FP** sampler (same seeds; "
+        "differences paired against FP). "
         "If FP + correction moves the distance like Q + correction does, the change is a generic effect of the pull "
         "towards `x0_hat`, not a repair of quantization error.",
         "",
-        "| model | scheduler | estimator of | form | FP + form − FP, FD to test [paired CI] | Q + form − Q, FD to test | "
+        "| model | scheduler | estimator of | form | FP + form − FP, FD to test [paired CI] | Q + "
+        "form − Q, FD to test | "
         "FP + form − FP, FD to FP [paired CI] | Q + form − Q, FD to FP |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -916,8 +925,10 @@ def run_setting(
         print(
             f"[{(time.time() - t_start) / 60:5.1f} min] {model} {scheduler} {recipe}: FD Q {f(q['fd_test'])} "
             f"(Q-FP {signed_ci(q, 'q_minus_fp_test')}), drift {f(dr['fd_test'])} {dr['verdict_test']}, "
-            f"shrink {f(sh['fd_test'])} {sh['verdict_test']}; to FP: Q {f(q['fd_fp'])} (Q-FP {signed_ci(q, 'q_minus_fp_fp')}) "
-            f"drift {f(dr['fd_fp'])} {dr['verdict_fp']}, shrink {f(sh['fd_fp'])} {sh['verdict_fp']} ({time.time() - t0:.0f} s; "
+            f"shrink {f(sh['fd_test'])} {sh['verdict_test']}; to FP: Q {f(q['fd_fp'])} (Q-FP "
+            f"{signed_ci(q, 'q_minus_fp_fp')}) "
+            f"drift {f(dr['fd_fp'])} {dr['verdict_fp']}, shrink {f(sh['fd_fp'])} "
+            f"{sh['verdict_fp']} ({time.time() - t0:.0f} s; "
             f"quantize {q['quantize_seconds']:.0f} s, calibrate {q['calibration_seconds']:.0f} s)",
             flush=True,
         )
@@ -1035,17 +1046,22 @@ def write_report(rows: list[dict], args, header: str, grids: list[str]) -> None:
     md = [
         header + " All numbers in `docs/results/replication_table.csv`.",
         "",
-        f"What was run: the shipped digits models (`data/digits_unet`, `data/digits_dit`, guidance 2.0) under the named "
-        f"PTQ pairs `qdrift_stats.zoo:digits_<model>_<recipe>` (calibration: `calibration_inputs(kind, n={CALIBRATION_CALLS}, "
-        f"seed={CALIBRATION_SEED})`); {args.steps} steps; cells: {ran}. Per cell: {args.runs} paired calibration runs of "
+        "What was run: the shipped digits models (`data/digits_unet`, `data/digits_dit`, guidance "
+        "2.0) under the named "
+        "PTQ pairs `qdrift_stats.zoo:digits_<model>_<recipe>` (calibration: "
+        f"`calibration_inputs(kind, n={CALIBRATION_CALLS}, "
+        f"seed={CALIBRATION_SEED})`); {args.steps} steps; cells: {ran}. Per cell: {args.runs} "
+        "paired calibration runs of "
         f"{args.calib_batch} samples (seeds {CALIBRATION_RUN_SEED}..{CALIBRATION_RUN_SEED + args.runs - 1}), "
         '`EmpiricalEstimator(statistic="first-order")`, exported and reloaded, strength 1; then '
         f"{args.samples} samples each of FP, Q, Q + drift and Q + shrink from the same seeds "
         f"({SAMPLE_SEED}+, batches of {BATCH}; the FP set is shared by the recipes of a scheduler). "
         f"Fréchet distance (FD) in the digits classifier's 64-d feature space to the 360 test digits; "
-        f"95% percentile bootstrap intervals, {args.bootstrap} resamples of the generated samples (FD is biased upwards "
+        f"95% percentile bootstrap intervals, {args.bootstrap} resamples of the generated samples "
+        "(FD is biased upwards "
         "under resampling, so its own interval sits above the estimate; the *paired* difference intervals resample all "
-        "sets of a cell with the same indices and are not biased that way). A difference `corrected − Q` whose interval "
+        "sets of a cell with the same indices and are not biased that way). A difference "
+        "`corrected − Q` whose interval "
         "lies below 0 is **helps**, above 0 **hurts**, otherwise neutral; **diverged** = a non-finite sample.",
         "",
         "FP stability (the FD's own noise at this sample size: FP sets from other seeds):",
@@ -1058,11 +1074,14 @@ def write_report(rows: list[dict], args, header: str, grids: list[str]) -> None:
         "",
         main_table(rows),
         "",
-        "FD to the FP distribution (reference: an independent FP set, seeds 200000+; what the correction aims to restore). "
+        "FD to the FP distribution (reference: an independent FP set, seeds 200000+; what the "
+        "correction aims to restore). "
         "The last three columns give the largest per-step pull coefficient `c_i` on this grid: the derivation's "
         "first-order drift `v_i / (2 b_{i+1}^2)` (unclipped), and what the drift and shrink forms apply (drift clipped "
-        "at 1, shrink `1 - b_{i+1} / sqrt(b_{i+1}^2 + v_i)`): an unclipped coefficient above 1 would move the state past "
-        "`a x0_hat`, so the drift form is clipped there (`qdrift_stats.correct.coefficients`). 'Gap closed' = (Q − corrected) / (Q − FP), shown "
+        "at 1, shrink `1 - b_{i+1} / sqrt(b_{i+1}^2 + v_i)`): an unclipped coefficient above 1 "
+        "would move the state past "
+        "`a x0_hat`, so the drift form is clipped there (`qdrift_stats.correct.coefficients`). "
+        "'Gap closed' = (Q − corrected) / (Q − FP), shown "
         "only where `Q − FP` is measurable (100% = back to the FP distance, negative = worse than no correction).",
         "",
         fp_distance_table(rows),
@@ -1092,13 +1111,15 @@ def write_fp_section(rows: list[dict], args) -> None:
     for r in rows:
         if r["form"] == "fp":
             lines.append(
-                f"| {r['model']} | {r['scheduler']} | {ci(r, 'fd_test')} | {r['fd_test_other_seeds'].replace(';', ', ')} "
+                f"| {r['model']} | {r['scheduler']} | {ci(r, 'fd_test')} | "
+                f"{r['fd_test_other_seeds'].replace(';', ', ')} "
                 f"| {ci(r, 'consistency')} |"
             )
     if ref:
         lines += [
             "",
-            "Reproduction check (`tests/test_zoo_pairs.py::test_shipped_models_reproduce_their_fp_distance`): a reduced, "
+            "Reproduction check "
+            "(`tests/test_zoo_pairs.py::test_shipped_models_reproduce_their_fp_distance`): a reduced, "
             "deterministic setting, recorded in `data/zoo_fp_reference.json` by "
             f"`{ref['command']}`; the test loads each model afresh and recomputes the distance, which must fall in the "
             f"interval ({ref['ci']}).",

@@ -366,7 +366,8 @@ def report(r: dict, durations: dict, elapsed: float, args) -> str:
         ),
         (
             f"open + fit while `qdrift record` appends {args.runs} runs",
-            f"{read.get('tried', 0)} recordings, {read.get('reads ok', 0) + read.get('failed reads', 0)} reads once the store existed",
+            f"{read.get('tried', 0)} recordings, "
+            f"{read.get('reads ok', 0) + read.get('failed reads', 0)} reads once the store existed",
             f"{read.get('reads ok', 0)} ok (complete runs only)",
             read.get("failed reads", 0) + read.get("crash", 0) + read.get("read fewer runs than before", 0),
             "-",

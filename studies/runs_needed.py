@@ -189,13 +189,15 @@ def main() -> None:
     md = [
         "## Runs needed (cross-validation over calibration runs)",
         "",
-        f"First-order statistic (`qdrift fit`'s default). Error of an N-run fit: RMS over the correctable steps of the relative error, "
+        "First-order statistic (`qdrift fit`'s default). Error of an N-run fit: RMS over the "
+        "correctable steps of the relative error, "
         f"estimated by `qdrift cv` against the all-runs fit with the finite-population correction `sqrt(M/(M-N))`; "
         f"runs needed: smallest N from which the {CONFIDENCE:.0%} quantile of that error stays within the tolerance "
         "(bootstrap interval over splits in brackets; `extrapolated` = beyond the recorded runs, along `1/sqrt(N)`). "
         "The last column asks the stricter question of the worst step instead of the RMS over steps.",
         "",
-        "| pair | scheduler | steps | samples/run | runs recorded | 95% quantile at N=1 | at N=5 | 5 runs enough for 10%? | runs for 10% | runs for 5% | runs for 10% at every step |",
+        "| pair | scheduler | steps | samples/run | runs recorded | 95% quantile at N=1 | at N=5 | "
+        "5 runs enough for 10%? | runs for 10% | runs for 5% | runs for 10% at every step |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -206,7 +208,8 @@ def main() -> None:
         q5 = r["q5"]
         enough = "n/a" if not np.isfinite(q5) else ("yes" if q5 <= 0.1 else "no")
         md.append(
-            f"| `{r['pair'].split(':')[1]}` | {r['scheduler']} | {r['steps']} | {r['batch']} | {r['runs']} | {r['q1']:.3f} | "
+            f"| `{r['pair'].split(':')[1]}` | {r['scheduler']} | {r['steps']} | {r['batch']} | "
+            f"{r['runs']} | {r['q1']:.3f} | "
             f"{q5:.3f} | {enough} | {cells[0]} | {cells[1]} | {cells[2]} |"
         )
     truth_rows = [r for r in rows if "truth" in r]
@@ -215,7 +218,8 @@ def main() -> None:
             "",
             "### Check against the analytic truth (noise-like error, one-step solvers)",
             "",
-            f"{CONFIDENCE:.0%} quantile of the RMS relative error of an N-run fit: estimated by cross-validation (`qdrift cv`, "
+            f"{CONFIDENCE:.0%} quantile of the RMS relative error of an N-run fit: estimated by "
+            "cross-validation (`qdrift cv`, "
             "from the recorded runs only) vs computed against the known `v_i` (300 fits on N distinct runs).",
             "",
             "| pair | scheduler | samples/run | N | CV estimate | against the truth | runs for 10% (CV / truth) |",
@@ -224,7 +228,8 @@ def main() -> None:
         for r in truth_rows:
             for n in r["truth"]:
                 md.append(
-                    f"| `{r['pair'].split(':')[1]}` | {r['scheduler']} | {r['batch']} | {n} | {r['cv_at'][n]:.4f} | {r['truth'][n]:.4f} | "
+                    f"| `{r['pair'].split(':')[1]}` | {r['scheduler']} | {r['batch']} | {n} | "
+                    f"{r['cv_at'][n]:.4f} | {r['truth'][n]:.4f} | "
                     f"{r['need_0.1'].runs} / {needed_from(r['truth'], 0.1)} |"
                 )
     elapsed = time.time() - start

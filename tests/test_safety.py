@@ -592,7 +592,10 @@ def test_help_lists_every_scheduler_and_imports_no_torch():
     from qdrift_stats.schedulers.base import SCHEDULER_NAMES
 
     assert SCHEDULER_HELP == f"One of {', '.join(SCHEDULER_NAMES)}."
-    code = "import sys; from qdrift_stats.cli import main; main(['--help']); print(sorted(m for m in ('torch', 'diffusers', 'xarray', 'zarr') if m in sys.modules))"
+    code = (
+        "import sys; from qdrift_stats.cli import main; main(['--help']); print(sorted(m for m "
+        "in ('torch', 'diffusers', 'xarray', 'zarr') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("[]")
 

@@ -219,11 +219,13 @@ class EstimatorFile:
             raise
         if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
             raise QDriftError(
-                f"{path} is not a qdrift estimator file (format {metadata.get('format') if isinstance(metadata, dict) else None!r})"
+                f"{path} is not a qdrift estimator file (format "
+                f"{metadata.get('format') if isinstance(metadata, dict) else None!r})"
             )
         if metadata.get("format_version") != FORMAT_VERSION:
             raise QDriftError(
-                f"{path} has estimator format version {metadata.get('format_version')!r}; this qdrift-stats reads version {FORMAT_VERSION}"
+                f"{path} has estimator format version {metadata.get('format_version')!r}; this "
+                f"qdrift-stats reads version {FORMAT_VERSION}"
             )
         cls.validate(tensors, metadata, str(path))
         return cls(tensors, metadata, path)
@@ -277,7 +279,8 @@ class EstimatorFile:
             v = tensors[k]
             if v.shape != (steps,) and v.shape != variance.shape and not (variance.ndim == 1 and v.ndim == 2):
                 raise QDriftError(
-                    f"{source}: tensor {k!r} has shape {tuple(v.shape)}; expected ({steps},) or the variance's {tuple(variance.shape)}"
+                    f"{source}: tensor {k!r} has shape {tuple(v.shape)}; expected ({steps},) or "
+                    f"the variance's {tuple(variance.shape)}"
                 )
             if not np.all(np.isfinite(v)) or np.any(np.abs(v) > 1e30):
                 raise QDriftError(f"{source}: tensor {k!r} must be finite (and below 1e30 in size)")
@@ -287,7 +290,8 @@ class EstimatorFile:
             )
         if "k" in tensors and "mu" in tensors and tensors["k"].shape != tensors["mu"].shape:
             raise QDriftError(
-                f"{source}: tensors 'k' {tuple(tensors['k'].shape)} and 'mu' {tuple(tensors['mu'].shape)} differ in shape"
+                f"{source}: tensors 'k' {tuple(tensors['k'].shape)} and 'mu' "
+                f"{tuple(tensors['mu'].shape)} differ in shape"
             )
         curves = [tensors[k] for k in CURVE_TENSORS if k in tensors]
         if curves and (
@@ -346,7 +350,8 @@ class EstimatorFile:
         return 1
 
     def _grid_offset(self, grid: StepGrid) -> int | None:
-        """``k`` when the file's grid is the last ``steps`` steps of ``grid`` from step ``k`` (img2img), else ``None``."""
+        """``k`` when the file's grid is the last ``steps`` steps of ``grid`` from step ``k``
+        (img2img), else ``None``."""
         k = grid.num_steps - self.steps
         if k <= 0:
             return None
@@ -392,7 +397,10 @@ class EstimatorFile:
             return self.variance
         offset = self._grid_offset(grid)
         if offset is not None:  # img2img: the file covers the steps the pipeline runs from step `offset`
-            note = f"{source}: fitted on the last {self.steps} of {grid.num_steps} steps (img2img); no correction before step {offset}"
+            note = (
+                f"{source}: fitted on the last {self.steps} of {grid.num_steps} steps "
+                f"(img2img); no correction before step {offset}"
+            )
             if note not in self.notes:
                 self.notes.append(note)
             return np.concatenate([np.zeros((offset,) + self.variance.shape[1:]), self.variance])
@@ -441,7 +449,8 @@ class EstimatorFile:
         return str(self.metadata["correction"]["form"])
 
     def published_on(self, grid: StepGrid, strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-        """``(c, ratio)`` of the published correction on a grid (:func:`~qdrift_stats.correct.coefficients.published_coefficients`).
+        """``(c, ratio)`` of the published correction on a grid
+        (:func:`~qdrift_stats.correct.coefficients.published_coefficients`).
 
         The output variance is keyed by timestep and linearly interpolated onto the grid's timesteps
         (constant beyond the ends), as the published code does; DPM-Solver++'s gains are read off a
@@ -512,7 +521,8 @@ class EstimatorFile:
         recorded_class = recorded.get("class")
         if recorded_class and recorded_class != type(scheduler).__name__:
             raise QDriftError(
-                f"{source} was calibrated with {recorded_class}, not {type(scheduler).__name__}; re-record with this scheduler"
+                f"{source} was calibrated with {recorded_class}, not {type(scheduler).__name__}; "
+                "re-record with this scheduler"
             )
         differing = config_differences(recorded.get("config") or {}, dict(scheduler.config))
         if not differing:
@@ -528,9 +538,13 @@ class EstimatorFile:
                 else "re-record with this scheduler or export a smooth estimator"
             )
             raise QDriftError(
-                f"{source} was calibrated with {recorded_class or self.scheduler_name} {key}={have!r}, this scheduler has {key}={want!r}; {hint}"
+                f"{source} was calibrated with {recorded_class or self.scheduler_name} "
+                f"{key}={have!r}, this scheduler has {key}={want!r}; {hint}"
             )
-        note = f"{source}: scheduler config differs in {', '.join(sorted(differing))}; the smooth estimator is interpolated to this grid"
+        note = (
+            f"{source}: scheduler config differs in {', '.join(sorted(differing))}; the smooth "
+            "estimator is interpolated to this grid"
+        )
         if note not in self.notes:
             self.notes.append(note)
             log.warning(note)
@@ -567,7 +581,8 @@ class EstimatorFile:
         recorded = (self.metadata.get("provenance") or {}).get("pair")
         if pair is not None and recorded and not same_pair_name(str(recorded), str(pair)):
             out.append(
-                f"{source} was recorded with pair {recorded!r}, not {pair!r}: its statistic describes that pair's quantization error"
+                f"{source} was recorded with pair {recorded!r}, not {pair!r}: its statistic "
+                "describes that pair's quantization error"
             )
         if model == "fp":
             out.append(

@@ -263,7 +263,8 @@ class FittedEstimator:
         for i in rows:
             ratio = v[i] / self.b_next[i] ** 2 if self.b_next[i] > 0 else float("nan")
             lines.append(
-                f"{i:>5} {self.timesteps[i]:>9.2f} {self.b_next[i]:>9.4f} {v[i]:>11.4e} {lo[i]:>12.4e} {hi[i]:>11.4e}  {ratio:>10.3e}"
+                f"{i:>5} {self.timesteps[i]:>9.2f} {self.b_next[i]:>9.4f} {v[i]:>11.4e} "
+                f"{lo[i]:>12.4e} {hi[i]:>11.4e}  {ratio:>10.3e}"
             )
         note = self.interval_note()
         return "\n".join(head + lines + ([f"note: {note}"] if note else []))

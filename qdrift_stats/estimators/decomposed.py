@@ -169,7 +169,8 @@ class DecomposedFit(FittedEstimator):
         for i in rows:
             mark = "" if applied[i] else f"  (fitted k {fitted[i]:.4f} not applied)"
             lines.append(
-                f"{i:>5} {self.k[i]:>9.4f} [{k_ci[i, 0]:>8.4f},{k_ci[i, 1]:>8.4f}]  {self.mu[i]:>10.3e} {r2[i]:>6.3f} {c[i]:>10.3e} {d[i]:>10.3e}{mark}"
+                f"{i:>5} {self.k[i]:>9.4f} [{k_ci[i, 0]:>8.4f},{k_ci[i, 1]:>8.4f}]  "
+                f"{self.mu[i]:>10.3e} {r2[i]:>6.3f} {c[i]:>10.3e} {d[i]:>10.3e}{mark}"
             )
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
@@ -231,7 +232,8 @@ class DecomposedEstimator(Estimator):
             if not applied[i]:
                 if np.isfinite(r2[i]) and r2[i] >= self.min_r2:
                     notes.append(
-                        f"step {i}: 1 + k = {1 + k[i]:.3f} < {self.min_scale}; not decomposed (the Q output barely follows the FP output)"
+                        f"step {i}: 1 + k = {1 + k[i]:.3f} < {self.min_scale}; not decomposed (the "
+                        "Q output barely follows the FP output)"
                     )
                 k[i] = mu[i] = 0.0
             residual = (values["delta_out"] - k[i] * values["out_fp"] - mu[i]) / (1.0 + k[i])

@@ -117,7 +117,8 @@ class RobustEstimator(Estimator):
     Args:
         method: ``"winsor"``, ``"huber"`` or ``"mad"`` (module docstring).
         c: winsorizing bound in robust standard deviations (``"winsor"`` only).
-        ci: ``"t"`` (Student-t over runs) or ``"bootstrap"`` (expanded percentile bootstrap over runs, :func:`bootstrap_interval`).
+        ci: ``"t"`` (Student-t over runs) or ``"bootstrap"`` (expanded percentile bootstrap over runs,
+            :func:`bootstrap_interval`).
         confidence: nominal level of the interval.
         bootstrap: number of resamples for ``ci="bootstrap"``.
         max_points: most values per run and step (a fixed random subsample beyond that).

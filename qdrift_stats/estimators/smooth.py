@@ -11,8 +11,8 @@ at level ``b``. The store records it directly (``delta_out``), so both estimator
 and map back to state units with the solver's gains:
 
 - one-step solvers (Euler, DDIM, flow Euler): ``v_i = c_i^2 u(b_i)``, exact in expectation;
-  ``c_i`` is the first-order gain (:func:`qdrift_stats.schedulers.base.first_order_gain`: Euler eps ``b_next - b``, flow Euler
-  ``b_next - b``, DDIM eps ``b_next - a_next b / a``);
+  ``c_i`` is the first-order gain (:func:`qdrift_stats.schedulers.base.first_order_gain`: Euler eps
+  ``b_next - b``, flow Euler ``b_next - b``, DDIM eps ``b_next - a_next b / a``);
 - multistep solvers (DPM-Solver++ 2M), ``statistic="first-order"`` (the default, as for
   ``qdrift fit``): ``v_i = c_i^2 u(b_i)`` with the first-order gain, the variance a fresh output
   error injects at step ``i`` (see :mod:`qdrift_stats.estimators.empirical`); exact in expectation.
@@ -142,7 +142,8 @@ def variance_from_curves(tensors: dict[str, np.ndarray], identity: dict[str, Any
         scheduler = scheduler_from_identity(identity, grid.num_steps)
         if not np.allclose(step_grid(scheduler).timesteps, grid.timesteps, rtol=0, atol=1e-4):
             raise QDriftError(
-                f"the sampler's {grid.num_steps}-step grid is not the one the recorded {identity.get('name')} config gives; "
+                f"the sampler's {grid.num_steps}-step grid is not the one the recorded "
+                f"{identity.get('name')} config gives; "
                 "a multistep solver's gains are only known on that grid"
             )
         c, d = solver_gains(scheduler)
@@ -268,7 +269,8 @@ class _SmoothBase(Estimator):
             scheduler = scheduler_from_identity(identity, ds.sizes["step"])
             if not np.allclose(step_grid(scheduler).timesteps, grid["timestep"], rtol=0, atol=1e-4):
                 raise QDriftError(
-                    "the store's timesteps differ from what its recorded scheduler config gives; cannot compute the solver gains"
+                    "the store's timesteps differ from what its recorded scheduler config gives; "
+                    "cannot compute the solver gains"
                 )
             c, d = solver_gains(scheduler)
             per_run = (ds["delta_x"].astype("float64") ** 2).mean(dim=dims).values  # (run, step), state units^2

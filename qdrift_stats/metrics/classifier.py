@@ -1,7 +1,7 @@
 """A small digits classifier: the feature network of the digits image metrics.
 
-Its penultimate layer (64 features, taken before the ReLU and standardised) plays the role Inception's pool layer plays for FID; its
-argmax plays the role of CLIP for "does the sample show what it was conditioned on". Inputs are
+Its penultimate layer (64 features, taken before the ReLU and standardised) plays the role Inception's pool layer
+plays for FID; its argmax plays the role of CLIP for "does the sample show what it was conditioned on". Inputs are
 float ``(N, 1, 8, 8)`` images in ``[-1, 1]`` (see :mod:`qdrift_stats.zoo.data`).
 
 Weights ship as ``data/digits_classifier/model.safetensors`` plus ``config.json`` and are read

@@ -92,7 +92,8 @@ def accumulation_dataset(
     attrs = dict(ds.attrs)
     if tuple(pair.sample_shape) != tuple(ds["traj_fp"].shape[3:]):
         raise QDriftError(
-            f"the pair's samples are {tuple(pair.sample_shape)}, the store's {tuple(ds['traj_fp'].shape[3:])}: not the recorded pair"
+            f"the pair's samples are {tuple(pair.sample_shape)}, the store's "
+            f"{tuple(ds['traj_fp'].shape[3:])}: not the recorded pair"
         )
     if runs is not None:
         ds = ds.isel(run=slice(0, runs))
@@ -119,7 +120,8 @@ def accumulation_dataset(
                     atol=tol * float(np.abs(recorded[0]).max()),
                 ):
                     raise QDriftError(
-                        f"the pair does not reproduce the store's trajectories at seed {int(seed)}: not the recorded pair or scheduler"
+                        "the pair does not reproduce the store's trajectories at seed "
+                        f"{int(seed)}: not the recorded pair or scheduler"
                     )
             corrector = est.corrector(
                 scheduler, correction=correction, strength=strength, device=x.device, dtype=x.dtype

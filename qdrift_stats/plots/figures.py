@@ -492,7 +492,8 @@ def plot_diagnostics(diag: xr.Dataset, x: str = "step") -> Figure:
     across = [n for n in ("lb_reject", "lag1_autocorr") if n in diag and diag[n].ndim == 0]
     if not panels and not across:
         raise QDriftError(
-            "the diagnostics Dataset has none of the variables kurtosis, jb_pvalue, r2, lattice, ljung_box_pvalue, lb_reject"
+            "the diagnostics Dataset has none of the variables kurtosis, jb_pvalue, r2, lattice, "
+            "ljung_box_pvalue, lb_reject"
         )
     count = len(panels) + (1 if across else 0)
     ncols = 2 if count > 1 else 1
@@ -594,7 +595,10 @@ def plot_diagnostics(diag: xr.Dataset, x: str = "step") -> Figure:
         ax.set_visible(False)
     head = "Diagnostics of the noise assumption"
     if diag.attrs.get("regime"):
-        head += f": {diag.attrs['regime']} (use the {diag.attrs.get('estimator', '?')} estimator, {diag.attrs.get('correction', '?')} form)"
+        head += (
+            f": {diag.attrs['regime']} (use the {diag.attrs.get('estimator', '?')} estimator, "
+            f"{diag.attrs.get('correction', '?')} form)"
+        )
     sub = _title_from(diag.attrs)
     fig.suptitle(head + (f"\n{sub}" if sub else ""), fontsize=10)
     return fig

@@ -137,7 +137,8 @@ def w4a8(
     momentum: float = 0.9,
     conv_inputs: bool = True,
 ) -> nn.Module:
-    """quanto qint4 weights (grouped/per channel) + qint8 activations (static, calibrated). In place; needs calibration."""
+    """quanto qint4 weights (grouped/per channel) + qint8 activations (static, calibrated). In
+    place; needs calibration."""
     return _quanto(
         model,
         calibration,

@@ -169,7 +169,8 @@ def check_denoiser(module: nn.Module, recorded: dict[str, Any], source: str = "e
         raise
     except Exception as exc:  # the denoiser cannot take the probe: another architecture
         raise QDriftError(
-            f"the pipeline's denoiser cannot take {source}'s fingerprint probe ({type(exc).__name__}): not the calibrated model"
+            f"the pipeline's denoiser cannot take {source}'s fingerprint probe "
+            f"({type(exc).__name__}): not the calibrated model"
         ) from None
     if o.shape != q.shape:
         raise QDriftError(f"the pipeline's denoiser output differs in size from the one {source} was calibrated on")
@@ -181,14 +182,16 @@ def check_denoiser(module: nn.Module, recorded: dict[str, Any], source: str = "e
         ratio = distance / scale
         if ratio > 1e-3:
             raise QDriftError(
-                f"the pipeline's denoiser does not compute what {source} was calibrated on (relative output change {ratio:.2g})"
+                f"the pipeline's denoiser does not compute what {source} was calibrated on "
+                f"(relative output change {ratio:.2g})"
             )
         return ratio
     ratio = distance / gap
     if not math.isfinite(ratio) or ratio > tolerance:
         to_fp = float(np.linalg.norm(o - f)) / gap
         looks = (
-            "it computes the full-precision model's output: was the quantization lost when the pipeline was saved and reloaded?"
+            "it computes the full-precision model's output: was the quantization lost when the "
+            "pipeline was saved and reloaded?"
             if to_fp < tolerance
             else "another model or quantization"
         )

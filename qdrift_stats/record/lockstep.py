@@ -69,7 +69,8 @@ def record_run(
         for name, value in (("m_fp", m_fp), ("m_q", m_q), ("x_fp", x_fp), ("x_q", x_q)):
             if not bool(torch.isfinite(value).all()):
                 raise QDriftError(
-                    f"non-finite {name} at run seed {seed}, step {i} (timestep {float(t):g}); nothing was written for this run"
+                    f"non-finite {name} at run seed {seed}, step {i} (timestep {float(t):g}); "
+                    "nothing was written for this run"
                 )
         delta_x.append(x_q - x_fp)
         delta_out.append(m_q - m_fp)

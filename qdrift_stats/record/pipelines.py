@@ -154,7 +154,8 @@ class _ReplayingScheduler(SchedulerProxy):
             )
         if abs(_as_float(timestep) - fp.timesteps[i]) > 1e-6 * max(1.0, abs(fp.timesteps[i])):
             raise QDriftError(
-                f"step {i}: the quantized pipeline is at timestep {_as_float(timestep):g}, the full-precision one was at {fp.timesteps[i]:g}"
+                f"step {i}: the quantized pipeline is at timestep {_as_float(timestep):g}, the "
+                f"full-precision one was at {fp.timesteps[i]:g}"
             )
         state = fp.states[i].to(device=sample.device, dtype=sample.dtype)
         output = self.scheduler.step(model_output, timestep, state, *args, **kwargs)
@@ -214,7 +215,8 @@ def _replace_inputs_hook(log: PassLog, fp_log: PassLog) -> Callable:
         replacement = fp_log.denoiser_inputs[i][j]
         if replacement.shape != latent.shape:
             raise QDriftError(
-                f"step {i}: the quantized denoiser input has shape {tuple(latent.shape)}, the full-precision one {tuple(replacement.shape)}"
+                f"step {i}: the quantized denoiser input has shape {tuple(latent.shape)}, the "
+                f"full-precision one {tuple(replacement.shape)}"
             )
         replacement = replacement.to(device=latent.device, dtype=latent.dtype)
         log.pending_inputs.append(replacement)
@@ -299,7 +301,8 @@ def _rows_per_image(batch: int, images: int | None, logs: Sequence[PassLog]) -> 
                 blocks = t.reshape(copies, images, -1)
                 if not all(torch.equal(blocks[0], blocks[k]) for k in range(1, copies)):
                     raise QDriftError(
-                        f"the scheduler steps a batch of {batch} for {images} images whose copies differ; cannot record it"
+                        f"the scheduler steps a batch of {batch} for {images} images whose copies "
+                        "differ; cannot record it"
                     )
     return slice(0, images)
 
@@ -350,7 +353,8 @@ class ReplayedGrid:
     call: dict[str, Any]
 
     def coordinates(self) -> dict[str, np.ndarray]:
-        """The store's per-step coordinates on the replayed grid (:func:`qdrift_stats.record.store.grid_coordinates`)."""
+        """The store's per-step coordinates on the replayed grid
+        (:func:`qdrift_stats.record.store.grid_coordinates`)."""
         return grid_coordinates(self.grid)
 
     def same_as(self, other: ReplayedGrid) -> bool:
@@ -681,7 +685,8 @@ def check_same_pipeline_store(out: Path, existing: dict[str, Any], attrs: dict[s
         and np.allclose(b_next, coords["b_next"], rtol=1e-6, atol=1e-9)
     ):
         raise QDriftError(
-            f"{out} was recorded on the step grid {_short(timesteps)}, this pipeline runs {_short(coords['timestep'])}; "
+            f"{out} was recorded on the step grid {_short(timesteps)}, this pipeline runs "
+            f"{_short(coords['timestep'])}; "
             "choose another --out or pass --overwrite"
         )
     if existing.get("sample_dims") and existing.get("sample_dims") != attrs.get("sample_dims"):

@@ -112,7 +112,8 @@ def storage_errors_as_qdrift(func):
                 raise
             detail = " ".join(str(exc).split())[:200]
             raise QDriftError(
-                f"the calibration store has a damaged or unreadable chunk ({type(exc).__name__}: {detail}); re-record the affected runs"
+                f"the calibration store has a damaged or unreadable chunk ({type(exc).__name__}: "
+                f"{detail}); re-record the affected runs"
             ) from None
 
     return wrapper
@@ -393,7 +394,8 @@ def open_store(path: str | Path) -> xr.Dataset:
         ds = xr.open_zarr(path, consolidated=True, drop_variables=drop)
     except Exception as exc:
         raise QDriftError(
-            f"{path} could not be opened ({type(exc).__name__}); if a recording was interrupted, run the same 'qdrift record' again to resume"
+            f"{path} could not be opened ({type(exc).__name__}); if a recording was interrupted, "
+            "run the same 'qdrift record' again to resume"
         ) from None
     missing = [v for v in PERTURBATION_VARS + REQUIRED_COORDS if v not in ds.variables]
     if missing:
@@ -479,7 +481,8 @@ def check_compatible(attrs: dict[str, Any], wanted: dict[str, Any], path: Path) 
             want = tuple(want)
         if have != want:
             raise QDriftError(
-                f"{path} was recorded with {key}={attrs.get(key)!r}, not {wanted.get(key)!r}; choose another --out or pass --overwrite"
+                f"{path} was recorded with {key}={attrs.get(key)!r}, not {wanted.get(key)!r}; "
+                "choose another --out or pass --overwrite"
             )
 
 
@@ -694,7 +697,8 @@ def upgrade_store(path: str | Path) -> bool:
             recorded, coords["timestep"], rtol=0, atol=1e-4
         ):
             raise QDriftError(
-                f"{path}: its recorded scheduler config does not give its timesteps; cannot compute the gain, re-record the store"
+                f"{path}: its recorded scheduler config does not give its timesteps; cannot "
+                "compute the gain, re-record the store"
             )
         template = group["b"]
         gain = group.create_array(

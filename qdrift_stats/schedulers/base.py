@@ -273,7 +273,8 @@ def make_scheduler(name: str, config: dict[str, Any]):
         )
     if not flow and adapter.flow:
         raise QDriftError(
-            f"scheduler {name!r} needs a flow-matching model but the pair predicts {config.get('prediction_type', 'epsilon')!r}"
+            f"scheduler {name!r} needs a flow-matching model but the pair predicts "
+            f"{config.get('prediction_type', 'epsilon')!r}"
         )
     if not flow and config.get("prediction_type", "epsilon") not in adapter.prediction_types:
         raise QDriftError(f"unsupported prediction_type {config.get('prediction_type')!r}")

@@ -244,10 +244,13 @@ def budget_report(budget: xr.Dataset) -> str:
             if np.isfinite(g("measured"))
             else ""
         ),
-        f"  per-step mean bias (per channel)          {g('bias'):>11.4g}  {g('fraction_bias'):>7.1%}   reached by a bias term",
-        f"  explained by the output (PTQD k m_fp)     {g('explained_ptqd'):>11.4g}  {g('fraction_explained_ptqd'):>7.1%}   "
+        f"  per-step mean bias (per channel)          {g('bias'):>11.4g}  "
+        f"{g('fraction_bias'):>7.1%}   reached by a bias term",
+        f"  explained by the output (PTQD k m_fp)     {g('explained_ptqd'):>11.4g}  "
+        f"{g('fraction_explained_ptqd'):>7.1%}   "
         "reached by PTQD's output map",
-        f"    (published conditional mean E[e|m_q]    {g('explained_conditional'):>11.4g}  {g('fraction_explained_conditional'):>7.1%})",
+        f"    (published conditional mean E[e|m_q]    {g('explained_conditional'):>11.4g}  "
+        f"{g('fraction_explained_conditional'):>7.1%})",
         f"  independent per-step variance             {g('independent'):>11.4g}  {g('fraction_independent'):>7.1%}   "
         "what the per-step Q-Drift statistic models",
         f"  persistence (cross-step covariance)       {g('persistence'):>11.4g}  {g('fraction_persistence'):>7.1%}   "

@@ -70,11 +70,15 @@ class RunsNeeded:
     def __str__(self) -> str:
         level = int(round(self.confidence * 100))
         where = " (extrapolated beyond the recorded runs)" if self.extrapolated else ""
-        return f"{self.runs} runs{where} for a relative error <= {self.tolerance:g} at {level}% confidence [bootstrap interval {self.low}-{self.high}]"
+        return (
+            f"{self.runs} runs{where} for a relative error <= {self.tolerance:g} at {level}% "
+            f"confidence [bootstrap interval {self.low}-{self.high}]"
+        )
 
 
 def _needed_from_quantiles(counts: np.ndarray, quantiles: np.ndarray, tolerance: float) -> tuple[int, bool]:
-    """Smallest ``N`` from which on every evaluated quantile meets ``tolerance``, else the ``1/sqrt(N)`` extrapolation."""
+    """Smallest ``N`` from which on every evaluated quantile meets ``tolerance``, else the
+    ``1/sqrt(N)`` extrapolation."""
     ok = quantiles <= tolerance
     if ok[-1]:
         first = len(ok) - 1
@@ -154,7 +158,8 @@ class CVResult:
         )
 
     def curve(self, bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0) -> xr.Dataset:
-        """Per ``N``: mean ``rel_error`` and ``heldout_loglik`` over splits with percentile-bootstrap intervals (over splits)."""
+        """Per ``N``: mean ``rel_error`` and ``heldout_loglik`` over splits with
+        percentile-bootstrap intervals (over splits)."""
         rng = np.random.default_rng(seed)
         tail = (1 - confidence) / 2
         out: dict[str, Any] = {}
@@ -195,14 +200,17 @@ class CVResult:
         curve = self.curve()
         lines = [
             f"Cross-validation over calibration runs: estimator {a.get('estimator')}, store {a.get('store')}",
-            f"{a.get('num_runs')} runs x {a.get('batch_size')} samples, {a.get('scheduler')} {a.get('steps')} steps; up to {a.get('n_splits')} splits per count",
-            f"{'N':>4} {'splits':>6} {'rel. error (vs truth, est.)':>28} {'95% CI':>17} {'vs all-runs fit':>16} {'held-out loglik':>16}",
+            f"{a.get('num_runs')} runs x {a.get('batch_size')} samples, {a.get('scheduler')} "
+            f"{a.get('steps')} steps; up to {a.get('n_splits')} splits per count",
+            f"{'N':>4} {'splits':>6} {'rel. error (vs truth, est.)':>28} {'95% CI':>17} "
+            f"{'vs all-runs fit':>16} {'held-out loglik':>16}",
         ]
         splits = np.isfinite(np.asarray(self.dataset["rel_error"].values)).sum(axis=1)
         for j, n in enumerate(self.counts):
             c = curve.isel(n_runs=j)
             lines.append(
-                f"{int(n):>4} {int(splits[j]):>6} {float(c['rel_error']):>28.4f} [{float(c['rel_error_low']):>7.4f},{float(c['rel_error_high']):>7.4f}] "
+                f"{int(n):>4} {int(splits[j]):>6} {float(c['rel_error']):>28.4f} "
+                f"[{float(c['rel_error_low']):>7.4f},{float(c['rel_error_high']):>7.4f}] "
                 f"{float(c['rel_error_vs_all']):>16.4f} {float(c['heldout_loglik']):>16.4f}"
             )
         lines.append(f"runs needed: {self.runs_needed(tolerance, confidence)}")
@@ -210,7 +218,8 @@ class CVResult:
         if chosen:
             lines.append(
                 f"strength by CV ({a.get('folds')}-fold over runs, energy distance to FP samples from the same seeds): "
-                f"{chosen['form']} lambda={chosen['strength']:g} (energy {chosen['energy']:.4g}; uncorrected Q {chosen['energy_uncorrected']:.4g})"
+                f"{chosen['form']} lambda={chosen['strength']:g} (energy {chosen['energy']:.4g}; "
+                f"uncorrected Q {chosen['energy_uncorrected']:.4g})"
             )
             e = self.dataset["energy"]
             for form in e["form"].values:
@@ -370,7 +379,8 @@ def _with_strength(
 def runs_needed_dataset(
     store: xr.Dataset | str | Path, estimator: Estimator | str = "first-order", tolerance: float = 0.1
 ) -> xr.Dataset:
-    """The learning-curve Dataset of a store without the strength search (what ``qdrift plot runs-needed STORE`` draws)."""
+    """The learning-curve Dataset of a store without the strength search (what ``qdrift plot
+    runs-needed STORE`` draws)."""
     result = cross_validate(estimator, store, strength=False)
     return result.dataset.assign_attrs(tolerance=tolerance, runs_needed=result.runs_needed(tolerance).runs)
 

@@ -315,39 +315,47 @@ def classify(diag: xr.Dataset) -> dict[str, Any]:
     if np.isfinite(r2) and r2 >= CORRELATED_R2:
         regime = "signal-correlated"
         reasons.append(
-            f"the FP output explains {r2:.0%} of the output error (weighted R^2 >= {CORRELATED_R2}): a scale error k m_fp, not noise"
+            f"the FP output explains {r2:.0%} of the output error (weighted R^2 >= "
+            f"{CORRELATED_R2}): a scale error k m_fp, not noise"
         )
     elif np.isfinite(lattice) and lattice < LATTICE_FRACTION:
         regime = "rounding-like"
         reasons.append(
-            f"the Q output takes only {lattice:.1%} distinct values per value (< {LATTICE_FRACTION:.0%}): it is rounded to a grid, "
+            f"the Q output takes only {lattice:.1%} distinct values per value (< "
+            f"{LATTICE_FRACTION:.0%}): it is rounded to a grid, "
             "so its error is a deterministic sawtooth of the output, not noise"
         )
         caveats.append(
-            "Q-Drift's noise assumption does not hold; expect a small gain at best and choose the strength with 'qdrift cv'"
+            "Q-Drift's noise assumption does not hold; expect a small gain at best and choose the "
+            "strength with 'qdrift cv'"
         )
     elif np.isfinite(persist) and persist > PERSISTENT_RATIO:
         regime = "persistent"
         reasons.append(
-            f"the error repeats along each trajectory: the perturbations accumulate to {persist:.1f}x the sum of the per-step "
-            f"variances (> {PERSISTENT_RATIO}; propagated through the scheduler, not demeaned per trajectory), so the per-step "
+            "the error repeats along each trajectory: the perturbations accumulate to "
+            f"{persist:.1f}x the sum of the per-step "
+            f"variances (> {PERSISTENT_RATIO}; propagated through the scheduler, not demeaned per "
+            "trajectory), so the per-step "
             "statistic under-corrects"
         )
     elif np.isfinite(kurt) and kurt > HEAVY_KURTOSIS:
         regime = "heavy-tailed"
         reasons.append(
-            f"the per-step error has weighted excess kurtosis {kurt:.1f} (> {HEAVY_KURTOSIS}): a few large values would dominate the plain mean square"
+            f"the per-step error has weighted excess kurtosis {kurt:.1f} (> {HEAVY_KURTOSIS}): a "
+            "few large values would dominate the plain mean square"
         )
     else:
         regime = "noise-like"
         reasons.append(
-            f"the signal explains little of the error (weighted R^2 {r2:.2f} < {CORRELATED_R2}), the Q output is not on a grid "
+            f"the signal explains little of the error (weighted R^2 {r2:.2f} < {CORRELATED_R2}), "
+            "the Q output is not on a grid "
             f"(distinct values {lattice:.0%}) and the tails are light (weighted excess kurtosis {kurt:.1f})"
         )
     estimator = recommended_estimator(regime, scheduler)
     if scheduler in MULTISTEP:
         reasons.append(
-            f"{scheduler} is a multistep solver: its lock-step perturbation also carries the reused errors of earlier steps, "
+            f"{scheduler} is a multistep solver: its lock-step perturbation also carries the "
+            "reused errors of earlier steps, "
             "so the lock-step statistic (empirical, robust) is 2-2.5x the first-order one and overshoots; "
             f"{estimator} counts each error once"
         )
@@ -359,27 +367,32 @@ def classify(diag: xr.Dataset) -> dict[str, Any]:
             estimator = "decomposed"
     if regime in ("signal-correlated", "rounding-like") and np.isfinite(persist) and persist > PERSISTENT_RATIO:
         caveats.append(
-            f"what the decomposition leaves also persists along trajectories ({persist:.1f}x the independent variance): "
+            f"what the decomposition leaves also persists along trajectories ({persist:.1f}x the "
+            "independent variance): "
             "try 'persistent-ptqd' (the PTQD bias term with the persistence-aware statistic)"
         )
     if np.isfinite(lb) and lb > AUTOCORRELATED_REJECT:
         caveats.append(
-            f"errors correlate across steps (Ljung-Box rejects for {lb:.0%} of sample trajectories, lag-1 r {_scalar(diag, 'lag1_autocorr'):.2f}): "
+            f"errors correlate across steps (Ljung-Box rejects for {lb:.0%} of sample "
+            f"trajectories, lag-1 r {_scalar(diag, 'lag1_autocorr'):.2f}): "
             "the per-step independence behind the correction is weak, so check the strength with 'qdrift cv'"
         )
     if np.isfinite(spread) and spread > CHANNEL_SPREAD:
         caveats.append(
-            f"the error's size differs across channels (median CV {spread:.2f} > {CHANNEL_SPREAD}): consider the per-channel estimator"
+            f"the error's size differs across channels (median CV {spread:.2f} > "
+            f"{CHANNEL_SPREAD}): consider the per-channel estimator"
         )
     correction = "drift" if pull < DRIFT_SAFE_PULL else "shrink"
     if correction == "shrink":
         reasons.append(
-            f"shrink form: the drift form's pull v/(2 b_next^2) reaches {pull:.2f} (>= {DRIFT_SAFE_PULL}), where the first-order drift is "
+            f"shrink form: the drift form's pull v/(2 b_next^2) reaches {pull:.2f} (>= "
+            f"{DRIFT_SAFE_PULL}), where the first-order drift is "
             "no longer accurate (it is clipped at 1); shrink is exact there for a Gaussian"
         )
     else:
         reasons.append(
-            f"either form: the drift pull stays below {DRIFT_SAFE_PULL} ({pull:.3f}); drift is the derivation's own form"
+            f"either form: the drift pull stays below {DRIFT_SAFE_PULL} ({pull:.3f}); drift is the "
+            "derivation's own form"
         )
     if regime == "noise-like":
         caveats.append("to sample with another step count, fit 'smooth-glm' (it interpolates over log b)")
@@ -397,19 +410,25 @@ def report(diag: xr.Dataset) -> str:
         else float("nan")
     )
     lines = [
-        f"Q-Drift diagnostics: pair {a.get('pair')}, scheduler {a.get('scheduler')}, {a.get('steps')} steps, {a.get('runs')} runs x {a.get('batch_size')} samples",
+        f"Q-Drift diagnostics: pair {a.get('pair')}, scheduler {a.get('scheduler')}, "
+        f"{a.get('steps')} steps, {a.get('runs')} runs x {a.get('batch_size')} samples",
         f"Regime: {verdict['regime']}.",
         *[f"  - {r}" for r in verdict["reasons"]],
         f"Use: qdrift fit STORE --estimator {verdict['estimator']} --correction {verdict['correction']}",
         "Evidence (weighted by each step's correction strength v/b_next^2):",
         f"  signal correlation   weighted R^2 {g('weighted_r2'):.3f}   (signal-correlated from {CORRELATED_R2})",
-        f"  output grid          distinct Q outputs per value {g('weighted_lattice'):.3f}   (rounding-like below {LATTICE_FRACTION})",
-        f"  tails                weighted excess kurtosis {g('weighted_kurtosis'):.2f}   (heavy-tailed above {HEAVY_KURTOSIS}; "
+        f"  output grid          distinct Q outputs per value {g('weighted_lattice'):.3f}   "
+        f"(rounding-like below {LATTICE_FRACTION})",
+        f"  tails                weighted excess kurtosis {g('weighted_kurtosis'):.2f}   "
+        f"(heavy-tailed above {HEAVY_KURTOSIS}; "
         f"Gaussian 0, uniform -1.2, sinusoid -1.5); Jarque-Bera rejects normality at {jb_reject:.0%} of steps",
-        f"  across steps         Ljung-Box ({a.get('lb_lags')} lags) rejects for {g('lb_reject'):.0%} of {a.get('lb_series')} sample trajectories; "
+        f"  across steps         Ljung-Box ({a.get('lb_lags')} lags) rejects for "
+        f"{g('lb_reject'):.0%} of {a.get('lb_series')} sample trajectories; "
         f"mean lag-1 autocorrelation {g('lag1_autocorr'):.2f}",
-        f"  along trajectories   accumulated / independent variance {g('persistence_ratio'):.2f}   (persistent above {PERSISTENT_RATIO}; "
-        f"not demeaned per trajectory); persistence {g('fraction_persistence'):.0%}, per-step mean bias {g('fraction_bias'):.0%} "
+        f"  along trajectories   accumulated / independent variance {g('persistence_ratio'):.2f}   "
+        f"(persistent above {PERSISTENT_RATIO}; "
+        f"not demeaned per trajectory); persistence {g('fraction_persistence'):.0%}, per-step mean "
+        f"bias {g('fraction_bias'):.0%} "
         "of the predicted final deviation (qdrift budget STORE for the full error budget)",
         f"  across channels      median CV of the per-channel variance {g('median_channel_spread'):.2f}",
         f"  drift-form pull      max v/(2 b_next^2) {g('max_drift_pull'):.3g}",
