@@ -142,7 +142,20 @@ def test_runs_needed_figure_marks_the_tolerance_and_the_runs_needed():
     renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw(renderer)
     assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
-    assert [t.get_text() for t in ax.texts] == ["16 runs needed"]
+    # the rule of validate.runs_needed, written out: smallest n from which on the 95% quantile <= 0.1
+    cv = cv_dataset()
+    q = np.quantile(cv["rel_error"].values, 0.95, axis=1)
+    n = cv["n_runs"].values
+    expected = next((int(n[k]) for k in range(len(n)) if np.all(q[k:] <= 0.1)), None)
+    texts = [t.get_text() for t in ax.texts]
+    if expected is not None:
+        assert texts == [f"{expected} runs needed"]
+    else:
+        assert len(texts) == 1 and "extrapolated" in texts[0]
+    assert "95% quantile (decides)" in labels
+    # at tolerance 0.2 the 95% quantiles (0.37, 0.28, 0.22, 0.15, 0.10) first stay within from n = 8
+    (ax,) = plots.plot_runs_needed(cv, tolerance=0.2).axes
+    assert [t.get_text() for t in ax.texts] == ["8 runs needed"]
     with pytest.raises(QDriftError, match="rel_error"):
         plots.plot_runs_needed(xr.Dataset({"other": ("x", [1.0])}))
 

@@ -145,6 +145,9 @@ class FittedEstimator:
         k, mu: optional per-step decomposition ``m_q - m_fp = k m_fp + mu + r`` (output units).
         smooth: whether ``variance`` comes from a smooth model of ``log b`` (then an exported file
             may be interpolated to another step grid).
+        band_low, band_high: a *simultaneous* band at ``confidence`` (every step covered at once; max-t,
+            :mod:`qdrift_stats.estimators.bands`), beside the *pointwise* ``ci_low, ci_high``; None
+            where the estimator has none.
     """
 
     name: str
@@ -162,6 +165,8 @@ class FittedEstimator:
     k: np.ndarray | None = None
     mu: np.ndarray | None = None
     smooth: bool = False
+    band_low: np.ndarray | None = None
+    band_high: np.ndarray | None = None
 
     @classmethod
     def on_store(

@@ -13,7 +13,9 @@ Two statistics:
 Runs are the independent units (a run is one seed; its samples share nothing else, but treating
 runs as the unit keeps the interval honest when a pair's conditions or noise correlate samples
 within a run). The estimate is the mean of the per-run values and its confidence interval is a
-Student-t interval over runs, floored at 0. With one run there is no interval (NaN).
+Student-t interval over runs, floored at 0 (pointwise: each step's); beside it a simultaneous max-t
+band over the steps (``band_low``, ``band_high``; :mod:`qdrift_stats.estimators.bands`). With one run
+there is no interval (NaN).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import xarray as xr
 from scipy import stats
 
 from qdrift_stats.errors import QDriftError
+from qdrift_stats.estimators.bands import run_mean_band
 from qdrift_stats.estimators.base import (
     STATISTICS,
     Estimator,
@@ -88,11 +91,5 @@ class EmpiricalEstimator(Estimator):
             per_run = moment * gain2.reshape((1, -1) + (1,) * (moment.ndim - 2))
         check_finite_store(per_run)
         variance, low, high = t_interval(per_run, self.confidence)
-        return FittedEstimator.on_store(
-            ds,
-            self,
-            variance,
-            low,
-            high,
-            per_run,
-        )
+        band_low, band_high = run_mean_band(per_run, self.confidence)
+        return FittedEstimator.on_store(ds, self, variance, low, high, per_run, band_low=band_low, band_high=band_high)

@@ -68,6 +68,7 @@ from scipy.interpolate import BSpline
 from statsmodels.nonparametric.smoothers_lowess import lowess
 
 from qdrift_stats.errors import QDriftError
+from qdrift_stats.estimators.bands import linear_predictor_band
 from qdrift_stats.estimators.base import (
     STATISTICS,
     Estimator,
@@ -428,16 +429,39 @@ class SmoothGLMEstimator(_SmoothBase):
             result = model.fit(**fit_kwargs)
             prediction = result.get_prediction(log_b_basis(log_b, knots))
             u_fit = np.asarray(prediction.predicted_mean) * unit
+            exog_all = log_b_basis(log_b, knots)
             if "cov_type" in fit_kwargs:
-                ci = self._cluster_interval(result, log_b_basis(log_b, knots), runs) * unit
+                ci = self._cluster_interval(result, exog_all, runs) * unit
             else:
                 ci = np.asarray(prediction.conf_int(alpha=1 - self.confidence)) * unit
+            # simultaneous max-t band over the steps (t with runs - 1 df for the clustered covariance)
+            band = (
+                np.exp(
+                    np.stack(
+                        linear_predictor_band(
+                            exog_all,
+                            np.asarray(result.params),
+                            np.asarray(result.cov_params()),
+                            max(runs - 1, 1) if "cov_type" in fit_kwargs else None,
+                            self.confidence,
+                        ),
+                        axis=1,
+                    )
+                )
+                * unit
+            )
             curve_b = self._curve_grid(log_b[usable])
             at_levels = np.log(np.asarray(result.predict(log_b_basis(log_b[usable], knots))) * unit)
             order = np.argsort(log_b[usable])
             curve_u = np.interp(curve_b, log_b[usable][order], at_levels[order])
         extra = {"df_used": df, "dispersion": float(result.scale), "usable": usable}
-        return self._result(ds, prep, u_fit, ci[:, 0], ci[:, 1], curve_b, curve_u, extra)
+        fit = self._result(ds, prep, u_fit, ci[:, 0], ci[:, 1], curve_b, curve_u, extra)
+        kappa = self._kappa_at(prep, prep["log_b"])
+        bounds = np.sort(
+            np.stack([combine_variance(prep["c"], prep["d"], band[:, j], prep["log_b"], kappa) for j in (0, 1)]), axis=0
+        )
+        fit.band_low, fit.band_high = np.maximum(bounds[0], 0.0), bounds[1]
+        return fit
 
     def _cluster_interval(self, result, exog: np.ndarray, runs: int) -> np.ndarray:
         """``(steps, 2)`` interval of the mean from the run-clustered covariance, referred to t with ``runs - 1`` df.

@@ -283,15 +283,6 @@ def plot_variance(estimates: Any | Sequence[Any], labels: Sequence[str] | None =
 # ---------------------------------------------------------------------------------------------
 
 
-def _runs_needed(n: np.ndarray, upper: np.ndarray, tolerance: float) -> int | None:
-    """Smallest count from which on every evaluated count's upper quantile is within ``tolerance``."""
-    ok = upper <= tolerance
-    for k in range(len(n)):
-        if ok[k:].all():
-            return int(n[k])
-    return None
-
-
 def plot_runs_needed(cv: xr.Dataset, tolerance: float | None = None) -> Figure:
     """Relative error of the fitted statistic against the number of calibration runs (a learning curve).
 
@@ -304,9 +295,13 @@ def plot_runs_needed(cv: xr.Dataset, tolerance: float | None = None) -> Figure:
     ``estimator``.
 
     Drawn (log-log): the median over repeats with a 10-90% band, a ``1/sqrt(n)`` guide through the
-    first median, the tolerance line and the runs needed: the ``runs_needed`` attribute, else the
-    smallest count from which on the 90% quantile stays within the tolerance.
+    first median, the ``confidence`` quantile over repeats (attribute ``confidence``, default 0.95) that
+    decides, the tolerance line and the runs needed: the ``runs_needed`` attribute (with its interval
+    ``runs_needed_low/high`` and "not enough runs to tell" when ``runs_needed_decided`` is 0), else the
+    same rule, :func:`qdrift_stats.validate.runs_needed.needed_from_quantiles`, on the drawn quantile.
     """
+    from qdrift_stats.validate.runs_needed import needed_from_quantiles
+
     if "rel_error" not in cv or "n_runs" not in cv["rel_error"].dims:
         raise QDriftError("a runs-needed Dataset needs the variable rel_error over the dims n_runs and repeat")
     err = cv["rel_error"]
@@ -330,9 +325,22 @@ def plot_runs_needed(cv: xr.Dataset, tolerance: float | None = None) -> Figure:
     )
     if np.isfinite(med[0]) and med[0] > 0:
         ax.plot(n, med[0] * np.sqrt(n[0] / n), color="0.5", linestyle="--", linewidth=1, label=r"$\propto 1/\sqrt{n}$")
+    confidence = float(cv.attrs.get("confidence", 0.95))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # all-NaN padding rows
+        decides = np.nanquantile(
+            np.asarray(err.transpose("n_runs", ...).values).reshape(len(n), -1), confidence, axis=1
+        )
+    ax.plot(n, decides, color=COLORS[0], linestyle="-.", linewidth=1, label=f"{confidence:.0%} quantile (decides)")
     ax.axhline(tol, color=COLORS[1], linestyle=":", label=f"tolerance {tol:g}")
-    given = cv.attrs.get("runs_needed") if tolerance is None or float(cv.attrs.get("tolerance", tol)) == tol else None
-    needed = int(given) if given is not None else _runs_needed(n, hi, tol)
+    same = tolerance is None or float(cv.attrs.get("tolerance", tol)) == tol
+    given = cv.attrs.get("runs_needed") if same else None
+    needed = int(given) if given is not None else needed_from_quantiles(n.astype(int), decides, tol)[0]
+    undecided = same and int(cv.attrs.get("runs_needed_decided", 1)) == 0
+    if same and "runs_needed_low" in cv.attrs:
+        span = f"interval over the recorded runs {int(cv.attrs['runs_needed_low'])}-{int(cv.attrs['runs_needed_high'])}"
+        prefix = "not enough runs to tell; " if undecided else ""
+        ax.text(0.02, 0.02, prefix + span, transform=ax.transAxes, ha="left", va="bottom", color=COLORS[1], fontsize=8)
     if needed is not None and needed <= n[-1]:
         ax.axvline(needed, color=COLORS[1], linewidth=0.8, alpha=0.6)
         ax.annotate(

@@ -23,6 +23,8 @@ name                       kind     quantization error
 ``mixture_flow_actround``  flow     coarsely rounded hidden activation
 ``mixture_vp_actround_fine`` VP eps finely rounded hidden activation (grid 0.05: still persistent)
 ``mixture_flow_actround_fine`` flow finely rounded hidden activation
+``mixture_vp_hetero``      VP eps   noise-like, level-dependent, per-run scale
+``mixture_flow_hetero``    flow     noise-like, level-dependent, per-run scale
 ========================== ======== ==========================================
 
 The persistent families (:class:`~.errors.WeightError`, :class:`~.errors.ActivationRoundingError`)
@@ -48,6 +50,7 @@ from qdrift_stats.testbed.errors import (
     WeightError,
     ZeroError,
 )
+from qdrift_stats.testbed.heterogeneous import HeterogeneousPair
 from qdrift_stats.testbed.metrics import gap_closed, mixture_metrics, negative_log_likelihood, within_mode_variance
 from qdrift_stats.testbed.mixture import FLOW_SCHEDULER_CONFIG, VP_SCHEDULER_CONFIG, GaussianMixture, MixturePair
 
@@ -163,7 +166,18 @@ PERSISTENT_FAMILIES: tuple[str, ...] = (
 NOISE_FAMILIES: tuple[str, ...] = ("mixture_vp_noise", "mixture_flow_noise", "mixture_vp_gauss", "mixture_flow_gauss")
 
 
+def mixture_vp_hetero(group: int = 0) -> HeterogeneousPair:
+    """VP pair whose noise-like error grows with the noise level and differs per run (testbed/heterogeneous.py)."""
+    return HeterogeneousPair(default_mixture(), kind="vp", error=NoiseLikeError(DIM, amplitude=0.5), group=group)
+
+
+def mixture_flow_hetero(group: int = 0) -> HeterogeneousPair:
+    """Flow pair whose noise-like error grows with the noise level and differs per run."""
+    return HeterogeneousPair(default_mixture(), kind="flow", error=NoiseLikeError(DIM, amplitude=1.0), group=group)
+
+
 __all__ = [
+    "HeterogeneousPair",
     "GaussianMixture",
     "MixturePair",
     "QuantizationError",

@@ -10,10 +10,10 @@ Two questions, in the scikit-learn ``model_selection`` spirit, each its own func
 :func:`cross_validate` composes them (what ``qdrift cv`` runs) and returns a :class:`CVResult`.
 
 :meth:`CVResult.runs_needed` answers "how many runs for a ``tolerance`` relative error with
-probability ``confidence``": per ``N`` the ``confidence`` quantile of ``rel_error`` over splits,
-and the smallest ``N`` from which on every evaluated count meets the tolerance. If none does, it
-extrapolates the quantile's ``1/sqrt(N)`` law (the error of a mean of ``N`` runs) beyond ``M - 1``
-and says so. Its interval is a percentile bootstrap over splits.
+probability ``confidence``" by the one rule of :mod:`qdrift_stats.validate.runs_needed` (per ``N`` the
+``confidence`` quantile of ``rel_error`` over splits; the smallest ``N`` from which on every evaluated
+count meets the tolerance, else extrapolated along ``1/sqrt(N)``), with an interval from a bootstrap
+over the recorded runs, and "not enough runs to tell" when that interval reaches beyond ``M - 1``.
 
 Results are an xarray Dataset saved to zarr (:func:`cross_validate` with ``out``). Each ``N`` (and
 the strength search) is written as a group under ``parts/`` as soon as it is done and marked
@@ -23,10 +23,8 @@ it stopped; when all parts are done the combined Dataset is written at the root.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,50 +44,13 @@ from qdrift_stats.validate.learning_curve import (
     learning_curve,
 )
 from qdrift_stats.validate.parts import ResultParts
+from qdrift_stats.validate.runs_needed import RunsNeeded, needed_from_quantiles
+from qdrift_stats.validate.runs_needed import runs_needed as _runs_needed
 from qdrift_stats.validate.strength import DEFAULT_FORMS, DEFAULT_STRENGTHS, strength_curve
 
-
 # ---- results ------------------------------------------------------------------------------------
-@dataclass
-class RunsNeeded:
-    """Runs needed for a relative error ``<= tolerance`` with probability ``confidence``.
-
-    ``runs`` is the estimate (``low``, ``high`` its bootstrap interval); ``extrapolated`` says it lies
-    beyond the evaluated counts (from the ``1/sqrt(N)`` law); ``quantiles`` maps each evaluated ``N``
-    to the ``confidence`` quantile of its relative error.
-    """
-
-    runs: int
-    low: int
-    high: int
-    extrapolated: bool
-    tolerance: float
-    confidence: float
-    quantiles: dict[int, float] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        level = int(round(self.confidence * 100))
-        where = " (extrapolated beyond the recorded runs)" if self.extrapolated else ""
-        return (
-            f"{self.runs} runs{where} for a relative error <= {self.tolerance:g} at {level}% "
-            f"confidence [bootstrap interval {self.low}-{self.high}]"
-        )
-
-
-def _needed_from_quantiles(counts: np.ndarray, quantiles: np.ndarray, tolerance: float) -> tuple[int, bool]:
-    """Smallest ``N`` from which on every evaluated quantile meets ``tolerance``, else the
-    ``1/sqrt(N)`` extrapolation."""
-    ok = quantiles <= tolerance
-    if ok[-1]:
-        first = len(ok) - 1
-        while first > 0 and ok[first - 1]:
-            first -= 1
-        return int(counts[first]), False
-    good = np.isfinite(quantiles) & (quantiles > 0)
-    if not good.any():
-        return int(counts[-1]) + 1, True
-    scale = float(np.exp(np.mean(np.log(quantiles[good] * np.sqrt(counts[good])))))
-    return int(max(math.ceil((scale / tolerance) ** 2), counts[-1] + 1)), True
+# The rule and its interval live in :mod:`qdrift_stats.validate.runs_needed` (one rule for the CLI, the plot and the docs).
+_needed_from_quantiles = needed_from_quantiles
 
 
 class CVResult:
@@ -128,33 +89,34 @@ class CVResult:
         self,
         tolerance: float = 0.1,
         confidence: float = 0.95,
-        bootstrap: int = 1000,
+        bootstrap: int = 200,
         seed: int = 0,
         aggregate: str = "rms",
     ) -> RunsNeeded:
-        """Runs needed for a relative error ``<= tolerance`` with probability ``confidence`` (module docstring).
+        """Runs needed for a relative error ``<= tolerance`` with probability ``confidence``: the rule of
+        :mod:`qdrift_stats.validate.runs_needed` on this learning curve, with its interval over which runs
+        were recorded (a bootstrap over the recorded runs) and "not enough runs to tell" where they cannot answer.
 
         ``aggregate``: ``"rms"`` over the correctable steps, or ``"max"`` (every step within the tolerance).
         """
-        if not tolerance > 0 or not 0 < confidence < 1:
-            raise QDriftError("tolerance must be > 0 and confidence in (0, 1)")
-        errors = self.errors(aggregate)  # (n_runs, repeat), NaN-padded
-        counts = self.counts
-        quantiles = np.array(
-            [np.nanquantile(row, confidence) if np.any(np.isfinite(row)) else np.nan for row in errors]
-        )
-        runs, extrapolated = _needed_from_quantiles(counts, quantiles, tolerance)
-        rng = np.random.default_rng(seed)
-        draws = []
-        for _ in range(bootstrap):
-            q = []
-            for row in errors:
-                row = row[np.isfinite(row)]
-                q.append(np.quantile(row[rng.integers(0, len(row), len(row))], confidence) if len(row) else np.nan)
-            draws.append(_needed_from_quantiles(counts, np.array(q), tolerance)[0])
-        low, high = (int(x) for x in np.quantile(draws, [0.025, 0.975], method="nearest")) if draws else (runs, runs)
-        return RunsNeeded(
-            runs, low, high, extrapolated, tolerance, confidence, {int(n): float(q) for n, q in zip(counts, quantiles)}
+        per_run = np.asarray(self.dataset["per_run"].values) if "per_run" in self.dataset else None
+        mask = None
+        if per_run is not None:
+            v_all = np.asarray(self.dataset["v_all"].values)
+            b_next = np.asarray(self.dataset["b_next"].values).reshape((-1,) + (1,) * (v_all.ndim - 1))
+            mask = np.broadcast_to(b_next > 0, v_all.shape) & (per_run.mean(axis=0) > 0)
+        return _runs_needed(
+            self.errors(aggregate),
+            self.counts,
+            per_run,
+            mask,
+            self.num_runs,
+            tolerance,
+            confidence,
+            bootstrap=bootstrap,
+            seed=seed,
+            aggregate=aggregate,
+            n_splits=int(self.dataset.attrs.get("n_splits", 50)),
         )
 
     def curve(self, bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0) -> xr.Dataset:
@@ -198,22 +160,23 @@ class CVResult:
         """A readable table: the learning curve, runs needed, and the chosen strength."""
         a = self.dataset.attrs
         curve = self.curve()
+        need = self.runs_needed(tolerance, confidence)
+        level = int(round(confidence * 100))
         lines = [
             f"Cross-validation over calibration runs: estimator {a.get('estimator')}, store {a.get('store')}",
-            f"{a.get('num_runs')} runs x {a.get('batch_size')} samples, {a.get('scheduler')} "
-            f"{a.get('steps')} steps; up to {a.get('n_splits')} splits per count",
-            f"{'N':>4} {'splits':>6} {'rel. error (vs truth, est.)':>28} {'95% CI':>17} "
+            f"{a.get('num_runs')} runs x {a.get('batch_size')} samples, {a.get('scheduler')} {a.get('steps')} steps; up to {a.get('n_splits')} splits per count",
+            f"{'N':>4} {'splits':>6} {'rel. error (vs truth, est.)':>28} {'95% CI':>17} {f'{level}% quantile (decides)':>24} "
             f"{'vs all-runs fit':>16} {'held-out loglik':>16}",
         ]
         splits = np.isfinite(np.asarray(self.dataset["rel_error"].values)).sum(axis=1)
         for j, n in enumerate(self.counts):
             c = curve.isel(n_runs=j)
             lines.append(
-                f"{int(n):>4} {int(splits[j]):>6} {float(c['rel_error']):>28.4f} "
-                f"[{float(c['rel_error_low']):>7.4f},{float(c['rel_error_high']):>7.4f}] "
-                f"{float(c['rel_error_vs_all']):>16.4f} {float(c['heldout_loglik']):>16.4f}"
+                f"{int(n):>4} {int(splits[j]):>6} {float(c['rel_error']):>28.4f} [{float(c['rel_error_low']):>7.4f},{float(c['rel_error_high']):>7.4f}] "
+                f"{need.quantiles[int(n)]:>24.4f}{' <=' if need.quantiles[int(n)] <= tolerance else '   '} "
+                f"{float(c['rel_error_vs_all']):>13.4f} {float(c['heldout_loglik']):>16.4f}"
             )
-        lines.append(f"runs needed: {self.runs_needed(tolerance, confidence)}")
+        lines.append(f"runs needed (tolerance {tolerance:g}; the {level}% quantile column decides): {need}")
         chosen = self.chosen_strength()
         if chosen:
             lines.append(
@@ -241,15 +204,7 @@ class CVResult:
             "store": self.dataset.attrs.get("store"),
             "estimator": self.dataset.attrs.get("estimator"),
             "num_runs": self.num_runs,
-            "runs_needed": {
-                "runs": need.runs,
-                "low": need.low,
-                "high": need.high,
-                "extrapolated": need.extrapolated,
-                "tolerance": tolerance,
-                "confidence": confidence,
-                "quantiles": {str(k): v for k, v in need.quantiles.items()},
-            },
+            "runs_needed": need.to_json(),
             "curve": {
                 name: [None if not np.isfinite(x) else float(x) for x in curve[name].values] for name in curve.data_vars
             },
@@ -382,7 +337,16 @@ def runs_needed_dataset(
     """The learning-curve Dataset of a store without the strength search (what ``qdrift plot
     runs-needed STORE`` draws)."""
     result = cross_validate(estimator, store, strength=False)
-    return result.dataset.assign_attrs(tolerance=tolerance, runs_needed=result.runs_needed(tolerance).runs)
+    need = result.runs_needed(tolerance)
+    return result.dataset.assign_attrs(
+        tolerance=tolerance,
+        confidence=need.confidence,
+        runs_needed=need.runs,
+        runs_needed_low=need.low,
+        runs_needed_high=need.high,
+        runs_needed_decided=int(need.decided),
+        runs_needed_text=str(need),
+    )
 
 
 def open_cv(path: str | Path) -> CVResult:

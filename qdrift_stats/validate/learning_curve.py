@@ -241,7 +241,8 @@ def learning_curve(
     Returns:
         Dataset with ``rel_error``, ``rel_error_vs_all``, ``heldout_loglik`` ``(n_runs, repeat)``,
         ``rel_error_step`` ``(n_runs, repeat, step[, channel])``, ``train_mask``
-        ``(n_runs, repeat, run)``, ``v_all`` ``(step[, channel])`` (the all-runs fit); coordinates
+        ``(n_runs, repeat, run)``, ``v_all`` ``(step[, channel])`` (the all-runs fit), ``per_run``
+        ``(run, step[, channel])`` (the all-runs fit's per-run values, where it has them); coordinates
         ``b_next``, ``timestep`` (step), ``seed`` (run); attributes: the settings
         (:func:`cv_settings`), ``estimator_params`` (JSON) and ``fast_path``.
     """
@@ -278,6 +279,9 @@ def learning_curve(
     result = xr.concat(ordered, dim="n_runs")
     step_dims = ("step",) if not per_channel else ("step", "channel")
     result["v_all"] = (step_dims, fitted_all.variance)
+    if fitted_all.per_run.shape[1:] == fitted_all.variance.shape and fitted_all.per_run.shape[0] == ds_mem.sizes["run"]:
+        # the recorded runs' own values: the runs-needed interval resamples them (validate.runs_needed)
+        result["per_run"] = (("run",) + step_dims, np.asarray(fitted_all.per_run, dtype=np.float64))
     result = result.assign_coords(
         b_next=("step", b_next),
         timestep=("step", np.asarray(ds_mem["timestep"].values)),

@@ -1,0 +1,177 @@
+"""Mutation testing of the correction path with mutmut, and the score for the docs.
+
+``pyproject.toml`` (``[tool.mutmut]``) names the mutated files and the fast test selection; this
+script runs ``mutmut run`` on the functions of the correction path (the ones that compute what the
+sampler does to a state: coefficients, the corrector, the loop, the step grids and gains of every
+scheduler adapter, the empirical statistic and its interval, and the estimator file's route from a
+stored statistic to a corrector), reads ``mutmut results`` and writes the score per function to
+``docs/results/mutation.md``. Survivors reviewed as equivalent (the mutant computes the same thing
+for every input the function accepts) are listed in :data:`EQUIVALENT` with the reason; every other
+survivor counts against the score.
+
+    python studies/mutation.py               # correction path, about 15-25 minutes on 2 busy cores
+    python studies/mutation.py --report      # re-read mutmut's stored results, no run
+    python studies/mutation.py --rest        # also the remaining functions of the mutated files
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+
+from _report import ROOT, command_line, write_section
+
+PAGE = ROOT / "docs" / "results" / "mutation.md"
+EF = "qdrift_stats.correct.estimator_file.xǁEstimatorFileǁ"
+SB = "qdrift_stats.schedulers.base."
+CORRECTION_PATH = [
+    "qdrift_stats.correct.coefficients.*",
+    "qdrift_stats.correct.corrector.*",
+    "qdrift_stats.loop.x_run_sampler__*",
+    "qdrift_stats.loop.x_scale_model_input__*",
+    "qdrift_stats.estimators.empirical.x_t_interval__*",
+    "qdrift_stats.estimators.empirical.x_per_run_second_moment__*",
+    "qdrift_stats.estimators.empirical.xǁEmpiricalEstimatorǁfit__*",
+    EF + "coefficients__*",
+    EF + "corrector__*",
+    EF + "_same_grid__*",
+    SB + "x_x0_from_output__*",
+    SB + "x_x0_slope__*",
+    SB + "x_first_order_gain__*",
+    SB + "xǁStepGridǁ*",
+    SB + "x_step_grid__*",
+    SB + "x_gain_on__*",
+    SB + "x_output_gains__*",
+    SB + "xǁSchedulerAdapterǁx0_hat__*",
+    SB + "xǁSchedulerAdapterǁfirst_order_gain__*",
+    "qdrift_stats.schedulers.euler.*ǁgrid__*",
+    "qdrift_stats.schedulers.ddim.*ǁgrid__*",
+    "qdrift_stats.schedulers.dpmpp.*ǁgrid__*",
+    "qdrift_stats.schedulers.flow_euler.*ǁgrid__*",
+]
+
+# Survivors reviewed by hand: mutant name -> why it computes the same thing for every accepted input.
+EQUIVALENT: dict[str, str] = {
+    "qdrift_stats.correct.coefficients.x_correction_coefficients__mutmut_37": (
+        "reshape((-2,) + ...): numpy reads any negative size as the one unknown dimension, as -1"
+    ),
+    "qdrift_stats.correct.coefficients.x_correction_coefficients__mutmut_44": (
+        "np.errstate(divide=None): the guarded division never divides by 0 (b2 = 0 is replaced by 1), "
+        "so the error state is never consulted"
+    ),
+    "qdrift_stats.correct.coefficients.x_correction_coefficients__mutmut_49": "as _44 (invalid=None)",
+    "qdrift_stats.correct.coefficients.x_correction_coefficients__mutmut_50": "as _44 (divide left out)",
+    "qdrift_stats.correct.coefficients.x_correction_coefficients__mutmut_51": "as _44 (invalid left out)",
+    "qdrift_stats.correct.coefficients.x_correction_coefficients__mutmut_52": "as _44",
+    "qdrift_stats.correct.coefficients.x_correction_coefficients__mutmut_74": (
+        "inner np.where(b2 >= 0, b2, 1): where b2 = 0 the quotient (inf or nan) is discarded by the outer "
+        "np.where(b2 > 0, ..., 0), under the errstate that silences it"
+    ),
+    "qdrift_stats.correct.coefficients.x_correction_coefficients__mutmut_76": (
+        "inner np.where(..., 2.0): the placeholder divisor is used only where the outer np.where discards it"
+    ),
+}
+
+
+def mutmut(*args: str, check: bool = True) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(["mutmut", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    if check and proc.returncode not in (0, 1):
+        raise SystemExit(f"mutmut {' '.join(args)} failed: {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def results() -> dict[str, str]:
+    out = {}
+    for line in mutmut("results", "--all", "true").splitlines():
+        m = re.match(r"\s*(\S+): (.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def function_of(name: str) -> str:
+    return name.split("__mutmut_")[0]
+
+
+def on_path(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in CORRECTION_PATH)
+
+
+def score_table(statuses: dict[str, str]) -> tuple[list[str], Counter]:
+    per_function: dict[str, Counter] = defaultdict(Counter)
+    total: Counter = Counter()
+    for name, status in statuses.items():
+        if status == "survived" and name in EQUIVALENT:
+            status = "equivalent"
+        per_function[function_of(name)][status] += 1
+        total[status] += 1
+    rows = [
+        "| function | mutants | killed | equivalent (argued) | survived | no tests | other |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for fn in sorted(per_function):
+        c = per_function[fn]
+        other = sum(v for k, v in c.items() if k not in ("killed", "equivalent", "survived", "no tests"))
+        rows.append(
+            f"| `{fn.replace('qdrift_stats.', '')}` | {sum(c.values())} | {c['killed']} | {c['equivalent']} | "
+            f"{c['survived']} | {c['no tests']} | {other} |"
+        )
+    return rows, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", action="store_true", help="only read the stored results")
+    parser.add_argument("--rest", action="store_true", help="also run the other functions of the mutated files")
+    args = parser.parse_args()
+    start = time.time()
+    if not args.report:
+        patterns = ["*"] if args.rest else CORRECTION_PATH
+        print(mutmut("run", "--max-children", "2", *patterns)[-500:], flush=True)
+    statuses = results()
+    path = {k: v for k, v in statuses.items() if on_path(k)}
+    unchecked = [k for k, v in path.items() if v == "not checked"]
+    if unchecked:
+        print(f"warning: {len(unchecked)} mutants on the path not checked yet", file=sys.stderr)
+    rows, total = score_table(path)
+    checked = sum(total.values()) - total["not checked"]
+    killed, equivalent = total["killed"], total["equivalent"]
+    survivors = sorted(k for k, v in path.items() if v in ("survived", "no tests", "timeout", "suspicious"))
+    survivors = [k for k in survivors if k not in EQUIVALENT]
+    lines = [
+        "## Mutation score of the correction path",
+        "",
+        f"mutmut {mutmut('--version', check=False).strip() or '3.x'} over the functions of the correction path "
+        "(`CORRECTION_PATH` in `studies/mutation.py`); mutated files and the fast test selection are in "
+        "`pyproject.toml` `[tool.mutmut]`. A mutant counts as killed when a test of the selection fails.",
+        "",
+        f"**Score: {killed} killed of {checked - equivalent} non-equivalent mutants = "
+        f"{100 * killed / max(checked - equivalent, 1):.1f}%** ({checked} mutants checked, {equivalent} argued "
+        f"equivalent below, {total['not checked']} not checked).",
+        "",
+        *rows,
+        "",
+        "### Survivors argued equivalent",
+        "",
+        *[f"- `{k.replace('qdrift_stats.', '')}`: {v}" for k, v in sorted(EQUIVALENT.items()) if k in path],
+        "",
+        "### Survivors not killed (count against the score)",
+        "",
+        *([f"- `{k.replace('qdrift_stats.', '')}` ({path[k]})" for k in survivors] or ["none"]),
+        "",
+        f"Generated by `{command_line()}` ({(time.time() - start) / 60:.1f} min on 2 shared CPU cores); "
+        "`mutmut show NAME` prints any mutant's diff.",
+    ]
+    write_section("mutation", "\n".join(lines), PAGE)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
