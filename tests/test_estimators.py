@@ -37,9 +37,8 @@ def test_empirical_estimate_matches_the_analytic_variance(euler_store):
     truth = true_variance(xr.open_zarr(euler_store))
     np.testing.assert_allclose(fitted.variance, truth, rtol=0.06)
     assert fitted.variance.shape == (10,) and fitted.num_runs == 5
-    assert np.all(fitted.ci_low <= fitted.variance) and np.all(fitted.variance <= fitted.ci_high)
-    # a 95% interval over 5 runs covers the truth at most steps
-    assert np.mean((fitted.ci_low <= truth) & (truth <= fitted.ci_high)) >= 0.7
+    # the interval's construction is pinned exactly in tests/test_pinned.py, its coverage sized in
+    # test_estimators_more.py::test_intervals_cover_the_true_variance_over_seeds
 
 
 def test_per_channel_estimate_averages_to_the_scalar_one(euler_store):

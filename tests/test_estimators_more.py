@@ -211,7 +211,6 @@ def test_smooth_glm_on_its_own_grid_agrees_with_the_truth(stores):
     fitted = SmoothGLMEstimator().fit(ds)
     keep = ds["b_next"].values > 0
     np.testing.assert_allclose(fitted.variance[keep], truth_euler(ds)[keep], rtol=0.1)
-    assert np.all(fitted.ci_low <= fitted.variance) and np.all(fitted.variance <= fitted.ci_high)
 
 
 def test_multistep_interpolation_is_better_with_the_step_correlation_model(stores, tmp_path):
@@ -282,8 +281,27 @@ def test_robust_estimator_follows_the_core_of_a_heavy_tailed_error(stores):
 def test_robust_estimator_on_bounded_noise_matches_the_empirical_one(stores):
     ds = stores["vp_noise"]
     np.testing.assert_allclose(RobustEstimator().fit(ds).variance, EmpiricalEstimator().fit(ds).variance, rtol=1e-10)
-    boot = RobustEstimator(ci="bootstrap", bootstrap=200).fit(ds)
-    assert np.all(boot.ci_low <= boot.variance) and np.all(boot.variance <= boot.ci_high)
+    # the bootstrap interval is built from the same per-run values as the t one: same centre, similar width
+    boot = RobustEstimator(ci="bootstrap", bootstrap=2000).fit(ds)
+    t = RobustEstimator().fit(ds)
+    keep = ds["b_next"].values > 0
+    ratio = (boot.ci_high - boot.ci_low)[keep] / (t.ci_high - t.ci_low)[keep]
+    assert np.all((ratio > 0.4) & (ratio < 2.5)), ratio
+
+
+def huber_ratio_of_a_sinusoid(c: float = 1.5) -> float:
+    """Huber's proposal-2 scale ``s`` of ``X = sin(U)``, ``U ~ U(0, 2 pi)``, over ``E X^2 = 1/2``: ``s`` solves
+    ``E min((X/s)^2, c^2) = E min(Z^2, c^2)`` (Z standard normal, the consistency constant), by quadrature."""
+    from scipy import integrate, optimize, stats
+
+    beta = 2 * stats.norm.cdf(c) - 1 - 2 * c * stats.norm.pdf(c) + 2 * c * c * stats.norm.sf(c)
+
+    def excess(s: float) -> float:
+        f = lambda u: min((np.sin(u) / s) ** 2, c * c)  # noqa: E731
+        return integrate.quad(f, 0, 2 * np.pi, limit=200)[0] / (2 * np.pi) - beta
+
+    s = optimize.brentq(excess, 0.1, 5.0)
+    return s * s / 0.5
 
 
 @pytest.mark.parametrize(
@@ -292,8 +310,9 @@ def test_robust_estimator_on_bounded_noise_matches_the_empirical_one(stores):
         # Gaussian error: the Gaussian-core estimand of Huber and MAD is the variance itself
         ("mixture_vp_gauss", {"huber": 1.0, "mad": 1.0}),
         # sinusoid (arcsine marginal): MAD^2 = (sin(pi/4) / Phi^-1(3/4))^2 = 1.099 against E sin^2 = 1/2, a ratio
-        # of 2.198; Huber's proposal-2 scale lands in between (about 1.29, measured by studies/coverage.py)
-        ("mixture_vp_noise", {"huber": 1.29, "mad": 2.198}),
+        # of 2.198; Huber's proposal-2 scale solves E min((X/s)^2, c^2) = E min(Z^2, c^2) (c = 1.5) for X = sin(U),
+        # U uniform: the population value, derived in huber_ratio_of_a_sinusoid() by quadrature (1.2846)
+        ("mixture_vp_noise", {"huber": "population", "mad": 2.198}),
     ],
 )
 def test_huber_and_mad_estimate_the_variance_of_a_gaussian_core(pair_name, expected):
@@ -303,6 +322,7 @@ def test_huber_and_mad_estimate_the_variance_of_a_gaussian_core(pair_name, expec
     keep = ds["b_next"].values > 0
     truth = truth_euler(ds)[keep]
     for method, ratio in expected.items():
+        ratio = huber_ratio_of_a_sinusoid() if ratio == "population" else ratio
         fitted = RobustEstimator(method=method).fit(ds)
         assert np.mean(fitted.variance[keep] / truth) == pytest.approx(ratio, rel=0.05), method
         if pair_name.endswith("gauss"):  # and its interval covers the truth at most steps
@@ -368,17 +388,20 @@ def test_moment_matching_corrects_the_noise_pair(stores):
 
 # ---- coverage, registry --------------------------------------------------------------------------
 def test_intervals_cover_the_true_variance_over_seeds():
-    """A small coverage check: 20 seeds x 5 correctable steps, nominal 95%, loose bound 80%."""
+    """Coverage sized to tell a t(R-1) interval from a normal-quantile one: 4 runs, so a normal quantile
+    (1.96 for t_3's 3.18) covers about 85.5%; 60 seeds x 5 correctable steps = 300 checks, binomial sd
+    1.3% at 95%: the bound 90% lies 3.8 sd below 95% and 3.5 sd above 85.5%. (The exact construction is
+    pinned in tests/test_pinned.py; the full study is studies/coverage.py.)"""
     pair = testbed.mixture_vp_noise()
     hits = {"empirical": [], "robust": []}
-    for s in range(20):
+    for s in range(60):
         ds = memory_store(pair, "euler", 6, 4, 32, 100 + 4 * s)
         truth, keep = truth_euler(ds), ds["b_next"].values > 0
         for name in hits:
             fitted = get_estimator(name).fit(ds)
             hits[name].extend(((fitted.ci_low <= truth) & (truth <= fitted.ci_high))[keep])
     for name, h in hits.items():
-        assert np.mean(h) >= 0.8, name
+        assert len(h) == 300 and np.mean(h) >= 0.9, (name, np.mean(h))
 
 
 def test_new_estimators_are_registered_and_fit_from_the_command_line(stores, tmp_path):

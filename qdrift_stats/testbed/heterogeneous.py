@@ -42,7 +42,7 @@ class HeterogeneousPair(MixturePair):
         group: samples sharing one scale (0: the whole batch, i.e. one scale per recorded run).
     """
 
-    run_sigma: float = 0.3
+    run_sigma: float = 0.15
     level_offset: float = 0.2
     group: int = 0
 
