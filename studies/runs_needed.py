@@ -219,8 +219,8 @@ def monte_carlo(args) -> None:
         "same rule and numbers; equality asserted on those replicates). Binomial standard error of a 90% coverage over "
         f"{args.mc_reps} replicates: {100 * np.sqrt(0.09 / args.mc_reps):.1f} points.",
         "",
-        "| runs recorded M | interval covers the truth | says \"not enough runs to tell\" | covers or says so (done when >= 90%) | "
-        "covers, among decided answers | point answer 5% / 50% / 95% | \"5 runs are enough\" (decided) | median interval width |",
+        '| runs recorded M | interval covers the truth | says "not enough runs to tell" | covers or says so (done when >= 90%) | '
+        'covers, among decided answers | point answer 5% / 50% / 95% | "5 runs are enough" (decided) | median interval width |',
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -328,3 +328,23 @@ def test_smooth_glm_default_interval_is_run_clustered_on_t_with_runs_minus_one_d
     np.testing.assert_allclose(fitted.u_fit, pred.predicted_mean, rtol=1e-6)
     ours_half = np.log(fitted.ci_high / fitted.variance)
     np.testing.assert_allclose(ours_half[:-1], normal_half[:-1] * T975[runs - 1] / Z975, rtol=1e-5)
+
+
+def test_simultaneous_band_is_the_t_interval_when_steps_move_together_and_wider_otherwise():
+    """Steps that are exact multiples of one run-level value: ``max_i |T_i| = |T|``, so the band's critical
+    value is t_{R-1}'s 97.5% point (2.776 for 5 runs, tables) up to simulation error; with independent
+    steps it exceeds it."""
+    from qdrift_stats.estimators.bands import run_mean_band
+    from qdrift_stats.estimators.empirical import t_interval
+
+    rng = np.random.default_rng(7)
+    base = rng.gamma(4.0, size=(5, 1))
+    together = base * np.linspace(1.0, 3.0, 12)[None, :]
+    mean, _, high = t_interval(together, 0.95)
+    _, band_high = run_mean_band(together, 0.95)
+    crit = (band_high - mean) / (together.std(axis=0, ddof=1) / np.sqrt(5))
+    np.testing.assert_allclose(crit, T975[4], rtol=0.06)  # 20000 draws: simulation sd about 1.6%
+    independent = rng.gamma(4.0, size=(5, 12))
+    mean, _, high = t_interval(independent, 0.95)
+    _, band_high = run_mean_band(independent, 0.95)
+    assert np.all(band_high - mean > 1.2 * (high - mean))

@@ -4,12 +4,13 @@ A pointwise 95% interval covers each step's true ``v_i`` with probability 0.95; 
 steps are expected to be missed. A *simultaneous* band covers every step at once with probability
 0.95: it replaces the per-step quantile by the ``confidence`` quantile of ``max_i |T_i|``, the largest
 standardised error over the steps (a max-t band). The correlation of the ``T_i`` across steps comes
-from the fit: for a mean over runs, the sample correlation of the per-run values (runs are the
-independent units, so a run that is large at one step and large at the next counts once); for the
-smooth GLM, the (run-clustered) covariance of its coefficients. ``max |T|`` is simulated: Gaussian
-draws with that correlation, divided by ``sqrt(W / df)`` with ``W ~ chi^2_df`` (a multivariate t with
-``df = runs - 1``, the same degrees of freedom as the pointwise t interval), so the band reduces to
-the pointwise t interval when the steps are perfectly correlated and widens as they decorrelate.
+from the fit. For a mean over runs: Gaussian samples of ``R`` runs with the runs' sample covariance,
+each with its own per-step standard deviations, give the distribution of ``max_i |T_i|`` (runs are
+the independent units, so a run that is large at one step and large at the next counts once). For
+the smooth GLM: Gaussian draws with the (run-clustered) covariance of its coefficients, divided by
+``sqrt(W / df)`` with ``W ~ chi^2_df`` (a multivariate t with ``df = runs - 1``, the pointwise
+interval's degrees of freedom). Either band reduces to the pointwise t interval when the steps are
+perfectly correlated and widens as they decorrelate.
 
 Both are labelled in the results: ``ci_low/ci_high`` pointwise, ``band_low/band_high`` simultaneous.
 Written here because neither scipy nor statsmodels offers a max-t band for these fits
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-DRAWS = 4000
+DRAWS = 20000  # simulation error of the 97.5% point of t_4: about 1.6% relative
 
 
 def max_t_critical(draws: np.ndarray, df: float | None, confidence: float, seed: int = 0) -> float:
@@ -40,6 +41,9 @@ def max_t_critical(draws: np.ndarray, df: float | None, confidence: float, seed:
 def run_mean_band(per_run: np.ndarray, confidence: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Simultaneous max-t band of the mean over runs (axis 0) across every other entry; floored at 0.
 
+    The critical value is the ``confidence`` quantile of ``max_i |T_i|``, ``T_i = sqrt(R) mean_i / sd_i``,
+    over Gaussian samples of ``R`` runs with the runs' own covariance (each simulated sample has its own
+    per-step ``sd_i``, as the real one does: a common chi-square divisor would understate the max).
     NaN with fewer than two runs. Entries whose per-run values do not vary get the mean itself.
     """
     runs = per_run.shape[0]
@@ -51,9 +55,15 @@ def run_mean_band(per_run: np.ndarray, confidence: float, seed: int = 0) -> tupl
     sd = flat.std(axis=0, ddof=1)
     keep = sd > 0
     centred = (flat[:, keep] - flat[:, keep].mean(axis=0)) / sd[keep] / np.sqrt(runs - 1)  # centred.T @ centred = corr
-    draws = np.random.default_rng(seed).standard_normal((DRAWS, runs)) @ centred
-    crit = max_t_critical(draws, runs - 1, confidence, seed)
-    half = np.where(keep, crit * sd / np.sqrt(runs), 0.0).reshape(mean.shape)
+    rng = np.random.default_rng(seed)
+    crit = float("nan")
+    if keep.any():
+        sim = rng.standard_normal((DRAWS, runs, runs)) @ centred  # DRAWS samples of R runs, rows ~ N(0, corr)
+        t = np.sqrt(runs) * sim.mean(axis=1) / sim.std(axis=1, ddof=1)
+        crit = float(np.quantile(np.abs(t).max(axis=1), confidence))
+    half = np.zeros(flat.shape[1])
+    half[keep] = crit * sd[keep] / np.sqrt(runs)
+    half = half.reshape(mean.shape)
     return np.maximum(mean - half, 0.0), mean + half
 
 
