@@ -49,7 +49,8 @@ from qdrift_stats.validate.runs_needed import runs_needed as _runs_needed
 from qdrift_stats.validate.strength import DEFAULT_FORMS, DEFAULT_STRENGTHS, strength_curve
 
 # ---- results ------------------------------------------------------------------------------------
-# The rule and its interval live in :mod:`qdrift_stats.validate.runs_needed` (one rule for the CLI, the plot and the docs).
+# The rule and its interval live in :mod:`qdrift_stats.validate.runs_needed` (one rule for the CLI, the plot and the
+# docs).
 _needed_from_quantiles = needed_from_quantiles
 
 
@@ -164,15 +165,18 @@ class CVResult:
         level = int(round(confidence * 100))
         lines = [
             f"Cross-validation over calibration runs: estimator {a.get('estimator')}, store {a.get('store')}",
-            f"{a.get('num_runs')} runs x {a.get('batch_size')} samples, {a.get('scheduler')} {a.get('steps')} steps; up to {a.get('n_splits')} splits per count",
-            f"{'N':>4} {'splits':>6} {'rel. error (vs truth, est.)':>28} {'95% CI':>17} {f'{level}% quantile (decides)':>24} "
+            f"{a.get('num_runs')} runs x {a.get('batch_size')} samples, {a.get('scheduler')} "
+            f"{a.get('steps')} steps; up to {a.get('n_splits')} splits per count",
+            f"{'N':>4} {'splits':>6} {'rel. error (vs truth, est.)':>28} {'95% CI':>17} "
+            f"{f'{level}% quantile (decides)':>24} "
             f"{'vs all-runs fit':>16} {'held-out loglik':>16}",
         ]
         splits = np.isfinite(np.asarray(self.dataset["rel_error"].values)).sum(axis=1)
         for j, n in enumerate(self.counts):
             c = curve.isel(n_runs=j)
             lines.append(
-                f"{int(n):>4} {int(splits[j]):>6} {float(c['rel_error']):>28.4f} [{float(c['rel_error_low']):>7.4f},{float(c['rel_error_high']):>7.4f}] "
+                f"{int(n):>4} {int(splits[j]):>6} {float(c['rel_error']):>28.4f} "
+                f"[{float(c['rel_error_low']):>7.4f},{float(c['rel_error_high']):>7.4f}] "
                 f"{need.quantiles[int(n)]:>24.4f}{' <=' if need.quantiles[int(n)] <= tolerance else '   '} "
                 f"{float(c['rel_error_vs_all']):>13.4f} {float(c['heldout_loglik']):>16.4f}"
             )

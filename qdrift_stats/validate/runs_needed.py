@@ -83,9 +83,15 @@ class RunsNeeded:
         level = int(round(self.confidence * 100))
         interval = f"{int(round(self.level * 100))}% interval over the recorded runs {self.low}-{self.high}"
         if self.extrapolated:
-            rule = f"{level}% quantile of the relative error above {self.tolerance:g} up to N={self.max_count}; extrapolated along 1/sqrt(N)"
+            rule = (
+                f"{level}% quantile of the relative error above {self.tolerance:g} up to "
+                f"N={self.max_count}; extrapolated along 1/sqrt(N)"
+            )
         else:
-            rule = f"{level}% quantile of the relative error {self.deciding_quantile:.4f} <= {self.tolerance:g} at N={self.runs} and beyond"
+            rule = (
+                f"{level}% quantile of the relative error {self.deciding_quantile:.4f} <= "
+                f"{self.tolerance:g} at N={self.runs} and beyond"
+            )
         if not self.decided:
             return (
                 f"not enough runs to tell: {self.num_runs} recorded runs evaluate at most N={self.max_count}, and the "
