@@ -408,7 +408,28 @@ def open_store(path: str | Path) -> xr.Dataset:
         ds = ds.isel(run=slice(0, done))
     if done == 0:
         raise QDriftError(f"{path} holds no complete run")
+    _check_step_coordinates(ds, path)
     return ds
+
+
+#: Largest magnitude accepted for a step coordinate (levels, timesteps, gains are of order 1e3 at most).
+MAX_COORDINATE = 1e30
+
+
+def _check_step_coordinates(ds: xr.Dataset, path: Path) -> None:
+    """The per-step coordinates (a few numbers each) must be finite and of sane size (a value like
+    1e300 overflows when squared; the fit would print numpy's warning beside its error)."""
+    for name in ("timestep", "a", "b", "a_next", "b_next", "gain"):
+        if name not in ds.variables:
+            continue
+        try:
+            values = np.asarray(ds[name].values, dtype=np.float64)
+        except Exception as exc:  # a damaged chunk of the coordinate
+            raise QDriftError(
+                f"{path}: the coordinate {name!r} is unreadable ({type(exc).__name__}); re-record the store"
+            ) from None
+        if not np.all(np.isfinite(values)) or np.any(np.abs(values) > MAX_COORDINATE):
+            raise QDriftError(f"{path}: the coordinate {name!r} holds non-finite or huge values; re-record the store")
 
 
 def store_summary(path: str | Path) -> dict[str, Any]:
