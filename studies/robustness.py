@@ -23,7 +23,7 @@ Writes the section ``robustness`` of ``docs/robustness.md``:
   counted apart);
 - **--help**: wall time of ``qdrift --help`` (the console script, a fresh process each time).
 
-    python studies/robustness.py                  # about 8 minutes on 2 busy cores (process starts dominate)
+    python studies/robustness.py                  # about 6 minutes on 2 busy cores (process starts dominate)
     python studies/robustness.py --quick          # a smoke run (a minute or two)
 """
 
@@ -292,8 +292,8 @@ def help_times(repeats: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-kind", type=int, default=5, help="Malformed variants per kind of damage.")
-    parser.add_argument("--cli-examples", type=int, default=200, help="Argument combinations tried.")
-    parser.add_argument("--trials", type=int, default=2, help="Interrupt, concurrent-writer and reader trials each.")
+    parser.add_argument("--cli-examples", type=int, default=100, help="Argument combinations tried.")
+    parser.add_argument("--trials", type=int, default=1, help="Interrupt, concurrent-writer and reader trials each.")
     parser.add_argument("--runs", type=int, default=6, help="Runs of the recordings in those trials.")
     parser.add_argument("--help-repeats", type=int, default=10, help="Timed 'qdrift --help' calls.")
     parser.add_argument("--seed", type=int, default=0)
