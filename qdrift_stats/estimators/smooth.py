@@ -435,21 +435,24 @@ class SmoothGLMEstimator(_SmoothBase):
             else:
                 ci = np.asarray(prediction.conf_int(alpha=1 - self.confidence)) * unit
             # simultaneous max-t band over the steps (t with runs - 1 df for the clustered covariance)
-            band = (
-                np.exp(
-                    np.stack(
-                        linear_predictor_band(
-                            exog_all,
-                            np.asarray(result.params),
-                            np.asarray(result.cov_params()),
-                            max(runs - 1, 1) if "cov_type" in fit_kwargs else None,
-                            self.confidence,
-                        ),
-                        axis=1,
+            try:
+                band = (
+                    np.exp(
+                        np.stack(
+                            linear_predictor_band(
+                                exog_all,
+                                np.asarray(result.params),
+                                np.asarray(result.cov_params()),
+                                max(runs - 1, 1) if "cov_type" in fit_kwargs else None,
+                                self.confidence,
+                            ),
+                            axis=1,
+                        )
                     )
+                    * unit
                 )
-                * unit
-            )
+            except np.linalg.LinAlgError:  # a degenerate covariance (e.g. one run of a few steps): no band
+                band = np.full((len(exog_all), 2), np.nan)
             curve_b = self._curve_grid(log_b[usable])
             at_levels = np.log(np.asarray(result.predict(log_b_basis(log_b[usable], knots))) * unit)
             order = np.argsort(log_b[usable])
