@@ -13,6 +13,7 @@ correction, using only the step's own model output (no extra model call).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.pair import pair_conditions, pair_device, pair_dtype
 from qdrift_stats.schedulers.base import make_scheduler, step_kwargs
+from qdrift_stats.schedulers.noise import capture_step_noise
 
 ModelFn = Callable[..., torch.Tensor]
 StepCallback = Callable[[dict[str, Any]], torch.Tensor | None]
@@ -57,6 +59,7 @@ def run_sampler(
     cond: dict[str, Any] | None = None,
     corrector: Any = None,
     callback: StepCallback | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Run a configured scheduler from state ``x``; return the final state.
 
@@ -73,17 +76,25 @@ def run_sampler(
             "x_next"}`` (``output`` as the scheduler received it, ``x_next`` after the correction).
             If it returns a tensor, that tensor is the next state instead of ``x_next`` (lock-step
             and probing loops use this; a plain observer returns None).
+        generator: passed to ``scheduler.step`` of stochastic samplers (the noise it injects), so a
+            seeded generator fixes the run; ignored by deterministic ones.
     """
     cond = cond or {}
-    kwargs = step_kwargs(scheduler)
+    kwargs = stochastic_step_kwargs(scheduler, generator)
+    needs_noise = bool(getattr(corrector, "needs_noise", False))
     for i, t in enumerate(scheduler.timesteps):
         model_input = scale_model_input(scheduler, x, t)
         output = model(model_input, t, **cond)
         if corrector is not None:
             output = corrector.correct_output(i, output)
-        x_next = scheduler.step(output, t, x, **kwargs, return_dict=False)[0]
-        if corrector is not None:
-            x_next = corrector(i, x, output, x_next)
+        if needs_noise and corrector.noise_active[i]:
+            with capture_step_noise(scheduler) as drawn:
+                x_next = scheduler.step(output, t, x, **kwargs, return_dict=False)[0]
+            x_next = corrector(i, x, output, x_next, drawn.noise)
+        else:
+            x_next = scheduler.step(output, t, x, **kwargs, return_dict=False)[0]
+            if corrector is not None:
+                x_next = corrector(i, x, output, x_next)
         if callback is not None:
             replaced = callback(
                 {"i": i, "t": t, "x": x, "model_input": model_input, "output": output, "x_next": x_next}
@@ -92,6 +103,20 @@ def run_sampler(
                 x_next = replaced
         x = x_next
     return x
+
+
+def stochastic_step_kwargs(scheduler, generator: torch.Generator | None) -> dict[str, Any]:
+    """``step_kwargs(scheduler)`` plus ``generator`` where the scheduler's step takes one (stochastic samplers)."""
+    kwargs = step_kwargs(scheduler)
+    if generator is not None and "generator" in inspect.signature(scheduler.step).parameters:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def step_generator(seed: int) -> torch.Generator:
+    """The generator of a run's step noise (stochastic samplers): CPU, seeded from the run's seed, a
+    stream apart from the initial noise. FP, Q and corrected samplers of one seed draw the same noise."""
+    return torch.Generator().manual_seed(int(seed) + 0x5EED)
 
 
 def prepared_scheduler(pair: Any, scheduler_name: str, steps: int):

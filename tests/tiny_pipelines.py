@@ -393,3 +393,12 @@ def dit():
 
 def dit_call() -> dict:
     return {"class_labels": [1, 2], "guidance_scale": 4.0}
+
+
+def sd_with(scheduler):
+    """The tiny text-to-image Stable Diffusion pipeline driven by ``scheduler``."""
+    pipe = sd()
+    return quiet(type(pipe)(**{**pipe.components, "scheduler": scheduler}))
+
+
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}

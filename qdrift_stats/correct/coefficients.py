@@ -102,6 +102,37 @@ def apply_correction(
     return x_next - coefficient * (x_next - a_next * x0_hat)
 
 
+def stochastic_split(
+    variance: np.ndarray, noise_std: np.ndarray, strength: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The marginal-preserving correction of a stochastic step (``docs/method.md``, "Stochastic samplers").
+
+    A step that injects fresh noise ``s_i z`` already adds variance ``s_i^2``; the quantized model adds
+    ``lambda v_i`` more. Lowering the injected variance to ``s_i^2 - lambda v_i`` keeps the total, and
+    so the FP marginal, exactly (both are independent, zero-mean additions); where ``lambda v_i > s_i^2``
+    the noise is removed and the rest, ``lambda v_i - s_i^2``, is left to the pull (drift / shrink).
+
+    Args:
+        variance: ``(steps,)`` or ``(steps, channels)``, ``v_i`` in state units squared.
+        noise_std: ``(steps,)``, ``s_i`` (0 on deterministic steps).
+        strength: ``lambda``.
+
+    Returns:
+        ``(remaining, noise_factor)``, each of ``variance``'s shape: the variance left to the pull
+        (already multiplied by ``lambda``) and ``f_i = s_i (1 - sqrt(1 - lambda v_i / s_i^2))``, so that
+        ``x_{i+1} - f_i z`` holds noise of variance ``max(s_i^2 - lambda v_i, 0)``. Both are 0 (and
+        ``remaining = lambda v``) where ``s_i = 0``; ``f_i = 0`` where ``v_i = 0``.
+    """
+    variance = np.asarray(variance, dtype=np.float64) * float(strength)
+    s = np.asarray(noise_std, dtype=np.float64).reshape((-1,) + (1,) * (variance.ndim - 1))
+    s2 = s**2
+    remaining = np.maximum(variance - s2, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        keep = np.where(s2 > 0, np.sqrt(np.clip(1.0 - variance / np.where(s2 > 0, s2, 1.0), 0.0, None)), 1.0)
+    factor = np.where(variance > 0, s * (1.0 - keep), 0.0)
+    return remaining, np.broadcast_to(factor, variance.shape).copy()
+
+
 def channelwise(value: torch.Tensor, like: torch.Tensor, channel_axis: int = 1) -> torch.Tensor:
     """A 0-d or ``(channels,)`` tensor shaped to broadcast over ``like`` along ``channel_axis``."""
     if not value.ndim:

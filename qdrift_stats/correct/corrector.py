@@ -27,6 +27,9 @@ class Corrector:
         k, mu: optional ``(steps[, channels])`` decomposition of the output error
             ``m_q - m_fp = k m_fp + mu + r``; the output is first mapped to ``(m_q - mu) / (1 + k)``.
         channel_axis: the state's channel axis for per-channel values (1; -1 for packed token latents).
+        noise_factor: optional ``(steps[, channels])`` ``f_i`` of a stochastic sampler: the step's
+            injected noise ``z`` (shown to :meth:`__call__`) is lowered, ``x_{i+1} - f_i z``
+            (:func:`qdrift_stats.correct.coefficients.stochastic_split`).
     """
 
     def __init__(
@@ -38,16 +41,28 @@ class Corrector:
         k: np.ndarray | None = None,
         mu: np.ndarray | None = None,
         channel_axis: int = 1,
+        noise_factor: np.ndarray | None = None,
     ):
         coefficients = np.asarray(coefficients, dtype=np.float64)
         self.channel_axis = int(channel_axis)
+        self._noise_host = None if noise_factor is None else np.asarray(noise_factor, dtype=np.float64)
         if coefficients.shape[0] != grid.num_steps:
             raise QDriftError(f"correction has {coefficients.shape[0]} steps but the sampler has {grid.num_steps}")
         self.grid = grid
         self._host = (coefficients, k, mu)  # float64 originals, for :meth:`to`
         self.coefficients = torch.as_tensor(coefficients, device=device, dtype=dtype)
         # Decided on the host once: steps whose coefficient is 0 everywhere are skipped entirely.
-        self.active: list[bool] = [bool(np.any(row != 0)) for row in coefficients.reshape(grid.num_steps, -1)]
+        self.pull_active: list[bool] = [bool(np.any(row != 0)) for row in coefficients.reshape(grid.num_steps, -1)]
+        self.noise_active: list[bool] = [False] * grid.num_steps
+        self.noise_factor = None
+        if self._noise_host is not None:
+            if self._noise_host.shape[0] != grid.num_steps:
+                raise QDriftError(
+                    f"noise correction has {self._noise_host.shape[0]} steps but the sampler has {grid.num_steps}"
+                )
+            self.noise_active = [bool(np.any(row != 0)) for row in self._noise_host.reshape(grid.num_steps, -1)]
+            self.noise_factor = torch.as_tensor(self._noise_host, device=device, dtype=dtype)
+        self.active: list[bool] = [p or n for p, n in zip(self.pull_active, self.noise_active)]
         self.scale = self.shift = None
         self.output_active = [False] * grid.num_steps
         if k is not None or mu is not None:
@@ -69,8 +84,20 @@ class Corrector:
         from the float64 host values, so no precision is lost on the way)."""
         coefficients, k, mu = self._host
         return Corrector(
-            self.grid, coefficients, torch.device(device), dtype, k=k, mu=mu, channel_axis=self.channel_axis
+            self.grid,
+            coefficients,
+            torch.device(device),
+            dtype,
+            k=k,
+            mu=mu,
+            channel_axis=self.channel_axis,
+            noise_factor=self._noise_host,
         )
+
+    @property
+    def needs_noise(self) -> bool:
+        """Whether some step lowers the sampler's injected noise (the loop must show the step's noise)."""
+        return any(self.noise_active)
 
     def correct_output(self, i: int, model_output: torch.Tensor) -> torch.Tensor:
         """The decomposition's output correction ``(m_q - mu_i) / (1 + k_i)`` (identity without one)."""
@@ -93,11 +120,25 @@ class Corrector:
     ) -> Corrector:
         return cls(grid, correction_coefficients(variance, grid.b_next, form, strength), device, dtype)
 
-    def __call__(self, i: int, x: torch.Tensor, model_output: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
-        """Corrected ``x_next`` for step ``i`` (``x``: state before the step, same shapes)."""
+    def __call__(
+        self,
+        i: int,
+        x: torch.Tensor,
+        model_output: torch.Tensor,
+        x_next: torch.Tensor,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Corrected ``x_next`` for step ``i`` (``x``: state before the step, same shapes; ``noise``: the
+        standard normal tensor a stochastic step drew, needed where the injected noise is lowered)."""
         if not self.active[i]:
             return x_next
         _check_channels(self.coefficients, x_next, self.channel_axis, "estimator")
+        if self.noise_active[i]:
+            if noise is None:
+                raise QDriftError(f"step {i} injects noise that the correction lowers, but the sampler did not show it")
+            x_next = x_next - channelwise(self.noise_factor[i], x_next, self.channel_axis) * noise.to(x_next.dtype)
+        if not self.pull_active[i]:
+            return x_next
         x0_hat = self.grid.x0_from_output(i, x, model_output)
         return apply_correction(x_next, x0_hat, float(self.grid.a_next[i]), self.coefficients[i], self.channel_axis)
 

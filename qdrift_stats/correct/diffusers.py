@@ -51,6 +51,7 @@ from qdrift_stats.correct.corrector import Corrector
 from qdrift_stats.correct.estimator_file import EstimatorFile
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.schedulers.base import scheduler_name
+from qdrift_stats.schedulers.noise import capture_step_noise
 
 ESTIMATOR_FILE_NAME = "qdrift_estimator.safetensors"
 WRAPPER_CONFIG_NAME = "qdrift_scheduler.json"
@@ -218,6 +219,7 @@ class QDriftScheduler(SchedulerProxy):
                 f"QDriftScheduler needs an estimator file or EstimatorFile, got {type(estimator).__name__}; "
                 "export one with 'qdrift fit STORE --out EST.safetensors'"
             )
+        scheduler_name(scheduler)  # an unsupported scheduler class is refused before the file is read
         self.estimator = estimator if isinstance(estimator, EstimatorFile) else EstimatorFile.load(estimator)
         self.correction = correction
         self.strength = None if strength is None else float(strength)
@@ -284,7 +286,13 @@ class QDriftScheduler(SchedulerProxy):
             raise QDriftError(f"step {i} is past the {corrector.grid.num_steps} steps set by set_timesteps")
         if corrector.output_active[i]:
             model_output = self._corrector_on(model_output).correct_output(i, model_output)
-        output = self.scheduler.step(model_output, timestep, sample, *args, **kwargs)
+        noise = None
+        if corrector.noise_active[i]:  # a stochastic step whose injected noise the correction lowers
+            with capture_step_noise(self.scheduler) as drawn:
+                output = self.scheduler.step(model_output, timestep, sample, *args, **kwargs)
+            noise = drawn.noise
+        else:
+            output = self.scheduler.step(model_output, timestep, sample, *args, **kwargs)
         self._step_counter = i + 1
         inner_index = getattr(self.scheduler, "_step_index", None)
         if isinstance(inner_index, int) and inner_index != i + 1:
@@ -295,7 +303,7 @@ class QDriftScheduler(SchedulerProxy):
         if not corrector.active[i]:
             return output
         prev_sample = prev_sample_of(output)
-        corrected = self._corrector_on(prev_sample)(i, sample, model_output, prev_sample)
+        corrected = self._corrector_on(prev_sample)(i, sample, model_output, prev_sample, noise)
         return with_prev_sample(output, corrected)
 
     # ---- the corrector ----------------------------------------------------------------------

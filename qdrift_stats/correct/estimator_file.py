@@ -38,9 +38,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qdrift_stats.correct.coefficients import FILE_FORMS, PUBLISHED, correction_coefficients, published_coefficients
+from qdrift_stats.correct.coefficients import (
+    FILE_FORMS,
+    PUBLISHED,
+    correction_coefficients,
+    published_coefficients,
+    stochastic_split,
+)
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.schedulers.base import StepGrid, scheduler_name, step_grid
+from qdrift_stats.schedulers.base import StepGrid, adapter_for, scheduler_name, step_grid
 
 if TYPE_CHECKING:
     from qdrift_stats.estimators.base import FittedEstimator
@@ -494,8 +500,25 @@ class EstimatorFile:
             lam = self.metadata["correction"].get("strength", 1.0) if strength is None else strength
             c, ratio = self.published_on(grid, float(lam))
             return IncrementCorrector(grid, c, ratio, device, dtype, k=k, mu=mu, channel_axis=self.channel_axis)
-        coefficients = self.coefficients(grid, correction, strength, call)
-        return Corrector(grid, coefficients, device, dtype, k=k, mu=mu, channel_axis=self.channel_axis)
+        adapter = adapter_for(scheduler)
+        if not adapter.stochastic:
+            coefficients = self.coefficients(grid, correction, strength, call)
+            return Corrector(grid, coefficients, device, dtype, k=k, mu=mu, channel_axis=self.channel_axis)
+        # stochastic sampler: lower the injected noise first, pull only what it cannot absorb
+        form = correction or self.metadata["correction"]["form"]
+        lam = self.metadata["correction"].get("strength", 1.0) if strength is None else strength
+        remaining, noise_factor = stochastic_split(self.variance_on(grid, call=call), adapter.noise_std(grid), lam)
+        coefficients = correction_coefficients(remaining, grid.b_next, form, 1.0)
+        return Corrector(
+            grid,
+            coefficients,
+            device,
+            dtype,
+            k=k,
+            mu=mu,
+            channel_axis=self.channel_axis,
+            noise_factor=noise_factor,
+        )
 
     # ---- provenance -----------------------------------------------------------------------
     def _same_grid(self, grid: StepGrid) -> bool:

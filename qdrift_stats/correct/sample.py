@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler
+from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler, step_generator
 
 
 def batch_seeds(num_samples: int, batch_size: int, seed: int) -> Iterator[tuple[int, int]]:
@@ -59,7 +59,7 @@ def sample(
                 scheduler, correction=correction, strength=strength, device=x.device, dtype=x.dtype
             )
         with torch.no_grad():
-            x = run_sampler(model_fn, scheduler, x, cond, corrector)
+            x = run_sampler(model_fn, scheduler, x, cond, corrector, generator=step_generator(batch_seed))
         outputs.append(x.detach().float().cpu().numpy())
     return np.concatenate(outputs, axis=0).astype(np.float32)
 

@@ -22,10 +22,16 @@ import numpy as np
 import torch
 
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler, scale_model_input
+from qdrift_stats.loop import (
+    initial_noise,
+    prepared_scheduler,
+    run_sampler,
+    scale_model_input,
+    step_generator,
+    stochastic_step_kwargs,
+)
 from qdrift_stats.pair import check_pair
 from qdrift_stats.record.store import STORAGE_DTYPES, StoreWriter, identity_attrs, step_coordinates
-from qdrift_stats.schedulers.base import step_kwargs
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ def record_run(
     """
     sched_fp = prepared_scheduler(pair, scheduler_name, steps)
     sched_q = prepared_scheduler(pair, scheduler_name, steps)
-    kw_q = step_kwargs(sched_q)
+    kw_q = stochastic_step_kwargs(sched_q, step_generator(seed))  # Q draws the same step noise as FP
     x, cond = initial_noise(pair, sched_fp, batch_size, seed)
     x_start = x.clone()
     delta_x, delta_out, out_fp, traj_fp = [], [], [], []
@@ -78,7 +84,7 @@ def record_run(
         traj_fp.append(x_fp)
 
     with torch.no_grad():
-        run_sampler(pair.fp, sched_fp, x, cond, callback=q_step)
+        run_sampler(pair.fp, sched_fp, x, cond, callback=q_step, generator=step_generator(seed))
         arrays = {
             "delta_x": _stack(delta_x),
             "delta_out": _stack(delta_out),
@@ -88,7 +94,14 @@ def record_run(
             arrays["traj_fp"] = _stack(traj_fp)
             sched_free = prepared_scheduler(pair, scheduler_name, steps)
             traj_q: list[torch.Tensor] = []
-            run_sampler(pair.q, sched_free, x_start, cond, callback=lambda s: traj_q.append(s["x_next"]))
+            run_sampler(
+                pair.q,
+                sched_free,
+                x_start,
+                cond,
+                callback=lambda s: traj_q.append(s["x_next"]),
+                generator=step_generator(seed),
+            )
             arrays["traj_q"] = _stack(traj_q)
     return arrays, sched_fp
 

@@ -238,8 +238,13 @@ def _call_pipeline(pipe: Any, call: dict[str, Any], seed: int) -> None:
 
 
 def _fresh_copy(scheduler: Any) -> Any:
-    """A new scheduler of the same class and config (no shared state)."""
-    return type(scheduler).from_config(dict(scheduler.config))
+    """A new scheduler of the same class and config (no shared state).
+
+    diffusers' ``_use_default_values`` is dropped: ``from_config`` resets the keys it lists to their
+    defaults, which undoes a pipeline's in-place config patches (Stable Diffusion sets
+    ``steps_offset=1`` on a scheduler created without it)."""
+    config = {k: v for k, v in dict(scheduler.config).items() if k != "_use_default_values"}
+    return type(scheduler).from_config(config)
 
 
 def run_fp_pass(fp_pipe: Any, call: dict[str, Any], seed: int) -> PassLog:

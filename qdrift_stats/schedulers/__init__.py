@@ -10,7 +10,16 @@ ddim           ``DDIMScheduler`` (eta 0)                            VP          
 dpmpp-2m       ``DPMSolverMultistepScheduler`` (2M, dpmsolver++)    VP             ``dpmpp``
 flow-euler     ``FlowMatchEulerDiscreteScheduler``                  flow (velocity) ``flow_euler``
 flow-dpmpp-2m  ``DPMSolverMultistepScheduler`` with flow sigmas     flow (velocity) ``dpmpp``
+euler-ancestral ``EulerAncestralDiscreteScheduler`` (stochastic)     VP             ``euler_ancestral``
+ddpm           ``DDPMScheduler`` (fixed_small variance; stochastic) VP             ``ddpm``
+lcm            ``LCMScheduler`` (stochastic re-noising)             VP             ``lcm``
+unipc          ``UniPCMultistepScheduler`` (multistep)              VP             ``unipc``
+deis           ``DEISMultistepScheduler`` (multistep)               VP             ``deis``
+dpmpp-2m-sde   ``DPMSolverMultistepScheduler`` sde-dpmsolver++      VP             ``dpmpp_sde``
 ============== ==================================================== ============== ==========
+
+Stochastic adapters also give the std of the noise each step injects (``noise_std``); the
+correction lowers it by the quantization variance (:mod:`qdrift_stats.schedulers.noise`).
 
 A new scheduler: one module here with a registered :class:`~qdrift_stats.schedulers.base.SchedulerAdapter`
 subclass, and its import line below.
@@ -22,6 +31,7 @@ from typing import Any
 # each in import order.
 # isort: off
 from qdrift_stats.schedulers import euler, ddim, flow_euler, dpmpp  # noqa: F401
+from qdrift_stats.schedulers import euler_ancestral, ddpm, lcm, unipc, deis, dpmpp_sde  # noqa: F401
 
 # isort: on
 from qdrift_stats.schedulers.base import (

@@ -197,6 +197,12 @@ class SchedulerAdapter:
         """``(steps,)`` gain ``c_i`` of the first-order step on the model output (:func:`first_order_gain`)."""
         return first_order_gain(grid.prediction_type, grid.a, grid.b, grid.a_next, grid.b_next)
 
+    def noise_std(self, grid: StepGrid) -> np.ndarray:
+        """``(steps,)`` standard deviation, in state units, of the fresh noise step ``i`` injects
+        (``x_{i+1} = mean_i + s_i z`` with ``z`` standard normal drawn by the step); 0 for a
+        deterministic step. Stochastic adapters override it (see :mod:`qdrift_stats.schedulers.noise`)."""
+        return np.zeros(grid.num_steps)
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
 

@@ -31,8 +31,12 @@ class DPMPP2MAdapter(SchedulerAdapter):
     def build(self, config: dict[str, Any]):
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
 
-    def matches(self, scheduler) -> bool:
-        return super().matches(scheduler) and not scheduler.config.use_flow_sigmas
+    def matches(self, scheduler) -> bool:  # the SDE variant is dpmpp-2m-sde; other algorithm types are not supported
+        return (
+            super().matches(scheduler)
+            and not scheduler.config.use_flow_sigmas
+            and scheduler.config.algorithm_type == "dpmsolver++"
+        )
 
     def grid(self, scheduler) -> StepGrid:
         sigmas = sigmas_of(scheduler, self.name)
@@ -59,7 +63,11 @@ class FlowDPMPP2MAdapter(SchedulerAdapter):
         )
 
     def matches(self, scheduler) -> bool:
-        return super().matches(scheduler) and bool(scheduler.config.use_flow_sigmas)
+        return (
+            super().matches(scheduler)
+            and bool(scheduler.config.use_flow_sigmas)
+            and scheduler.config.algorithm_type == "dpmsolver++"
+        )
 
     def grid(self, scheduler) -> StepGrid:
         sigmas = sigmas_of(scheduler, self.name)
