@@ -148,6 +148,105 @@ def record(
     _report_recording(path, runs, batch, steps, scheduler, as_json)
 
 
+EPILOG_CALIBRATE = """\b
+Example (the shipped digits U-Net as a class-conditional pipeline):
+  echo "3 7" > labels.txt
+  qdrift calibrate data/digits_pipeline --recipe w4a8 --class-labels labels.txt \\
+      --runs 5 --seed 0 --steps 25 --guidance 2.0 --out calib.zarr
+"""
+
+
+def _per_run(label: str, quiet: bool):
+    """Progress: one line per finished run on stderr (unless ``quiet``)."""
+
+    def wrap(items: Iterable) -> Iterator:
+        import time
+
+        items = list(items)
+        for k, item in enumerate(items):
+            start = time.perf_counter()
+            yield item
+            if not quiet:
+                click.echo(
+                    f"{label}: run {k + 1}/{len(items)} (seed {item}) done in {time.perf_counter() - start:.1f} s",
+                    err=True,
+                )
+
+    return wrap
+
+
+@cli.command(epilog=EPILOG_CALIBRATE)
+@click.argument("pipeline", type=click.Path(path_type=Path))
+@click.option("--recipe", help="Quantize the pipeline's denoiser with this recipe (qdrift_stats.quantize).")
+@click.option(
+    "--q-pipeline", type=click.Path(path_type=Path), help="Or: a pipeline folder holding the quantized model."
+)
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="Prompts file, one per line.")
+@click.option("--class-labels", "labels_file", type=click.Path(path_type=Path), help="Class labels file (integers).")
+@click.option("--runs", required=True, type=int, help="Number of paired runs (seeds SEED..SEED+RUNS-1).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the first run.")
+@click.option("--steps", required=True, type=int, help="num_inference_steps of every run.")
+@click.option("--guidance", type=float, help="guidance_scale (default: the pipeline's).")
+@click.option("--height", type=int, help="Image height (text-to-image pipelines).")
+@click.option("--width", type=int, help="Image width (text-to-image pipelines).")
+@click.option("--pipeline-class", help="MODULE:CLASS of the pipeline (default: model_index.json's class).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Calibration store (zarr v3 folder).")
+@click.option("--trajectories", is_flag=True, help="Also store free-running FP and Q trajectories.")
+@click.option(
+    "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]), help="Storage dtype."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing store recorded with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def calibrate(
+    pipeline,
+    recipe,
+    q_pipeline,
+    prompts_file,
+    labels_file,
+    runs,
+    seed,
+    steps,
+    guidance,
+    height,
+    width,
+    pipeline_class,
+    out,
+    trajectories,
+    dtype,
+    overwrite,
+    quiet,
+):
+    """Record paired FP/quantized runs through a local diffusers pipeline folder (calibrate_pipeline).
+
+    The store is the one calibrate_pipeline writes (and qdrift record's schema): fit it with 'qdrift fit'.
+    An existing store with the same settings is extended with the missing seeds.
+    """
+    from qdrift_stats.record.folder import calibrate_folder
+
+    if runs < 1:
+        raise QDriftError("--runs must be positive")
+    extra = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    path = calibrate_folder(
+        pipeline,
+        out,
+        seeds=list(range(seed, seed + runs)),
+        steps=steps,
+        recipe=recipe,
+        q_pipeline=q_pipeline,
+        prompts_file=prompts_file,
+        labels_file=labels_file,
+        guidance_scale=guidance,
+        pipeline_kwargs=extra or None,
+        pipeline_class_spec=pipeline_class,
+        trajectories=trajectories,
+        dtype=dtype,
+        overwrite=overwrite,
+        progress=_per_run("calibrate", quiet),
+    )
+    if not quiet:
+        click.echo(f"calibrated {runs} runs, {steps} steps of {pipeline} -> {path}")
+
+
 def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: str, as_json: bool) -> None:
     if not as_json:
         click.echo(f"recorded {runs} runs x {batch} samples, {steps} {scheduler} steps -> {path}")

@@ -1,3 +1,5 @@
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,8 @@ def plain_diffusers_sampling(pair, name, steps, batch, seed):
     if hasattr(sched, "init_noise_sigma"):
         x = x * sched.init_noise_sigma
     extra = {"eta": 0.0} if name == "ddim" else {}
+    if "generator" in inspect.signature(sched.step).parameters:  # stochastic: the step noise of the seed
+        extra["generator"] = torch.Generator().manual_seed(seed + 0x5EED)
     for t in sched.timesteps:
         model_input = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         x = sched.step(pair.q(model_input, t), t, x, **extra).prev_sample

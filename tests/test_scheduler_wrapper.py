@@ -19,7 +19,7 @@ from qdrift_stats.correct.diffusers import (
 )
 from qdrift_stats.correct.estimator_file import EstimatorFile
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler
+from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler, step_generator
 from qdrift_stats.schedulers.base import SCHEDULER_NAMES, make_scheduler, step_grid, step_kwargs
 
 from .conftest import pair_for
@@ -41,6 +41,8 @@ def pipeline_loop(pair, scheduler, steps, seed=0, batch=16, return_dict=True):
     scheduler.set_timesteps(steps)
     x, cond = initial_noise(pair, scheduler, batch, seed)
     kwargs = step_kwargs(scheduler.scheduler if isinstance(scheduler, QDriftScheduler) else scheduler)
+    if "generator" in inspect.signature(scheduler.step).parameters:  # stochastic samplers: seeded step noise
+        kwargs["generator"] = step_generator(seed)
     outputs = []
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
@@ -72,8 +74,8 @@ def test_wrapper_applies_the_same_correction_as_the_sampling_loop(name):
     x, cond = initial_noise(pair, reference_scheduler, 16, 0)
     corrector = est.corrector(reference_scheduler, device=x.device, dtype=x.dtype)
     with torch.no_grad():
-        expected = run_sampler(pair.q, reference_scheduler, x, cond, corrector)
-        uncorrected = run_sampler(pair.q, prepared_scheduler(pair, name, STEPS), x, cond)
+        expected = run_sampler(pair.q, reference_scheduler, x, cond, corrector, generator=step_generator(0))
+        uncorrected = run_sampler(pair.q, prepared_scheduler(pair, name, STEPS), x, cond, generator=step_generator(0))
         got, _ = pipeline_loop(pair, QDriftScheduler(make_scheduler(name, pair.scheduler_config), est), STEPS)
     assert torch.equal(got, expected)
     assert not torch.equal(got, uncorrected)
