@@ -34,6 +34,8 @@ def config_for(name: str, prediction_type: str = "epsilon") -> dict:
 @FAST
 @given(name=st.sampled_from(SCHEDULER_NAMES), steps=st.integers(1, 60))
 def test_step_grid_shapes_monotone_b_and_clean_last_step(name, steps):
+    if name == "lcm":  # diffusers' LCM takes at most original_inference_steps (50) steps
+        steps = min(steps, 50)
     scheduler = make_scheduler(name, config_for(name))
     scheduler.set_timesteps(steps)
     grid = step_grid(scheduler)
@@ -45,7 +47,10 @@ def test_step_grid_shapes_monotone_b_and_clean_last_step(name, steps):
     assert np.all(grid.b_next < grid.b)
     assert np.allclose(grid.b[1:], grid.b_next[:-1])
     assert np.all(np.diff(grid.b) < 0)
-    assert grid.b_next[-1] == 0.0
+    if name == "deis":  # diffusers' DEIS ends on the t = 0 training level (sigma_min), not on the clean sample
+        assert 0.0 < grid.b_next[-1] < 0.02
+    else:
+        assert grid.b_next[-1] == 0.0
     # The signal scale never vanishes where a step lands (flow grids may start at pure noise, a = 0).
     assert np.all(grid.a >= 0) and np.all(grid.a_next > 0) and np.all(grid.b >= 0)
 

@@ -55,9 +55,11 @@ def test_one_step_solver_moves_along_its_own_coordinates(name):
         s = float(adapter.noise_std(grid)[0])
         b_det = (grid.b_next[0] ** 2 - s**2) ** 0.5
         expected = grid.a_next[0] * x0 + b_det * eps + s * drawn.noise.double()
+        tolerance = 1e-4  # diffusers computes sigma_up / the posterior variance from float32 tables
     else:
         expected = grid.a_next[0] * x0 + grid.b_next[0] * eps
-    torch.testing.assert_close(x_next, expected, rtol=1e-6, atol=1e-6)
+        tolerance = 1e-6
+    torch.testing.assert_close(x_next, expected, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample", "flow_prediction"])

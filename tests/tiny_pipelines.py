@@ -402,3 +402,9 @@ def sd_with(scheduler):
 
 
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+def flux_pair():
+    """``(fp, q)``: the FLUX.1-dev-style tiny pipeline and its w4a4 twin (a factory for distributed calibration)."""
+    fp = flux(True)
+    return fp, twin(fp)

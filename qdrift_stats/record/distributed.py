@@ -292,4 +292,154 @@ def _commit_in_seed_order(
         raise failed[1]
 
 
-__all__ = ["record_distributed", "record_one_run", "describe_recording", "RunFailure"]
+# --------------------------------------------------------------------------------------------------
+# diffusers pipelines: calibrate_pipeline on a cluster
+
+
+def _worker_pipelines(spec: str) -> tuple[Any, Any]:
+    """``(fp_pipe, q_pipe)`` from a ``MODULE:FACTORY`` spec, built once per worker thread."""
+    cache = getattr(_local, "pipelines", None)
+    if cache is None:
+        cache = _local.pipelines = {}
+    if spec not in cache:
+        import importlib
+
+        module_name, _, name = spec.partition(":")
+        if not module_name or not name:
+            raise QDriftError(f"pipelines must be given as MODULE:FACTORY, got {spec!r}")
+        try:
+            factory = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as exc:
+            raise QDriftError(f"cannot import {spec} ({type(exc).__name__})") from None
+        pipes = factory()
+        if not (isinstance(pipes, tuple) and len(pipes) == 2):
+            raise QDriftError(f"{spec}() must return (fp_pipe, q_pipe)")
+        cache[spec] = pipes
+    return cache[spec]
+
+
+@_returning_failures
+def describe_pipeline_calibration(spec: str, options: dict[str, Any]) -> Any:
+    """The :class:`~qdrift_stats.record.pipelines.CalibrationPlan` of a calibration (on a worker)."""
+    from qdrift_stats.record.pipelines import calibration_plan
+
+    fp_pipe, q_pipe = _worker_pipelines(spec)
+    return calibration_plan(fp_pipe, q_pipe, **options)
+
+
+@_returning_failures
+def record_pipeline_seed(
+    spec: str,
+    call: dict[str, Any],
+    images: int | None,
+    seed: int,
+    trajectories: bool,
+    dtype: str,
+    fingerprint: bool,
+    existing: dict[str, Any] | None,
+) -> tuple[Any, str | None]:
+    """One paired pipeline run of ``seed`` where it is called (a worker), and the store fingerprint if asked."""
+    from qdrift_stats.record.pipelines import fingerprint_attr, record_pipeline_run
+
+    fp_pipe, q_pipe = _worker_pipelines(spec)
+    run = record_pipeline_run(fp_pipe, q_pipe, call, seed, images, trajectories, dtype)
+    return run, (fingerprint_attr(run, fp_pipe, q_pipe, existing) if fingerprint else None)
+
+
+def calibrate_pipeline_distributed(
+    pipelines: str,
+    out: str | Path,
+    *,
+    seeds: Any,
+    num_inference_steps: int,
+    guidance_scale: float | None = None,
+    prompts: Any = None,
+    class_labels: Any = None,
+    pipeline_kwargs: dict[str, Any] | None = None,
+    pair_name: str | None = None,
+    model_id: str | None = None,
+    recipe: str | None = None,
+    trajectories: bool = False,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    client: Any = None,
+    scheduler_address: str | None = None,
+    n_workers: int = 2,
+    processes: bool = True,
+    max_in_flight: int | None = None,
+    on_commit: Callable[[int, int], None] | None = None,
+) -> Path:
+    """:func:`~qdrift_stats.record.pipelines.calibrate_pipeline` with the runs computed on a dask cluster.
+
+    ``pipelines`` is a ``MODULE:FACTORY`` whose ``FACTORY()`` returns ``(fp_pipe, q_pipe)``: each worker
+    builds (loads) the pipelines once and records the seeds it is given; the client appends the
+    runs in seed order with the same store writer as the serial calibration
+    (:class:`~qdrift_stats.record.pipelines.PipelineStoreWriter`, under the store lock), so the store
+    is bit-identical to a serial one when the workers compute what the client would. The other
+    arguments are :func:`calibrate_pipeline`'s, and ``client`` / ``scheduler_address`` / ``n_workers``
+    / ``processes`` / ``max_in_flight`` / ``on_commit`` are :func:`record_distributed`'s. See
+    ``docs/howto/dask.md`` for GPU clusters (one worker per GPU).
+    """
+    from qdrift_stats.record.pipelines import PipelineStoreWriter
+
+    options = {
+        "seeds": [int(s) for s in seeds],
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "prompts": prompts,
+        "class_labels": class_labels,
+        "pipeline_kwargs": pipeline_kwargs,
+        "pair_name": pair_name,
+        "model_id": model_id,
+        "recipe": recipe,
+        "trajectories": trajectories,
+        "dtype": dtype,
+    }
+    client, close = _connect(client, scheduler_address, n_workers, processes)
+    futures: dict[Any, int] = {}
+    try:
+        plan = client.submit(describe_pipeline_calibration, pipelines, options, pure=False).result()
+        if isinstance(plan, RunFailure):
+            raise QDriftError(plan.message)
+        with PipelineStoreWriter(out, plan, overwrite) as writer:
+            todo = list(writer.todo)
+            if not todo:
+                return Path(out)
+            first = todo[0]
+            window = max_in_flight or 2 * max(1, sum(client.nthreads().values()))
+
+            def submit(s: int):
+                return client.submit(
+                    record_pipeline_seed,
+                    pipelines,
+                    plan.call,
+                    plan.images,
+                    s,
+                    trajectories,
+                    dtype,
+                    s == first,
+                    writer.existing if s == first else None,
+                    pure=False,
+                )
+
+            def commit(k: int, s: int, result: tuple[Any, str | None]) -> None:
+                run, fingerprint_json = result
+                done = writer.commit(s, run, fingerprint_json)
+                if on_commit is not None:
+                    on_commit(s, done)
+
+            _commit_in_seed_order(todo, window, submit, commit, futures)
+    finally:
+        for future in futures:
+            future.cancel()
+        close()
+    return Path(out)
+
+
+__all__ = [
+    "RunFailure",
+    "calibrate_pipeline_distributed",
+    "describe_recording",
+    "record_distributed",
+    "record_one_run",
+]

@@ -574,6 +574,57 @@ def calibrate_pipeline(
         ``set_timesteps`` call gave (custom ``sigmas`` / ``timesteps``, ``mu`` of a resolution-dependent
         shift), from the step it began at (img2img ``strength``): see :class:`ReplayedGrid`.
     """
+    plan = calibration_plan(
+        fp_pipe,
+        q_pipe,
+        seeds=seeds,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        prompts=prompts,
+        class_labels=class_labels,
+        pipeline_kwargs=pipeline_kwargs,
+        pair_name=pair_name,
+        model_id=model_id,
+        recipe=recipe,
+        trajectories=trajectories,
+        dtype=dtype,
+    )
+    with PipelineStoreWriter(out, plan, overwrite) as writer:
+        for seed in progress(writer.todo) if progress else writer.todo:
+            run = record_pipeline_run(fp_pipe, q_pipe, plan.call, seed, plan.images, trajectories, dtype)
+            fingerprint_json = writer.fingerprint_of(run, fp_pipe, q_pipe) if writer.needs_fingerprint else None
+            writer.commit(seed, run, fingerprint_json)
+    return Path(out)
+
+
+@dataclass
+class CalibrationPlan:
+    """What every run of a pipeline calibration shares: the pipeline call, the images per call, the
+    seeds and the store attributes known before the first run."""
+
+    call: dict[str, Any]
+    images: int | None
+    seeds: list[int]
+    identity_attrs: dict[str, Any]
+
+
+def calibration_plan(
+    fp_pipe: Any,
+    q_pipe: Any,
+    *,
+    seeds: Iterable[int],
+    num_inference_steps: int,
+    guidance_scale: float | None = None,
+    prompts: Sequence[str] | str | None = None,
+    class_labels: Sequence[int] | None = None,
+    pipeline_kwargs: dict[str, Any] | None = None,
+    pair_name: str | None = None,
+    model_id: str | None = None,
+    recipe: str | None = None,
+    trajectories: bool = False,
+    dtype: str = "float32",
+) -> CalibrationPlan:
+    """Check the arguments of :func:`calibrate_pipeline` (one-line :class:`QDriftError`) and plan the runs."""
     if dtype not in STORAGE_DTYPES:
         raise QDriftError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -595,10 +646,8 @@ def calibrate_pipeline(
     call, conditions, images = _pipeline_call(
         fp_pipe, prompts, class_labels, num_inference_steps, guidance_scale, pipeline_kwargs
     )
-
     if model_id is None:
         model_id = str(getattr(fp_pipe, "name_or_path", None) or "") or None
-    out = Path(out)
     identity = identity_attrs(  # the grid, batch_size and sample_shape are known after the first run
         pair_name or describe_pipelines(fp_pipe, q_pipe, conditions, guidance_scale, recipe),
         fp_scheduler,
@@ -614,55 +663,91 @@ def calibrate_pipeline(
             "recipe": recipe or "",
         },
     )
-    with StoreWriter(out, identity, overwrite=overwrite) as writer:
-        existing = writer.existing  # the attributes of a store being resumed
-        todo = writer.todo(seeds)
-        first: PipelineRun | None = None
-        first_seed = -1
-        for seed in progress(todo) if progress else todo:
-            run = record_pipeline_run(fp_pipe, q_pipe, call, seed, images, trajectories, dtype)
-            if first is None:
-                first, first_seed = run, seed
-                writer.attrs = pipeline_run_attrs(identity, run, fp_pipe, q_pipe, existing)
-                writer.coords = run.replay.coordinates()
-                writer.dims = run_attrs_dims(writer.attrs)
-                if existing is not None:
-                    check_same_pipeline_store(out, existing, writer.attrs, writer.coords)
-            elif not run.replay.same_as(first.replay):
-                raise QDriftError(
-                    f"seed {seed}: the pipeline ran another step grid than for seed {first_seed}; "
-                    "calibrate runs of one grid per store"
-                )
-            writer.append(seed, run.arrays)
-    return out
+    return CalibrationPlan(call, images, seeds, identity)
+
+
+class PipelineStoreWriter:
+    """The store writer of a pipeline calibration: :class:`~qdrift_stats.record.store.StoreWriter` (lock,
+    resume, commit point) plus what the first run fixes (the grid, the latent layout, the fingerprint).
+
+    ``with PipelineStoreWriter(out, plan, overwrite) as w:`` lists the seeds still to record in
+    ``w.todo``; ``w.commit(seed, run, fingerprint_json)`` appends one run (later runs must run the
+    first one's grid). Used by :func:`calibrate_pipeline` and by the distributed calibration, so both
+    write the same store.
+    """
+
+    def __init__(self, out: str | Path, plan: CalibrationPlan, overwrite: bool = False):
+        self.out = Path(out)
+        self.plan = plan
+        self.writer = StoreWriter(self.out, plan.identity_attrs, overwrite=overwrite)
+        self.existing: dict[str, Any] | None = None
+        self.todo: list[int] = []
+        self.first: PipelineRun | None = None
+        self.first_seed = -1
+
+    def __enter__(self) -> PipelineStoreWriter:
+        self.writer.__enter__()
+        self.existing = self.writer.existing
+        self.todo = self.writer.todo(self.plan.seeds)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.writer.__exit__(*exc)
+
+    @property
+    def needs_fingerprint(self) -> bool:
+        """Whether the next committed run is the first (it fixes the store's fingerprint)."""
+        return self.first is None
+
+    def fingerprint_of(self, run: PipelineRun, fp_pipe: Any, q_pipe: Any) -> str:
+        """The ``q_fingerprint`` attribute for the first run (see :func:`fingerprint_attr`)."""
+        return fingerprint_attr(run, fp_pipe, q_pipe, self.existing)
+
+    def commit(self, seed: int, run: PipelineRun, fingerprint_json: str | None = None) -> int:
+        """Append one run; returns the store's run count."""
+        w = self.writer
+        if self.first is None:
+            self.first, self.first_seed = run, seed
+            w.attrs = pipeline_run_attrs(self.plan.identity_attrs, run, fingerprint_json or "")
+            w.coords = run.replay.coordinates()
+            w.dims = run_attrs_dims(w.attrs)
+            if self.existing is not None:
+                check_same_pipeline_store(self.out, self.existing, w.attrs, w.coords)
+        elif not run.replay.same_as(self.first.replay):
+            raise QDriftError(
+                f"seed {seed}: the pipeline ran another step grid than for seed {self.first_seed}; "
+                "calibrate runs of one grid per store"
+            )
+        return w.append(seed, run.arrays)
 
 
 def run_attrs_dims(attrs: dict[str, Any]) -> tuple[str, ...]:
     return tuple(json.loads(attrs["sample_dims"]))
 
 
-def pipeline_run_attrs(
-    identity_attrs: dict[str, Any], run: PipelineRun, fp_pipe: Any, q_pipe: Any, existing: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def fingerprint_attr(run: PipelineRun, fp_pipe: Any, q_pipe: Any, existing: dict[str, Any] | None = None) -> str:
+    """The ``q_fingerprint`` store attribute (JSON, see :mod:`qdrift_stats.record.fingerprint`; empty if
+    the denoiser call cannot be probed). When runs are appended to an ``existing`` store with a
+    fingerprint of the same probe, only the quantized denoiser is probed again, and refused if it differs."""
+    old = json.loads(existing["q_fingerprint"]) if existing and existing.get("q_fingerprint") else None
+    if old is not None and old.get("probe") == run.probe:
+        check_denoiser(pipeline_denoiser(q_pipe)[1], old, "the store")  # refuses another quantized model
+        return str(existing["q_fingerprint"])
+    if run.probe is None:
+        return ""
+    recorded = fingerprint(pipeline_denoiser(fp_pipe)[1], pipeline_denoiser(q_pipe)[1], run.probe)
+    return json.dumps(recorded, sort_keys=True) if recorded is not None else ""
+
+
+def pipeline_run_attrs(identity_attrs: dict[str, Any], run: PipelineRun, fingerprint_json: str) -> dict[str, Any]:
     """The store attributes once the first run has shown the grid, the batch and the latent layout.
 
     Besides the record store's attributes: ``set_timesteps`` (the pipeline's own call, JSON),
     ``begin_index`` and ``grid_steps`` (img2img runs the last ``steps`` of ``grid_steps``),
-    ``sample_dims`` (JSON list, see :func:`latent_dims`) and ``q_fingerprint`` (JSON, see
-    :mod:`qdrift_stats.record.fingerprint`; empty if the denoiser call cannot be probed). When runs
-    are appended to an ``existing`` store with a fingerprint of the same probe, only the quantized
-    denoiser is probed again, and refused if it differs.
+    ``sample_dims`` (JSON list, see :func:`latent_dims`) and ``q_fingerprint`` (:func:`fingerprint_attr`).
     """
     shape = run.arrays["delta_x"].shape
     replay = run.replay
-    fingerprint_json = ""
-    old = json.loads(existing["q_fingerprint"]) if existing and existing.get("q_fingerprint") else None
-    if old is not None and old.get("probe") == run.probe:
-        check_denoiser(pipeline_denoiser(q_pipe)[1], old, "the store")  # refuses another quantized model
-        fingerprint_json = existing["q_fingerprint"]
-    elif run.probe is not None:
-        recorded = fingerprint(pipeline_denoiser(fp_pipe)[1], pipeline_denoiser(q_pipe)[1], run.probe)
-        fingerprint_json = json.dumps(recorded, sort_keys=True) if recorded is not None else ""
     return {
         **identity_attrs,
         "steps": int(replay.grid.num_steps),
@@ -699,7 +784,11 @@ def check_same_pipeline_store(out: Path, existing: dict[str, Any], attrs: dict[s
 
 
 __all__ = [
+    "CalibrationPlan",
     "PassLog",
+    "PipelineStoreWriter",
+    "calibration_plan",
+    "fingerprint_attr",
     "PipelineRun",
     "ReplayedGrid",
     "latent_dims",
