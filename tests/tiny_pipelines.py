@@ -362,10 +362,10 @@ def sd_call(img2img: bool = False) -> dict:
     pe, npe = _embeds((1, 4, 16), (1, 4, 16))
     call = {"prompt_embeds": pe, "negative_prompt_embeds": npe, "guidance_scale": 5.0}
     if img2img:
-        call["image"] = torch.rand(1, 3, 8, 8, generator=_seeded(2)) * 2 - 1
+        call["image"] = torch.rand(1, 3, 4, 4, generator=_seeded(2)) * 2 - 1
         call["strength"] = 0.6
     else:
-        call["height"] = call["width"] = 8
+        call["height"] = call["width"] = 4
     return call
 
 
