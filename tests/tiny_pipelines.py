@@ -365,7 +365,7 @@ def sd_call(img2img: bool = False) -> dict:
         call["image"] = torch.rand(1, 3, 4, 4, generator=_seeded(2)) * 2 - 1
         call["strength"] = 0.6
     else:
-        call["height"] = call["width"] = 4
+        call["height"] = call["width"] = 8  # StableDiffusionPipeline needs multiples of 8
     return call
 
 
