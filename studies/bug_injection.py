@@ -40,14 +40,14 @@ BUGS: list[tuple[str, str, str, str]] = [
     (
         "coefficients use b_i instead of b_{i+1}",
         "correct/estimator_file.py",
-        "correction_coefficients(self.variance_on(grid), grid.b_next,",
-        "correction_coefficients(self.variance_on(grid), grid.b,",
+        "correction_coefficients(self.variance_on(grid, call=call), grid.b_next,",
+        "correction_coefficients(self.variance_on(grid, call=call), grid.b,",
     ),
     (
         "step i uses step i+1's coefficient",
         "correct/corrector.py",
-        "float(self.grid.a_next[i]), self.coefficients[i])",
-        "float(self.grid.a_next[i]), self.coefficients[min(i + 1, self.grid.num_steps - 1)])",
+        "float(self.grid.a_next[i]), self.coefficients[i], self.channel_axis)",
+        "float(self.grid.a_next[i]), self.coefficients[min(i + 1, self.grid.num_steps - 1)], self.channel_axis)",
     ),
     (
         "ddof=0 in the t interval",
@@ -83,8 +83,8 @@ BUGS: list[tuple[str, str, str, str]] = [
     (
         "pull target a_i x0_hat instead of a_{i+1} x0_hat",
         "correct/corrector.py",
-        "float(self.grid.a_next[i]), self.coefficients[i])",
-        "float(self.grid.a[i]), self.coefficients[i])",
+        "float(self.grid.a_next[i]), self.coefficients[i], self.channel_axis)",
+        "float(self.grid.a[i]), self.coefficients[i], self.channel_axis)",
     ),
     (
         "first-order gain shifted by one step",
