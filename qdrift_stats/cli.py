@@ -424,11 +424,14 @@ Example:
   qdrift plot variance calib.zarr --fit empirical --fit per-channel --out variance.png
   qdrift plot runs-needed cv.zarr --out runs_needed.png
   qdrift plot diagnostics calib.zarr --out diagnostics.png
+  qdrift plot budget calib.zarr --out budget.png
 """
 
 
 @cli.command(epilog=EPILOG_PLOT)
-@click.argument("kind", metavar="KIND", type=click.Choice(["accumulation", "variance", "runs-needed", "diagnostics"]))
+@click.argument(
+    "kind", metavar="KIND", type=click.Choice(["accumulation", "variance", "runs-needed", "diagnostics", "budget"])
+)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Figure file (.png, .pdf or .svg).")
 @click.option(
@@ -450,8 +453,9 @@ Example:
 def plot(kind, source, out, estimator_path, pair, fit_names, x_axis, overwrite):
     """Draw a figure: noise accumulation, the variance statistic, runs needed or diagnostics.
 
-    KIND is accumulation, variance, runs-needed or diagnostics. SOURCE is a calibration store (accumulation: recorded
-    with --trajectories), an estimator file (variance), or a saved runs-needed / diagnostics Dataset (zarr or netCDF).
+    KIND is accumulation, variance, runs-needed, diagnostics or budget (the error budget of a store). SOURCE is a
+    calibration store (accumulation: recorded with --trajectories; budget), an estimator file (variance), or a saved
+    runs-needed / diagnostics Dataset (zarr or netCDF).
     """
     from qdrift_stats.outputs import atomic_output
     from qdrift_stats.plots.figures import figure_for, save_figure

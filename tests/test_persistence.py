@@ -15,14 +15,21 @@ import xarray as xr
 from qdrift_stats import testbed
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators import get_estimator
-from qdrift_stats.estimators.persistent import PersistentEstimator, accumulated_cross_terms, shrink_to_zero
+from qdrift_stats.estimators.persistent import (
+    PersistentEstimator,
+    accumulated_cross_terms,
+    quantized_path_errors,
+    shrink_to_zero,
+)
 from qdrift_stats.loop import prepared_scheduler
+from qdrift_stats.record.lockstep import record
 from qdrift_stats.record.store import run_dataset
 from qdrift_stats.schedulers.base import output_gains, scheduler_identity, step_grid
 from qdrift_stats.validate.budget import error_budget, is_persistent, propagators, state_coefficients
 from qdrift_stats.validate.diagnostics import classify, diagnose
 
 RUNS, BATCH, DIM, STEPS = 4, 256, 8, 10
+WEIGHT_PAIR = "qdrift_stats.testbed:mixture_vp_weight"
 
 
 def synthetic_store(scheduler: str, kind: str, error: str, seed: int = 0, offset: float = 0.0) -> xr.Dataset:
@@ -67,7 +74,7 @@ def stores():
 @pytest.mark.parametrize("scheduler", ["ddim", "flow-euler"])
 def test_persistent_statistic_matches_the_closed_form_for_an_error_constant_along_each_trajectory(stores, scheduler):
     ds = stores[(scheduler, "constant")]
-    fitted = PersistentEstimator(center=False).fit(ds)
+    fitted = PersistentEstimator(center=False, path="fp").fit(ds)
     g, b = ds["gain"].values, ds["b_next"].values
     m = float(np.mean(ds["delta_out"].isel(step=0).values ** 2))  # E e^2 (the same at every step)
     for i in range(STEPS):
@@ -84,7 +91,7 @@ def test_persistent_statistic_matches_the_closed_form_for_an_error_constant_alon
 @pytest.mark.parametrize("scheduler", ["ddim", "flow-euler"])
 def test_persistent_statistic_equals_the_per_step_one_for_independent_errors(stores, scheduler):
     ds = stores[(scheduler, "independent")]
-    fitted = PersistentEstimator(center=False).fit(ds)
+    fitted = PersistentEstimator(center=False, path="fp").fit(ds)
     g = ds["gain"].values
     truth = g**2  # E e^2 = 1 at every step
     # each v_i pools 4 x 256 x 8 unit-variance values: 3 standard errors ~ 0.13 relative to chi^2 spread
@@ -197,11 +204,52 @@ def test_persistent_estimator_refuses_unknown_options():
         PersistentEstimator(bias="median")
     with pytest.raises(QDriftError):
         PersistentEstimator(propagation="sideways")
+    with pytest.raises(QDriftError):
+        PersistentEstimator(path="elsewhere")
 
 
-def test_registered_names_fit_and_export(tmp_path, stores):
-    ds = stores[("flow-euler", "constant")]
+@pytest.fixture(scope="module")
+def weight_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("persist") / "weight.zarr"
+    record(
+        testbed.mixture_vp_weight(),
+        path,
+        pair_name=WEIGHT_PAIR,
+        scheduler_name="ddim",
+        steps=6,
+        runs=2,
+        batch_size=16,
+        seed=0,
+    )
+    return path
+
+
+def test_quantized_path_starts_where_the_store_does_and_then_leaves_it(weight_store):
+    ds = xr.open_zarr(weight_store)
+    e, m = quantized_path_errors(testbed.mixture_vp_weight(), "ddim", 6, [int(s) for s in ds["seed"].values], 16)
+    # step 0: the same initial state, so the same errors and FP outputs as the lock-step store
+    np.testing.assert_allclose(e[:, 0], ds["delta_out"].isel(step=0).values, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m[:, 0], ds["out_fp"].isel(step=0).values, rtol=1e-5, atol=1e-6)
+    # later steps: the quantized trajectory has moved away from the FP one
+    assert not np.allclose(m[:, -1], ds["out_fp"].isel(step=5).values, rtol=1e-3, atol=1e-4)
+
+
+def test_quantized_path_of_an_exact_pair_is_the_fp_path():
+    pair = testbed.mixture_vp_exact()
+    e, _ = quantized_path_errors(pair, "ddim", 4, [0, 1], 8)
+    assert np.all(e == 0)
+
+
+def test_registered_names_fit_and_export(tmp_path, weight_store):
     for name in ("persistent", "persistent-ptqd", "persistent-conditional", "ptqd", "published"):
-        fitted = get_estimator(name).fit(ds)
+        fitted = get_estimator(name).fit(weight_store)
         assert np.all(np.isfinite(fitted.variance)) and np.all(fitted.variance >= 0)
         fitted.export(tmp_path / f"{name}.safetensors")
+
+
+def test_without_a_loadable_pair_persistence_is_measured_along_the_fp_path_and_the_fit_says_so(stores):
+    fitted = PersistentEstimator(center=False).fit(stores[("ddim", "constant")])  # pair "synthetic-constant"
+    assert fitted.path_used == "fp" and "could not be loaded" in fitted.path_note
+    assert "note:" in fitted.summary()
+    same = PersistentEstimator(center=False, path="fp").fit(stores[("ddim", "constant")])
+    np.testing.assert_array_equal(fitted.variance, same.variance)

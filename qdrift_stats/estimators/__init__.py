@@ -39,8 +39,16 @@ ESTIMATORS: dict[str, Callable[[], Estimator]] = {
     "persistent-conditional": partial(PersistentEstimator, bias="conditional"),
     "published": PublishedEstimator,  # the published Q-Drift code's statistic and correction (baseline)
     "published-bias": partial(PublishedEstimator, bias=True),
-    "ptqd": PTQDEstimator,  # PTQD's output correction (baseline)
+    "ptqd": PTQDEstimator,
+    "auto": lambda: _auto(),  # chooses estimator, form and strength profile by CV (re-samples the pair)
 }
+
+
+def _auto() -> Estimator:
+    """:class:`qdrift_stats.correct.auto.AutoEstimator`, imported when asked for (it samples, so it lives in ``correct``)."""
+    from qdrift_stats.correct.auto import AutoEstimator
+
+    return AutoEstimator()
 
 
 def get_estimator(name: str) -> Estimator:

@@ -5,24 +5,31 @@ independent. A quantization error that is a smooth function of a slowly moving i
 error ``dW x``, a coarsely rounded activation) is not: it repeats along each trajectory, the
 perturbations of neighbouring steps add coherently, and the excess variance the sampler
 accumulates exceeds ``sum v_i``. A correction sized by ``v_i`` then removes only each step's own
-share. (Derivation: ``docs/method.md``, "Persistent error".)
+share. (Derivation and measurements: ``docs/method.md``, "Persistent error".)
 
 This estimator sizes the correction by the increment of the accumulated excess variance instead.
-Along each recorded trajectory (run, sample, element; the lock-step recording keeps them on the FP
-path) the perturbations of successive steps are summed after propagating each to the current
-noise level through the scheduler's coefficients: a deviation that is part of the state's noise
+Along each trajectory (run, sample, element) the perturbations of successive steps are summed after
+propagating each to the current noise level: a deviation that is part of the state's noise
 component scales with ``b``, so in units of the current level ``b_{i+1}``
 
-    U_i = sum_{j <= i} Delta_j / b_{j+1},      C_i = E U_i^2,
-    w_i = b_{i+1}^2 (C_i - C_{i-1}) = v_i + 2 b_{i+1}^2 E[U_{i-1} Delta_i / b_{i+1}].
+    U_i = sum_{j <= i} Delta_j / b_{j+1},
+    w_i = b_{i+1}^2 (E U_i^2 - E U_{i-1}^2) = v_i + 2 b_{i+1}^2 E[U_{i-1} Delta_i / b_{i+1}].
 
-``w_i`` is ``v_i`` plus twice the covariance of this step's perturbation with everything the
-earlier steps left in the state (in units of the current level): *not* demeaned per trajectory,
-so an error that is constant along a trajectory counts fully. For independent perturbations the
-cross term vanishes and ``w_i = v_i``; the sum telescopes, ``sum_i w_i / b_{i+1}^2``-weighted,
-to the accumulated ``C`` at the last corrected level. ``C`` is made non-decreasing (isotonic
-regression, :class:`sklearn.isotonic.IsotonicRegression`) before differencing, so that estimation
-noise or anti-correlation never yields a negative increment.
+``w_i`` is ``v_i`` plus twice the covariance of this step's perturbation with everything the earlier
+steps left in the state, *not* demeaned per trajectory (an error constant along a trajectory
+counts fully; a shift shared by all samples of a channel is removed, it is a bias). For
+independent perturbations the cross term vanishes and ``w_i = v_i``. The cross term is shrunk
+towards 0 by its standard error over samples (positive-part James-Stein), so estimation noise
+does not masquerade as persistence, and ``w_i >= 0``.
+
+Where the persistence is measured matters. The store's lock-step recording keeps both models on
+the FP trajectory; at high noise that trajectory barely moves, so *any* deterministic error
+repeats along it. The quantized sampler's own trajectory moves away from it, and an error that is
+a rough function of the state (a high-frequency sine, a finely rounded activation) stops repeating.
+So by default (``path="quantized"``) the persistence factor ``w_i / v_i`` is measured on the same
+seeds re-run in lock-step along the *quantized* path (:func:`quantized_path_errors`), and applied to
+the store's per-step ``v_i``: ``w_i = v_i * (w_i / v_i)_quantized``. ``path="fp"`` uses the store
+alone (no model calls).
 
 ``Delta_j`` is the first-order perturbation ``gain_j * r_j`` (``gain``: the store's first-order
 coordinate, as the ``first-order`` statistic), where ``r_j`` is the output error left after an
@@ -37,8 +44,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 import xarray as xr
 
 from qdrift_stats.errors import QDriftError
@@ -55,7 +64,7 @@ from qdrift_stats.estimators.empirical import t_interval
 from qdrift_stats.record.store import storage_errors_as_qdrift
 
 PROPAGATIONS: tuple[str, ...] = ("noise", "none")
-SOURCES: tuple[str, ...] = ("lockstep", "free")
+PATHS: tuple[str, ...] = ("quantized", "fp")
 
 
 def _centred(values: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
@@ -88,7 +97,6 @@ def accumulated_cross_terms(
     propagation: str = "noise",
     center: np.ndarray | None = None,
     units: np.ndarray | None = None,
-    visibility: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-step second moments, cross terms with the accumulated perturbation, and their standard errors.
 
@@ -128,13 +136,12 @@ def accumulated_cross_terms(
             continue
         u = delta[i] / b if propagation == "noise" else delta[i]
         scale = b * b if propagation == "noise" else 1.0
-        root = 1.0 if visibility is None else float(np.sqrt(np.clip(visibility[i], 0.0, 1.0)))
-        product = root * acc * u  # (groups, n)
+        product = acc * u  # (groups, n)
         per_unit = np.stack([np.bincount(unit_ids, weights=row, minlength=n_units) / counts for row in product])
         out["cross"][i] = scale * product.mean(axis=-1)
         if n_units > 1:
             out["cross_se"][i] = scale * per_unit.std(axis=-1, ddof=1) / np.sqrt(n_units)
-        acc = acc + root * u
+        acc = acc + u
         out["accumulated"][i] = previous = np.mean(acc**2, axis=-1)
     return out
 
@@ -162,12 +169,58 @@ class PersistentFit(FittedEstimator):
     cross_se: np.ndarray | None = None
     accumulated: np.ndarray | None = None
     persistence_ratio: float = float("nan")
+    path_used: str = "fp"
+    path_note: str = ""
 
     def summary(self, max_rows: int = 12) -> str:
-        return (
+        text = (
             super().summary(max_rows)
-            + f"\naccumulated / independent (sum w / sum v over corrected steps): {self.persistence_ratio:.2f}"
+            + f"\naccumulated / independent (sum w / sum v over corrected steps): {self.persistence_ratio:.2f}, "
+            + f"persistence measured along the {'quantized' if self.path_used == 'quantized' else 'FP'} path"
         )
+        return text + (f"\nnote: {self.path_note}" if self.path_note else "")
+
+
+def quantized_path_errors(
+    pair: Any, scheduler_name: str, steps: int, seeds: list[int], batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Output errors along the quantized sampler's own path: ``(e, m_fp)``, each ``(run, step, sample, *shape)``.
+
+    The lock-step recording (:mod:`qdrift_stats.record.lockstep`) evaluates both models on the FP
+    trajectory. Here the two schedulers advance in lock-step along the *Q* branch instead
+    (``x_{i+1} := S_q(x_i, m_q(x_i))``), so ``e_i = m_q(x_i) - m_fp(x_i)`` is the error the quantized
+    sampler actually meets from step to step. For an error that is a rough function of the state
+    this differs from the FP path: the quantized trajectory's own deviation changes the error, so
+    an error that repeats along the (barely moving) FP path may not repeat along the Q path.
+    Same seeds and batch as the store's runs (same initial noise and conditions).
+    """
+    from qdrift_stats.loop import initial_noise, prepared_scheduler, scale_model_input
+    from qdrift_stats.schedulers.base import step_kwargs
+
+    errors, outputs = [], []
+    with torch.no_grad():
+        for seed in seeds:
+            sched_fp = prepared_scheduler(pair, scheduler_name, steps)
+            sched_q = prepared_scheduler(pair, scheduler_name, steps)
+            kw_fp, kw_q = step_kwargs(sched_fp), step_kwargs(sched_q)
+            x, cond = initial_noise(pair, sched_q, batch, seed)
+            e_run, m_run = [], []
+            for t in sched_q.timesteps:
+                model_input = scale_model_input(sched_q, x, t)
+                scale_model_input(sched_fp, x, t)
+                m_fp = pair.fp(model_input, t, **cond)
+                m_q = pair.q(model_input, t, **cond)
+                sched_fp.step(m_fp, t, x, **kw_fp, return_dict=False)  # keeps the FP history in step
+                x_q = sched_q.step(m_q, t, x, **kw_q, return_dict=False)[0]
+                e_run.append((m_q - m_fp).double().cpu().numpy())
+                m_run.append(m_fp.double().cpu().numpy())
+                x = x_q
+            errors.append(np.stack(e_run))
+            outputs.append(np.stack(m_run))
+    e, m = np.stack(errors), np.stack(outputs)
+    if not (np.all(np.isfinite(e)) and np.all(np.isfinite(m))):
+        raise QDriftError("non-finite model output along the quantized path")
+    return e, m
 
 
 class PersistentEstimator(Estimator):
@@ -177,46 +230,55 @@ class PersistentEstimator(Estimator):
         bias: ``"none"``, ``"ptqd"`` (per-step ``k m_fp + mu``) or ``"conditional"`` (the
             published code's per-channel conditional mean).
         per_channel: one value per channel (first sample dim) instead of one per step.
-        propagation: ``"noise"`` (default) or ``"none"``, see :func:`accumulated_increments`.
+        path: where persistence is measured. ``"quantized"`` (default): the per-step size ``v_i`` comes
+            from the store (the FP path, as every estimator), the persistence factor ``w_i / v_i`` from
+            the same seeds re-run in lock-step along the quantized sampler's own path
+            (:func:`quantized_path_errors`; needs the model pair, by default the one the store names;
+            where it cannot be loaded the FP path is used and the fit says so in ``path_note``).
+            ``"fp"``: everything from the store (no model calls; overstates the persistence of an error
+            that is rough in the state, see ``docs/method.md``).
+        propagation: ``"noise"`` (default) or ``"none"``, see :func:`accumulated_cross_terms`.
         center: count the accumulated perturbation's variance across samples (per channel), not
             its second moment: a shift every sample shares is a bias, not spread (default).
-        confidence: level of the t interval over runs of the per-run increments.
+        confidence: level of the t interval over runs of the per-run values.
         min_r2, min_scale: when the ``ptqd`` bias is applied at a step (as the decomposed estimator).
         max_points: most values per step for the bias regression (a fixed random subsample).
         seed: seed of that subsample.
+        pair: the model pair for ``path="quantized"`` (default: loaded from the store's ``pair``).
     """
 
     name = "persistent"
+    unrecorded_params = ("pair",)
 
     def __init__(
         self,
         bias: str = "none",
         per_channel: bool = False,
+        path: str = "quantized",
         propagation: str = "noise",
         center: bool = True,
-        source: str = "lockstep",
-        visibility: bool = False,
         confidence: float = 0.95,
         min_r2: float = 0.01,
         min_scale: float = 0.5,
         max_points: int = 200_000,
         seed: int = 0,
+        pair: Any = None,
     ):
         self.bias = check_bias(bias)
         if propagation not in PROPAGATIONS:
             raise QDriftError(f"unknown propagation {propagation!r}; choose noise or none")
+        if path not in PATHS:
+            raise QDriftError(f"unknown path {path!r}; choose quantized or fp")
         self.per_channel = per_channel
+        self.path = path
         self.propagation = propagation
         self.center = bool(center)
-        if source not in SOURCES:
-            raise QDriftError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
-        self.source = source
-        self.visibility = bool(visibility)
         self.confidence = confidence
         self.min_r2 = min_r2
         self.min_scale = min_scale
         self.max_points = max_points
         self.seed = seed
+        self.pair = pair
 
     def bias_at_step(self, delta_out: np.ndarray, out_fp: np.ndarray, channel: np.ndarray, index):
         """``(k, mu, k_full, mu_full)``: the bias term at one step, per channel (``(channels,)``) and
@@ -235,34 +297,60 @@ class PersistentEstimator(Estimator):
         k, mu = conditional_output_map(g, self.min_scale)
         return k, mu, k[channel][None], mu[channel][None]
 
+    def _pair(self, ds: xr.Dataset):
+        if self.pair is not None:
+            return self.pair
+        from qdrift_stats.pair import load_pair
+
+        name = ds.attrs.get("pair")
+        if not name or ":" not in str(name):
+            raise QDriftError(
+                "the persistent estimator measures persistence along the quantized path and needs the model pair, "
+                "but the store names none; pass the pair or use path='fp'"
+            )
+        try:
+            return load_pair(str(name))
+        except QDriftError:
+            raise
+        except Exception as exc:  # a factory that fails in its own way: say which, in one line
+            raise QDriftError(f"the pair {name!r} could not be built ({type(exc).__name__})") from None
+
     @storage_errors_as_qdrift
-    def fit(self, store: xr.Dataset | str | Path) -> FittedEstimator:
+    def fit(self, store: xr.Dataset | str | Path) -> PersistentFit:
         ds = as_dataset(store)
         if "gain" not in ds.coords:
             raise QDriftError("the store has no 'gain' coordinate (recorded by an older qdrift-stats); re-record it")
         grid = grid_of(ds)
+        b_next = grid["b_next"]
         gain = np.asarray(ds["gain"].values, dtype=np.float64)
         steps, runs = ds.sizes["step"], ds.sizes["run"]
         shape = tuple(ds["delta_out"].isel(step=0).shape)  # (run, sample, *sample_shape)
         channel = channel_index(shape)
         channels = int(channel.max()) + 1
-        per_sample = channel.size // shape[1]
-        sample_of = np.repeat(np.arange(shape[1]), per_sample)
+        sample_of = np.repeat(np.arange(shape[1]), channel.size // shape[1])
         index = subsample_index(ds, self.max_points, self.seed)
-        # trajectories: (run, position); for a per-channel statistic grouped by channel
-        if self.per_channel:
+        if self.per_channel:  # trajectories grouped by channel
             order = np.argsort(channel, kind="stable")
             groups, n = channels, channel.size // channels
+            labels = np.zeros(n, dtype=np.int64)
         else:
             order, groups, n = np.arange(channel.size), 1, channel.size
-        labels = (channel[order] if not self.per_channel else np.zeros(channel.size, dtype=np.int64)).reshape(
-            groups, n
-        )[0]
+            labels = channel
         samples = sample_of[order].reshape(groups, n)[0]
-        delta = np.zeros((steps, runs, groups, n))
-        visible = np.ones(steps)
-        eps_model = str(ds.attrs.get("prediction_type")) == "epsilon"
-        ks, mus = [], []
+        units = (np.arange(runs)[:, None] * shape[1] + samples[None]).ravel()
+        center = labels if self.center else None
+
+        def perturbations(errors: np.ndarray, outputs: np.ndarray, biases) -> np.ndarray:
+            """``(steps, run, groups, n)`` first-order perturbations of the residual, centred within each run."""
+            out = np.zeros((steps, runs, groups, n))
+            for i in range(steps):
+                r = residual(errors[i], outputs[i], biases[i][0], biases[i][1])
+                out[i] = (gain[i] * r[:, order]).reshape(runs, groups, n)
+            if center is not None:
+                out = np.stack([_centred(out[:, r_], center) for r_ in range(runs)], axis=1)
+            return out
+
+        errors, outputs, biases, ks, mus = [], [], [], [], []
         for i in range(steps):
             delta_out = np.asarray(ds["delta_out"].isel(step=i).values, dtype=np.float64).reshape(runs, -1)
             out_fp = np.asarray(ds["out_fp"].isel(step=i).values, dtype=np.float64).reshape(runs, -1)
@@ -270,33 +358,46 @@ class PersistentEstimator(Estimator):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 k, mu, k_full, mu_full = self.bias_at_step(delta_out, out_fp, channel, index)
+            errors.append(delta_out)
+            outputs.append(out_fp)
+            biases.append((k_full, mu_full))
             ks.append(k)
             mus.append(mu)
-            r = residual(delta_out, out_fp, k_full, mu_full)
-            if self.visibility and eps_model:
-                centred = out_fp.reshape(runs, shape[1], -1)
-                visible[i] = float(np.mean((centred - centred.mean(axis=1, keepdims=True)) ** 2))
-            delta[i] = (gain[i] * r[:, order]).reshape(runs, groups, n)
-        center = labels if self.center else None
-        if self.source == "free":
-            return self._fit_free(ds, grid, delta, center, runs, groups, n, order, ks, mus)
-        # pooled over runs (each run's samples are independent units), and per run for the interval
-        pooled = np.moveaxis(delta, 1, 2).reshape(steps, groups, runs * n)
-        units = (np.arange(runs)[:, None] * shape[1] + samples[None]).ravel()
-        if center is not None:  # centred within each run (its own batch mean)
-            delta = np.stack([_centred(delta[:, r_], center) for r_ in range(runs)], axis=1)
-            pooled = np.moveaxis(delta, 1, 2).reshape(steps, groups, runs * n)
-        vis = visible if self.visibility else None
-        terms = accumulated_cross_terms(pooled, grid["b_next"], self.propagation, None, units, vis)
-        w = persistent_statistic(terms["v"], terms["cross"], terms["cross_se"], grid["b_next"])
-        per_run = np.stack(
-            [
-                (lambda t: np.maximum(0.0, t["v"] + 2.0 * t["cross"]))(
-                    accumulated_cross_terms(delta[:, r_], grid["b_next"], self.propagation, None, None, vis)
+        delta = perturbations(errors, outputs, biases)
+
+        def pooled(d: np.ndarray) -> np.ndarray:
+            return np.moveaxis(d, 1, 2).reshape(steps, groups, runs * n)
+
+        terms = accumulated_cross_terms(pooled(delta), b_next, self.propagation, None, units)
+        w_path = persistent_statistic(terms["v"], terms["cross"], terms["cross_se"], b_next)
+        v = terms["v"]
+        pair, path_note = None, ""
+        if self.path == "quantized":
+            try:
+                pair = self._pair(ds)
+            except QDriftError as exc:
+                path_note = (
+                    f"the model pair could not be loaded ({exc}); persistence was measured along the FP path, which "
+                    "overstates it for errors that are rough in the state (docs/method.md)"
                 )
-                for r_ in range(runs)
-            ]
-        )
+        if pair is not None:
+            e_q, m_q = quantized_path_errors(
+                pair, str(ds.attrs.get("scheduler")), steps, [int(s) for s in ds["seed"].values], shape[1]
+            )
+            e_q = np.moveaxis(e_q, 1, 0).reshape(steps, runs, -1)
+            m_q = np.moveaxis(m_q, 1, 0).reshape(steps, runs, -1)
+            terms_q = accumulated_cross_terms(
+                pooled(perturbations(e_q, m_q, biases)), b_next, self.propagation, None, units
+            )
+            w_path = persistent_statistic(terms_q["v"], terms_q["cross"], terms_q["cross_se"], b_next)
+            ratio = np.where(terms_q["v"] > 0, w_path / np.where(terms_q["v"] > 0, terms_q["v"], 1.0), 1.0)
+            terms["cross"], terms["cross_se"] = terms_q["cross"], terms_q["cross_se"]
+        else:
+            ratio = np.where(v > 0, w_path / np.where(v > 0, v, 1.0), 1.0)
+        ratio[b_next <= 0] = 1.0
+        w = v * ratio
+        per_run_v = np.stack([np.mean(delta[:, r_] ** 2, axis=-1) for r_ in range(runs)])  # (run, steps, groups)
+        per_run = per_run_v * ratio[None]
         squeeze = (lambda a: a[..., 0]) if not self.per_channel else (lambda a: a)
         _, low, high = t_interval(squeeze(per_run), self.confidence)
         fields = {}
@@ -304,9 +405,8 @@ class PersistentEstimator(Estimator):
             fields["k"], fields["mu"] = np.asarray(ks, dtype=np.float64), np.asarray(mus, dtype=np.float64)
         elif self.bias == "conditional":
             fields["k"], fields["mu"] = np.stack(ks), np.stack(mus)
-        variance, independent = squeeze(w), squeeze(terms["v"])
-        active = grid["b_next"] > 0
-        total_w = float(np.sum(variance[active]))
+        variance, independent = squeeze(w), squeeze(v)
+        active = b_next > 0
         total_v = float(np.sum(independent[active]))
         return PersistentFit.on_store(
             ds,
@@ -320,54 +420,7 @@ class PersistentEstimator(Estimator):
             cross=squeeze(terms["cross"]),
             cross_se=squeeze(terms["cross_se"]),
             accumulated=squeeze(terms["accumulated"]),
-            persistence_ratio=total_w / total_v if total_v > 0 else float("nan"),
-        )
-
-    def _fit_free(self, ds, grid, delta, center, runs, groups, n, order, ks, mus) -> FittedEstimator:
-        """The statistic from free-running trajectories: increments of ``E (D_i / b_{i+1})^2``, ``D = x^q - x^fp``."""
-        if "traj_q" not in ds or "traj_fp" not in ds:
-            raise QDriftError("source='free' needs a store recorded with trajectories (qdrift record --trajectories)")
-        steps = ds.sizes["step"]
-        b_next = grid["b_next"]
-        acc = np.zeros((runs, steps, groups))
-        for i in range(steps):
-            d = np.asarray(ds["traj_q"].isel(step=i).values, dtype=np.float64) - np.asarray(
-                ds["traj_fp"].isel(step=i).values, dtype=np.float64
-            )
-            d = d.reshape(runs, -1)[:, order].reshape(runs, groups, n)
-            d = _centred(d, center)
-            scale = b_next[i] ** 2 if (self.propagation == "noise" and b_next[i] > 0) else 1.0
-            acc[:, i] = np.mean(d**2, axis=-1) / scale
-        v_run = np.mean(delta**2, axis=-1).transpose(1, 0, 2)  # (run, step, groups)
-        w_run = np.zeros_like(acc)
-        previous = np.zeros((runs, groups))
-        for i in range(steps):
-            if b_next[i] <= 0:
-                w_run[:, i] = v_run[:, i]
-                continue
-            scale = b_next[i] ** 2 if self.propagation == "noise" else 1.0
-            w_run[:, i] = scale * (acc[:, i] - previous)
-            previous = acc[:, i]
-        w = np.maximum(0.0, w_run.mean(axis=0))
-        squeeze = (lambda a: a[..., 0]) if not self.per_channel else (lambda a: a)
-        _, low, high = t_interval(squeeze(np.maximum(w_run, 0.0)), self.confidence)
-        fields = {}
-        if self.bias == "ptqd":
-            fields["k"], fields["mu"] = np.asarray(ks, dtype=np.float64), np.asarray(mus, dtype=np.float64)
-        elif self.bias == "conditional":
-            fields["k"], fields["mu"] = np.stack(ks), np.stack(mus)
-        variance, independent = squeeze(w), squeeze(v_run.mean(axis=0))
-        active = b_next > 0
-        total_v = float(np.sum(independent[active]))
-        return PersistentFit.on_store(
-            ds,
-            self,
-            variance,
-            low,
-            high,
-            squeeze(w_run),
-            **fields,
-            independent_variance=independent,
-            accumulated=squeeze(acc.mean(axis=0)),
             persistence_ratio=float(np.sum(variance[active])) / total_v if total_v > 0 else float("nan"),
+            path_used="quantized" if pair is not None else "fp",
+            path_note=path_note,
         )

@@ -617,6 +617,44 @@ def plot_diagnostics(diag: xr.Dataset, x: str = "step") -> Figure:
 # ---------------------------------------------------------------------------------------------
 
 
+def plot_budget(budget: xr.Dataset) -> Figure:
+    """The error budget (:func:`qdrift_stats.validate.budget.error_budget`): its parts, and where along the grid they arise.
+
+    Left: each part's share of the predicted final mean square deviation from FP (bias, explained
+    by the output, independent per-step variance, persistence, interaction). Right, per step: the
+    propagated per-step mean bias ``P_i^2 * bias_i``, the independent variance ``P_i^2 v_i`` and the
+    persistence cross term (``cross_step``), on a symmetric log scale.
+    """
+    needed = ("total", "bias", "explained_ptqd", "independent", "persistence", "interaction", "P", "v")
+    missing = [n for n in needed if n not in budget]
+    if missing:
+        raise QDriftError(f"not an error budget: lacks {', '.join(missing)}")
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=[1, 2])
+    labels = ["bias", "explained\n(PTQD)", "independent", "persistence", "interaction"]
+    names = ["bias", "explained_ptqd", "independent", "persistence", "interaction"]
+    total = float(budget["total"].values)
+    shares = [float(budget[n].values) / total if total > 0 else np.nan for n in names]
+    left.bar(labels, shares, color=["C3", "C1", "C0", "C2", "0.6"])
+    left.axhline(0, color="0.3", lw=0.8)
+    left.set_ylabel("share of the final mean square deviation")
+    left.tick_params(axis="x", labelsize=8, labelrotation=35)
+    ratio = float(budget["persistence_ratio"].values) if "persistence_ratio" in budget else float("nan")
+    left.set_title(f"accumulated / independent = {ratio:.2f}", fontsize=9)
+    step = budget["step"].values
+    P2 = budget["P"].values ** 2
+    right.plot(step, P2 * budget["bias_step"].values, label="mean bias (propagated)", color="C3")
+    right.plot(step, P2 * budget["v"].values, label="independent variance", color="C0")
+    right.plot(step, budget["cross_step"].values, label="persistence (cross term)", color="C2")
+    right.set_yscale("symlog", linthresh=max(1e-12, float(np.nanmax(P2 * budget["v"].values)) * 1e-3))
+    right.set_xlabel("step")
+    right.set_ylabel("contribution (final-state units$^2$)")
+    right.legend(fontsize=8)
+    a = budget.attrs
+    fig.suptitle(f"error budget: {a.get('pair')}, {a.get('scheduler')}, {a.get('steps')} steps", fontsize=10)
+    return fig
+
+
 def figure_for(
     kind: str,
     source: str | Path,
@@ -639,6 +677,10 @@ def figure_for(
         pair: ``MODULE:FACTORY`` for ``accumulation`` (required: a pair is never loaded from the store).
         x: ``"b"`` or ``"step"`` for the plots that offer both.
     """
+    if kind == "budget":
+        from qdrift_stats.validate.budget import error_budget
+
+        return plot_budget(error_budget(source))
     data = plot_data(kind, source, estimator=estimator, pair=pair, fits=fits)
     if kind == "accumulation":
         return plot_accumulation(data, x=x or "b")
@@ -654,6 +696,7 @@ __all__ = [
     "plot_variance",
     "plot_runs_needed",
     "plot_diagnostics",
+    "plot_budget",
     "save_figure",
     "figure_for",
 ]

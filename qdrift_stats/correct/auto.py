@@ -1,0 +1,308 @@
+"""Automatic choice of the correction: estimator, form and strength profile, by cross-validation over calibration runs.
+
+``qdrift fit STORE --estimator auto`` (:class:`AutoEstimator`) leaves one calibration run out at a
+time. For each held-out run it fits every candidate estimator on the other runs, samples the
+quantized model from the held-out run's own seed with the candidate correction, and compares the
+final samples, pooled over the held-out runs, with the FP sampler's from the same seeds. Nothing
+but calibration runs (their seeds and the model pair named in the store) is used; the samples of
+a study are never seen.
+
+The score is a distribution distance (unbiased MMD², Gaussian kernel whose bandwidth is the median
+nearest-neighbour distance within the FP set, so that it sees the spread around each sample's
+neighbourhood and not only the between-mode layout; or the energy distance). The search:
+
+1. each candidate estimator (default ``first-order``, ``persistent``, ``persistent-ptqd``,
+   ``decomposed``) with the shrink form at each strength of a grid (default 0 to 32);
+2. the best one's strength refined piecewise in ``log b``: the corrected steps are split into
+   ``segments`` groups of equal count by their target level, and each group's strength is searched
+   over the same grid with the others held (one pass of coordinate descent);
+3. the drift form tried with that profile.
+
+Strength 0 everywhere (no correction) is always a candidate, so the choice is never worse than
+uncorrected Q *on the held-out score*: a correction is picked only when its pooled held-out score
+is below Q's. The fitted result (:class:`AutoFit`) carries the chosen estimator's statistic times the
+per-step strength profile (the file's strength is 1), the form, and a table of every score tried
+(``summary()`` says what was chosen and why).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from qdrift_stats.correct.coefficients import correction_coefficients
+from qdrift_stats.correct.corrector import Corrector
+from qdrift_stats.errors import QDriftError
+from qdrift_stats.estimators.base import Estimator, FittedEstimator, as_dataset
+from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler
+from qdrift_stats.schedulers.base import step_grid
+
+CANDIDATES: tuple[str, ...] = ("first-order", "persistent", "persistent-ptqd", "decomposed")
+STRENGTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+SCORES: tuple[str, ...] = ("mmd", "energy")
+
+
+def _pairwise_sq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x.pow(2).sum(1)[:, None] + y.pow(2).sum(1)[None] - 2.0 * x @ y.T).clamp_min(0.0)
+
+
+def local_bandwidth(reference: np.ndarray) -> float:
+    """Median distance from each reference sample to its nearest other reference sample."""
+    x = torch.as_tensor(reference.reshape(len(reference), -1), dtype=torch.float64)
+    d2 = _pairwise_sq(x, x)
+    d2.fill_diagonal_(float("inf"))
+    return float(d2.min(dim=1).values.sqrt().median())
+
+
+def distribution_score(samples: np.ndarray, reference: np.ndarray, score: str = "mmd", bandwidth: float = 1.0) -> float:
+    """Distance between two sample sets: unbiased MMD² (Gaussian kernel, ``bandwidth``) or the energy distance."""
+    x = torch.as_tensor(samples.reshape(len(samples), -1), dtype=torch.float64)
+    y = torch.as_tensor(reference.reshape(len(reference), -1), dtype=torch.float64)
+    if not torch.isfinite(x).all():
+        return float("inf")
+    if score == "energy":
+        from qdrift_stats.metrics import energy_distance
+
+        return float(energy_distance(x, y))
+    if score != "mmd":
+        raise QDriftError(f"unknown score {score!r}; choose mmd or energy")
+    g = 1.0 / (2.0 * bandwidth**2)
+    kxx, kyy, kxy = (torch.exp(-g * _pairwise_sq(a, b)) for a, b in ((x, x), (y, y), (x, y)))
+    n, m = len(x), len(y)
+    sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+    syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return float(sxx + syy - 2.0 * kxy.mean())
+
+
+def segment_index(b_next: np.ndarray, segments: int) -> np.ndarray:
+    """``(steps,)`` the strength segment of each step: equal-count groups of the corrected steps by ``log b_next``
+    (segment 0 the noisiest); -1 for steps that land on ``b = 0``."""
+    b_next = np.asarray(b_next, dtype=np.float64)
+    out = np.full(len(b_next), -1, dtype=np.int64)
+    active = np.flatnonzero(b_next > 0)
+    if len(active) == 0:
+        return out
+    order = active[np.argsort(-b_next[active], kind="stable")]
+    for s, chunk in enumerate(np.array_split(order, max(1, min(segments, len(order))))):
+        out[chunk] = s
+    return out
+
+
+@dataclass
+class AutoFit(FittedEstimator):
+    """The chosen correction: ``variance`` is the chosen estimator's statistic times the strength profile.
+
+    ``choice``: what was chosen (``estimator``, ``form``, ``profile`` per segment, ``segment_b``, the
+    held-out ``score`` and Q's) and ``trials``: every (estimator, form, profile, score) evaluated.
+    """
+
+    choice: dict[str, Any] = field(default_factory=dict)
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def default_correction(self) -> str:
+        return str(self.choice.get("form", "shrink"))
+
+    def export_metadata(self) -> dict[str, Any]:
+        return {"auto": self.choice}
+
+    def summary(self, max_rows: int = 12) -> str:
+        c = self.choice
+        lines = [super().summary(max_rows), "automatic choice (cross-validation over calibration runs):"]
+        if c.get("estimator") is None:
+            lines.append(
+                f"  no correction: nothing tried scored below uncorrected Q on the held-out runs (Q {c.get('q_score'):.4g})"
+            )
+        else:
+            profile = ", ".join(f"{p:g}" for p in c["profile"])
+            lines.append(
+                f"  chose {c['estimator']} with the {c['form']} form, strength profile [{profile}] over "
+                f"{len(c['profile'])} segments of log b (noisiest first)"
+            )
+            lines.append(
+                f"  held-out {c['score_name']}: {c['score']:.4g} against {c['q_score']:.4g} uncorrected "
+                f"({c['improvement']:.0%} lower)"
+            )
+        best = {}
+        for t in self.trials:
+            key = t["estimator"]
+            if key not in best or t["score"] < best[key]["score"]:
+                best[key] = t
+        for key, t in sorted(best.items(), key=lambda kv: kv[1]["score"]):
+            lines.append(f"  best {key:<18} {t['form']:<7} profile {t['profile']}  score {t['score']:.4g}")
+        return "\n".join(lines)
+
+
+class AutoEstimator(Estimator):
+    """Chooses estimator, correction form and strength profile by leave-one-run-out cross-validation.
+
+    Args:
+        candidates: registered estimator names to try.
+        forms: correction forms to try on the best estimator and profile (the first one is used
+            during the search).
+        strengths: the strength grid (for the global strength and for each segment).
+        segments: pieces of the strength profile, equal-count groups of steps by ``log b``.
+        score: ``"mmd"`` (default) or ``"energy"``.
+        max_folds: most held-out runs (the first ones); all runs by default.
+        pair: the model pair (default: the one named in the store, loaded as for ``qdrift record``).
+    """
+
+    name = "auto"
+    confidence = 0.95
+    unrecorded_params = ("pair",)
+
+    def __init__(
+        self,
+        candidates: tuple[str, ...] = CANDIDATES,
+        forms: tuple[str, ...] = ("shrink", "drift"),
+        strengths: tuple[float, ...] = STRENGTHS,
+        segments: int = 2,
+        score: str = "mmd",
+        max_folds: int | None = None,
+        pair: Any = None,
+    ):
+        if score not in SCORES:
+            raise QDriftError(f"unknown score {score!r}; choose mmd or energy")
+        if not candidates or not forms or not strengths:
+            raise QDriftError("auto needs at least one candidate, form and strength")
+        if segments < 1:
+            raise QDriftError("segments must be at least 1")
+        self.candidates = tuple(candidates)
+        self.forms = tuple(forms)
+        self.strengths = tuple(float(s) for s in strengths)
+        self.segments = int(segments)
+        self.score = score
+        self.max_folds = max_folds
+        self.pair = pair
+
+    @property
+    def params(self) -> dict[str, Any]:
+        p = super().params
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()}
+
+    def _pair(self, ds: xr.Dataset):
+        if self.pair is not None:
+            return self.pair
+        from qdrift_stats.pair import load_pair
+
+        name = ds.attrs.get("pair")
+        if not name or ":" not in str(name):
+            raise QDriftError(
+                "auto re-samples the model pair, but the store names none; pass the pair (AutoEstimator(pair=...))"
+            )
+        return load_pair(str(name))
+
+    def fit(self, store: xr.Dataset | str | Path) -> AutoFit:
+        from qdrift_stats.estimators import get_estimator
+
+        ds = as_dataset(store).load()
+        runs = ds.sizes["run"]
+        if runs < 2:
+            raise QDriftError("auto needs at least 2 calibration runs (one is held out at a time)")
+        pair = self._pair(ds)
+        scheduler_name, steps = str(ds.attrs.get("scheduler")), int(ds.sizes["step"])
+        batch = int(ds.sizes["sample"])
+        seeds = [int(s) for s in ds["seed"].values]
+        folds = list(range(runs if self.max_folds is None else min(runs, int(self.max_folds))))
+        grid = step_grid(prepared_scheduler(pair, scheduler_name, steps))
+        seg = segment_index(grid.b_next, self.segments)
+        n_seg = int(seg.max()) + 1 if np.any(seg >= 0) else 1
+
+        def draw(seed: int, model: str, corrector: Corrector | None = None) -> np.ndarray:
+            sched = prepared_scheduler(pair, scheduler_name, steps)
+            x, cond = initial_noise(pair, sched, batch, seed)
+            if corrector is not None:
+                corrector = corrector.to(x.device, x.dtype)
+            with torch.no_grad():
+                out = run_sampler(pair.fp if model == "fp" else pair.q, sched, x, cond, corrector)
+            return out.detach().double().cpu().numpy()
+
+        reference = np.concatenate([draw(seeds[r], "fp") for r in folds])
+        uncorrected = np.concatenate([draw(seeds[r], "q") for r in folds])
+        bandwidth = local_bandwidth(reference)
+        q_score = distribution_score(uncorrected, reference, self.score, bandwidth)
+        fits: dict[str, list[FittedEstimator]] = {}
+        for name in self.candidates:
+            fits[name] = [get_estimator(name).fit(ds.isel(run=[k for k in range(runs) if k != r])) for r in folds]
+
+        trials: list[dict[str, Any]] = []
+        cache: dict[tuple, float] = {}
+
+        def evaluate(name: str, form: str, profile: tuple[float, ...]) -> float:
+            key = (name, form, profile)
+            if key in cache:
+                return cache[key]
+            if all(p == 0 for p in profile):
+                cache[key] = q_score
+                return q_score
+            lam = np.array([profile[s] if s >= 0 else 0.0 for s in seg])
+            draws = []
+            for fold, r in enumerate(folds):
+                f = fits[name][fold]
+                v = f.variance * lam.reshape((-1,) + (1,) * (f.variance.ndim - 1))
+                c = correction_coefficients(v, grid.b_next, form, 1.0)
+                corrector = Corrector(grid, c, torch.device("cpu"), torch.float64, k=f.k, mu=f.mu)
+                draws.append(draw(seeds[r], "q", corrector))
+            value = distribution_score(np.concatenate(draws), reference, self.score, bandwidth)
+            cache[key] = value
+            trials.append({"estimator": name, "form": form, "profile": list(profile), "score": value})
+            return value
+
+        form0 = self.forms[0]
+        best = (q_score, None, form0, (0.0,) * n_seg)
+        for name in self.candidates:
+            for lam in self.strengths:
+                value = evaluate(name, form0, (lam,) * n_seg)
+                if value < best[0]:
+                    best = (value, name, form0, (lam,) * n_seg)
+        if best[1] is not None and n_seg > 1:
+            name, profile = best[1], list(best[3])
+            for s in range(n_seg):
+                for lam in self.strengths:
+                    trial = tuple(profile[:s] + [lam] + profile[s + 1 :])
+                    value = evaluate(name, form0, trial)
+                    if value < best[0]:
+                        best = (value, name, form0, trial)
+                profile = list(best[3])
+        if best[1] is not None:
+            for form in self.forms[1:]:
+                value = evaluate(best[1], form, best[3])
+                if value < best[0]:
+                    best = (value, best[1], form, best[3])
+        score, chosen, form, profile = best
+        full = (get_estimator(chosen) if chosen else get_estimator(self.candidates[0])).fit(ds)
+        lam = np.array([profile[s] if s >= 0 else 0.0 for s in seg]) if chosen else np.zeros(len(seg))
+        variance = full.variance * lam.reshape((-1,) + (1,) * (full.variance.ndim - 1))
+        bounds = [float(grid.b_next[seg == s].min()) for s in range(n_seg)] if np.any(seg >= 0) else []
+        choice = {
+            "estimator": chosen,
+            "estimator_params": full.params if chosen else None,
+            "form": form,
+            "profile": [float(p) for p in profile],
+            "segment_b": bounds,
+            "score_name": self.score,
+            "score": float(score),
+            "q_score": float(q_score),
+            "improvement": float(1.0 - score / q_score) if q_score > 0 else float("nan"),
+            "held_out_runs": [seeds[r] for r in folds],
+            "bandwidth": bandwidth,
+        }
+        scale = lam.reshape((-1,) + (1,) * (full.variance.ndim - 1))
+        return AutoFit.on_store(
+            ds,
+            self,
+            variance,
+            full.ci_low * scale,
+            full.ci_high * scale,
+            np.empty((0,)),
+            k=full.k if chosen else None,
+            mu=full.mu if chosen else None,
+            choice=json.loads(json.dumps(choice)),
+            trials=trials,
+        )
