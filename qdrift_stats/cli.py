@@ -266,10 +266,12 @@ def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: 
 @click.option(
     "--estimator",
     "estimator_name",
-    default="first-order",
+    default="persistent",
     show_default=True,
-    help="Estimator name: first-order (default; equals the lock-step 'empirical' statistic for "
-    "one-step solvers), empirical, per-channel, ...",
+    help="Estimator name: persistent (default: the per-step statistic plus the persistence of the error along the "
+    "quantized path, which re-runs the store's seeds with --pair; without --pair measured on the FP path, and the "
+    "fit says so), first-order (the per-step statistic alone), empirical, decomposed, persistent-nobias, "
+    "persistent-ptqd, auto (chosen by cross-validation; needs --pair), published and ptqd (the peers), ...",
 )
 @click.option(
     "--correction",
@@ -283,7 +285,9 @@ def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: 
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing estimator file.")
 @click.option(
-    "--pair", help="Model pair, for estimators that re-sample it (moment); never taken from the store. " + PAIR_HELP
+    "--pair",
+    help="Model pair, for estimators that re-sample it (moment, persistent, auto); never taken from the store. "
+    + PAIR_HELP,
 )
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the summary table.")
 @click.option(
@@ -300,7 +304,7 @@ def fit(store, out, estimator_name, correction, strength, overwrite, pair, quiet
     if pair:
         if "pair" not in estimator.param_names():
             raise QDriftError(
-                f"--pair is used only by estimators that re-sample the pair (moment), not {estimator_name}"
+                f"--pair is used only by estimators that re-sample the pair (moment, persistent, auto), not {estimator_name}"
             )
         from qdrift_stats.pair import load_pair
 

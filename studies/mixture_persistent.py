@@ -37,6 +37,7 @@ from qdrift_stats.correct.sample import sample
 from qdrift_stats.estimators import get_estimator
 from qdrift_stats.estimators.persistent import PersistentEstimator
 from qdrift_stats.record.lockstep import record
+from qdrift_stats.testbed.metrics import negative_log_likelihood
 from qdrift_stats.validate.budget import error_budget
 
 warnings.filterwarnings("ignore")
@@ -56,6 +57,7 @@ FAMILIES = [
 ]
 ROWS = ("first-order", "persistent", "persistent-fp", "persistent-ptqd", "published", "ptqd")
 STEPS = 50
+NLL_ROWS = ("first-order", "persistent", "published", "ptqd")
 
 
 def estimator_for(row: str):
@@ -120,6 +122,10 @@ def cell(job):
         "fraction_persistence": float(budget["fraction_persistence"].values),
         "seconds": time.time() - start,
     }
+    nll = {
+        k: negative_log_likelihood(v, pair.mixture) if np.isfinite(v).all() else float("nan") for k, v in draws.items()
+    }
+    out["nll_fp"], out["nll_q"] = nll["fp"], nll["q"]
     gap = full["q"] - full["fp"]
     boot_gap = boot["q"] - boot["fp"]
     for row in ROWS:
@@ -129,6 +135,9 @@ def cell(job):
         b = (boot["q"] - boot[row]) / boot_gap
         out[f"closed_{row}_lo"], out[f"closed_{row}_hi"] = (float(x) for x in np.nanpercentile(b, [2.5, 97.5]))
         out[f"ratio_{row}"] = ratios[row]
+        out[f"nll_{row}"] = nll[row]
+        nll_gap = nll["q"] - nll["fp"]
+        out[f"closed_nll_{row}"] = (nll["q"] - nll[row]) / nll_gap if nll_gap != 0 else float("nan")
     print(
         f"{family:>28} {scheduler:>14}: "
         + ", ".join(f"{row} {pct(out[f'closed_{row}'])}" for row in ROWS)
@@ -149,8 +158,10 @@ def table(rows):
     head = (
         "| family | regime | scheduler | within-var FP | Q | "
         + " | ".join(ROWS)
-        + " | budget: accumulated / independent | persistence | bias | explained (PTQD) |\n|"
-        + "---|" * (9 + len(ROWS))
+        + " | budget: accumulated / independent | persistence | bias | explained (PTQD) | NLL gap closed: "
+        + " / ".join(NLL_ROWS)
+        + " |\n|"
+        + "---|" * (10 + len(ROWS))
     )
     lines = [head]
     for r in rows:
@@ -159,7 +170,7 @@ def table(rows):
             f"{r['within_var_q']:.4f} | "
             + " | ".join(fmt_closed(r, row) for row in ROWS)
             + f" | {r['persistence_ratio_budget']:.2f} | {pct(r['fraction_persistence'])} | {pct(r['fraction_bias'])} "
-            f"| {pct(r['fraction_explained'])} |"
+            f"| {pct(r['fraction_explained'])} | " + " / ".join(pct(r[f"closed_nll_{row}"]) for row in NLL_ROWS) + " |"
         )
     return "\n".join(lines)
 
@@ -175,7 +186,13 @@ def summary(rows):
             vals = [r[f"closed_{row}"] for r in sel if np.isfinite(r[f"closed_{row}"])]
             if vals:
                 parts.append(f"{row} {pct(min(vals))} to {pct(max(vals))} (median {pct(float(np.median(vals)))})")
-        lines.append(f"- **{regime}** ({len(sel)} cells): " + "; ".join(parts) + ".")
+        lines.append(f"- **{regime}** ({len(sel)} cells), within-mode variance: " + "; ".join(parts) + ".")
+        nll_parts = []
+        for row in NLL_ROWS:
+            vals = [r[f"closed_nll_{row}"] for r in sel if np.isfinite(r[f"closed_nll_{row}"])]
+            if vals:
+                nll_parts.append(f"{row} median {pct(float(np.median(vals)))}")
+        lines.append("  NLL under the true mixture: " + "; ".join(nll_parts) + ".")
     return "\n".join(lines)
 
 

@@ -42,7 +42,7 @@ def test_record_fit_sample_chain(tmp_path, capsys):
     code, text, _ = run(capsys, *record_args(store))
     assert code == 0 and "recorded 2 runs" in text
     code, text, _ = run(capsys, "fit", str(store), "--out", str(est), "--correction", "shrink")
-    assert code == 0 and "wrote" in text and "empirical" in text
+    assert code == 0 and "wrote" in text and "persistent" in text
     code, text, _ = run(
         capsys,
         "sample",
