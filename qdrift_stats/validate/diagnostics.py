@@ -26,9 +26,13 @@ constants; they separate the testbed's error families with wide margins, see ``t
 2. *rounding-like*: weighted median ``lattice`` < :data:`LATTICE_FRACTION` (the Q output lives on a
    grid; its error is a deterministic sawtooth of the output, not noise) -> ``decomposed`` (it takes
    out any linear part) with a strength chosen by ``qdrift cv``, and little to expect;
-3. *heavy-tailed*: weighted mean excess kurtosis > :data:`HEAVY_KURTOSIS` -> ``robust`` on one-step
+3. *persistent*: the lock-step perturbations accumulate to more than :data:`PERSISTENT_RATIO` times the
+   sum of their per-step variances (the error budget's ``persistence_ratio``, :mod:`qdrift_stats.validate.budget`:
+   cross-step covariance along each trajectory, propagated through the scheduler and *not* demeaned per
+   trajectory, unlike Ljung-Box, which cannot see an error that is constant along a trajectory) -> ``persistent``;
+4. *heavy-tailed*: weighted mean excess kurtosis > :data:`HEAVY_KURTOSIS` -> ``robust`` on one-step
    solvers, ``robust-first-order`` on multistep ones;
-4. otherwise *noise-like* -> ``first-order`` (``smooth-glm`` to sample with another step count).
+5. otherwise *noise-like* -> ``first-order`` (``smooth-glm`` to sample with another step count).
 
 The recommended statistic depends on the scheduler (:func:`recommended_estimator`). On a multistep
 solver (DPM-Solver++ 2M, VP or flow) the lock-step perturbation ``delta_x`` also carries the reused
