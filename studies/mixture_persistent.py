@@ -53,7 +53,7 @@ FAMILIES = [
     ("mixture_vp_actround_fine", VP, "persistent"),
     ("mixture_flow_actround_fine", FLOW, "persistent"),
     ("mixture_flow_lowfreq", FLOW, "persistent"),
-    ("mixture_vp_weight_strong", VP, "weak regime"),
+    ("mixture_vp_weight_strong", VP, "strong persistent"),
 ]
 ROWS = ("first-order", "persistent", "persistent-fp", "persistent-ptqd", "published", "ptqd")
 STEPS = 50
@@ -177,7 +177,7 @@ def table(rows):
 
 def summary(rows):
     lines = []
-    for regime in ("noise-like", "persistent", "weak regime"):
+    for regime in ("noise-like", "persistent", "strong persistent"):
         sel = [r for r in rows if r["regime"] == regime]
         if not sel:
             continue
