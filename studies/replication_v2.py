@@ -43,9 +43,12 @@ from qdrift_stats.zoo.named import pair_name
 
 warnings.filterwarnings("ignore")
 
-ROWS = ("published", "ptqd", "first-order", "persistent", "persistent-ptqd", "decomposed")
+ROWS = ("published", "ptqd", "first-order", "persistent", "persistent-nobias", "persistent-ptqd", "decomposed")
 REDUCED_CELLS = [("unet", "ddim", "w3a4"), ("dit", "flow-euler", "w3a4")]
 SCHEDULERS = {"unet": ("ddim", "euler", "dpmpp-2m"), "dit": ("flow-euler", "flow-dpmpp-2m")}
+
+
+ACTIVE = list(ROWS)
 
 
 def draw(pair, scheduler, steps, n, seed, model="q", estimator=None):
@@ -89,7 +92,7 @@ def cell(job):
             "fraction_persistence",
         ):
             out[f"budget_{key}"] = float(budget[key].values)
-        for row in ROWS:
+        for row in args.rows:
             fitted = get_estimator(row).fit(store)
             out[f"ratio_{row}"] = float(getattr(fitted, "persistence_ratio", float("nan")))
             path = Path(tmp) / f"{row}.safetensors"
@@ -101,7 +104,7 @@ def cell(job):
         fd, feats["fp"], feats["q"], args.bootstrap
     )
     gap = out["fd_q"] - out["fd_fp"]
-    for row in ROWS:
+    for row in args.rows:
         if feats[row] is None:
             out[f"fd_{row}"] = out[f"closed_{row}"] = float("nan")
             out[f"{row}_minus_q"] = out[f"{row}_minus_q_lo"] = out[f"{row}_minus_q_hi"] = float("nan")
@@ -113,7 +116,7 @@ def cell(job):
     out["seconds"] = time.time() - start
     print(
         f"{model}/{scheduler}/{recipe}: Q-FP {out['q_minus_fp']:+.3f}; "
-        + ", ".join(f"{row} {pct(out[f'closed_{row}'])}" for row in ROWS)
+        + ", ".join(f"{row} {pct(out[f'closed_{row}'])}" for row in args.rows)
         + f" ({out['seconds'] / 60:.1f} min)",
         flush=True,
     )
@@ -124,17 +127,18 @@ def verdict(lo, hi):
     return "helps" if hi < 0 else "hurts" if lo > 0 else "neutral"
 
 
-def table(rows):
+def table(rows, shown=ROWS):
+    shown = [r for r in shown if f"closed_{r}" in rows[0]]
     head = (
         "| cell | FD→FP: FP | Q | Q − FP [paired CI] | "
-        + " | ".join(f"{r}: gap closed (row − Q [paired CI])" for r in ROWS)
+        + " | ".join(f"{r}: gap closed (row − Q [paired CI])" for r in shown)
         + " | budget: accumulated / independent | persistence | bias | explained (PTQD) | independent |\n|"
-        + "---|" * (4 + len(ROWS) + 5)
+        + "---|" * (4 + len(shown) + 5)
     )
     lines = [head]
     for r in rows:
         cells = []
-        for row in ROWS:
+        for row in shown:
             cells.append(
                 f"{pct(r[f'closed_{row}'])} ({r[f'{row}_minus_q']:+.3f} [{r[f'{row}_minus_q_lo']:+.3f}, "
                 f"{r[f'{row}_minus_q_hi']:+.3f}] {verdict(r[f'{row}_minus_q_lo'], r[f'{row}_minus_q_hi'])})"
@@ -153,7 +157,7 @@ def table(rows):
 def medians(rows):
     degraded = [r for r in rows if r["q_minus_fp_lo"] > 0]
     parts = []
-    for row in ROWS:
+    for row in [x for x in ROWS if f"closed_{x}" in rows[0]]:
         vals = [r[f"closed_{row}"] for r in degraded if np.isfinite(r[f"closed_{row}"])]
         if vals:
             parts.append(f"{row} {pct(float(np.median(vals)))}")
@@ -168,7 +172,18 @@ def main():
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--cells", default="reduced", choices=("reduced", "all"))
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="rows to compute")
+    parser.add_argument("--csv", default="replication_v2.csv", help="CSV name under docs/results/")
+    parser.add_argument(
+        "--render",
+        nargs="+",
+        help="only render the docs section from these CSVs under docs/results/ (columns of later files are "
+        "added to the rows of the first, matched by cell; same seeds, so the FP and Q sets are the same)",
+    )
     args = parser.parse_args()
+    if args.render:
+        render(args)
+        return
     if args.cells == "all":
         cells = [(m, s, r) for m in ("unet", "dit") for s in SCHEDULERS[m] for r in ZOO_RECIPES]
     else:
@@ -177,14 +192,63 @@ def main():
     with ProcessPoolExecutor(args.processes) as pool:
         rows = list(pool.map(cell, [(m, s, r, args) for m, s, r in cells]))
     elapsed = time.time() - start
-    out = ROOT / "docs" / "results" / "replication_v2.csv"
+    out = ROOT / "docs" / "results" / args.csv
+    for r in rows:
+        r["minutes"] = elapsed / 60
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    if args.csv != "replication_v2.csv":
+        return
+    write_docs(rows, args, elapsed, command_line())
+
+
+def render(args):
+    files = [ROOT / "docs" / "results" / name for name in args.render]
+    tables = [list(csv.DictReader(f.open())) for f in files]
+    rows = []
+    for base in tables[0]:
+        row = {k: _num(v) for k, v in base.items()}
+        for other in tables[1:]:
+            for extra in other:
+                if all(extra[k] == base[k] for k in ("model", "scheduler", "recipe")):
+                    row.update(
+                        {
+                            k: _num(v)
+                            for k, v in extra.items()
+                            if k.startswith(tuple(f"{x}" for x in ("closed_", "fd_", "ratio_"))) or "_minus_q" in k
+                        }
+                    )
+        rows.append(row)
+    minutes = sum(float(t[0].get("minutes", "nan")) for t in tables)
+    write_docs(
+        rows,
+        args,
+        minutes * 60,
+        " and ".join(f"`python studies/replication_v2.py{_flags(n)}`" for n in args.render),
+        rendered=True,
+    )
+
+
+def _flags(name):
+    return "" if name == "replication_v2.csv" else f" --rows persistent --csv {name}"
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def write_docs(rows, args, elapsed, command, rendered=False):
+    cells = rows
+    args.rows = [r for r in ROWS if f"closed_{r}" in rows[0]]
     md = [
-        f"Generated by `{command_line()}` ({elapsed / 60:.1f} min on 2 shared CPU cores). All numbers in "
-        "`docs/results/replication_v2.csv`. **Reduced**: "
+        f"Generated by {command if rendered else '`' + command + '`'} ({elapsed / 60:.1f} min on 2 shared CPU cores)"
+        + (f", rendered by `python studies/replication_v2.py --render {' '.join(args.render)}`" if rendered else "")
+        + ". All numbers in `docs/results/replication_v2*.csv`. **Reduced**: "
         f"{len(cells)} cells, {args.samples} samples per set (the v1 table used 20 cells x 1000); the full command is "
         "`python studies/replication_v2.py --samples 1000 --cells all`.",
         "",
@@ -198,6 +262,7 @@ def main():
         medians(rows),
     ]
     write_section("replication_v2", "\n".join(md))
+    return cells
 
 
 if __name__ == "__main__":

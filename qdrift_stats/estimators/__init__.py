@@ -35,7 +35,8 @@ ESTIMATORS: dict[str, Callable[[], Estimator]] = {
     "robust-first-order": partial(RobustEstimator, statistic="first-order"),
     "moment": MomentEstimator,  # re-samples the pair named in the store
     "persistent": PersistentEstimator,
-    "persistent-ptqd": partial(PersistentEstimator, bias="ptqd"),
+    "persistent-nobias": partial(PersistentEstimator, bias="none"),
+    "persistent-ptqd": partial(PersistentEstimator, bias="ptqd", min_r2=0.01),
     "persistent-conditional": partial(PersistentEstimator, bias="conditional"),
     "published": PublishedEstimator,  # the published Q-Drift code's statistic and correction (baseline)
     "published-bias": partial(PublishedEstimator, bias=True),

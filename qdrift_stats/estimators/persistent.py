@@ -227,8 +227,9 @@ class PersistentEstimator(Estimator):
     """Per-step increments of the accumulated excess variance (see the module docstring).
 
     Args:
-        bias: ``"none"``, ``"ptqd"`` (per-step ``k m_fp + mu``) or ``"conditional"`` (the
-            published code's per-channel conditional mean).
+        bias: ``"ptqd"`` (default: per-step ``k m_fp + mu``, applied only at steps where the FP output
+            explains at least ``min_r2`` of the error), ``"none"`` or ``"conditional"`` (the published
+            code's per-channel conditional mean).
         per_channel: one value per channel (first sample dim) instead of one per step.
         path: where persistence is measured. ``"quantized"`` (default): the per-step size ``v_i`` comes
             from the store (the FP path, as every estimator), the persistence factor ``w_i / v_i`` from
@@ -241,7 +242,10 @@ class PersistentEstimator(Estimator):
         center: count the accumulated perturbation's variance across samples (per channel), not
             its second moment: a shift every sample shares is a bias, not spread (default).
         confidence: level of the t interval over runs of the per-run values.
-        min_r2, min_scale: when the ``ptqd`` bias is applied at a step (as the decomposed estimator).
+        min_r2, min_scale: when the ``ptqd`` bias is applied at a step: ``R^2 >= min_r2`` (default 0.2: on
+            the testbed's weight error, where the output explains 1-10% of the error, the output map
+            costs the flow pair half its repair; on the digits U-Net's w3a4, where it explains ~30%, it
+            is most of the repair; ``docs/results.md``) and ``1 + k >= min_scale``.
         max_points: most values per step for the bias regression (a fixed random subsample).
         seed: seed of that subsample.
         pair: the model pair for ``path="quantized"`` (default: loaded from the store's ``pair``).
@@ -252,13 +256,13 @@ class PersistentEstimator(Estimator):
 
     def __init__(
         self,
-        bias: str = "none",
+        bias: str = "ptqd",
         per_channel: bool = False,
         path: str = "quantized",
         propagation: str = "noise",
         center: bool = True,
         confidence: float = 0.95,
-        min_r2: float = 0.01,
+        min_r2: float = 0.2,
         min_scale: float = 0.5,
         max_points: int = 200_000,
         seed: int = 0,
