@@ -304,7 +304,8 @@ def fit(store, out, estimator_name, correction, strength, overwrite, pair, quiet
     if pair:
         if "pair" not in estimator.param_names():
             raise QDriftError(
-                f"--pair is used only by estimators that re-sample the pair (moment, persistent, auto), not {estimator_name}"
+                "--pair is used only by estimators that re-sample the pair (moment, persistent, auto), "
+                f"not {estimator_name}"
             )
         from qdrift_stats.pair import load_pair
 

@@ -93,7 +93,8 @@ def cell(job):
         ):
             out[f"budget_{key}"] = float(budget[key].values)
         for row in args.rows:
-            fitted = get_estimator(row).fit(store)
+            est = get_estimator(row)
+            fitted = (est.with_params(pair=pair) if "pair" in est.param_names() else est).fit(store)
             out[f"ratio_{row}"] = float(getattr(fitted, "persistence_ratio", float("nan")))
             path = Path(tmp) / f"{row}.safetensors"
             fitted.export(path)

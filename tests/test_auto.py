@@ -39,7 +39,9 @@ def test_the_score_sees_a_shift_and_not_a_resample():
 
 
 def test_auto_never_picks_a_correction_scoring_worse_than_q_and_exports_its_profile(store, tmp_path):
-    fitted = AutoEstimator(candidates=("first-order",), forms=("shrink",), strengths=(0.0, 1.0, 4.0)).fit(store)
+    fitted = AutoEstimator(
+        candidates=("first-order",), forms=("shrink",), strengths=(0.0, 1.0, 4.0), pair=testbed.mixture_vp_noise()
+    ).fit(store)
     c = fitted.choice
     assert c["score"] <= c["q_score"]
     assert len(c["profile"]) == 2 and len(c["segment_b"]) == 2
@@ -55,13 +57,13 @@ def test_auto_never_picks_a_correction_scoring_worse_than_q_and_exports_its_prof
     assert min([t["score"] for t in fitted.trials] + [c["q_score"]]) == pytest.approx(c["score"])
 
 
-def test_auto_refuses_one_run_and_a_store_without_a_pair(store):
+def test_auto_refuses_one_run_and_never_imports_the_pair_named_in_the_store(store):
     import xarray as xr
 
     ds = xr.open_zarr(store)
     with pytest.raises(QDriftError):
-        AutoEstimator().fit(ds.isel(run=[0]))
-    with pytest.raises(QDriftError):
-        AutoEstimator().fit(ds.assign_attrs(pair="no-pair"))
+        AutoEstimator(pair=testbed.mixture_vp_noise()).fit(ds.isel(run=[0]))
+    with pytest.raises(QDriftError, match="--pair"):
+        AutoEstimator().fit(ds)  # the store names a real pair; it is still not imported
     with pytest.raises(QDriftError):
         AutoEstimator(score="likelihood")

@@ -240,6 +240,16 @@ def test_quantized_path_of_an_exact_pair_is_the_fp_path():
     assert np.all(e == 0)
 
 
+def test_with_the_pair_persistence_is_measured_along_the_quantized_path_and_never_from_the_store(weight_store):
+    with_pair = PersistentEstimator(pair=testbed.mixture_vp_weight()).fit(weight_store)
+    assert with_pair.path_used == "quantized" and not with_pair.path_note
+    # the store names the pair it was recorded with; it is not imported from there (a pair is code)
+    without = PersistentEstimator().fit(weight_store)
+    assert without.path_used == "fp" and "--pair" in without.path_note
+    # the per-step size comes from the store either way; only the persistence factor differs
+    np.testing.assert_allclose(with_pair.independent_variance, without.independent_variance)
+
+
 def test_registered_names_fit_and_export(tmp_path, weight_store):
     for name in ("persistent", "persistent-ptqd", "persistent-conditional", "ptqd", "published"):
         fitted = get_estimator(name).fit(weight_store)
@@ -249,7 +259,7 @@ def test_registered_names_fit_and_export(tmp_path, weight_store):
 
 def test_without_a_loadable_pair_persistence_is_measured_along_the_fp_path_and_the_fit_says_so(stores):
     fitted = PersistentEstimator(center=False).fit(stores[("ddim", "constant")])  # pair "synthetic-constant"
-    assert fitted.path_used == "fp" and "could not be loaded" in fitted.path_note
+    assert fitted.path_used == "fp" and "no model pair given" in fitted.path_note
     assert "note:" in fitted.summary()
     same = PersistentEstimator(center=False, path="fp").fit(stores[("ddim", "constant")])
     np.testing.assert_array_equal(fitted.variance, same.variance)

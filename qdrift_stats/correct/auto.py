@@ -4,8 +4,8 @@
 time. For each held-out run it fits every candidate estimator on the other runs, samples the
 quantized model from the held-out run's own seed with the candidate correction, and compares the
 final samples, pooled over the held-out runs, with the FP sampler's from the same seeds. Nothing
-but calibration runs (their seeds and the model pair named in the store) is used; the samples of
-a study are never seen.
+but calibration runs (their seeds) and the model pair the user passes is used; the samples of a
+study are never seen.
 
 The score is a distribution distance (unbiased MMD², Gaussian kernel whose bandwidth is the median
 nearest-neighbour distance within the FP set, so that it sees the spread around each sample's
@@ -117,7 +117,8 @@ class AutoFit(FittedEstimator):
         lines = [super().summary(max_rows), "automatic choice (cross-validation over calibration runs):"]
         if c.get("estimator") is None:
             lines.append(
-                f"  no correction: nothing tried scored below uncorrected Q on the held-out runs (Q {c.get('q_score'):.4g})"
+                "  no correction: nothing tried scored below uncorrected Q on the held-out runs "
+                f"(Q {c.get('q_score'):.4g})"
             )
         else:
             profile = ", ".join(f"{p:g}" for p in c["profile"])
@@ -150,7 +151,7 @@ class AutoEstimator(Estimator):
         segments: pieces of the strength profile, equal-count groups of steps by ``log b``.
         score: ``"mmd"`` (default) or ``"energy"``.
         max_folds: most held-out runs (the first ones); all runs by default.
-        pair: the model pair (default: the one named in the store, loaded as for ``qdrift record``).
+        pair: the model pair (``qdrift fit --pair``); required, never taken from the store.
     """
 
     name = "auto"
@@ -187,16 +188,12 @@ class AutoEstimator(Estimator):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()}
 
     def _pair(self, ds: xr.Dataset):
-        if self.pair is not None:
-            return self.pair
-        from qdrift_stats.pair import load_pair
+        from qdrift_stats.pair import check_pair, recorded_pair_hint
 
-        name = ds.attrs.get("pair")
-        if not name or ":" not in str(name):
-            raise QDriftError(
-                "auto re-samples the model pair, but the store names none; pass the pair (AutoEstimator(pair=...))"
-            )
-        return load_pair(str(name))
+        if self.pair is not None:
+            return check_pair(self.pair)
+        # A pair is code: never imported from the store's 'pair' attribute (a data file).
+        raise QDriftError(recorded_pair_hint(ds.attrs.get("pair"), "the automatic choice"))
 
     def fit(self, store: xr.Dataset | str | Path) -> AutoFit:
         from qdrift_stats.estimators import get_estimator
@@ -228,8 +225,13 @@ class AutoEstimator(Estimator):
         bandwidth = local_bandwidth(reference)
         q_score = distribution_score(uncorrected, reference, self.score, bandwidth)
         fits: dict[str, list[FittedEstimator]] = {}
+
+        def candidate(name: str):
+            est = get_estimator(name)
+            return est.with_params(pair=pair) if "pair" in est.param_names() else est
+
         for name in self.candidates:
-            fits[name] = [get_estimator(name).fit(ds.isel(run=[k for k in range(runs) if k != r])) for r in folds]
+            fits[name] = [candidate(name).fit(ds.isel(run=[k for k in range(runs) if k != r])) for r in folds]
 
         trials: list[dict[str, Any]] = []
         cache: dict[tuple, float] = {}
@@ -276,7 +278,7 @@ class AutoEstimator(Estimator):
                 if value < best[0]:
                     best = (value, best[1], form, best[3])
         score, chosen, form, profile = best
-        full = (get_estimator(chosen) if chosen else get_estimator(self.candidates[0])).fit(ds)
+        full = candidate(chosen or self.candidates[0]).fit(ds)
         lam = np.array([profile[s] if s >= 0 else 0.0 for s in seg]) if chosen else np.zeros(len(seg))
         variance = full.variance * lam.reshape((-1,) + (1,) * (full.variance.ndim - 1))
         bounds = [float(grid.b_next[seg == s].min()) for s in range(n_seg)] if np.any(seg >= 0) else []

@@ -46,7 +46,7 @@ ESTIMATORS: dict[str, Callable[[], Estimator]] = {
 
 
 def _auto() -> Estimator:
-    """:class:`qdrift_stats.correct.auto.AutoEstimator`, imported when asked for (it samples, so it lives in ``correct``)."""
+    """:class:`qdrift_stats.correct.auto.AutoEstimator`, imported on demand (it samples: it lives in ``correct``)."""
     from qdrift_stats.correct.auto import AutoEstimator
 
     return AutoEstimator()

@@ -234,8 +234,8 @@ class PersistentEstimator(Estimator):
         path: where persistence is measured. ``"quantized"`` (default): the per-step size ``v_i`` comes
             from the store (the FP path, as every estimator), the persistence factor ``w_i / v_i`` from
             the same seeds re-run in lock-step along the quantized sampler's own path
-            (:func:`quantized_path_errors`; needs the model pair, by default the one the store names;
-            where it cannot be loaded the FP path is used and the fit says so in ``path_note``).
+            (:func:`quantized_path_errors`; needs the model pair, ``pair=`` or ``qdrift fit --pair``, never
+            taken from the store; without it the FP path is used and the fit says so in ``path_note``).
             ``"fp"``: everything from the store (no model calls; overstates the persistence of an error
             that is rough in the state, see ``docs/method.md``).
         propagation: ``"noise"`` (default) or ``"none"``, see :func:`accumulated_cross_terms`.
@@ -248,7 +248,7 @@ class PersistentEstimator(Estimator):
             is most of the repair; ``docs/results.md``) and ``1 + k >= min_scale``.
         max_points: most values per step for the bias regression (a fixed random subsample).
         seed: seed of that subsample.
-        pair: the model pair for ``path="quantized"`` (default: loaded from the store's ``pair``).
+        pair: the model pair for ``path="quantized"`` (a pair is code: it is never imported from the store).
     """
 
     name = "persistent"
@@ -302,22 +302,12 @@ class PersistentEstimator(Estimator):
         return k, mu, k[channel][None], mu[channel][None]
 
     def _pair(self, ds: xr.Dataset):
-        if self.pair is not None:
-            return self.pair
-        from qdrift_stats.pair import load_pair
+        from qdrift_stats.pair import check_pair, recorded_pair_hint
 
-        name = ds.attrs.get("pair")
-        if not name or ":" not in str(name):
-            raise QDriftError(
-                "the persistent estimator measures persistence along the quantized path and needs the model pair, "
-                "but the store names none; pass the pair or use path='fp'"
-            )
-        try:
-            return load_pair(str(name))
-        except QDriftError:
-            raise
-        except Exception as exc:  # a factory that fails in its own way: say which, in one line
-            raise QDriftError(f"the pair {name!r} could not be built ({type(exc).__name__})") from None
+        if self.pair is not None:
+            return check_pair(self.pair)
+        # A pair is code: never imported from the store's 'pair' attribute (a data file).
+        raise QDriftError(recorded_pair_hint(ds.attrs.get("pair"), "measuring persistence along the quantized path"))
 
     @storage_errors_as_qdrift
     def fit(self, store: xr.Dataset | str | Path) -> PersistentFit:
@@ -381,7 +371,7 @@ class PersistentEstimator(Estimator):
                 pair = self._pair(ds)
             except QDriftError as exc:
                 path_note = (
-                    f"the model pair could not be loaded ({exc}); persistence was measured along the FP path, which "
+                    f"no model pair given ({exc}); persistence was measured along the FP path, which "
                     "overstates it for errors that are rough in the state (docs/method.md)"
                 )
         if pair is not None:

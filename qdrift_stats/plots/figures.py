@@ -618,7 +618,7 @@ def plot_diagnostics(diag: xr.Dataset, x: str = "step") -> Figure:
 
 
 def plot_budget(budget: xr.Dataset) -> Figure:
-    """The error budget (:func:`qdrift_stats.validate.budget.error_budget`): its parts, and where along the grid they arise.
+    """The error budget (:func:`qdrift_stats.validate.budget.error_budget`): its parts, and where they arise.
 
     Left: each part's share of the predicted final mean square deviation from FP (bias, explained
     by the output, independent per-step variance, persistence, interaction). Right, per step: the
