@@ -418,7 +418,12 @@ def report(diag: xr.Dataset) -> str:
         f"{a.get('steps')} steps, {a.get('runs')} runs x {a.get('batch_size')} samples",
         f"Regime: {verdict['regime']}.",
         *[f"  - {r}" for r in verdict["reasons"]],
-        f"Use: qdrift fit STORE --estimator {verdict['estimator']} --correction {verdict['correction']}",
+        f"Use: qdrift fit STORE --estimator {verdict['estimator']} --correction {verdict['correction']}"
+        + (
+            " --pair P  (it re-runs the store's seeds along the quantized path)"
+            if verdict["estimator"] == "persistent"
+            else ""
+        ),
         "Evidence (weighted by each step's correction strength v/b_next^2):",
         f"  signal correlation   weighted R^2 {g('weighted_r2'):.3f}   (signal-correlated from {CORRELATED_R2})",
         f"  output grid          distinct Q outputs per value {g('weighted_lattice'):.3f}   "
@@ -433,7 +438,7 @@ def report(diag: xr.Dataset) -> str:
         f"(persistent above {PERSISTENT_RATIO}; "
         f"not demeaned per trajectory); persistence {g('fraction_persistence'):.0%}, per-step mean "
         f"bias {g('fraction_bias'):.0%} "
-        "of the predicted final deviation (qdrift budget STORE for the full error budget)",
+        "of the predicted final deviation ('qdrift plot budget STORE' draws the full error budget)",
         f"  across channels      median CV of the per-channel variance {g('median_channel_spread'):.2f}",
         f"  drift-form pull      max v/(2 b_next^2) {g('max_drift_pull'):.3g}",
     ]
