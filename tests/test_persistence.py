@@ -263,3 +263,12 @@ def test_without_a_loadable_pair_persistence_is_measured_along_the_fp_path_and_t
     assert "note:" in fitted.summary()
     same = PersistentEstimator(center=False, path="fp").fit(stores[("ddim", "constant")])
     np.testing.assert_array_equal(fitted.variance, same.variance)
+
+
+def test_budget_figure_has_the_parts_and_the_per_step_contributions(weight_store):
+    from qdrift_stats.plots.figures import figure_for
+
+    fig = figure_for("budget", weight_store)
+    left, right = fig.axes[:2]
+    assert [t.get_text() for t in left.get_xticklabels()][0] == "bias"
+    assert len(right.get_lines()) == 3
