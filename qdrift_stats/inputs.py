@@ -87,7 +87,9 @@ def check_declared_arrays(arrays: dict[str, tuple[tuple[int, ...], tuple[str, ..
     their own dimension) must not exceed :data:`MAX_COORD_LENGTH`.
     """
     sizes: dict[str, int] = {}
-    for name, (shape, dims) in arrays.items():
+    # Two passes in name order, so the same store always gets the same message: first every
+    # dimension's size agrees across arrays, then no 1-D array is implausibly long.
+    for name, (shape, dims) in sorted(arrays.items()):
         if len(dims) != len(shape):
             raise QDriftError(f"{where}: variable {name!r} declares {len(shape)} dims but names {len(dims)}")
         for dim, size in zip(dims, shape):
@@ -98,6 +100,7 @@ def check_declared_arrays(arrays: dict[str, tuple[tuple[int, ...], tuple[str, ..
                     f"{where}: dimension {dim!r} has size {sizes[dim]} in one variable and {size} "
                     f"in {name!r}; re-record the store"
                 )
+    for name, (shape, _) in sorted(arrays.items()):
         if len(shape) == 1 and shape[0] > MAX_COORD_LENGTH:
             raise QDriftError(
                 f"{where}: variable {name!r} declares {shape[0]} entries (more than "
