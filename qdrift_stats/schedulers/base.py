@@ -151,6 +151,27 @@ def timesteps_of(scheduler) -> np.ndarray:
     return scheduler.timesteps.detach().cpu().double().numpy()
 
 
+def alphas_cumprod_of(scheduler) -> np.ndarray:
+    """A DDPM-family scheduler's ``alphas_cumprod`` table, float64 on the host."""
+    return scheduler.alphas_cumprod.detach().cpu().double().numpy()
+
+
+def vp_grid(
+    name: str, timesteps: np.ndarray, abar: np.ndarray, abar_next: np.ndarray, prediction_type: str
+) -> StepGrid:
+    """The step grid of a VP scheduler from the cumulative alphas of each step's level and target level:
+    ``a = sqrt(abar)``, ``b = sqrt(1 - abar)`` (``(steps,)`` float64 each)."""
+    return StepGrid(
+        name,
+        timesteps,
+        np.sqrt(abar),
+        np.sqrt(1.0 - abar),
+        np.sqrt(abar_next),
+        np.sqrt(np.clip(1.0 - abar_next, 0.0, None)),
+        prediction_type,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # the adapter base class and the registry
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from diffusers import DDIMScheduler
 
-from qdrift_stats.schedulers.base import SchedulerAdapter, StepGrid, register, timesteps_of
+from qdrift_stats.schedulers.base import SchedulerAdapter, StepGrid, alphas_cumprod_of, register, timesteps_of, vp_grid
 
 
 @register
@@ -27,19 +27,11 @@ class DDIMAdapter(SchedulerAdapter):
 
     def grid(self, scheduler) -> StepGrid:
         timesteps = timesteps_of(scheduler)
-        abar_all = scheduler.alphas_cumprod.detach().cpu().double().numpy()
+        abar_all = alphas_cumprod_of(scheduler)
         final = float(scheduler.final_alpha_cumprod)
         stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
         t_int = timesteps.astype(np.int64)
         prev = t_int - stride
         abar = abar_all[t_int]
         abar_next = np.where(prev >= 0, abar_all[np.clip(prev, 0, None)], final)
-        return StepGrid(
-            self.name,
-            timesteps,
-            np.sqrt(abar),
-            np.sqrt(1.0 - abar),
-            np.sqrt(abar_next),
-            np.sqrt(np.clip(1.0 - abar_next, 0.0, None)),
-            scheduler.config.prediction_type,
-        )
+        return vp_grid(self.name, timesteps, abar, abar_next, scheduler.config.prediction_type)

@@ -12,7 +12,15 @@ import numpy as np
 from diffusers import DDPMScheduler
 
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.schedulers.base import SchedulerAdapter, StepGrid, register, timesteps_of
+from qdrift_stats.schedulers.base import (
+    SchedulerAdapter,
+    StepGrid,
+    alphas_cumprod_of,
+    first_order_gain,
+    register,
+    timesteps_of,
+    vp_grid,
+)
 from qdrift_stats.schedulers.noise import ancestral_noise_std
 
 _VARIANCES = ("fixed_small", "fixed_small_log")
@@ -32,26 +40,16 @@ class DDPMAdapter(SchedulerAdapter):
         if variance not in _VARIANCES:
             raise QDriftError(f"ddpm: variance_type {variance!r} is not supported; use fixed_small")
         timesteps = timesteps_of(scheduler)
-        abar_all = scheduler.alphas_cumprod.detach().cpu().double().numpy()
+        abar_all = alphas_cumprod_of(scheduler)
         abar = abar_all[timesteps.astype(np.int64)]
         prev = np.array([int(scheduler.previous_timestep(int(t))) for t in timesteps])
         abar_next = np.where(prev >= 0, abar_all[np.clip(prev, 0, None)], 1.0)
-        return StepGrid(
-            self.name,
-            timesteps,
-            np.sqrt(abar),
-            np.sqrt(1.0 - abar),
-            np.sqrt(abar_next),
-            np.sqrt(np.clip(1.0 - abar_next, 0.0, None)),
-            scheduler.config.prediction_type,
-        )
+        return vp_grid(self.name, timesteps, abar, abar_next, scheduler.config.prediction_type)
 
     def first_order_gain(self, grid: StepGrid) -> np.ndarray:
         # the posterior mean is a_next x0_hat + sqrt(b_next^2 - s^2) eps_hat (DDIM with eta = 1)
         s = self.noise_std(grid)
         b_det = np.sqrt(np.clip(grid.b_next**2 - s**2, 0.0, None))
-        from qdrift_stats.schedulers.base import first_order_gain
-
         return first_order_gain(grid.prediction_type, grid.a, grid.b, grid.a_next, b_det)
 
     def noise_std(self, grid: StepGrid) -> np.ndarray:

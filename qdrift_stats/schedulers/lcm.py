@@ -12,7 +12,15 @@ from typing import Any
 import numpy as np
 from diffusers import LCMScheduler
 
-from qdrift_stats.schedulers.base import SchedulerAdapter, StepGrid, register, timesteps_of
+from qdrift_stats.schedulers.base import (
+    SchedulerAdapter,
+    StepGrid,
+    alphas_cumprod_of,
+    register,
+    timesteps_of,
+    vp_grid,
+    x0_slope,
+)
 
 
 @register
@@ -26,23 +34,13 @@ class LCMAdapter(SchedulerAdapter):
 
     def grid(self, scheduler) -> StepGrid:
         timesteps = timesteps_of(scheduler)
-        abar_all = scheduler.alphas_cumprod.detach().cpu().double().numpy()
+        abar_all = alphas_cumprod_of(scheduler)
         abar = abar_all[timesteps.astype(np.int64)]
         abar_next = np.append(abar[1:], 1.0)  # the last step returns the consistency estimate
-        return StepGrid(
-            self.name,
-            timesteps,
-            np.sqrt(abar),
-            np.sqrt(1.0 - abar),
-            np.sqrt(abar_next),
-            np.sqrt(np.clip(1.0 - abar_next, 0.0, None)),
-            scheduler.config.prediction_type,
-        )
+        return vp_grid(self.name, timesteps, abar, abar_next, scheduler.config.prediction_type)
 
     def first_order_gain(self, grid: StepGrid) -> np.ndarray:
         # x_{i+1} = a_next x0_hat + (fresh noise): the output enters through x0_hat only
-        from qdrift_stats.schedulers.base import x0_slope
-
         return grid.a_next * x0_slope(grid.prediction_type, grid.a, grid.b)
 
     def noise_std(self, grid: StepGrid) -> np.ndarray:
