@@ -78,7 +78,7 @@ def one_line_error(code, err, match):
 
 
 def test_unknown_scheduler(tmp_path, capsys):
-    one_line_error(*run(capsys, *record_args(tmp_path / "x.zarr", scheduler="heun"))[::2], "unknown scheduler 'heun'")
+    one_line_error(*run(capsys, *record_args(tmp_path / "x.zarr", scheduler="kdpm2"))[::2], "unknown scheduler 'kdpm2'")
 
 
 def test_pair_without_fp(tmp_path, capsys):

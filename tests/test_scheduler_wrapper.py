@@ -157,10 +157,10 @@ def test_misuse_gets_one_line_errors():
         QDriftScheduler(wrapped, est)
     with pytest.raises(QDriftError, match="unknown correction form"):
         QDriftScheduler(make_scheduler("euler", pair.scheduler_config), est, correction="sharpen")
-    from diffusers import HeunDiscreteScheduler
+    from diffusers import KDPM2DiscreteScheduler
 
-    with pytest.raises(QDriftError, match="unsupported scheduler class HeunDiscreteScheduler"):
-        QDriftScheduler(HeunDiscreteScheduler(), est)
+    with pytest.raises(QDriftError, match="unsupported scheduler class KDPM2DiscreteScheduler"):
+        QDriftScheduler(KDPM2DiscreteScheduler(), est)
 
 
 def test_estimator_for_another_grid_scheduler_or_config_is_refused_in_one_line():

@@ -4,7 +4,7 @@ import torch
 
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.schedulers import adapter_for
-from qdrift_stats.schedulers.base import SCHEDULER_NAMES, make_scheduler, step_grid, x0_from_output
+from qdrift_stats.schedulers.base import SCHEDULER_NAMES, make_scheduler, step_calls, step_grid, x0_from_output
 from qdrift_stats.schedulers.noise import capture_step_noise
 from qdrift_stats.testbed import FLOW_SCHEDULER_CONFIG, VP_SCHEDULER_CONFIG
 
@@ -21,7 +21,9 @@ def test_step_grid_has_one_level_per_step_and_ends_clean(name, steps):
     sched = make_scheduler(name, config_for(name))
     sched.set_timesteps(steps)
     grid = step_grid(sched)
-    assert grid.num_steps == steps == len(sched.timesteps)
+    assert grid.num_steps == steps == len(step_calls(sched))
+    # one timestep entry per model call: Heun calls twice per step except on its last (Euler) step
+    assert len(sched.timesteps) == (2 * steps - 1 if name == "heun" else steps)
     for arr in (grid.a, grid.b, grid.a_next, grid.b_next):
         assert arr.shape == (steps,) and np.all(np.isfinite(arr))
     # levels decrease monotonically in noise and the last step lands on the clean sample
@@ -82,8 +84,8 @@ def test_x0_from_output_inverts_each_prediction_type(prediction):
 
 
 def test_unknown_scheduler_is_refused_with_the_choices():
-    with pytest.raises(QDriftError, match="unknown scheduler 'heun'.*euler"):
-        make_scheduler("heun", VP_SCHEDULER_CONFIG)
+    with pytest.raises(QDriftError, match="unknown scheduler 'kdpm2'.*euler"):
+        make_scheduler("kdpm2", VP_SCHEDULER_CONFIG)
 
 
 @pytest.mark.parametrize("name,config", [("euler", FLOW_SCHEDULER_CONFIG), ("flow-euler", VP_SCHEDULER_CONFIG)])

@@ -29,7 +29,10 @@ nothing is copied between devices. Steps with a zero coefficient are skipped on 
 estimator (or strength 0) returns the wrapped scheduler's output object untouched, bit for bit.
 
 The step index is a counter reset by ``set_timesteps`` and moved by ``set_begin_index`` (img2img
-pipelines), checked against the wrapped scheduler's own ``step_index`` where it has one.
+pipelines), checked against the wrapped scheduler's own ``step_index`` where it has one. It counts
+entries of ``timesteps`` (model calls): a two-call solver (Heun) is corrected once per step, when the
+corrector call lands, with the step's effective output from the state the predictor call started at
+(:func:`~qdrift_stats.schedulers.base.first_order_output`); its predictor half-step is left as is.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from qdrift_stats.correct.coefficients import CORRECTION_FORMS
 from qdrift_stats.correct.corrector import Corrector
 from qdrift_stats.correct.estimator_file import EstimatorFile
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.schedulers.base import scheduler_name
+from qdrift_stats.schedulers.base import call_steps, first_order_output, scheduler_name
 from qdrift_stats.schedulers.noise import capture_step_noise
 
 ESTIMATOR_FILE_NAME = "qdrift_estimator.safetensors"
@@ -189,6 +192,8 @@ class QDriftScheduler(SchedulerProxy):
             "_step_counter",
             "_timesteps_call",
             "_synced",
+            "_call_steps",
+            "_step_start",
         }
     )
 
@@ -233,6 +238,8 @@ class QDriftScheduler(SchedulerProxy):
         self._step_counter = 0
         self._timesteps_call: dict[str, Any] = {}
         self._synced = True
+        self._call_steps: list[int] = []
+        self._step_start = None
         if pipeline is not None:
             check_pipeline(pipeline, self.estimator)
 
@@ -281,29 +288,37 @@ class QDriftScheduler(SchedulerProxy):
             corrector = self.corrector
         if not self._synced:
             self._sync_to(timestep, corrector)
-        i = self._step_counter
-        if i >= corrector.grid.num_steps:
-            raise QDriftError(f"step {i} is past the {corrector.grid.num_steps} steps set by set_timesteps")
+        k = self._step_counter  # the entry of the wrapped scheduler's timesteps (one per model call)
+        steps = self._call_steps
+        if k >= len(steps):
+            raise QDriftError(f"step {k} is past the {len(steps)} steps set by set_timesteps")
+        i = int(steps[k])  # the step of the grid this call belongs to (Heun: two calls per step)
+        if k == 0 or steps[k - 1] != i:
+            self._step_start = sample
+        landing = k + 1 == len(steps) or steps[k + 1] != i
         if corrector.output_active[i]:
             model_output = self._corrector_on(model_output).correct_output(i, model_output)
         noise = None
-        if corrector.noise_active[i]:  # a stochastic step whose injected noise the correction lowers
+        if landing and corrector.noise_active[i]:  # a stochastic step whose injected noise the correction lowers
             with capture_step_noise(self.scheduler) as drawn:
                 output = self.scheduler.step(model_output, timestep, sample, *args, **kwargs)
             noise = drawn.noise
         else:
             output = self.scheduler.step(model_output, timestep, sample, *args, **kwargs)
-        self._step_counter = i + 1
+        self._step_counter = k + 1
         inner_index = getattr(self.scheduler, "_step_index", None)
-        if isinstance(inner_index, int) and inner_index != i + 1:
+        if isinstance(inner_index, int) and inner_index != k + 1:
             raise QDriftError(
-                f"step index out of sync: QDriftScheduler is at step {i}, the wrapped scheduler at {inner_index - 1}; "
+                f"step index out of sync: QDriftScheduler is at step {k}, the wrapped scheduler at {inner_index - 1}; "
                 "call set_begin_index on the wrapper, not on the wrapped scheduler"
             )
-        if not corrector.active[i]:
+        if not landing or not corrector.active[i]:  # Heun's predictor half-step is never corrected
             return output
         prev_sample = prev_sample_of(output)
-        corrected = self._corrector_on(prev_sample)(i, sample, model_output, prev_sample, noise)
+        x_start = self._step_start
+        if x_start is not sample:  # a two-call step: its effective output from the step's start
+            model_output = first_order_output(corrector.grid, i, x_start, prev_sample)
+        corrected = self._corrector_on(prev_sample)(i, x_start, model_output, prev_sample, noise)
         return with_prev_sample(output, corrected)
 
     # ---- the corrector ----------------------------------------------------------------------
@@ -338,6 +353,8 @@ class QDriftScheduler(SchedulerProxy):
         )
         self.corrector = corrector
         self._correctors = {(corrector.coefficients.device, torch.float32): corrector}
+        self._call_steps = [int(i) for i in call_steps(self.scheduler)]
+        self._step_start = None
         self._step_counter = 0
         self._synced = False
 

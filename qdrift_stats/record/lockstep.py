@@ -23,15 +23,16 @@ import torch
 
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.loop import (
+    advance_step,
     initial_noise,
     prepared_scheduler,
     run_sampler,
-    scale_model_input,
     step_generator,
     stochastic_step_kwargs,
 )
 from qdrift_stats.pair import check_pair
 from qdrift_stats.record.store import STORAGE_DTYPES, StoreWriter, identity_attrs, step_coordinates
+from qdrift_stats.schedulers.base import step_calls, step_grid
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,16 @@ def record_run(
     x, cond = initial_noise(pair, sched_fp, batch_size, seed)
     x_start = x.clone()
     delta_x, delta_out, out_fp, traj_fp = [], [], [], []
+    plan = step_calls(sched_q)
+    grid = step_grid(sched_q) if len(plan) != len(sched_q.timesteps) else None
 
     def q_step(state: dict[str, Any]) -> None:
-        """The lock-step Q scheduler: from the same state, with the Q output; the FP branch goes on."""
+        """The lock-step Q scheduler: from the same state, with the Q output; the FP branch goes on.
+
+        A two-call step (Heun) is the Q sampler's whole step from ``x_i``: its corrector call is
+        evaluated at its own predicted state; ``m_q`` and ``m_fp`` are the steps' effective outputs."""
         i, t, x_i, m_fp, x_fp = state["i"], state["t"], state["x"], state["output"], state["x_next"]
-        model_input = scale_model_input(sched_q, x_i, t)  # also keeps the Q scheduler's bookkeeping in step
-        m_q = pair.q(model_input, t, **cond)
-        x_q = sched_q.step(m_q, t, x_i, **kw_q, return_dict=False)[0]
+        x_q, m_q, _, _ = advance_step(pair.q, sched_q, x_i, plan[i], cond, kw_q, i=i, grid=grid)
         for name, value in (("m_fp", m_fp), ("m_q", m_q), ("x_fp", x_fp), ("x_q", x_q)):
             if not bool(torch.isfinite(value).all()):
                 raise QDriftError(

@@ -16,6 +16,7 @@ lcm            ``LCMScheduler`` (stochastic re-noising)             VP          
 unipc          ``UniPCMultistepScheduler`` (multistep)              VP             ``unipc``
 deis           ``DEISMultistepScheduler`` (multistep)               VP             ``deis``
 dpmpp-2m-sde   ``DPMSolverMultistepScheduler`` sde-dpmsolver++      VP             ``dpmpp_sde``
+heun           ``HeunDiscreteScheduler`` (two model calls per step) VP             ``heun``
 ============== ==================================================== ============== ==========
 
 Stochastic adapters also give the std of the noise each step injects (``noise_std``); the
@@ -32,6 +33,7 @@ from typing import Any
 # isort: off
 from qdrift_stats.schedulers import euler, ddim, flow_euler, dpmpp  # noqa: F401
 from qdrift_stats.schedulers import euler_ancestral, ddpm, lcm, unipc, deis, dpmpp_sde  # noqa: F401
+from qdrift_stats.schedulers import heun  # noqa: F401
 
 # isort: on
 from qdrift_stats.schedulers.base import (
@@ -39,8 +41,10 @@ from qdrift_stats.schedulers.base import (
     SchedulerAdapter,
     StepGrid,
     adapter_for,
+    call_steps,
     find_adapter,
     first_order_gain,
+    first_order_output,
     gain_on,
     get_adapter,
     is_flow_config,
@@ -53,6 +57,7 @@ from qdrift_stats.schedulers.base import (
     scheduler_identity,
     scheduler_name,
     scheduler_names,
+    step_calls,
     step_grid,
     step_kwargs,
     unregister,
@@ -65,8 +70,10 @@ __all__ = [
     "SchedulerAdapter",
     "StepGrid",
     "adapter_for",
+    "call_steps",
     "find_adapter",
     "first_order_gain",
+    "first_order_output",
     "gain_on",
     "get_adapter",
     "is_flow_config",
@@ -79,6 +86,7 @@ __all__ = [
     "scheduler_identity",
     "scheduler_name",
     "scheduler_names",
+    "step_calls",
     "step_grid",
     "step_kwargs",
     "unregister",

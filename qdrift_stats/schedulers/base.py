@@ -15,7 +15,9 @@ An adapter (a subclass of :class:`SchedulerAdapter`, registered with :func:`regi
 - :meth:`~SchedulerAdapter.grid`: the per-step coordinates of a configured scheduler;
 - :meth:`~SchedulerAdapter.x0_hat` per prediction type and :meth:`~SchedulerAdapter.first_order_gain`
   (both have defaults that follow from the coordinates; see :func:`x0_from_output`, :func:`first_order_gain`);
-- :meth:`~SchedulerAdapter.step_kwargs`: keyword arguments that make ``scheduler.step`` deterministic.
+- :meth:`~SchedulerAdapter.step_kwargs`: keyword arguments that make ``scheduler.step`` deterministic;
+- :meth:`~SchedulerAdapter.call_steps`: which step each entry of ``scheduler.timesteps`` belongs to
+  (one model call per entry; a two-call solver such as Heun runs two entries per step).
 
 A new scheduler is one module in this package holding its adapter class, decorated with
 :func:`register`, plus one import line in ``qdrift_stats/schedulers/__init__.py``. The registered
@@ -210,6 +212,15 @@ class SchedulerAdapter:
         """Extra keyword arguments for ``scheduler.step`` (e.g. DDIM's ``eta=0``)."""
         return {}
 
+    def call_steps(self, scheduler) -> np.ndarray:
+        """``(len(scheduler.timesteps),)`` int: the step (of :meth:`grid`) each timestep entry belongs to.
+
+        A diffusers loop calls the model and ``scheduler.step`` once per entry of ``scheduler.timesteps``;
+        a step *lands* (reaches the level ``b_next[i]``) at the last entry of its run. Default: one
+        entry per step. Two-call solvers (Heun: a predictor and a corrector call) override it.
+        """
+        return np.arange(len(scheduler.timesteps))
+
     def x0_hat(self, grid: StepGrid, i: int, x: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
         """Clean-sample estimate at step ``i`` (:func:`x0_from_output` on the grid's prediction type)."""
         return grid.x0_from_output(i, x, model_output)
@@ -322,6 +333,40 @@ def step_kwargs(scheduler) -> dict[str, Any]:
     """Extra keyword arguments for ``scheduler.step`` that make the update deterministic ({} if none is known)."""
     adapter = find_adapter(scheduler)
     return adapter.step_kwargs(scheduler) if adapter is not None else {}
+
+
+def call_steps(scheduler) -> np.ndarray:
+    """The step each entry of a configured scheduler's ``timesteps`` belongs to
+    (:meth:`SchedulerAdapter.call_steps`; one entry per step for a scheduler no adapter drives)."""
+    adapter = find_adapter(scheduler)
+    return adapter.call_steps(scheduler) if adapter is not None else np.arange(len(scheduler.timesteps))
+
+
+def step_calls(scheduler) -> list[list[int]]:
+    """The timestep entries of each step, in order: ``[[0], [1], ...]`` for one-call solvers,
+    ``[[0, 1], [2, 3], ..., [2n - 2]]`` for Heun (its last step is a single Euler call)."""
+    steps = call_steps(scheduler)
+    calls: list[list[int]] = []
+    for k, i in enumerate(steps.tolist()):
+        if not calls or i != steps[k - 1]:
+            calls.append([])
+        calls[-1].append(k)
+    return calls
+
+
+def first_order_output(grid: StepGrid, i: int, x: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
+    """The model output with which a first-order step ``i`` from ``x`` lands on ``x_next``.
+
+    A first-order step is ``x_next = (b_{i+1} / b_i) x + (a_{i+1} - b_{i+1} a_i / b_i) x0_hat(x, m)``
+    (:func:`first_order_gain`), affine in ``m``; this inverts it. For a step that makes more than one
+    model call (Heun) it is the step's *effective output*: the landing is then exactly the first-order
+    step with this output, ``x_next - x_next' = gain_i (m - m')`` for two landings from the same ``x``
+    (for Heun on epsilon the mean of its two calls' outputs). Shapes: equal, any.
+    """
+    a, b, a_next, b_next = (float(v[i]) for v in (grid.a, grid.b, grid.a_next, grid.b_next))
+    x0 = (x_next - (b_next / b) * x) / (a_next - b_next * a / b)
+    slope = float(x0_slope(grid.prediction_type, np.array([a]), np.array([b]))[0])
+    return (x0 - x0_from_output(grid.prediction_type, a, b, x, torch.zeros_like(x))) / slope
 
 
 def is_multistep(name: str) -> bool:
