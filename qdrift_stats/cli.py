@@ -18,9 +18,21 @@ from qdrift_stats.outputs import check_output
 
 # Kept literal so that 'qdrift --help' does not import torch and diffusers (tests compare it with
 # qdrift_stats.schedulers.base.SCHEDULER_NAMES).
-SCHEDULER_HELP = (
-    "One of euler, ddim, dpmpp-2m, euler-ancestral, ddpm, lcm, unipc, deis, dpmpp-2m-sde, flow-euler, flow-dpmpp-2m."
+_SCHEDULERS_LITERAL = (
+    "euler",
+    "ddim",
+    "dpmpp-2m",
+    "euler-ancestral",
+    "ddpm",
+    "lcm",
+    "unipc",
+    "deis",
+    "dpmpp-2m-sde",
+    "heun",
+    "flow-euler",
+    "flow-dpmpp-2m",
 )
+SCHEDULER_HELP = f"One of {', '.join(_SCHEDULERS_LITERAL)}."
 PAIR_HELP = "Model pair MODULE:FACTORY or path/to/file.py:FACTORY (the current folder is importable)."
 QUIET_HELP = "No progress lines (they go to stderr: a bar on a terminal, one line per item elsewhere)."
 

@@ -14,6 +14,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     LCMScheduler,
     UniPCMultistepScheduler,
 )
@@ -34,6 +35,7 @@ SCHEDULERS = {
     "ddpm": lambda: DDPMScheduler(**BETAS, clip_sample=False),
     "lcm": lambda: LCMScheduler(**BETAS, clip_sample=False),
     "dpmpp-2m-sde": lambda: DPMSolverMultistepScheduler(**BETAS, algorithm_type="sde-dpmsolver++"),
+    "heun": lambda: HeunDiscreteScheduler(**BETAS),
 }
 
 
@@ -52,8 +54,8 @@ def test_sde_dpmsolver_is_named_as_such_and_other_algorithms_are_refused():
     assert scheduler_name(DPMSolverMultistepScheduler(**BETAS)) == "dpmpp-2m"
     with pytest.raises(QDriftError, match="unsupported scheduler class DPMSolverMultistepScheduler"):
         scheduler_name(DPMSolverMultistepScheduler(**BETAS, algorithm_type="dpmsolver", final_sigmas_type="sigma_min"))
-    with pytest.raises(QDriftError, match="unsupported scheduler class HeunDiscreteScheduler"):
-        QDriftScheduler(HeunDiscreteScheduler(**BETAS), "unused.safetensors")
+    with pytest.raises(QDriftError, match="unsupported scheduler class KDPM2DiscreteScheduler"):
+        QDriftScheduler(KDPM2DiscreteScheduler(**BETAS), "unused.safetensors")
 
 
 # ---- the injected noise, against diffusers' own step ---------------------------------------------------

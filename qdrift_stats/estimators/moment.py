@@ -68,10 +68,10 @@ from qdrift_stats.correct.coefficients import CORRECTION_FORMS
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators.base import Estimator, FittedEstimator, as_dataset
 from qdrift_stats.estimators.empirical import t_interval
-from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler, scale_model_input
+from qdrift_stats.loop import advance_step, initial_noise, prepared_scheduler, run_sampler
 from qdrift_stats.pair import check_pair, recorded_pair_hint
 from qdrift_stats.record.store import storage_errors_as_qdrift
-from qdrift_stats.schedulers.base import step_grid, step_kwargs
+from qdrift_stats.schedulers.base import step_calls, step_grid, step_kwargs
 
 _FLOAT_RESOLUTION = 1e-6  # relative: differences below it are float32 rounding, not excess
 _CAP_TOLERANCE = 1e-4  # relative miss of the target above which a step counts as capped
@@ -122,15 +122,15 @@ def matched_run(
     grid = step_grid(sched_q)
     x_fp, cond = initial_noise(pair, sched_fp, batch_size, seed)
     kw_q = step_kwargs(sched_q)
+    plan = step_calls(sched_q)  # Heun: two calls per step, the effective output
     v, capped = np.zeros(steps), np.zeros(steps, dtype=bool)
     q_state = {"x": x_fp.clone()}
 
     def matched_q_step(state: dict[str, Any]) -> None:
         """The free-running, corrected Q sampler, advanced beside the FP sampler's step ``i``."""
-        i, t, next_fp = state["i"], state["t"], state["x_next"]
+        i, next_fp = state["i"], state["x_next"]
         x_q = q_state["x"]
-        out_q = pair.q(scale_model_input(sched_q, x_q, t), t, **cond)
-        next_q = sched_q.step(out_q, t, x_q, **kw_q, return_dict=False)[0]
+        next_q, out_q, _, _ = advance_step(pair.q, sched_q, x_q, plan[i], cond, kw_q, i=i, grid=grid)
         b_next = float(grid.b_next[i])
         if b_next > 0:
             anchor = float(grid.a_next[i]) * grid.x0_from_output(i, x_q, out_q).double()

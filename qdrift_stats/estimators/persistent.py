@@ -194,8 +194,8 @@ def quantized_path_errors(
     an error that repeats along the (barely moving) FP path may not repeat along the Q path.
     Same seeds and batch as the store's runs (same initial noise and conditions).
     """
-    from qdrift_stats.loop import initial_noise, prepared_scheduler, scale_model_input
-    from qdrift_stats.schedulers.base import step_kwargs
+    from qdrift_stats.loop import advance_step, initial_noise, prepared_scheduler
+    from qdrift_stats.schedulers.base import step_calls, step_grid, step_kwargs
 
     errors, outputs = [], []
     with torch.no_grad():
@@ -205,13 +205,12 @@ def quantized_path_errors(
             kw_fp, kw_q = step_kwargs(sched_fp), step_kwargs(sched_q)
             x, cond = initial_noise(pair, sched_q, batch, seed)
             e_run, m_run = [], []
-            for t in sched_q.timesteps:
-                model_input = scale_model_input(sched_q, x, t)
-                scale_model_input(sched_fp, x, t)
-                m_fp = pair.fp(model_input, t, **cond)
-                m_q = pair.q(model_input, t, **cond)
-                sched_fp.step(m_fp, t, x, **kw_fp, return_dict=False)  # keeps the FP history in step
-                x_q = sched_q.step(m_q, t, x, **kw_q, return_dict=False)[0]
+            plan = step_calls(sched_q)  # a two-call step (Heun) gives its effective outputs
+            grid = step_grid(sched_q) if len(plan) != len(sched_q.timesteps) else None
+            for i, calls in enumerate(plan):
+                # the FP step keeps the FP history in step
+                _, m_fp, _, _ = advance_step(pair.fp, sched_fp, x, calls, cond, kw_fp, i=i, grid=grid)
+                x_q, m_q, _, _ = advance_step(pair.q, sched_q, x, calls, cond, kw_q, i=i, grid=grid)
                 e_run.append((m_q - m_fp).double().cpu().numpy())
                 m_run.append(m_fp.double().cpu().numpy())
                 x = x_q

@@ -53,7 +53,7 @@ from qdrift_stats.correct.diffusers import SchedulerProxy, mirrors_wrapped_signa
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.record.fingerprint import check_denoiser, fingerprint, probe_spec
 from qdrift_stats.record.store import STORAGE_DTYPES, StoreWriter, check_compatible, grid_coordinates, identity_attrs
-from qdrift_stats.schedulers.base import StepGrid, scheduler_name, step_grid
+from qdrift_stats.schedulers.base import StepGrid, call_steps, first_order_output, scheduler_name, step_grid
 
 DENOISER_NAMES: tuple[str, ...] = ("unet", "transformer")
 _LATENT_KWARGS: tuple[str, ...] = ("sample", "hidden_states", "x")
@@ -84,10 +84,55 @@ class PassLog:
     begin_index: int | None = None
     probe: dict[str, Any] | None = None
     probe_recorded: bool = False
+    call_steps: list[int] | None = None
+    step_start: tuple[torch.Tensor, float] | None = None
 
     @property
     def num_steps(self) -> int:
         return len(self.outputs)
+
+    @property
+    def in_step(self) -> bool:
+        """Whether a two-call step (Heun) has made its first call and not landed yet."""
+        return self.step_start is not None
+
+    def timesteps_set(self, scheduler: Any) -> None:
+        """After ``set_timesteps``: the grid, and which step each timestep entry (model call) belongs to."""
+        self.full_grid = step_grid(scheduler)
+        self.call_steps = [int(i) for i in call_steps(scheduler)]
+        self.begin_index = None
+        self.step_start = None
+
+    def before_call(self, sample: torch.Tensor, timestep: Any) -> None:
+        """Before a ``scheduler.step`` call: the first call of a step keeps the state and timestep it starts at."""
+        if self.step_start is None:
+            self.step_start = (sample, _as_float(timestep))
+
+    def after_call(self, scheduler: Any) -> tuple[int, bool]:
+        """After a ``scheduler.step`` call: ``(step of the full grid, whether the step landed)``.
+
+        Every call lands for one-call solvers; for a two-call solver (Heun) the call's entry of
+        ``timesteps`` is the scheduler's own ``step_index`` (which follows img2img begin indices)."""
+        steps = self.call_steps
+        inner = getattr(scheduler, "_step_index", None)
+        if steps is None or len(set(steps)) == len(steps) or not isinstance(inner, int):
+            return -1, True
+        k = inner - 1
+        if not 0 <= k < len(steps):
+            raise QDriftError(f"scheduler step {k} is outside the {len(steps)} timesteps set by set_timesteps")
+        return steps[k], k + 1 == len(steps) or steps[k + 1] != steps[k]
+
+    def land(self, i: int, output: torch.Tensor, next_state: torch.Tensor) -> None:
+        """Log one step that landed: the state it started at, its (effective) output and its new state."""
+        sample, t = self.step_start
+        if i >= 0:  # a two-call step: the output a first-order step from its start would need
+            output = first_order_output(self.full_grid, i, sample, next_state)
+        self.step_start = None
+        self.states.append(sample.detach().clone())
+        self.outputs.append(output.detach().clone())
+        self.next_states.append(next_state.detach().clone())
+        self.timesteps.append(t)
+        self.close_step()
 
     def close_step(self) -> None:
         self.denoiser_inputs.append(self.pending_inputs)
@@ -112,8 +157,7 @@ class _RecordingScheduler(SchedulerProxy):
         """The wrapped ``set_timesteps``; the call (``mu``, ``sigmas``, ``timesteps``, ...) and its grid are logged."""
         result = self.scheduler.set_timesteps(*args, **kwargs)
         self.log.set_timesteps_call = (tuple(args), dict(kwargs))
-        self.log.full_grid = step_grid(self.scheduler)
-        self.log.begin_index = None
+        self.log.timesteps_set(self.scheduler)
         return result
 
     def set_begin_index(self, begin_index: int = 0) -> None:
@@ -121,17 +165,17 @@ class _RecordingScheduler(SchedulerProxy):
         inner = getattr(self.scheduler, "set_begin_index", None)
         if inner is not None:
             inner(begin_index)
-        self.log.begin_index = int(begin_index)
+        steps = self.log.call_steps  # an entry of timesteps; the grid's step (Heun: entry 2i is step i)
+        self.log.begin_index = steps[begin_index] if steps and 0 <= begin_index < len(steps) else int(begin_index)
 
     @mirrors_wrapped_signature
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        output = self.scheduler.step(model_output, timestep, sample, *args, **kwargs)
         log = self.log
-        log.states.append(sample.detach().clone())
-        log.outputs.append(model_output.detach().clone())
-        log.next_states.append(prev_sample_of(output).detach().clone())
-        log.timesteps.append(_as_float(timestep))
-        log.close_step()
+        log.before_call(sample, timestep)
+        output = self.scheduler.step(model_output, timestep, sample, *args, **kwargs)
+        i, landed = log.after_call(self.scheduler)
+        if landed:
+            log.land(i, model_output, prev_sample_of(output))
         return output
 
 
@@ -146,24 +190,34 @@ class _ReplayingScheduler(SchedulerProxy):
         self.fp_log = fp_log
 
     @mirrors_wrapped_signature
+    def set_timesteps(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.scheduler.set_timesteps(*args, **kwargs)
+        self.log.timesteps_set(self.scheduler)
+        return result
+
+    @mirrors_wrapped_signature
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        i, fp = self.log.num_steps, self.fp_log
+        """A step's first call steps from the FP state; a two-call step's later calls (Heun's corrector)
+        continue from the state the Q scheduler itself predicted, so the Q step is the quantized
+        sampler's whole step from ``x_i``; the landing hands the FP state back."""
+        i, fp, log = self.log.num_steps, self.fp_log, self.log
         if i >= fp.num_steps:
             raise QDriftError(
                 f"the quantized pipeline made more scheduler steps than the full-precision one ({fp.num_steps})"
             )
-        if abs(_as_float(timestep) - fp.timesteps[i]) > 1e-6 * max(1.0, abs(fp.timesteps[i])):
-            raise QDriftError(
-                f"step {i}: the quantized pipeline is at timestep {_as_float(timestep):g}, the "
-                f"full-precision one was at {fp.timesteps[i]:g}"
-            )
-        state = fp.states[i].to(device=sample.device, dtype=sample.dtype)
-        output = self.scheduler.step(model_output, timestep, state, *args, **kwargs)
-        self.log.states.append(state)
-        self.log.outputs.append(model_output.detach().clone())
-        self.log.next_states.append(prev_sample_of(output).detach().clone())
-        self.log.timesteps.append(_as_float(timestep))
-        self.log.close_step()
+        if not log.in_step:
+            if abs(_as_float(timestep) - fp.timesteps[i]) > 1e-6 * max(1.0, abs(fp.timesteps[i])):
+                raise QDriftError(
+                    f"step {i}: the quantized pipeline is at timestep {_as_float(timestep):g}, the "
+                    f"full-precision one was at {fp.timesteps[i]:g}"
+                )
+            sample = fp.states[i].to(device=sample.device, dtype=sample.dtype)
+        log.before_call(sample, timestep)
+        output = self.scheduler.step(model_output, timestep, sample, *args, **kwargs)
+        k, landed = log.after_call(self.scheduler)
+        if not landed:
+            return output  # Heun's predictor: the pipeline evaluates the Q model at the Q prediction
+        log.land(k, model_output, prev_sample_of(output))
         fp_next = fp.next_states[i].to(device=sample.device, dtype=sample.dtype).clone()
         return with_prev_sample(output, fp_next)
 
@@ -205,8 +259,11 @@ def _record_inputs_hook(log: PassLog) -> Callable:
 def _replace_inputs_hook(log: PassLog, fp_log: PassLog) -> Callable:
     """Pre-hook for the Q denoiser: the ``j``-th call before step ``i`` gets the FP pass's latent input."""
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         i, j = log.num_steps, len(log.pending_inputs)
+        if log.in_step:  # a two-call step's later call (Heun's corrector): at the Q sampler's own prediction
+            log.pending_inputs.append(_latent_input(args, kwargs)[1].detach().clone())
+            return None
         if i >= fp_log.num_steps or j >= len(fp_log.denoiser_inputs[i]):
             raise QDriftError(
                 f"the quantized pipeline called its denoiser more often than the full-precision one before step {i}"
