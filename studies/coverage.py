@@ -62,6 +62,7 @@ from qdrift_stats.estimators import (
     SmoothGLMEstimator,
     SmoothLowessEstimator,
 )
+from qdrift_stats.estimators.base import per_run_second_moment
 from qdrift_stats.estimators.moment import matched_run
 from qdrift_stats.loop import prepared_scheduler
 from qdrift_stats.record.lockstep import record
@@ -183,10 +184,11 @@ def hetero_runs(pair, scheduler: str, steps: int, runs: int, batch: int, seed: i
     """An in-memory store of ``runs`` runs of ``batch`` samples (one recording, each run its own scale)."""
     import xarray as xr
 
-    from qdrift_stats.record.lockstep import record_run, step_coordinates
+    from qdrift_stats.record.lockstep import record_run
+    from qdrift_stats.record.store import step_coordinates
 
-    arrays, _ = record_run(pair, scheduler, steps, runs * batch, seed)
-    coords = step_coordinates(pair, scheduler, steps)
+    arrays, sched = record_run(pair, scheduler, steps, runs * batch, seed)
+    coords = step_coordinates(sched)
     data = {}
     for name in ("delta_x", "delta_out", "out_fp"):
         a = arrays[name].astype(np.float64)
@@ -201,7 +203,11 @@ def hetero_case(kind: str, scheduler: str, seeds: int, runs: int, batch: int, st
     pair = getattr(testbed, f"mixture_{kind}_hetero")(group=batch)
     # the truth: runs recorded apart (seeds far from the calibration ones), never fitted
     pool = [hetero_runs(pair, scheduler, steps, 200, batch, 900_000 + k) for k in range(truth_runs // 200)]
-    per_run = np.concatenate([EmpiricalEstimator(statistic="first-order").fit(ds).per_run for ds in pool])
+    # the first-order per-run values (gain^2 times the per-run mean square of the output error), as the
+    # estimator computes them, without its interval and band (not needed for the truth)
+    per_run = np.concatenate(
+        [per_run_second_moment(ds, "delta_out", False).values * ds["gain"].values ** 2 for ds in pool]
+    )
     truth = per_run.mean(axis=0)
     truth_se = per_run.std(axis=0, ddof=1) / np.sqrt(len(per_run))
     grid_b = pool[0]["b"].values

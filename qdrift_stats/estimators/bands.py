@@ -54,13 +54,22 @@ def run_mean_band(per_run: np.ndarray, confidence: float, seed: int = 0) -> tupl
     flat = per_run.reshape(runs, -1)
     sd = flat.std(axis=0, ddof=1)
     keep = sd > 0
-    centred = (flat[:, keep] - flat[:, keep].mean(axis=0)) / sd[keep] / np.sqrt(runs - 1)  # centred.T @ centred = corr
-    rng = np.random.default_rng(seed)
     crit = float("nan")
     if keep.any():
-        sim = rng.standard_normal((DRAWS, runs, runs)) @ centred  # DRAWS samples of R runs, rows ~ N(0, corr)
-        t = np.sqrt(runs) * sim.mean(axis=1) / sim.std(axis=1, ddof=1)
-        crit = float(np.quantile(np.abs(t).max(axis=1), confidence))
+        centred = (flat[:, keep] - flat[:, keep].mean(axis=0)) / sd[keep] / np.sqrt(runs - 1)  # c.T @ c = corr
+        # a root of the correlation of rank r <= min(runs - 1, steps): root.T @ root = corr
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        rank = int(np.sum(s > s[0] * 1e-12)) if s.size and s[0] > 0 else 0
+        root = s[:rank, None] * vt[:rank]
+        rng = np.random.default_rng(seed)
+        stat = np.empty(DRAWS)
+        block = max(1, min(DRAWS, 4_000_000 // max(runs * root.shape[1], 1)))  # bounded memory at any run count
+        for start in range(0, DRAWS, block):
+            n = min(block, DRAWS - start)
+            sim = rng.standard_normal((n, runs, rank)) @ root  # n samples of R runs, rows ~ N(0, corr)
+            t = np.sqrt(runs) * sim.mean(axis=1) / sim.std(axis=1, ddof=1)
+            stat[start : start + n] = np.abs(t).max(axis=1)
+        crit = float(np.quantile(stat, confidence))
     half = np.zeros(flat.shape[1])
     half[keep] = crit * sd[keep] / np.sqrt(runs)
     half = half.reshape(mean.shape)
