@@ -90,8 +90,8 @@ def truth_quantiles(
 def pool_per_run(pair, scheduler: str, steps: int, batch: int, runs: int, seed: int, chunk: int = 200):
     """Raw arrays of ``runs`` runs of ``batch`` samples (one recording of ``chunk`` runs at a time, each run's
     samples sharing the run's scale) and the step grid; ``(steps, runs, batch, ...)`` per variable."""
-    from qdrift_stats.record.lockstep import record_run
     from qdrift_stats.loop import prepared_scheduler
+    from qdrift_stats.record.lockstep import record_run
     from qdrift_stats.record.store import step_coordinates
 
     coords = step_coordinates(prepared_scheduler(pair, scheduler, steps))

@@ -348,3 +348,28 @@ def test_simultaneous_band_is_the_t_interval_when_steps_move_together_and_wider_
     mean, _, high = t_interval(independent, 0.95)
     _, band_high = run_mean_band(independent, 0.95)
     assert np.all(band_high - mean > 1.2 * (high - mean))
+
+
+def test_clustered_glm_band_critical_value_is_that_of_studentized_steps():
+    """The band of ``exog @ params`` under a covariance estimated from ``R`` clusters: each step's statistic is a
+    t with ``R - 1`` df studentized by its own standard error. Steps moving together: the critical value is
+    t_{R-1}'s 97.5% point (tables). Independent steps (identity design and covariance): ``max_i |T_i|`` of
+    ``k`` independent t_{R-1}, whose 95% quantile solves ``(2 F(c) - 1)^k = 0.95``; a common chi-square
+    divisor (multivariate t) would give a smaller value. Known covariance (``runs=None``): the normal 1.96."""
+    from scipy import stats
+
+    from qdrift_stats.estimators.bands import linear_predictor_band
+
+    k = 12
+    params, eta = np.array([0.5]), np.full(k, 0.5)
+    together = np.ones((k, 1))
+    for runs, expected in ((5, T975[4]), (None, Z975)):
+        low, high = linear_predictor_band(together, params, np.array([[0.04]]), runs, 0.95)
+        np.testing.assert_allclose((high - eta) / 0.2, expected, rtol=0.05)  # 20000 draws: sd about 1.6%
+        np.testing.assert_allclose(eta - low, high - eta, rtol=1e-12)
+    exact = stats.t.ppf(1 - (1 - 0.95 ** (1 / k)) / 2, 4)  # 5.85 for k = 12
+    low, high = linear_predictor_band(np.eye(k), np.zeros(k), 0.25 * np.eye(k), 5, 0.95)
+    np.testing.assert_allclose(high / 0.5, exact, rtol=0.06)
+    w = np.random.default_rng(3).chisquare(4, 200_000)
+    z = np.abs(np.random.default_rng(4).standard_normal((200_000, k))).max(axis=1)
+    assert np.quantile(z / np.sqrt(w / 4), 0.95) < 0.9 * exact  # the multivariate t (4.96): what the band is not

@@ -434,7 +434,7 @@ class SmoothGLMEstimator(_SmoothBase):
                 ci = self._cluster_interval(result, exog_all, runs) * unit
             else:
                 ci = np.asarray(prediction.conf_int(alpha=1 - self.confidence)) * unit
-            # simultaneous max-t band over the steps (t with runs - 1 df for the clustered covariance)
+            # simultaneous max-t band over the steps (studentized over the runs for the clustered covariance)
             try:
                 band = (
                     np.exp(
@@ -443,7 +443,7 @@ class SmoothGLMEstimator(_SmoothBase):
                                 exog_all,
                                 np.asarray(result.params),
                                 np.asarray(result.cov_params()),
-                                max(runs - 1, 1) if "cov_type" in fit_kwargs else None,
+                                runs if "cov_type" in fit_kwargs else None,
                                 self.confidence,
                             ),
                             axis=1,
