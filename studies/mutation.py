@@ -93,11 +93,16 @@ EQUIVALENT: dict[str, str] = {
 }
 
 
-def mutmut(*args: str, check: bool = True) -> str:
+def mutmut(*args: str, check: bool = True, stream: bool = False) -> str:
     # one thread per test process: the workers share 2 cores with other jobs, and torch / BLAS thread pools
     # in forked workers only add contention
     threads = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     env = dict(os.environ, PYTHONPATH=str(ROOT), **threads)
+    if stream:  # a long run: mutmut's progress goes straight to the terminal
+        proc = subprocess.run(["mutmut", *args], cwd=ROOT, env=env, text=True)
+        if check and proc.returncode not in (0, 1):
+            raise SystemExit(f"mutmut {' '.join(args[:3])} ... failed with exit code {proc.returncode}")
+        return ""
     proc = subprocess.run(["mutmut", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     if check and proc.returncode not in (0, 1):
         raise SystemExit(f"mutmut {' '.join(args)} failed: {proc.stderr[-2000:]}")
@@ -163,7 +168,7 @@ def main() -> None:
             patterns = sorted(k for k, v in stored.items() if on_path(k) and v != "killed" and k not in EQUIVALENT)
             print(f"re-running {len(patterns)} mutants", flush=True)
         if patterns:
-            print(mutmut("run", "--max-children", str(args.max_children), *patterns)[-500:], flush=True)
+            mutmut("run", "--max-children", str(args.max_children), *patterns, stream=True)
     statuses = results()
     path = {k: v for k, v in statuses.items() if on_path(k)}
     unchecked = [k for k, v in path.items() if v == "not checked"]
