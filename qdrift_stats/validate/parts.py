@@ -6,10 +6,26 @@ piece (one calibration count, the strength search) as a group ``parts/NAME`` and
 only the others. The root group's attributes hold the settings that identify the computation: a
 folder written with other settings is refused, never silently mixed. :meth:`ResultParts.finish`
 writes the combined Dataset at the root and marks the whole result complete.
+
+Killed at any moment (``tests/test_cv_kill.py`` kills ``qdrift cv`` at every file write), the same
+command resumes to the uninterrupted result, and a reader sees either the finished result or a
+one-line refusal:
+
+- **creation is atomic**: the root group is written with all its settings in one write, in a
+  hidden sibling ``.NAME.creating`` that is then renamed into place (a leftover sibling is removed
+  by the next run). Setting them afterwards (``attrs.update``) writes the root document once per
+  key, and a kill in between left a folder that neither resumed nor counted as ours;
+- **commit points**: a part's ``complete`` attribute, written after its arrays; the root's
+  ``complete`` attribute, written after the combined result's arrays (the parts' own ``complete``
+  is kept out of the attributes written with the result: xarray writes a Dataset's attributes
+  before its arrays). Re-finishing a complete result first removes the mark, in one write; a
+  finished result that nothing changed is not rewritten.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +57,7 @@ class ResultParts:
         overwrite: bool = False,
     ):
         self.path = Path(path)
+        self.wrote = False  # whether this object committed a part (the combined result then changes)
         if self.path.exists():
             if overwrite:  # only a folder of this kind (its schema attribute), never a foreign one
                 from qdrift_stats.outputs import remove_marked_folder
@@ -49,8 +66,15 @@ class ResultParts:
             else:
                 self._check_resumable(settings, identity, kind)
         if not self.path.exists():
-            group = zarr.open_group(self.path, mode="w", zarr_format=3)
-            group.attrs.update(settings)
+            self._create(settings)
+
+    def _create(self, settings: dict[str, Any]) -> None:
+        """The root group with all of ``settings``, renamed into place whole (see the module docstring)."""
+        temporary = self.path.with_name(f".{self.path.name}.creating")
+        if temporary.exists():  # left by a run killed while it created the folder
+            shutil.rmtree(temporary)
+        zarr.create_group(temporary, zarr_format=3, attributes=settings)  # one write of the root document
+        os.replace(temporary, self.path)
 
     def _check_resumable(self, settings: dict[str, Any], identity: Sequence[str], kind: str) -> None:
         try:
@@ -84,16 +108,34 @@ class ResultParts:
             warnings.simplefilter("ignore")
             piece.to_zarr(self.path, group=f"parts/{name}", mode="w", zarr_format=3, consolidated=False)
         zarr.open_group(self.path, path=f"parts/{name}", mode="r+").attrs["complete"] = True  # the commit point
+        self.wrote = True
 
     def finish(self, result: xr.Dataset) -> None:
-        """Write the combined ``result`` at the root (replacing an earlier one; the parts stay) and mark it complete."""
+        """Write the combined ``result`` at the root (replacing an earlier one; the parts stay) and mark it complete.
+
+        A complete result that this run did not change (no part written; the same variables and
+        attributes) is left as it is: re-running a finished command writes nothing.
+        """
         root = zarr.open_group(self.path, mode="r+")
+        have = dict(root.attrs)
+        if have.get("complete"):
+            if not self.wrote and self._unchanged(root, result, have):
+                return
+            root.attrs.put({k: v for k, v in have.items() if k != "complete"})  # readers refuse from here on
         for name in list(root.array_keys()):
             del root[name]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result.to_zarr(self.path, mode="a", zarr_format=3, consolidated=False)
-        zarr.open_group(self.path, mode="r+").attrs["complete"] = True
+            result.drop_attrs(deep=False).assign_attrs(
+                {k: v for k, v in result.attrs.items() if k != "complete"}
+            ).to_zarr(self.path, mode="a", zarr_format=3, consolidated=False)
+        zarr.open_group(self.path, mode="r+").attrs["complete"] = True  # the commit point
+
+    @staticmethod
+    def _unchanged(root: zarr.Group, result: xr.Dataset, have: dict[str, Any]) -> bool:
+        if set(root.array_keys()) != {str(k) for k in result.variables}:
+            return False
+        return all(k in have and str(have[k]) == str(v) for k, v in result.attrs.items())
 
 
 __all__ = ["ResultParts"]
