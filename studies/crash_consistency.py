@@ -18,6 +18,7 @@ reads failed and 48 of 108 resumes, with 3 runs; this one: 0 of 87 and 0 of 87).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import threading
@@ -40,50 +41,72 @@ def record_runs(path: Path, runs: int) -> None:
     record(testbed.mixture_vp_noise(), path, runs=runs, **SETTINGS)
 
 
+def scratch_parent() -> str | None:
+    """/dev/shm where there is one (the trials copy and delete thousands of small files, which a disk
+    mounted with ``discard`` makes slow); else the default temporary folder."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def kill_trials(runs: int, root: Path) -> dict[str, int]:
+    """Kill ``record`` at every file write (see the module docstring) in the empty folder ``root``; the counts."""
+    record_runs(root / "reference.zarr", runs)
+    reference = open_store(root / "reference.zarr").load()
+    work = root / "work"
+    work.mkdir()
+    snapshots: list[Path] = []
+    real_put, serial = zarr_local._put, threading.Lock()
+
+    def put(path, value, exclusive=False):
+        with serial:
+            snapshots.append(root / f"snap{len(snapshots):04d}")
+            shutil.copytree(work, snapshots[-1])
+            return real_put(path, value, exclusive=exclusive)
+
+    zarr_local._put = put
+    try:
+        record_runs(work / "s.zarr", runs)
+    finally:
+        zarr_local._put = real_put
+    visible = read_failures = resume_failures = before_first_run = 0
+    for snapshot in snapshots:
+        store = snapshot / "s.zarr"
+        if store.exists():
+            visible += 1
+            try:
+                ds = open_store(store).load()
+                n = ds.sizes["run"]
+                xr.testing.assert_identical(ds, reference.isel(run=slice(0, n)).assign_attrs(runs_complete=n))
+            except Exception:
+                read_failures += 1
+        else:
+            before_first_run += 1  # the creation window: the store is written aside, then renamed
+        try:
+            record_runs(store, runs)
+            xr.testing.assert_identical(open_store(store).load(), reference)
+        except Exception:
+            resume_failures += 1
+        shutil.rmtree(snapshot, ignore_errors=True)
+    return {
+        "kill points": len(snapshots),
+        "store existed": visible,
+        "before the store existed": before_first_run,
+        "reader failures": read_failures,
+        "resume failures": resume_failures,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    root = Path(tempfile.mkdtemp())
+    root = Path(tempfile.mkdtemp(dir=scratch_parent()))
     try:
-        record_runs(root / "reference.zarr", args.runs)
-        reference = open_store(root / "reference.zarr").load()
-        work = root / "work"
-        work.mkdir()
-        snapshots: list[Path] = []
-        real_put, serial = zarr_local._put, threading.Lock()
-
-        def put(path, value, exclusive=False):
-            with serial:
-                snapshots.append(root / f"snap{len(snapshots):04d}")
-                shutil.copytree(work, snapshots[-1])
-                return real_put(path, value, exclusive=exclusive)
-
-        zarr_local._put = put
-        try:
-            record_runs(work / "s.zarr", args.runs)
-        finally:
-            zarr_local._put = real_put
-        visible = read_failures = resume_failures = 0
-        for snapshot in snapshots:
-            store = snapshot / "s.zarr"
-            if store.exists():
-                visible += 1
-                try:
-                    ds = open_store(store).load()
-                    n = ds.sizes["run"]
-                    xr.testing.assert_identical(ds, reference.isel(run=slice(0, n)).assign_attrs(runs_complete=n))
-                except Exception:
-                    read_failures += 1
-            try:
-                record_runs(store, args.runs)
-                xr.testing.assert_identical(open_store(store).load(), reference)
-            except Exception:
-                resume_failures += 1
+        c = kill_trials(args.runs, root)
         print(
-            f"{len(snapshots)} kill points over {args.runs} runs; the store existed at {visible}; "
-            f"reader failures {read_failures}; resume failures {resume_failures}"
+            f"{c['kill points']} kill points over {args.runs} runs; the store existed at {c['store existed']}; "
+            f"reader failures {c['reader failures']}; resume failures {c['resume failures']}"
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)

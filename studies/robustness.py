@@ -21,15 +21,24 @@ Writes the section ``robustness`` of ``docs/robustness.md``:
   opens the store and fits it as fast as it can; a failed read is any error once the store exists
   (before its first run completes, "holds no complete run" / "does not exist" are expected answers,
   counted apart);
-- **--help**: wall time of ``qdrift --help`` (the console script, a fresh process each time).
+- **kills at every write**: ``record`` (``studies/crash_consistency.py``: the creation of the store
+  and an append) and ``qdrift cv`` with its strength search (``tests/test_cv_kill.py``: the
+  creation of the results folder, every part, the combined result) stopped at every file write,
+  by copying the output folder just before each write zarr makes (exactly what a ``kill -9`` at
+  that moment leaves); each copy is read by a reader and resumed by the same command; a loss is a
+  resume that fails or differs from the uninterrupted result, a crash a reader that sees anything
+  but complete runs / a one-line refusal;
+- **--help**: wall time of ``qdrift --help`` (the console script, a fresh process each time), and
+  the CPU time (user + system) of that process, which a loaded machine inflates less.
 
-    python studies/robustness.py                  # about 6 minutes on 2 busy cores (process starts dominate)
-    python studies/robustness.py --quick          # a smoke run (a minute or two)
+    python studies/robustness.py                  # about 8 minutes on 2 busy cores (process starts dominate)
+    python studies/robustness.py --quick          # a smoke run (a few minutes)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -275,36 +284,76 @@ def reader_trials(trials: int, runs: int, tmp: Path) -> dict:
     return {**counts, "examples": examples[:3]}
 
 
+# ---- kills at every write ---------------------------------------------------------------------------
+
+
+def scratch_folder(tmp: Path, name: str) -> contextlib.AbstractContextManager[str]:
+    """A temporary folder in memory (/dev/shm) where there is one, else under ``tmp``."""
+    from crash_consistency import scratch_parent
+
+    return tempfile.TemporaryDirectory(prefix=f"qdrift-{name}-", dir=scratch_parent() or tmp)
+
+
+def record_kill_trials(runs: int, tmp: Path) -> dict:
+    from crash_consistency import kill_trials
+
+    with scratch_folder(tmp, "record-kill") as root:
+        return kill_trials(runs, Path(root))
+
+
+def cv_kill_trials(runs: int, tmp: Path) -> dict:
+    """``qdrift cv`` (learning curve + strength search with the command's own grid) killed at every write."""
+    from tests.test_cv_kill import kill_trials, make_store
+
+    with scratch_folder(tmp, "cv-kill") as root:
+        store = make_store(Path(root) / "calib.zarr", runs=runs)
+        trials = Path(root) / "trials"
+        trials.mkdir()
+        examples: list[str] = []
+        counts = kill_trials(store, trials, examples=examples)
+    return {**counts, "examples": examples[:3]}
+
+
 # ---- --help -------------------------------------------------------------------------------------
 
 
-def help_times(repeats: int) -> list[float]:
+def help_times(repeats: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU (user + system, of the child process) seconds of ``qdrift --help``, a fresh process each."""
     script = shutil.which("qdrift")
     cmd = [script, "--help"] if script else qdrift_cmd("--help")
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run(cmd, env=env(), capture_output=True, check=True)
-        times.append(time.perf_counter() - start)
-    return times
+        proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        walls.append(time.perf_counter() - start)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"qdrift --help exited {proc.returncode}")
+        cpus.append(usage.ru_utime + usage.ru_stime)
+    return walls, cpus
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-kind", type=int, default=5, help="Malformed variants per kind of damage.")
     parser.add_argument("--cli-examples", type=int, default=100, help="Argument combinations tried.")
-    parser.add_argument("--trials", type=int, default=1, help="Interrupt, concurrent-writer and reader trials each.")
+    parser.add_argument("--trials", type=int, default=5, help="Interrupt, concurrent-writer and reader trials each.")
     parser.add_argument("--runs", type=int, default=6, help="Runs of the recordings in those trials.")
-    parser.add_argument("--help-repeats", type=int, default=10, help="Timed 'qdrift --help' calls.")
+    parser.add_argument(
+        "--kill-runs", type=int, default=2, help="Runs of the stores in the kill-at-every-write trials."
+    )
+    parser.add_argument("--help-repeats", type=int, default=20, help="Timed 'qdrift --help' calls.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="A smoke run: a few of each.")
     parser.add_argument("--no-write", action="store_true", help="Print; do not update docs/robustness.md.")
     args = parser.parse_args()
     if args.quick:
-        args.per_kind, args.cli_examples, args.trials, args.runs, args.help_repeats = 1, 20, 1, 4, 3
+        args.per_kind, args.cli_examples, args.trials, args.runs, args.help_repeats = 1, 20, 2, 4, 3
     warnings.filterwarnings("ignore")
     rng = random.Random(args.seed)
     start = time.time()
+    load_start = os.getloadavg()[0]
     results, durations = {}, {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -320,12 +369,15 @@ def main() -> None:
             ("interrupt", lambda: interrupt_trials(args.trials, args.runs, tmp, reference, rng)),
             ("concurrent", lambda: concurrent_writer_trials(args.trials, args.runs, tmp, reference, rng)),
             ("reader", lambda: reader_trials(args.trials, args.runs, tmp)),
+            ("record_kill", lambda: record_kill_trials(args.kill_runs, tmp)),
+            ("cv_kill", lambda: cv_kill_trials(args.kill_runs, tmp)),
         ):
             t = time.time()
             results[name] = run()
             durations[name] = time.time() - t
             print(name, results[name], f"{durations[name]:.0f} s", flush=True)
     elapsed = time.time() - start
+    results["load"] = (load_start, os.getloadavg()[0])
     text = report(results, durations, elapsed, args)
     print(text)
     if not args.no_write:
@@ -334,7 +386,8 @@ def main() -> None:
 
 def report(r: dict, durations: dict, elapsed: float, args) -> str:
     files, cli, intr, conc, read = r["files"], r["cli"], r["interrupt"], r["concurrent"], r["reader"]
-    helps = r["help"]
+    rk, ck = r["record_kill"], r["cv_kill"]
+    walls, cpus = r["help"]
     rows = [
         (
             "malformed files (store and estimator), each read by every reader",
@@ -372,6 +425,25 @@ def report(r: dict, durations: dict, elapsed: float, args) -> str:
             read.get("failed reads", 0) + read.get("crash", 0) + read.get("read fewer runs than before", 0),
             "-",
         ),
+        (
+            f"`record` of {args.kill_runs} runs killed at every file write (creation included), "
+            "each copy read, then the same command",
+            f"{rk['kill points']} kill points",
+            f"{rk['before the store existed']} before the store existed (creation window), "
+            f"{rk['store existed']} after; every read showed complete runs only, every resume the reference",
+            rk["reader failures"],
+            rk["resume failures"],
+        ),
+        (
+            f"`qdrift cv` (learning curve + strength search) on {args.kill_runs} runs killed at every file "
+            "write of its output, each copy read, then the same command",
+            f"{ck.get('kill points', 0)} kill points",
+            f"{ck.get('kill points', 0) - ck.get('output existed', 0)} before the output existed; "
+            f"{ck.get('reads refused', 0)} reads refused in one line (incomplete), "
+            f"{ck.get('resumed identical', 0)} resumed identical",
+            ck.get("reader failures", 0),
+            ck.get("resume failures", 0),
+        ),
     ]
     lines = [
         f"Generated by `{command_line()}` ({elapsed / 60:.1f} minutes on a shared 2-core machine). "
@@ -382,10 +454,13 @@ def report(r: dict, durations: dict, elapsed: float, args) -> str:
         "|---|---|---|---:|---:|",
         *[f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows],
         "",
-        f"`qdrift --help` wall time, a fresh process each time ({len(helps)} calls): median "
-        f"{statistics.median(helps):.2f} s, max {max(helps):.2f} s.",
+        f"`qdrift --help`, a fresh process each time ({len(walls)} calls): wall time median "
+        f"{statistics.median(walls):.2f} s, max {max(walls):.2f} s; CPU time of the process (user + system) "
+        f"median {statistics.median(cpus):.2f} s, max {max(cpus):.2f} s. The machine is shared (load average "
+        f"{r['load'][0]:.1f} at the start, {r['load'][1]:.1f} at the end, on {os.cpu_count()} cores): the wall "
+        "time includes waiting for a core, the CPU time does not.",
     ]
-    examples = [(k, r[k].get("examples")) for k in ("cli", "interrupt", "concurrent", "reader")]
+    examples = [(k, r[k].get("examples")) for k in ("cli", "interrupt", "concurrent", "reader", "cv_kill")]
     if any(e for _, e in examples):
         lines += ["", "First failures:", ""]
         for k, e in examples:

@@ -73,8 +73,12 @@ class ResultParts:
         temporary = self.path.with_name(f".{self.path.name}.creating")
         if temporary.exists():  # left by a run killed while it created the folder
             shutil.rmtree(temporary)
-        zarr.create_group(temporary, zarr_format=3, attributes=settings)  # one write of the root document
-        os.replace(temporary, self.path)
+        try:
+            zarr.create_group(temporary, zarr_format=3, attributes=settings)  # one write of the root document
+            os.replace(temporary, self.path)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
 
     def _check_resumable(self, settings: dict[str, Any], identity: Sequence[str], kind: str) -> None:
         try:
