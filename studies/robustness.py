@@ -10,9 +10,10 @@ Writes the section ``robustness`` of ``docs/robustness.md``:
   run in a fresh sandbox; a crash is an exit code other than 0 and 2, a traceback, not exactly one
   error line when refused, a file changed outside ``--out``, or a temporary left behind;
 - **interrupts**: ``qdrift record`` (a subprocess) gets SIGINT (Ctrl-C) at a random moment during
-  its runs, then the same command is run again; a crash is an exit code other than 130, any stderr
-  line other than progress and ``qdrift: interrupted`` (e.g. zarr's "Task was destroyed"), or a
-  failed resume; a loss is a final store that differs from an uninterrupted recording;
+  its runs (after a random number of finished runs, within the next one), then the same command
+  is run again; a crash is an exit code other than 130, any stderr line other than progress and
+  ``qdrift: interrupted`` (e.g. zarr's "Task was destroyed"), or a failed resume; a loss is a final
+  store that differs from an uninterrupted recording;
 - **concurrent writers**: two ``qdrift record`` processes on the same ``--out`` at once, then the
   command once more; a crash is an exit code other than 0 or 2 (2: "another process is writing");
   a loss is a final store that differs from an uninterrupted recording (a seed twice, one missing,
@@ -171,6 +172,14 @@ def argument_combinations(examples: int, seed: int, tmp: Path) -> dict:
 # ---- interrupts -----------------------------------------------------------------------------------
 
 
+def run_seconds(progress: str) -> float:
+    """The time of one run from the first progress line (``... run 1/6 done, elapsed 1m02s, ...``)."""
+    import re
+
+    found = re.search(r"run 1/\d+ done, elapsed (?:(\d+)m)?([\d.]+)s", progress)
+    return 60 * int(found.group(1) or 0) + float(found.group(2)) if found else 0.5
+
+
 def interrupt_trials(trials: int, runs: int, tmp: Path, reference, rng: random.Random) -> dict:
     counts: Counter = Counter()
     examples: list[str] = []
@@ -179,9 +188,11 @@ def interrupt_trials(trials: int, runs: int, tmp: Path, reference, rng: random.R
         proc = subprocess.Popen(
             qdrift_cmd(*record_args(out, runs)), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        # wait for the first finished run, then interrupt at a random moment of the following ones
-        first = proc.stderr.readline()
-        time.sleep(rng.uniform(0.0, 1.5))
+        # wait for the k-th finished run (k random in 1 .. runs-1), then interrupt at a random moment
+        # of the next one (the first run's time tells how long a run takes)
+        k_run = rng.randint(1, max(1, runs - 1))
+        first = "".join(proc.stderr.readline() for _ in range(k_run))
+        time.sleep(rng.uniform(0.0, 0.8 * run_seconds(first)))
         proc.send_signal(signal.SIGINT)
         _, rest = proc.communicate(timeout=300)
         err = first + rest

@@ -291,6 +291,21 @@ def test_plot_accumulation_needs_the_pair_on_the_command_line(evil_store, tmp_pa
     assert not mark.exists()
 
 
+def test_a_store_naming_os_abort_is_never_called(tmp_path, capsys, stores):
+    """The issue's case: a store whose pair is ``os:abort`` killed the process in ``cv`` (its default
+    strength search) and ``fit --estimator moment``. Were it called, this test process would die."""
+    store = copy_store(stores["two"], tmp_path / "abort.zarr")
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    group.attrs["pair"] = "os:abort"
+    zarr.consolidate_metadata(store)
+    code, out, err = run(capsys, "cv", store, "--out", tmp_path / "cv.zarr", "--splits", 2)
+    assert code == 0, err
+    assert "strength by CV: skipped (no pair given" in out and "os:abort" in out
+    line = refused(capsys, "fit", store, "--out", tmp_path / "m.safetensors", "--estimator", "moment")
+    assert "pass --pair" in line and "os:abort" in line
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 # ---- crashes that are now one line ------------------------------------------------------------
 
 ONE_RUN_ESTIMATORS = [name for name in ESTIMATORS if name not in ("moment", "auto")]  # these two need --pair
@@ -695,3 +710,44 @@ def test_conditional_example_pair_denoises_towards_the_labelled_class():
     means = pair.means[labels]
     gain = a * pair.std**2 / (a * a * pair.std**2 + b * b)
     assert torch.allclose(x0, means * (1 - gain * a), atol=1e-9)
+
+
+# ---- Ctrl-C -----------------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_record_is_one_line_exit_130_and_the_store_resumes(tmp_path, capsys):
+    """Ctrl-C printed zarr's "Task was destroyed" tracebacks. Now: progress lines, then
+    ``qdrift: interrupted`` and exit 130; the store holds complete runs, and ``record`` extends it
+    without changing them."""
+    import signal
+    import subprocess
+    import sys
+
+    from qdrift_stats.record.store import open_store
+
+    out = tmp_path / "s.zarr"
+    args = ["record", "--pair", VP_PAIR, "--scheduler", "euler", "--steps", "30", "--batch", "64", "--seed", "0"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qdrift_stats.cli", *args, "--runs", "200", "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = proc.stderr.readline()  # the first run's progress line: the store exists
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=300)
+    lines = [line for line in (first + rest).splitlines() if line.strip()]
+    assert proc.returncode == 130, lines[-5:]
+    assert lines[-1] == "qdrift: interrupted", lines[-5:]
+    assert all(line.startswith("qdrift record: ") for line in lines[:-1]), lines
+    kept = open_store(out).load()
+    done = kept.sizes["run"]
+    assert 1 <= done < 200
+    code, _, err = run(capsys, *args, "--runs", done + 1, "--out", out, "--quiet")
+    assert code == 0, err
+    resumed = open_store(out).load()
+    assert list(resumed["seed"].values) == list(kept["seed"].values) + [done]  # seeds 0 .. done, each once
+    np.testing.assert_array_equal(resumed["delta_x"].values[:done], kept["delta_x"].values)
