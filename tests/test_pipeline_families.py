@@ -194,6 +194,22 @@ def test_img2img_records_and_corrects_the_steps_the_strength_leaves(scheduler, t
     assert est.steps == 2
 
 
+def test_inpaint_records_and_corrects_the_steps_the_strength_leaves_in_the_masked_region_only(tmp_path):
+    """StableDiffusionInpaintPipeline, strength 0.5 of 4 steps: the last 2 steps are recorded and corrected; the
+    pipeline pastes the known region back after every step, so the correction shows in the masked region only."""
+    fp = tiny.sd_inpaint("euler")
+    q = tiny.twin(fp)
+    ds, est, plain, corrected = chain(fp, q, tiny.sd_inpaint_call(strength=0.5), tmp_path, steps=4)
+    full = type(fp.scheduler).from_config(fp.scheduler.config)
+    full.set_timesteps(4)
+    assert ds.attrs["begin_index"] == 2 and ds.attrs["grid_steps"] == 4 and ds.sizes["step"] == 2 and est.steps == 2
+    assert ds.attrs["pipeline"] == "StableDiffusionInpaintPipeline"
+    np.testing.assert_allclose(ds["timestep"].values, full.timesteps[2:].double().numpy())
+    repainted = torch.arange(4) < 2  # latent columns the mask repaints
+    assert torch.equal(corrected[..., ~repainted], plain[..., ~repainted])  # the image's own latents, both
+    assert not torch.equal(corrected[..., repainted], plain[..., repainted])
+
+
 # ---- fingerprint -----------------------------------------------------------------------------------
 
 

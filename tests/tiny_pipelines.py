@@ -369,6 +369,22 @@ def sd_call(img2img: bool = False) -> dict:
     return call
 
 
+def sd_inpaint(scheduler_name: str = "euler"):
+    """StableDiffusionInpaintPipeline on the tiny SD components (a 4-channel U-Net: the pipeline blends the
+    known region back into the latents after every step, outside the scheduler)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    return quiet(StableDiffusionInpaintPipeline(**sd(scheduler_name).components))
+
+
+def sd_inpaint_call(strength: float = 0.5) -> dict:
+    """The img2img call plus a mask that repaints the left half (latent columns 0 and 1)."""
+    call = sd_call(img2img=True)
+    call["mask_image"] = (torch.arange(16).reshape(1, 1, 4, 4) % 4 < 2).float()
+    call["strength"] = strength
+    return call
+
+
 # ---- DiT -------------------------------------------------------------------------------------------------
 
 
