@@ -29,6 +29,7 @@ _SCHEDULERS_LITERAL = (
     "deis",
     "dpmpp-2m-sde",
     "heun",
+    "pndm",
     "flow-euler",
     "flow-dpmpp-2m",
 )
@@ -189,6 +190,23 @@ def _per_run(label: str, quiet: bool):
     return wrap
 
 
+def _per_commit(label: str, runs: int):
+    """``on_commit`` of a distributed calibration: one progress line per run written (in seed order)."""
+    import time
+
+    start = time.perf_counter()
+    written = [0]
+
+    def report(seed: int, total: int) -> None:
+        written[0] += 1
+        click.echo(
+            f"{label}: run {written[0]}/{runs} (seed {seed}) written, {time.perf_counter() - start:.1f} s elapsed",
+            err=True,
+        )
+
+    return report
+
+
 @cli.command(epilog=EPILOG_CALIBRATE)
 @click.argument("pipeline", type=click.Path(path_type=Path))
 @click.option("--recipe", help="Quantize the pipeline's denoiser with this recipe (qdrift_stats.quantize).")
@@ -210,6 +228,12 @@ def _per_run(label: str, quiet: bool):
     "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]), help="Storage dtype."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing store recorded with other settings.")
+@click.option(
+    "--workers",
+    type=int,
+    help="Compute the runs on a local dask cluster of N worker processes, each loading the pipelines once "
+    "(same store as without).",
+)
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def calibrate(
     pipeline,
@@ -228,6 +252,7 @@ def calibrate(
     trajectories,
     dtype,
     overwrite,
+    workers,
     quiet,
 ):
     """Record paired FP/quantized runs through a local diffusers pipeline folder (calibrate_pipeline).
@@ -256,6 +281,8 @@ def calibrate(
         dtype=dtype,
         overwrite=overwrite,
         progress=_per_run("calibrate", quiet),
+        workers=workers,
+        on_commit=None if quiet else _per_commit("calibrate", runs),
     )
     if not quiet:
         click.echo(f"calibrated {runs} runs, {steps} steps of {pipeline} -> {path}")

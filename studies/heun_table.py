@@ -1,15 +1,17 @@
-"""Heun (two model calls per step) on the analytic mixture testbed: the correction against ground truth.
+"""Heun (two model calls per step) and PNDM / PLMS (multistep, a two-call first step) on the analytic
+mixture testbed: the correction against ground truth.
 
-For Heun at 10, 25 and 50 steps on ``mixture_vp_noise`` (Euler at the same step counts as a
-reference): 5 paired calibration runs of 64 samples, recorded one step per Heun landing (the
-quantized sampler's whole step from the FP state, its corrector call at its own prediction), the
-first-order empirical statistic on the steps' effective outputs exported and reloaded, then FP, Q
-and Q corrected (shrink, once per landing) from the same seeds.
+For Heun and PLMS at 10, 25 and 50 steps on ``mixture_vp_noise`` (Euler and DDIM, their one-step
+counterparts, at the same step counts as references): 5 paired calibration runs of 64 samples,
+recorded one step per landing (a two-call step is the quantized sampler's whole step from the FP
+state, its second call at its own prediction), the first-order empirical statistic on the steps'
+effective outputs exported and reloaded, then FP, Q and Q corrected (shrink, once per landing) from
+the same seeds.
 
 Metric: the fraction of the FP-to-Q gap in within-mode variance closed, with a 95% paired bootstrap
 interval (200 resamples), and the NLL gap closed. 3000 samples per set.
 
-    python studies/heun_table.py           # about 1-2 minutes on 2 cores
+    python studies/heun_table.py           # about 3-4 minutes on 2 cores
     python studies/heun_table.py --quick   # a smoke run, not for the docs
 """
 
@@ -28,7 +30,8 @@ from qdrift_stats.testbed.evaluate import DIVERGED, evaluate_correction
 
 warnings.filterwarnings("ignore")
 
-CASES = [("heun", 10), ("heun", 25), ("heun", 50), ("euler", 10), ("euler", 25), ("euler", 50)]
+CASES = [(name, steps) for name in ("heun", "euler", "pndm", "ddim") for steps in (10, 25, 50)]
+CALLS = {"heun": lambda n: 2 * n - 1, "pndm": lambda n: n + 1}
 PAIR = "mixture_vp_noise"
 
 
@@ -45,7 +48,7 @@ def cell(scheduler, steps, args):
         forms=("shrink",),
         keep_samples=True,
     )
-    row = {"scheduler": scheduler, "steps": steps, "model_calls": 2 * steps - 1 if scheduler == "heun" else steps}
+    row = {"scheduler": scheduler, "steps": steps, "model_calls": CALLS.get(scheduler, lambda n: n)(steps)}
     for model in ("fp", "q", "shrink"):
         for metric in ("within_var", "nll"):
             row[f"{metric}_{model}"] = result.metrics[model][metric]
@@ -98,7 +101,8 @@ def main():
         writer.writerows(rows)
     write_section(
         "heun",
-        f"Heun on `{PAIR}` (5 x 64 calibration runs, first-order statistic on the steps' effective outputs, shrink "
+        f"Heun and PLMS on `{PAIR}` (5 x 64 calibration runs, first-order statistic on the steps' effective outputs, "
+        "shrink "
         f"correction once per landing, {args.samples} samples per set, {args.bootstrap} bootstrap resamples; "
         f"`{command_line()}`, {time.time() - start:.0f} s):\n\n" + table(rows),
     )

@@ -10,7 +10,9 @@ from qdrift_stats.record.lockstep import record
 VP_PAIR = "qdrift_stats.testbed:mixture_vp_noise"
 FLOW_PAIR = "qdrift_stats.testbed:mixture_flow_noise"
 PAIR_FOR = {"euler": VP_PAIR, "ddim": VP_PAIR, "dpmpp-2m": VP_PAIR, "flow-euler": FLOW_PAIR, "flow-dpmpp-2m": FLOW_PAIR}
-PAIR_FOR.update({name: VP_PAIR for name in ("euler-ancestral", "ddpm", "lcm", "unipc", "deis", "dpmpp-2m-sde", "heun")})
+PAIR_FOR.update(
+    {name: VP_PAIR for name in ("euler-ancestral", "ddpm", "lcm", "unipc", "deis", "dpmpp-2m-sde", "heun", "pndm")}
+)
 
 
 def pair_for(scheduler: str):

@@ -45,3 +45,28 @@ def test_distributed_pipeline_calibration_equals_the_serial_one(tmp_path):
         **{**common, "seeds": [3, 1, 2, 5]},
     )
     assert list(open_store(distributed)["seed"].values) == [3, 1, 2, 5]
+
+
+def test_qdrift_calibrate_workers_writes_the_serial_store(tmp_path, monkeypatch, capsys):
+    """``qdrift calibrate --workers 2`` (a LocalCluster of worker processes, each loading the shipped digits
+    pipeline folder and building its w4a4 twin once) writes the store the serial command writes, bit for bit."""
+    from pathlib import Path
+
+    from qdrift_stats.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "labels.txt").write_text("3 7\n")
+    args = ["calibrate", str(root / "data" / "digits_pipeline"), "--recipe", "w4a4", "--class-labels", "labels.txt"]
+    args += ["--runs", "3", "--seed", "0", "--steps", "2", "--guidance", "2.0"]
+    assert main([*args, "--out", "serial.zarr", "--quiet"]) == 0
+    assert main([*args, "--out", "dist.zarr", "--workers", "2"]) == 0
+    err = capsys.readouterr().err
+    assert [line.split(" written")[0] for line in err.splitlines() if "written" in line] == [
+        f"calibrate: run {k + 1}/3 (seed {k})" for k in range(3)
+    ]
+    a, b = open_store(tmp_path / "serial.zarr").load(), open_store(tmp_path / "dist.zarr").load()
+    for name in list(a.data_vars) + list(a.coords):
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    assert a.attrs == b.attrs
+    assert main([*args, "--out", "bad.zarr", "--workers", "0"]) == 2  # one line, no cluster

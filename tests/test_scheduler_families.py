@@ -16,6 +16,7 @@ from diffusers import (
     HeunDiscreteScheduler,
     KDPM2DiscreteScheduler,
     LCMScheduler,
+    PNDMScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -36,6 +37,7 @@ SCHEDULERS = {
     "lcm": lambda: LCMScheduler(**BETAS, clip_sample=False),
     "dpmpp-2m-sde": lambda: DPMSolverMultistepScheduler(**BETAS, algorithm_type="sde-dpmsolver++"),
     "heun": lambda: HeunDiscreteScheduler(**BETAS),
+    "pndm": lambda: PNDMScheduler(**BETAS, skip_prk_steps=True),
 }
 
 

@@ -22,13 +22,15 @@ def test_step_grid_has_one_level_per_step_and_ends_clean(name, steps):
     sched.set_timesteps(steps)
     grid = step_grid(sched)
     assert grid.num_steps == steps == len(step_calls(sched))
-    # one timestep entry per model call: Heun calls twice per step except on its last (Euler) step
-    assert len(sched.timesteps) == (2 * steps - 1 if name == "heun" else steps)
+    # one timestep entry per model call: Heun calls twice per step except on its last (Euler) step, PLMS
+    # twice on its first step only
+    calls = {"heun": 2 * steps - 1, "pndm": steps + 1 if steps > 1 else 1}.get(name, steps)
+    assert len(sched.timesteps) == calls
     for arr in (grid.a, grid.b, grid.a_next, grid.b_next):
         assert arr.shape == (steps,) and np.all(np.isfinite(arr))
     # levels decrease monotonically in noise and the last step lands on the clean sample
     assert np.all(np.diff(np.concatenate([grid.b, grid.b_next[-1:]])) <= 1e-12)
-    if name == "deis":  # diffusers' DEIS ends on the t = 0 training level (sigma_min), not on the clean sample
+    if name in ("deis", "pndm"):  # diffusers' DEIS and PNDM end on the t = 0 training level, not on the clean sample
         assert 0.0 < grid.b_next[-1] < 0.02
     else:
         assert grid.b_next[-1] == 0.0
@@ -111,6 +113,7 @@ def test_registry_round_trips_every_name_and_declares_the_flags():
         "unipc",
         "deis",
         "dpmpp-2m-sde",
+        "pndm",
         "flow-dpmpp-2m",
     ]
     assert [n for n in SCHEDULER_NAMES if get_adapter(n).stochastic] == [

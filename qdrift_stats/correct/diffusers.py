@@ -337,7 +337,7 @@ class QDriftScheduler(SchedulerProxy):
         matches = [j for j, s in enumerate(timesteps) if abs(s - t) <= 1e-6 * max(1.0, abs(t))]
         if len(matches) != 1:
             raise QDriftError(f"timestep {t:g} is not one step of the grid set by set_timesteps")
-        self._step_counter = matches[0]
+        self._step_counter = self._call_steps.index(matches[0])  # the step's first call
 
     def _prepare_corrector(self) -> None:
         """Build the host-side correction for the scheduler's current grid and reset the step counter."""

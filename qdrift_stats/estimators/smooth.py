@@ -81,7 +81,7 @@ from qdrift_stats.estimators.base import (
 )
 from qdrift_stats.loop import run_sampler
 from qdrift_stats.record.store import storage_errors_as_qdrift, store_grid
-from qdrift_stats.schedulers.base import gain_on, is_multistep, scheduler_from_identity, step_grid
+from qdrift_stats.schedulers.base import call_steps, gain_on, is_multistep, scheduler_from_identity, step_grid
 
 CURVE_POINTS = 256
 _LOG_ZERO = -700.0  # log of a curve that is zero everywhere (exp underflows to 0)
@@ -97,9 +97,10 @@ def solver_gains(scheduler) -> tuple[np.ndarray, np.ndarray]:
     for probe ``i - 1``. ``d`` is 0 for one-step solvers. The probe is a run of
     :func:`qdrift_stats.loop.run_sampler` whose "model" returns the unit outputs.
     """
-    n = len(scheduler.timesteps)
+    steps_of = [int(i) for i in call_steps(scheduler)]  # a two-call step (PLMS' first) gets its probe twice
+    n = max(steps_of) + 1
     c, d = np.zeros(n), np.zeros(n)
-    step = iter(range(n))
+    step = iter(steps_of)
 
     def unit_outputs(model_input: torch.Tensor, t: Any) -> torch.Tensor:
         probe = torch.zeros(n, 1, dtype=torch.float64)

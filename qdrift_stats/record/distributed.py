@@ -296,26 +296,31 @@ def _commit_in_seed_order(
 # diffusers pipelines: calibrate_pipeline on a cluster
 
 
-def _worker_pipelines(spec: str) -> tuple[Any, Any]:
-    """``(fp_pipe, q_pipe)`` from a ``MODULE:FACTORY`` spec, built once per worker thread."""
+def _worker_pipelines(spec: Any) -> tuple[Any, Any]:
+    """``(fp_pipe, q_pipe)`` from a ``MODULE:FACTORY`` spec (or a picklable no-argument callable, e.g. a
+    ``functools.partial`` of a module-level function), built once per worker thread."""
     cache = getattr(_local, "pipelines", None)
     if cache is None:
         cache = _local.pipelines = {}
-    if spec not in cache:
-        import importlib
+    key = spec if isinstance(spec, str) else repr(spec)
+    if key not in cache:
+        if callable(spec):
+            factory = spec
+        else:
+            import importlib
 
-        module_name, _, name = spec.partition(":")
-        if not module_name or not name:
-            raise QDriftError(f"pipelines must be given as MODULE:FACTORY, got {spec!r}")
-        try:
-            factory = getattr(importlib.import_module(module_name), name)
-        except (ImportError, AttributeError) as exc:
-            raise QDriftError(f"cannot import {spec} ({type(exc).__name__})") from None
+            module_name, _, name = str(spec).partition(":")
+            if not module_name or not name:
+                raise QDriftError(f"pipelines must be given as MODULE:FACTORY, got {spec!r}")
+            try:
+                factory = getattr(importlib.import_module(module_name), name)
+            except (ImportError, AttributeError) as exc:
+                raise QDriftError(f"cannot import {spec} ({type(exc).__name__})") from None
         pipes = factory()
         if not (isinstance(pipes, tuple) and len(pipes) == 2):
             raise QDriftError(f"{spec}() must return (fp_pipe, q_pipe)")
-        cache[spec] = pipes
-    return cache[spec]
+        cache[key] = pipes
+    return cache[key]
 
 
 @_returning_failures
@@ -347,7 +352,7 @@ def record_pipeline_seed(
 
 
 def calibrate_pipeline_distributed(
-    pipelines: str,
+    pipelines: Any,
     out: str | Path,
     *,
     seeds: Any,
@@ -371,7 +376,9 @@ def calibrate_pipeline_distributed(
 ) -> Path:
     """:func:`~qdrift_stats.record.pipelines.calibrate_pipeline` with the runs computed on a dask cluster.
 
-    ``pipelines`` is a ``MODULE:FACTORY`` whose ``FACTORY()`` returns ``(fp_pipe, q_pipe)``: each worker
+    ``pipelines`` is a ``MODULE:FACTORY`` whose ``FACTORY()`` returns ``(fp_pipe, q_pipe)`` (or such a
+    factory itself, picklable: ``qdrift calibrate --workers`` passes a partial of
+    :func:`qdrift_stats.record.folder.folder_pipelines`): each worker
     builds (loads) the pipelines once and records the seeds it is given; the client appends the
     runs in seed order with the same store writer as the serial calibration
     (:class:`~qdrift_stats.record.pipelines.PipelineStoreWriter`, under the store lock), so the store

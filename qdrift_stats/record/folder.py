@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import re
@@ -127,6 +128,42 @@ def quantized_twin(pipe: Any, recipe: str, call: dict[str, Any]) -> Any:
     return twin
 
 
+def folder_pipelines(
+    pipeline: str | Path,
+    *,
+    steps: int,
+    recipe: str | None = None,
+    q_pipeline: str | Path | None = None,
+    prompts: Sequence[str] | None = None,
+    labels: Sequence[int] | None = None,
+    guidance_scale: float | None = None,
+    pipeline_kwargs: dict[str, Any] | None = None,
+    pipeline_class_spec: str | None = None,
+    torch_threads: int | None = None,
+) -> tuple[Any, Any]:
+    """``(fp_pipe, q_pipe)``: the folder's pipeline and its quantized twin (``recipe``, its static scales from
+    one FP run of seed ``RECIPE_CALIBRATION_SEED``) or the pipeline in ``q_pipeline``. Deterministic, so
+    every dask worker of ``qdrift calibrate --workers`` builds the same pair.
+
+    ``torch_threads``: set this process's torch intra-op threads first. A dask worker process starts with
+    one; CPU kernels round differently with another thread count, and a quantized denoiser turns those
+    last-bit differences into different rounding decisions, so the workers take the client's count.
+    """
+    if torch_threads is not None:
+        torch.set_num_threads(int(torch_threads))
+    fp = load_pipeline(pipeline, pipeline_class_spec)
+    if q_pipeline is not None:
+        q = load_pipeline(q_pipeline, pipeline_class_spec)
+        if type(q) is not type(fp):
+            raise QDriftError(f"--q-pipeline is a {type(q).__name__}, the pipeline a {type(fp).__name__}")
+        return fp, q
+    call: dict[str, Any] = {**(pipeline_kwargs or {}), "num_inference_steps": min(steps, 4)}
+    call.update({"prompt": list(prompts)} if prompts is not None else {"class_labels": list(labels or [])})
+    if guidance_scale is not None:
+        call["guidance_scale"] = guidance_scale
+    return fp, quantized_twin(fp, recipe, call)
+
+
 def calibrate_folder(
     pipeline: str | Path,
     out: str | Path,
@@ -144,8 +181,15 @@ def calibrate_folder(
     dtype: str = "float32",
     overwrite: bool = False,
     progress: Callable[[Iterable], Iterator] | None = None,
+    workers: int | None = None,
+    on_commit: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Load, quantize (or load the quantized twin) and calibrate; returns the store (as ``calibrate_pipeline``)."""
+    """Load, quantize (or load the quantized twin) and calibrate; returns the store (as ``calibrate_pipeline``).
+
+    ``workers``: compute the runs on a local dask cluster of that many worker processes, each loading the
+    folder once (:func:`~qdrift_stats.record.distributed.calibrate_pipeline_distributed`, the same store);
+    ``on_commit(seed, runs in store)`` is then called as each run is written, in seed order.
+    """
     from qdrift_stats.record.pipelines import calibrate_pipeline
 
     if (recipe is None) == (q_pipeline is None):
@@ -154,24 +198,28 @@ def calibrate_folder(
         raise QDriftError("give --prompts or --class-labels (one of them)")
     if not isinstance(steps, int) or steps < 1:
         raise QDriftError(f"--steps must be a positive integer, got {steps!r}")
+    if workers is not None and workers < 1:
+        raise QDriftError(f"--workers must be at least 1, got {workers}")
     prompts = read_prompts(prompts_file) if prompts_file is not None else None
     labels = read_labels(labels_file) if labels_file is not None else None
-    fp = load_pipeline(pipeline, pipeline_class_spec)
-    if q_pipeline is not None:
-        q = load_pipeline(q_pipeline, pipeline_class_spec)
-        if type(q) is not type(fp):
-            raise QDriftError(f"--q-pipeline is a {type(q).__name__}, the pipeline a {type(fp).__name__}")
-        recipe_name = None
-    else:
-        call: dict[str, Any] = {**(pipeline_kwargs or {}), "num_inference_steps": min(steps, 4)}
-        call.update({"prompt": prompts} if prompts is not None else {"class_labels": labels})
-        if guidance_scale is not None:
-            call["guidance_scale"] = guidance_scale
-        q = quantized_twin(fp, recipe, call)
-        recipe_name = recipe
-    return calibrate_pipeline(
-        fp,
-        q,
+    if recipe is not None:
+        from qdrift_stats.quantize import RECIPES
+
+        if recipe not in RECIPES:
+            raise QDriftError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    factory = functools.partial(
+        folder_pipelines,
+        str(pipeline),
+        steps=steps,
+        recipe=recipe,
+        q_pipeline=None if q_pipeline is None else str(q_pipeline),
+        prompts=prompts,
+        labels=labels,
+        guidance_scale=guidance_scale,
+        pipeline_kwargs=pipeline_kwargs,
+        pipeline_class_spec=pipeline_class_spec,
+    )
+    options = dict(
         out=out,
         seeds=list(seeds),
         num_inference_steps=steps,
@@ -180,12 +228,27 @@ def calibrate_folder(
         class_labels=labels,
         pipeline_kwargs=pipeline_kwargs,
         model_id=str(Path(pipeline)),
-        recipe=recipe_name or (str(Path(q_pipeline)) if q_pipeline is not None else None),
+        recipe=recipe or (str(Path(q_pipeline)) if q_pipeline is not None else None),
         trajectories=trajectories,
         dtype=dtype,
         overwrite=overwrite,
-        progress=progress,
     )
+    if workers is not None:
+        from qdrift_stats.record.distributed import calibrate_pipeline_distributed
+
+        load_pipeline(pipeline, pipeline_class_spec)  # a bad folder is refused here, before a cluster starts
+        factory = functools.partial(factory, torch_threads=torch.get_num_threads())  # the serial run's kernels
+        return calibrate_pipeline_distributed(factory, n_workers=workers, on_commit=on_commit, **options)
+    fp, q = factory()
+    return calibrate_pipeline(fp, q, progress=progress, **options)
 
 
-__all__ = ["calibrate_folder", "load_pipeline", "pipeline_class", "quantized_twin", "read_labels", "read_prompts"]
+__all__ = [
+    "calibrate_folder",
+    "folder_pipelines",
+    "load_pipeline",
+    "pipeline_class",
+    "quantized_twin",
+    "read_labels",
+    "read_prompts",
+]

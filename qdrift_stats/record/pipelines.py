@@ -85,6 +85,7 @@ class PassLog:
     probe: dict[str, Any] | None = None
     probe_recorded: bool = False
     call_steps: list[int] | None = None
+    next_entry: int = 0
     step_start: tuple[torch.Tensor, float] | None = None
 
     @property
@@ -102,22 +103,25 @@ class PassLog:
         self.call_steps = [int(i) for i in call_steps(scheduler)]
         self.begin_index = None
         self.step_start = None
+        self.next_entry = 0
 
     def before_call(self, sample: torch.Tensor, timestep: Any) -> None:
         """Before a ``scheduler.step`` call: the first call of a step keeps the state and timestep it starts at."""
         if self.step_start is None:
             self.step_start = (sample, _as_float(timestep))
+        self.next_entry += 1
 
     def after_call(self, scheduler: Any) -> tuple[int, bool]:
         """After a ``scheduler.step`` call: ``(step of the full grid, whether the step landed)``.
 
-        Every call lands for one-call solvers; for a two-call solver (Heun) the call's entry of
-        ``timesteps`` is the scheduler's own ``step_index`` (which follows img2img begin indices)."""
+        Every call lands for one-call solvers; for a two-call solver (Heun, PLMS' first step) the call's
+        entry of ``timesteps`` is the scheduler's own ``step_index`` where it has one (it follows img2img
+        begin indices), else the count of calls since ``set_timesteps`` / ``set_begin_index``."""
         steps = self.call_steps
-        inner = getattr(scheduler, "_step_index", None)
-        if steps is None or len(set(steps)) == len(steps) or not isinstance(inner, int):
+        if steps is None or len(set(steps)) == len(steps):
             return -1, True
-        k = inner - 1
+        inner = getattr(scheduler, "_step_index", None)
+        k = inner - 1 if isinstance(inner, int) else self.next_entry - 1
         if not 0 <= k < len(steps):
             raise QDriftError(f"scheduler step {k} is outside the {len(steps)} timesteps set by set_timesteps")
         return steps[k], k + 1 == len(steps) or steps[k + 1] != steps[k]
@@ -166,6 +170,7 @@ class _RecordingScheduler(SchedulerProxy):
         if inner is not None:
             inner(begin_index)
         steps = self.log.call_steps  # an entry of timesteps; the grid's step (Heun: entry 2i is step i)
+        self.log.next_entry = int(begin_index)
         self.log.begin_index = steps[begin_index] if steps and 0 <= begin_index < len(steps) else int(begin_index)
 
     @mirrors_wrapped_signature

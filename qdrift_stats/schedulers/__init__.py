@@ -17,6 +17,7 @@ unipc          ``UniPCMultistepScheduler`` (multistep)              VP          
 deis           ``DEISMultistepScheduler`` (multistep)               VP             ``deis``
 dpmpp-2m-sde   ``DPMSolverMultistepScheduler`` sde-dpmsolver++      VP             ``dpmpp_sde``
 heun           ``HeunDiscreteScheduler`` (two model calls per step) VP             ``heun``
+pndm           ``PNDMScheduler`` skip_prk_steps (PLMS, multistep)   VP             ``pndm``
 ============== ==================================================== ============== ==========
 
 Stochastic adapters also give the std of the noise each step injects (``noise_std``); the
@@ -33,7 +34,7 @@ from typing import Any
 # isort: off
 from qdrift_stats.schedulers import euler, ddim, flow_euler, dpmpp  # noqa: F401
 from qdrift_stats.schedulers import euler_ancestral, ddpm, lcm, unipc, deis, dpmpp_sde  # noqa: F401
-from qdrift_stats.schedulers import heun  # noqa: F401
+from qdrift_stats.schedulers import heun, pndm  # noqa: F401
 
 # isort: on
 from qdrift_stats.schedulers.base import (
