@@ -9,7 +9,8 @@ the true mixture; 'gap closed' = (Q - corrected) / (Q - FP) with a 95% paired bo
 Rows: ``first-order`` (the per-step statistic, the library's default before this study),
 ``persistent`` (the default of ``qdrift fit``: increments of the accumulated excess variance,
 persistence measured along the quantized path, PTQD's output map at steps where the output explains
->= 20% of the error), ``persistent-nobias`` (no bias term), ``persistent-fp`` (no bias term,
+>= 20% of the error, the pull sized by the local spread, ``spread="local"``), ``persistent-noise-pull`` (the same
+with the pull of a state that is all noise, ``spread="noise"``: the default before the local spread), ``persistent-nobias`` (no bias term), ``persistent-fp`` (no bias term,
 persistence measured along the FP path only), ``persistent-ptqd`` (PTQD's map at every step where
 R^2 >= 0.01), ``published`` (the published Q-Drift code's statistic and correction) and ``ptqd``
 (PTQD's output map). Library rows use the shrink form, strength 1 (nothing hand-set).
@@ -57,7 +58,16 @@ FAMILIES = [
     ("mixture_flow_lowfreq", FLOW, "persistent"),
     ("mixture_vp_weight_strong", VP, "strong persistent"),
 ]
-ROWS = ("first-order", "persistent", "persistent-nobias", "persistent-fp", "persistent-ptqd", "published", "ptqd")
+ROWS = (
+    "first-order",
+    "persistent",
+    "persistent-noise-pull",
+    "persistent-nobias",
+    "persistent-fp",
+    "persistent-ptqd",
+    "published",
+    "ptqd",
+)
 STEPS = 50
 NLL_ROWS = ("first-order", "persistent", "persistent-nobias", "published", "ptqd")
 
@@ -65,6 +75,8 @@ NLL_ROWS = ("first-order", "persistent", "persistent-nobias", "published", "ptqd
 def estimator_for(row: str):
     if row == "persistent-fp":
         return PersistentEstimator(bias="none", path="fp")
+    if row == "persistent-noise-pull":
+        return PersistentEstimator(spread="noise")
     return get_estimator(row)
 
 

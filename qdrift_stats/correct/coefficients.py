@@ -45,7 +45,11 @@ STUDY_FORMS: tuple[str, ...] = CORRECTION_FORMS + (UNCLIPPED_DRIFT,)
 
 
 def correction_coefficients(
-    variance: np.ndarray, b_next: np.ndarray, form: str = "drift", strength: float = 1.0
+    variance: np.ndarray,
+    b_next: np.ndarray,
+    form: str = "drift",
+    strength: float = 1.0,
+    residual_fraction: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-step pull coefficients ``c_i``.
 
@@ -54,10 +58,17 @@ def correction_coefficients(
         b_next: ``(steps,)``, the noise level each step lands on.
         form: ``"drift"``, ``"shrink"`` or, for studies, ``"drift-unclipped"``.
         strength: ``lambda``, multiplies ``v_i``.
+        residual_fraction: optional ``(steps,)`` ``rho_i`` in ``(0, 1]``: the residual ``x - a x0_hat`` holds
+            a fraction ``rho`` of the spread of the marginal around its clean estimate (``rho = b^2 / S^2``
+            for a local spread ``S^2``; 1 where the state is all noise). Then ``shrink`` is
+            ``c = (1 - 1 / sqrt(1 + rho gamma)) / rho`` and ``drift`` is clipped at ``1 / rho``: exact for a
+            Gaussian of spread ``S``, equal to the forms above at ``rho = 1``, and ``gamma / 2`` to first
+            order for any ``rho`` (``docs/method.md``, "The pull where the data's spread dominates").
 
     Returns:
-        float64 array of the shape of ``variance``; 0 where ``b_next`` is 0. In ``[0, 1]`` for
-        ``drift`` and ``shrink``; ``gamma / 2`` without bound for ``drift-unclipped``.
+        float64 array of the shape of ``variance``; 0 where ``b_next`` is 0. In ``[0, 1 / rho]`` for
+        ``drift`` and ``shrink`` (``[0, 1]`` without ``residual_fraction``); ``gamma / 2`` without bound for
+        ``drift-unclipped``.
     """
     if form not in STUDY_FORMS:
         raise QDriftError(f"unknown correction form {form!r}; choose drift or shrink")
@@ -74,9 +85,16 @@ def correction_coefficients(
         gamma = np.where(b2 > 0, strength * variance / np.where(b2 > 0, b2, 1.0), 0.0)
     if form == UNCLIPPED_DRIFT:
         return gamma / 2.0
+    if residual_fraction is None:
+        rho = np.ones_like(b2)
+    else:
+        rho = np.asarray(residual_fraction, dtype=np.float64)
+        if rho.shape != b_next.shape or not np.all(np.isfinite(rho)) or np.any(rho <= 0) or np.any(rho > 1):
+            raise QDriftError(f"residual fraction must be {b_next.shape[0]} numbers in (0, 1]")
+        rho = rho.reshape(b2.shape)
     if form == "drift":
-        return np.minimum(gamma / 2.0, 1.0)
-    return 1.0 - 1.0 / np.sqrt(1.0 + gamma)
+        return np.minimum(gamma / 2.0, 1.0 / rho)
+    return (1.0 - 1.0 / np.sqrt(1.0 + rho * gamma)) / rho
 
 
 def apply_correction(

@@ -65,6 +65,10 @@ from qdrift_stats.record.store import storage_errors_as_qdrift
 
 PROPAGATIONS: tuple[str, ...] = ("noise", "none")
 PATHS: tuple[str, ...] = ("quantized", "fp")
+#: How the pull coefficient sees the spread it acts on (see :class:`PersistentEstimator`).
+SPREADS: tuple[str, ...] = ("local", "noise")
+#: Smallest residual fraction used (a level where the noise estimate is numerically 0).
+RHO_FLOOR = 1e-6
 
 
 def _centred(values: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
@@ -118,7 +122,7 @@ def accumulated_cross_terms(
         (``E U_i^2``, units of ``b_{i+1}^2`` for ``"noise"``), each ``(steps, groups)``. Steps that
         land on ``b = 0`` have no cross term (they are not corrected).
     """
-    if propagation not in PROPAGATIONS:
+    if propagation not in ("noise", "none"):
         raise QDriftError(f"unknown propagation {propagation!r}; choose noise or none")
     delta = _centred(np.asarray(delta, dtype=np.float64), center)
     steps, groups, n = delta.shape
@@ -171,6 +175,13 @@ class PersistentFit(FittedEstimator):
     persistence_ratio: float = float("nan")
     path_used: str = "fp"
     path_note: str = ""
+    residual_fraction: np.ndarray | None = None
+
+    def export_tensors(self) -> dict[str, np.ndarray]:
+        """The residual fraction ``rho`` per step, when measured (the pull then accounts for the local spread)."""
+        if self.residual_fraction is None:
+            return {}
+        return {"residual_fraction": np.asarray(self.residual_fraction, dtype=np.float64)}
 
     def summary(self, max_rows: int = 12) -> str:
         text = (
@@ -183,8 +194,8 @@ class PersistentFit(FittedEstimator):
 
 def quantized_path_errors(
     pair: Any, scheduler_name: str, steps: int, seeds: list[int], batch: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Output errors along the quantized sampler's own path: ``(e, m_fp)``, each ``(run, step, sample, *shape)``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Output errors along the quantized sampler's own path, and what the pull's residual holds there.
 
     The lock-step recording (:mod:`qdrift_stats.record.lockstep`) evaluates both models on the FP
     trajectory. Here the two schedulers advance in lock-step along the *Q* branch instead
@@ -193,33 +204,73 @@ def quantized_path_errors(
     this differs from the FP path: the quantized trajectory's own deviation changes the error, so
     an error that repeats along the (barely moving) FP path may not repeat along the Q path.
     Same seeds and batch as the store's runs (same initial noise and conditions).
+
+    Returns:
+        ``e`` and ``m_fp``, each ``(run, step, sample, *shape)``; ``eps_power`` and ``eps_error``, each
+        ``(step,)``: at each step's input, the mean square of the FP model's noise estimate
+        ``eps_hat = (x_i - a_i x0_hat_i) / b_i`` (1 where the state is mostly noise, below 1 where the data's
+        own spread dominates) and the mean square difference of the quantized and FP noise estimates
+        (the model error in the residual the pull acts on). See ``docs/method.md``, "The pull where the
+        data's spread dominates".
     """
     from qdrift_stats.loop import advance_step, initial_noise, prepared_scheduler
     from qdrift_stats.schedulers.base import step_calls, step_grid, step_kwargs
 
-    errors, outputs = [], []
+    errors, outputs, powers, noise = [], [], [], []
     with torch.no_grad():
         for seed in seeds:
             sched_fp = prepared_scheduler(pair, scheduler_name, steps)
             sched_q = prepared_scheduler(pair, scheduler_name, steps)
             kw_fp, kw_q = step_kwargs(sched_fp), step_kwargs(sched_q)
             x, cond = initial_noise(pair, sched_q, batch, seed)
-            e_run, m_run = [], []
+            e_run, m_run, p_run, n_run = [], [], [], []
             plan = step_calls(sched_q)  # a two-call step (Heun) gives its effective outputs
-            grid = step_grid(sched_q) if len(plan) != len(sched_q.timesteps) else None
+            levels = step_grid(sched_q)
+            grid = levels if len(plan) != len(sched_q.timesteps) else None
             for i, calls in enumerate(plan):
                 # the FP step keeps the FP history in step
                 _, m_fp, _, _ = advance_step(pair.fp, sched_fp, x, calls, cond, kw_fp, i=i, grid=grid)
                 x_q, m_q, _, _ = advance_step(pair.q, sched_q, x, calls, cond, kw_q, i=i, grid=grid)
                 e_run.append((m_q - m_fp).double().cpu().numpy())
                 m_run.append(m_fp.double().cpu().numpy())
+                a, b = float(levels.a[i]), float(levels.b[i])
+                if b > 0:
+                    eps_fp = (x - a * levels.x0_from_output(i, x, m_fp)).double() / b
+                    eps_q = (x - a * levels.x0_from_output(i, x, m_q)).double() / b
+                    p_run.append(float(torch.mean(eps_fp**2)))
+                    n_run.append(float(torch.mean((eps_q - eps_fp) ** 2)))
+                else:
+                    p_run.append(float("nan"))
+                    n_run.append(float("nan"))
                 x = x_q
             errors.append(np.stack(e_run))
             outputs.append(np.stack(m_run))
+            powers.append(p_run)
+            noise.append(n_run)
     e, m = np.stack(errors), np.stack(outputs)
     if not (np.all(np.isfinite(e)) and np.all(np.isfinite(m))):
         raise QDriftError("non-finite model output along the quantized path")
-    return e, m
+    return (
+        e,
+        m,
+        np.mean(np.asarray(powers, dtype=np.float64), axis=0),
+        np.mean(np.asarray(noise, dtype=np.float64), axis=0),
+    )
+
+
+def residual_fraction(eps_power: np.ndarray, b_next: np.ndarray) -> np.ndarray:
+    """``(steps,)`` ``rho_i``: the mean square noise estimate at the level step ``i`` lands on, in ``(0, 1]``.
+
+    ``eps_power[j]`` is measured at the input of step ``j``, i.e. at the level step ``j - 1`` lands on. A
+    step whose landing level has no measurement (the last step, or a level of 0) gets 1 (the pull as
+    if the state were all noise, the form without ``rho``).
+    """
+    eps_power = np.asarray(eps_power, dtype=np.float64)
+    rho = np.ones(len(b_next))
+    rho[:-1] = eps_power[1:]
+    rho[~np.isfinite(rho)] = 1.0
+    rho[np.asarray(b_next) <= 0] = 1.0
+    return np.clip(rho, RHO_FLOOR, 1.0)
 
 
 class PersistentEstimator(Estimator):
@@ -247,6 +298,11 @@ class PersistentEstimator(Estimator):
             is most of the repair; ``docs/results.md``) and ``1 + k >= min_scale``.
         max_points: most values per step for the bias regression (a fixed random subsample).
         seed: seed of that subsample.
+        spread: ``"local"`` (default): the pull coefficient accounts for the spread of the marginal around
+            the clean estimate, measured along the quantized path as the residual fraction
+            ``rho_i = E |x - a x0_hat|^2 / (b^2 dim)`` at each level and exported as the file's
+            ``residual_fraction`` (needs the pair; see ``docs/method.md``); ``"noise"``: the pull as derived
+            for a state that is all noise (``rho = 1``).
         pair: the model pair for ``path="quantized"`` (a pair is code: it is never imported from the store).
     """
 
@@ -265,11 +321,12 @@ class PersistentEstimator(Estimator):
         min_scale: float = 0.5,
         max_points: int = 200_000,
         seed: int = 0,
+        spread: str = "local",
         pair: Any = None,
     ):
         self.bias = check_bias(bias)
         if propagation not in PROPAGATIONS:
-            raise QDriftError(f"unknown propagation {propagation!r}; choose noise or none")
+            raise QDriftError(f"unknown propagation {propagation!r}; choose {', '.join(PROPAGATIONS)}")
         if path not in PATHS:
             raise QDriftError(f"unknown path {path!r}; choose quantized or fp")
         self.per_channel = per_channel
@@ -281,6 +338,9 @@ class PersistentEstimator(Estimator):
         self.min_scale = min_scale
         self.max_points = max_points
         self.seed = seed
+        if spread not in SPREADS:
+            raise QDriftError(f"unknown spread {spread!r}; choose {' or '.join(SPREADS)}")
+        self.spread = spread
         self.pair = pair
 
     def bias_at_step(self, delta_out: np.ndarray, out_fp: np.ndarray, channel: np.ndarray, index):
@@ -364,19 +424,22 @@ class PersistentEstimator(Estimator):
         terms = accumulated_cross_terms(pooled(delta), b_next, self.propagation, None, units)
         w_path = persistent_statistic(terms["v"], terms["cross"], terms["cross_se"], b_next)
         v = terms["v"]
-        pair, path_note = None, ""
+        pair, path_note, rho = None, "", None
         if self.path == "quantized":
             try:
                 pair = self._pair(ds)
             except QDriftError as exc:
                 path_note = (
                     f"no model pair given ({exc}); persistence was measured along the FP path, which "
-                    "overstates it for errors that are rough in the state (docs/method.md)"
+                    "overstates it for errors that are rough in the state, and the pull takes the state for all "
+                    "noise (no residual fraction; docs/method.md)"
                 )
         if pair is not None:
-            e_q, m_q = quantized_path_errors(
+            e_q, m_q, eps_power = quantized_path_errors(
                 pair, str(ds.attrs.get("scheduler")), steps, [int(s) for s in ds["seed"].values], shape[1]
             )
+            if self.spread == "local":
+                rho = residual_fraction(eps_power, b_next)
             e_q = np.moveaxis(e_q, 1, 0).reshape(steps, runs, -1)
             m_q = np.moveaxis(m_q, 1, 0).reshape(steps, runs, -1)
             terms_q = accumulated_cross_terms(
@@ -416,4 +479,5 @@ class PersistentEstimator(Estimator):
             persistence_ratio=float(np.sum(variance[active])) / total_v if total_v > 0 else float("nan"),
             path_used="quantized" if pair is not None else "fp",
             path_note=path_note,
+            residual_fraction=rho,
         )
