@@ -226,7 +226,7 @@ def weight_store(tmp_path_factory):
 
 def test_quantized_path_starts_where_the_store_does_and_then_leaves_it(weight_store):
     ds = xr.open_zarr(weight_store)
-    e, m, _ = quantized_path_errors(testbed.mixture_vp_weight(), "ddim", 6, [int(s) for s in ds["seed"].values], 16)
+    e, m, _, _ = quantized_path_errors(testbed.mixture_vp_weight(), "ddim", 6, [int(s) for s in ds["seed"].values], 16)
     # step 0: the same initial state, so the same errors and FP outputs as the lock-step store
     np.testing.assert_allclose(e[:, 0], ds["delta_out"].isel(step=0).values, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m[:, 0], ds["out_fp"].isel(step=0).values, rtol=1e-5, atol=1e-6)
@@ -236,7 +236,7 @@ def test_quantized_path_starts_where_the_store_does_and_then_leaves_it(weight_st
 
 def test_quantized_path_of_an_exact_pair_is_the_fp_path():
     pair = testbed.mixture_vp_exact()
-    e, _, _ = quantized_path_errors(pair, "ddim", 4, [0, 1], 8)
+    e, _, _, _ = quantized_path_errors(pair, "ddim", 4, [0, 1], 8)
     assert np.all(e == 0)
 
 

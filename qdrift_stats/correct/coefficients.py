@@ -50,6 +50,7 @@ def correction_coefficients(
     form: str = "drift",
     strength: float = 1.0,
     residual_fraction: np.ndarray | None = None,
+    residual_error: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-step pull coefficients ``c_i``.
 
@@ -58,16 +59,22 @@ def correction_coefficients(
         b_next: ``(steps,)``, the noise level each step lands on.
         form: ``"drift"``, ``"shrink"`` or, for studies, ``"drift-unclipped"``.
         strength: ``lambda``, multiplies ``v_i``.
-        residual_fraction: optional ``(steps,)`` ``rho_i`` in ``(0, 1]``: the residual ``x - a x0_hat`` holds
-            a fraction ``rho`` of the spread of the marginal around its clean estimate (``rho = b^2 / S^2``
-            for a local spread ``S^2``; 1 where the state is all noise). Then ``shrink`` is
-            ``c = (1 - 1 / sqrt(1 + rho gamma)) / rho`` and ``drift`` is clipped at ``1 / rho``: exact for a
-            Gaussian of spread ``S``, equal to the forms above at ``rho = 1``, and ``gamma / 2`` to first
-            order for any ``rho`` (``docs/method.md``, "The pull where the data's spread dominates").
+        residual_fraction: optional ``(steps,)`` ``rho_i`` in ``(0, 1]``, the mean square of the FP model's noise
+            estimate at step ``i``'s input: the share of the marginal's spread around its clean estimate that
+            the residual holds (``b^2 / S^2`` for a local spread ``S^2``; 1 where the state is all noise).
+        residual_error: optional ``(steps,)`` ``delta_i >= 0``, the mean square difference of the quantized and FP
+            noise estimates at step ``i``'s input: the model error in the residual the pull acts on (0 if absent).
+
+    With ``residual_fraction`` the pull is the one that, for a locally Gaussian marginal, maps the
+    perturbed spread ``S^2 + v`` back to ``S^2`` (``shrink``; ``docs/method.md``, "The pull where the data's
+    spread dominates"): with ``u = 1 / (1 + rho gamma)`` and ``A = rho^2 + rho delta u``, ``c`` solves
+    ``(1 - c rho)^2 + c^2 rho delta u = u``: ``c = (rho - sqrt(rho^2 - A (1 - u))) / A``, or the spread-minimising
+    ``c = rho / A`` where no pull reaches ``u``. It is the plain shrink at ``rho = 1, delta = 0``, and
+    ``gamma / 2`` to first order. The drift is clipped at ``1 / (rho + delta)`` (1 at ``rho = 1, delta = 0``).
 
     Returns:
-        float64 array of the shape of ``variance``; 0 where ``b_next`` is 0. In ``[0, 1 / rho]`` for
-        ``drift`` and ``shrink`` (``[0, 1]`` without ``residual_fraction``); ``gamma / 2`` without bound for
+        float64 array of the shape of ``variance``; 0 where ``b_next`` is 0. In ``[0, 1]`` for
+        ``drift`` and ``shrink`` without ``residual_fraction``; ``gamma / 2`` without bound for
         ``drift-unclipped``.
     """
     if form not in STUDY_FORMS:
@@ -86,15 +93,32 @@ def correction_coefficients(
     if form == UNCLIPPED_DRIFT:
         return gamma / 2.0
     if residual_fraction is None:
-        rho = np.ones_like(b2)
-    else:
-        rho = np.asarray(residual_fraction, dtype=np.float64)
-        if rho.shape != b_next.shape or not np.all(np.isfinite(rho)) or np.any(rho <= 0) or np.any(rho > 1):
-            raise QDriftError(f"residual fraction must be {b_next.shape[0]} numbers in (0, 1]")
-        rho = rho.reshape(b2.shape)
+        if form == "drift":
+            return np.minimum(gamma / 2.0, 1.0)
+        return 1.0 - 1.0 / np.sqrt(1.0 + gamma)
+    rho, delta = residual_terms(residual_fraction, residual_error, b_next.shape[0])
+    rho, delta = rho.reshape(b2.shape), delta.reshape(b2.shape)
     if form == "drift":
-        return np.minimum(gamma / 2.0, 1.0 / rho)
-    return (1.0 - 1.0 / np.sqrt(1.0 + rho * gamma)) / rho
+        return np.minimum(gamma / 2.0, 1.0 / (rho + delta))
+    u = 1.0 / (1.0 + rho * gamma)
+    A = rho * rho + rho * delta * u
+    disc = rho * rho - A * (1.0 - u)
+    with np.errstate(invalid="ignore"):
+        exact = (rho - np.sqrt(np.maximum(disc, 0.0))) / A
+    return np.where(b2 > 0, np.where(disc >= 0, exact, rho / A), 0.0)
+
+
+def residual_terms(
+    residual_fraction: np.ndarray, residual_error: np.ndarray | None, steps: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(rho_i, delta_i)`` per step, checked (one line on bad values); ``delta`` is 0 when not given."""
+    rho = np.asarray(residual_fraction, dtype=np.float64)
+    if rho.shape != (steps,) or not np.all(np.isfinite(rho)) or np.any(rho <= 0) or np.any(rho > 1):
+        raise QDriftError(f"residual fraction must be {steps} numbers in (0, 1]")
+    delta = np.zeros(steps) if residual_error is None else np.asarray(residual_error, dtype=np.float64)
+    if delta.shape != (steps,) or not np.all(np.isfinite(delta)) or np.any(delta < 0):
+        raise QDriftError(f"residual error must be {steps} finite numbers >= 0")
+    return rho, delta
 
 
 def apply_correction(

@@ -6,9 +6,10 @@ Tensors (float64):
 - ``timesteps``, ``a_next``, ``b_next``: ``(steps,)``, the step grid it was fitted on;
 - optional ``k``, ``mu``: the per-step output decomposition ``m_q - m_fp = k m_fp + mu + r``;
 - optional ``ci_low``, ``ci_high``: confidence bounds of ``variance``;
-- optional ``residual_fraction``: ``(steps,)`` in ``(0, 1]``, the share ``rho`` of the marginal's spread the
-  residual ``x - a x0_hat`` holds at each landing level (the pull then accounts for the local spread,
-  :func:`qdrift_stats.correct.coefficients.correction_coefficients`); absent means 1;
+- optional ``residual_fraction``: ``(steps,)`` in ``(0, 1]``, the mean square of the FP noise estimate at each
+  step's input (the share of the marginal's spread the residual ``x - a x0_hat`` holds), and optional
+  ``residual_error``: ``(steps,)`` ``>= 0``, the mean square model error in that noise estimate; the pull then
+  accounts for the local spread (:func:`qdrift_stats.correct.coefficients.correction_coefficients`); absent: 1 and 0;
 - optional ``curve_log_b``, ``curve_log_u``, ``curve_log_kappa``: ``(points,)``, a smooth
   estimator's model over ``log b`` (see :mod:`qdrift_stats.estimators.smooth`).
 
@@ -58,7 +59,7 @@ FORMAT = "qdrift-estimator"
 FORMAT_VERSION = 1
 METADATA_KEY = "qdrift"
 _REQUIRED_TENSORS = ("variance", "timesteps", "a_next", "b_next")
-_OPTIONAL_TENSORS = ("k", "mu", "ci_low", "ci_high", "output_variance", "residual_fraction")
+_OPTIONAL_TENSORS = ("k", "mu", "ci_low", "ci_high", "output_variance", "residual_fraction", "residual_error")
 # A smooth estimator's model over log b (not per step): (points,) each, see variance_on.
 CURVE_TENSORS = ("curve_log_b", "curve_log_u", "curve_log_kappa")
 
@@ -323,6 +324,15 @@ class EstimatorFile:
             or np.any(tensors["residual_fraction"] > 1)
         ):
             raise QDriftError(f"{source}: residual_fraction must be one number per step in (0, 1]")
+        if "residual_error" in tensors and (
+            "residual_fraction" not in tensors
+            or tensors["residual_error"].ndim != 1
+            or not np.all(np.isfinite(tensors["residual_error"]))
+            or np.any(tensors["residual_error"] < 0)
+        ):
+            raise QDriftError(
+                f"{source}: residual_error must be one finite number >= 0 per step, with residual_fraction"
+            )
         if "output_variance" in tensors and (
             not np.all(np.isfinite(tensors["output_variance"])) or np.any(tensors["output_variance"] < 0)
         ):
@@ -458,32 +468,25 @@ class EstimatorFile:
         if form == PUBLISHED:
             return self.published_on(grid, float(lam))[0]
         variance = self.variance_on(grid, call=call)
-        return correction_coefficients(variance, grid.b_next, form, float(lam), self.residual_fraction_on(grid))
+        return correction_coefficients(variance, grid.b_next, form, float(lam), *self.residual_terms_on(grid))
 
-    def residual_fraction_on(self, grid: StepGrid) -> np.ndarray | None:
-        """The residual fraction ``rho`` per step on a sampler's grid, or ``None`` when the file has none.
+    def residual_terms_on(self, grid: StepGrid) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(residual_fraction, residual_error)`` per step on a sampler's grid; ``(None, None)`` without them.
 
-        Same grid: the stored values; img2img (the file covers the last steps): 1 on the steps before;
-        another grid of a smooth estimator: interpolated linearly over ``log b_next`` (1 on steps
-        landing on 0). Call after :meth:`variance_on`, which refuses a grid the file cannot serve.
+        Same grid: the stored values; img2img (the file covers the last steps): fraction 1 and error 0 on
+        the steps before. Other grids are reached only by smooth estimators (:meth:`variance_on` refuses
+        the rest), which carry no residual terms. Call after :meth:`variance_on`.
         """
         if "residual_fraction" not in self.tensors:
-            return None
+            return None, None
         rho = self.tensors["residual_fraction"]
+        error = self.tensors.get("residual_error", np.zeros_like(rho))
         if self._same_grid(grid):
-            return rho
+            return rho, error
         offset = self._grid_offset(grid)
         if offset is not None:
-            return np.concatenate([np.ones(offset), rho])
-        out = np.ones(grid.num_steps)
-        known = self.tensors["b_next"] > 0
-        wanted = grid.b_next > 0
-        if np.count_nonzero(known) >= 2:
-            order = np.argsort(np.log(self.tensors["b_next"][known]))
-            out[wanted] = np.interp(
-                np.log(grid.b_next[wanted]), np.log(self.tensors["b_next"][known])[order], rho[known][order]
-            )
-        return np.clip(out, 1e-6, 1.0)
+            return np.concatenate([np.ones(offset), rho]), np.concatenate([np.zeros(offset), error])
+        return None, None
 
     @property
     def form(self) -> str:
@@ -544,7 +547,7 @@ class EstimatorFile:
         form = correction or self.metadata["correction"]["form"]
         lam = self.metadata["correction"].get("strength", 1.0) if strength is None else strength
         remaining, noise_factor = stochastic_split(self.variance_on(grid, call=call), adapter.noise_std(grid), lam)
-        coefficients = correction_coefficients(remaining, grid.b_next, form, 1.0, self.residual_fraction_on(grid))
+        coefficients = correction_coefficients(remaining, grid.b_next, form, 1.0, *self.residual_terms_on(grid))
         return Corrector(
             grid,
             coefficients,

@@ -176,12 +176,17 @@ class PersistentFit(FittedEstimator):
     path_used: str = "fp"
     path_note: str = ""
     residual_fraction: np.ndarray | None = None
+    residual_error: np.ndarray | None = None
 
     def export_tensors(self) -> dict[str, np.ndarray]:
-        """The residual fraction ``rho`` per step, when measured (the pull then accounts for the local spread)."""
+        """``residual_fraction`` and ``residual_error`` per step, when measured (the pull then accounts for the
+        local spread and for the model error in the residual)."""
         if self.residual_fraction is None:
             return {}
-        return {"residual_fraction": np.asarray(self.residual_fraction, dtype=np.float64)}
+        return {
+            "residual_fraction": np.asarray(self.residual_fraction, dtype=np.float64),
+            "residual_error": np.asarray(self.residual_error, dtype=np.float64),
+        }
 
     def summary(self, max_rows: int = 12) -> str:
         text = (
@@ -258,18 +263,14 @@ def quantized_path_errors(
     )
 
 
-def residual_fraction(eps_power: np.ndarray, b_next: np.ndarray) -> np.ndarray:
-    """``(steps,)`` ``rho_i``: the mean square noise estimate at the level step ``i`` lands on, in ``(0, 1]``.
+def residual_fraction(eps_power: np.ndarray) -> np.ndarray:
+    """``(steps,)`` ``rho_i`` in ``(0, 1]``: the FP noise estimate's mean square at each step's input, clipped.
 
-    ``eps_power[j]`` is measured at the input of step ``j``, i.e. at the level step ``j - 1`` lands on. A
-    step whose landing level has no measurement (the last step, or a level of 0) gets 1 (the pull as
-    if the state were all noise, the form without ``rho``).
+    An exact denoiser has ``E |eps_hat|^2 <= 1`` per dim; a value above 1 is sampling noise and is clipped
+    to 1 (the pull as if the state were all noise); a step without a value (a level of 0) gets 1.
     """
-    eps_power = np.asarray(eps_power, dtype=np.float64)
-    rho = np.ones(len(b_next))
-    rho[:-1] = eps_power[1:]
+    rho = np.asarray(eps_power, dtype=np.float64).copy()
     rho[~np.isfinite(rho)] = 1.0
-    rho[np.asarray(b_next) <= 0] = 1.0
     return np.clip(rho, RHO_FLOOR, 1.0)
 
 
@@ -424,7 +425,7 @@ class PersistentEstimator(Estimator):
         terms = accumulated_cross_terms(pooled(delta), b_next, self.propagation, None, units)
         w_path = persistent_statistic(terms["v"], terms["cross"], terms["cross_se"], b_next)
         v = terms["v"]
-        pair, path_note, rho = None, "", None
+        pair, path_note, rho, rho_error = None, "", None, None
         if self.path == "quantized":
             try:
                 pair = self._pair(ds)
@@ -435,11 +436,12 @@ class PersistentEstimator(Estimator):
                     "noise (no residual fraction; docs/method.md)"
                 )
         if pair is not None:
-            e_q, m_q, eps_power = quantized_path_errors(
+            e_q, m_q, eps_power, eps_error = quantized_path_errors(
                 pair, str(ds.attrs.get("scheduler")), steps, [int(s) for s in ds["seed"].values], shape[1]
             )
             if self.spread == "local":
-                rho = residual_fraction(eps_power, b_next)
+                rho = residual_fraction(eps_power)
+                rho_error = np.where(np.isfinite(eps_error), eps_error, 0.0)
             e_q = np.moveaxis(e_q, 1, 0).reshape(steps, runs, -1)
             m_q = np.moveaxis(m_q, 1, 0).reshape(steps, runs, -1)
             terms_q = accumulated_cross_terms(
@@ -480,4 +482,5 @@ class PersistentEstimator(Estimator):
             path_used="quantized" if pair is not None else "fp",
             path_note=path_note,
             residual_fraction=rho,
+            residual_error=rho_error,
         )
