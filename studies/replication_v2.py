@@ -9,7 +9,9 @@ bootstrap indices). 'Gap closed' = (FD Q - FD row) / (FD Q - FD FP).
 
 Rows: ``published`` (the published Q-Drift code's conditional variance and step rescaling, bias
 off), ``ptqd`` (PTQD's output map), ``first-order`` (the library's default before issue 12),
-``persistent`` (the persistence-aware statistic), ``persistent-ptqd``, ``decomposed``. Library rows
+``persistent`` (the persistence-aware statistic, the default of ``qdrift fit``, with the pull sized by the local
+spread), ``persistent-noise-pull`` (the same with the pull of a state that is all noise: the default before the
+local spread), ``persistent-ptqd``, ``decomposed``. Library rows
 use the shrink form at strength 1. The automatic choice (``auto``) is not a row here: it samples
 the pair ~50 times per fold, which this shared 2-core machine cannot afford per cell (see
 docs/results.md).
@@ -43,7 +45,16 @@ from qdrift_stats.zoo.named import pair_name
 
 warnings.filterwarnings("ignore")
 
-ROWS = ("published", "ptqd", "first-order", "persistent", "persistent-nobias", "persistent-ptqd", "decomposed")
+ROWS = (
+    "published",
+    "ptqd",
+    "first-order",
+    "persistent",
+    "persistent-noise-pull",
+    "persistent-nobias",
+    "persistent-ptqd",
+    "decomposed",
+)
 REDUCED_CELLS = [("unet", "ddim", "w3a4"), ("dit", "flow-euler", "w3a4")]
 SCHEDULERS = {"unet": ("ddim", "euler", "dpmpp-2m"), "dit": ("flow-euler", "flow-dpmpp-2m")}
 
@@ -233,7 +244,11 @@ def render(args):
 
 
 def _flags(name):
-    return "" if name == "replication_v2.csv" else f" --rows persistent --csv {name}"
+    if name == "replication_v2.csv":
+        return ""
+    if name == "replication_v2_default.csv":
+        return f" --rows persistent persistent-noise-pull --csv {name}"
+    return f" --rows persistent --csv {name}"
 
 
 def _num(v):

@@ -36,6 +36,7 @@ ESTIMATORS: dict[str, Callable[[], Estimator]] = {
     "moment": MomentEstimator,  # re-samples the pair named in the store
     "persistent": PersistentEstimator,
     "persistent-nobias": partial(PersistentEstimator, bias="none"),
+    "persistent-noise-pull": partial(PersistentEstimator, spread="noise"),
     "persistent-ptqd": partial(PersistentEstimator, bias="ptqd", min_r2=0.01),
     "persistent-conditional": partial(PersistentEstimator, bias="conditional"),
     "published": PublishedEstimator,  # the published Q-Drift code's statistic and correction (baseline)
