@@ -85,7 +85,7 @@ def test_lock_step_delta_of_the_two_call_first_step_is_its_first_order_gain_time
 
 
 def test_prk_steps_and_level_skipping_spacings_are_refused():
-    with pytest.raises(QDriftError, match="unsupported scheduler class PNDMScheduler"):
+    with pytest.raises(QDriftError, match="skip_prk_steps=False .* not supported; use skip_prk_steps=True"):
         scheduler_name(PNDMScheduler.from_config(VP_SCHEDULER_CONFIG))  # the Runge-Kutta warm-up
     with pytest.raises(QDriftError, match="timestep_spacing 'linspace'.*use timestep_spacing 'leading'"):
         step_grid(plms(timestep_spacing="linspace"))

@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from qdrift_stats.correct.coefficients import apply_correction, correction_coefficients
 from qdrift_stats.estimators import EmpiricalEstimator
 from qdrift_stats.record.store import run_dataset
-from qdrift_stats.schedulers.base import FLOW_PREDICTION, SCHEDULER_NAMES, make_scheduler, step_grid, x0_from_output
+from qdrift_stats.schedulers.base import (
+    FLOW_PREDICTION,
+    SCHEDULER_NAMES,
+    adapter_for,
+    make_scheduler,
+    step_grid,
+    x0_from_output,
+)
 from qdrift_stats.testbed import FLOW_SCHEDULER_CONFIG, VP_SCHEDULER_CONFIG
 
 FAST = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -43,8 +50,13 @@ def test_step_grid_shapes_monotone_b_and_clean_last_step(name, steps):
     for arr in (grid.timesteps, grid.a, grid.b, grid.a_next, grid.b_next):
         assert arr.shape == (steps,) and arr.dtype == np.float64 and np.all(np.isfinite(arr))
     # The noise level falls along sampling: each step lands below where it starts, and the next
-    # step starts where this one landed.
-    assert np.all(grid.b_next < grid.b)
+    # step starts where this one landed. diffusers' PLMS (steps_offset 0, set_alpha_to_one False) ends with a
+    # step from t = 0 to alphas_cumprod[0], the same level: it stays put (gain 0, never corrected).
+    if name == "pndm":
+        assert np.all(grid.b_next[:-1] < grid.b[:-1]) and grid.b_next[-1] == grid.b[-1]
+        assert adapter_for(scheduler).first_order_gain(grid)[-1] == 0.0
+    else:
+        assert np.all(grid.b_next < grid.b)
     assert np.allclose(grid.b[1:], grid.b_next[:-1])
     assert np.all(np.diff(grid.b) < 0)
     if name in ("deis", "pndm"):  # diffusers' DEIS and PNDM end on the t = 0 training level, not on the clean sample

@@ -17,7 +17,8 @@ An adapter (a subclass of :class:`SchedulerAdapter`, registered with :func:`regi
   (both have defaults that follow from the coordinates; see :func:`x0_from_output`, :func:`first_order_gain`);
 - :meth:`~SchedulerAdapter.step_kwargs`: keyword arguments that make ``scheduler.step`` deterministic;
 - :meth:`~SchedulerAdapter.call_steps`: which step each entry of ``scheduler.timesteps`` belongs to
-  (one model call per entry; a two-call solver such as Heun runs two entries per step).
+  (one model call per entry; a two-call solver such as Heun runs two entries per step);
+- optionally :meth:`~SchedulerAdapter.refusal`: the one-line reason a configuration of its class is refused.
 
 A new scheduler is one module in this package holding its adapter class, decorated with
 :func:`register`, plus one import line in ``qdrift_stats/schedulers/__init__.py``. The registered
@@ -208,6 +209,11 @@ class SchedulerAdapter:
         """The per-step coordinates of a scheduler on which ``set_timesteps`` has been called."""
         raise NotImplementedError
 
+    def refusal(self, scheduler) -> str | None:
+        """Why a scheduler of one of :attr:`diffusers_classes` that :meth:`matches` refuses is not supported
+        (one line for the error), or None for the generic "unsupported scheduler class" message."""
+        return None
+
     def step_kwargs(self, scheduler) -> dict[str, Any]:
         """Extra keyword arguments for ``scheduler.step`` (e.g. DDIM's ``eta=0``)."""
         return {}
@@ -282,6 +288,10 @@ def adapter_for(scheduler) -> SchedulerAdapter:
     """The adapter of a configured diffusers scheduler instance; :class:`QDriftError` if none fits."""
     adapter = find_adapter(scheduler)
     if adapter is None:
+        for candidate in _ADAPTERS.values():
+            reason = candidate.refusal(scheduler) if isinstance(scheduler, candidate.diffusers_classes) else None
+            if reason:
+                raise QDriftError(reason)
         raise QDriftError(
             f"unsupported scheduler class {type(scheduler).__name__}; supported: {', '.join(scheduler_names())}"
         )

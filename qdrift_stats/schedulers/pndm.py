@@ -47,6 +47,14 @@ class PNDMAdapter(SchedulerAdapter):
     def matches(self, scheduler) -> bool:
         return super().matches(scheduler) and bool(scheduler.config.skip_prk_steps)
 
+    def refusal(self, scheduler) -> str | None:
+        if not scheduler.config.skip_prk_steps:
+            return (
+                "PNDMScheduler with skip_prk_steps=False (its Runge-Kutta warm-up) is not supported; "
+                "use skip_prk_steps=True (PLMS, Stable Diffusion's setting)"
+            )
+        return None
+
     def call_steps(self, scheduler) -> np.ndarray:
         entries = len(scheduler.timesteps)  # n + 1 for n >= 2 steps (the first step's landing twice), 1 for n = 1
         return np.concatenate([[0], np.arange(entries - 1)]) if entries > 1 else np.zeros(1, dtype=np.int64)
