@@ -222,3 +222,22 @@ def test_pipeline_calibration_records_one_step_per_landing_with_the_q_corrector_
         assert torch.equal(inputs["q"][k], inputs["fp"][k])
     for k in (1, 3):  # the corrector calls: the Q prediction, not the FP one
         assert not torch.equal(inputs["q"][k], inputs["fp"][k])
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_first_order_output_inverts_diffusers_own_first_order_step(prediction):
+    """The effective output of a landing is the output with which a first-order step lands there: checked
+    against diffusers' Euler step (its own x0 formula per prediction type), at every step of a 6-step grid."""
+    from diffusers import EulerDiscreteScheduler
+
+    from qdrift_stats.schedulers import first_order_output
+
+    scheduler = EulerDiscreteScheduler.from_config({**VP_SCHEDULER_CONFIG, "prediction_type": prediction})
+    scheduler.set_timesteps(6)
+    grid = step_grid(scheduler)
+    g = torch.Generator().manual_seed(5)
+    for i, t in enumerate(scheduler.timesteps):
+        x = torch.randn(4, 3, generator=g, dtype=torch.float64) * float(grid.b[i])
+        out = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        x_next = scheduler.step(out, t, x).prev_sample
+        torch.testing.assert_close(first_order_output(grid, i, x, x_next), out, rtol=1e-5, atol=1e-5)
