@@ -11,7 +11,8 @@ Writes the section ``robustness`` of ``docs/robustness.md``:
   error line when refused, a file changed outside ``--out``, or a temporary left behind;
 - **interrupts**: ``qdrift record`` (a subprocess) gets SIGINT (Ctrl-C) at a random moment during
   its runs (after a random number of finished runs, within the next one), then the same command
-  is run again; a crash is an exit code other than 130, any stderr line other than progress and
+  is run again (in this process, through ``qdrift_stats.cli.main``, as the other resumes here); a
+  crash is an exit code other than 130, any stderr line other than progress and
   ``qdrift: interrupted`` (e.g. zarr's "Task was destroyed"), or a failed resume; a loss is a final
   store that differs from an uninterrupted recording;
 - **concurrent writers**: two ``qdrift record`` processes on the same ``--out`` at once, then the
@@ -87,6 +88,19 @@ def record_args(out: Path, runs: int, steps: int = 30, batch: int = 64) -> list[
         "--out",
         str(out),
     ]
+
+
+def in_process(*args: str) -> subprocess.CompletedProcess:
+    """``qdrift ARGS`` run by ``qdrift_stats.cli.main`` in this process (the same code as the console
+    script, without another interpreter start): exit code, stdout and stderr."""
+    import io
+
+    from qdrift_stats.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def store_values(path: Path):
@@ -202,9 +216,7 @@ def interrupt_trials(trials: int, runs: int, tmp: Path, reference, rng: random.R
         elif not ok:
             counts["crash"] += 1
             examples.append(f"exit {proc.returncode}: {' | '.join(err.splitlines()[-3:])}")
-        again = subprocess.run(
-            qdrift_cmd(*record_args(out, runs), "--quiet"), env=env(), capture_output=True, text=True
-        )
+        again = in_process(*record_args(out, runs), "--quiet")
         if again.returncode != 0:
             counts["crash"] += 1
             examples.append(f"resume exit {again.returncode}: {again.stderr.strip()[-200:]}")
@@ -241,9 +253,7 @@ def concurrent_writer_trials(trials: int, runs: int, tmp: Path, reference, rng: 
             if p.returncode not in (0, 2) or "Traceback" in err or not one_line:
                 counts["crash"] += 1
                 examples.append(f"exit {p.returncode}: {err.strip()[-200:]}")
-        final = subprocess.run(
-            qdrift_cmd(*record_args(out, runs), "--quiet"), env=env(), capture_output=True, text=True
-        )
+        final = in_process(*record_args(out, runs), "--quiet")
         if final.returncode != 0:
             counts["crash"] += 1
             examples.append(f"final exit {final.returncode}: {final.stderr.strip()[-200:]}")
@@ -347,10 +357,10 @@ def help_times(repeats: int) -> tuple[list[float], list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-kind", type=int, default=5, help="Malformed variants per kind of damage.")
-    parser.add_argument("--cli-examples", type=int, default=100, help="Argument combinations tried.")
+    parser.add_argument("--per-kind", type=int, default=3, help="Malformed variants per kind of damage.")
+    parser.add_argument("--cli-examples", type=int, default=60, help="Argument combinations tried.")
     parser.add_argument("--trials", type=int, default=5, help="Interrupt, concurrent-writer and reader trials each.")
-    parser.add_argument("--runs", type=int, default=6, help="Runs of the recordings in those trials.")
+    parser.add_argument("--runs", type=int, default=4, help="Runs of the recordings in those trials.")
     parser.add_argument(
         "--kill-runs", type=int, default=2, help="Runs of the stores in the kill-at-every-write trials."
     )
