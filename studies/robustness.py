@@ -186,6 +186,13 @@ def argument_combinations(examples: int, seed: int, tmp: Path) -> dict:
 # ---- interrupts -----------------------------------------------------------------------------------
 
 
+def default_sigint() -> None:
+    """In the child: Ctrl-C's default action. A study started in the background (``nohup ... &``)
+    ignores SIGINT, its children inherit that, and Python then installs no handler: the signal
+    would be lost and the trial would only look finished."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_seconds(progress: str) -> float:
     """The time of one run from the first progress line (``... run 1/6 done, elapsed 1m02s, ...``)."""
     import re
@@ -200,7 +207,12 @@ def interrupt_trials(trials: int, runs: int, tmp: Path, reference, rng: random.R
     for k in range(trials):
         out = tmp / f"int{k}.zarr"
         proc = subprocess.Popen(
-            qdrift_cmd(*record_args(out, runs)), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            qdrift_cmd(*record_args(out, runs)),
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=default_sigint,
         )
         # wait for the k-th finished run (k random in 1 .. runs-1), then interrupt at a random moment
         # of the next one (the first run's time tells how long a run takes)

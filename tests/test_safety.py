@@ -735,6 +735,8 @@ def test_ctrl_c_during_record_is_one_line_exit_130_and_the_store_resumes(tmp_pat
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C's default action: a test run in the background ignores SIGINT, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     first = proc.stderr.readline()  # the first run's progress line: the store exists
     proc.send_signal(signal.SIGINT)
