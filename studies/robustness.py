@@ -194,11 +194,11 @@ def default_sigint() -> None:
 
 
 def run_seconds(progress: str) -> float:
-    """The time of one run from the first progress line (``... run 1/6 done, elapsed 1m02s, ...``)."""
+    """The elapsed time of a progress line (``qdrift record: run 3/6 done, elapsed 1m02s, ...``)."""
     import re
 
-    found = re.search(r"run 1/\d+ done, elapsed (?:(\d+)m)?([\d.]+)s", progress)
-    return 60 * int(found.group(1) or 0) + float(found.group(2)) if found else 0.5
+    found = re.search(r"run \d+/\d+ done, elapsed (?:(\d+)m)?([\d.]+)s", progress)
+    return 60 * int(found.group(1) or 0) + float(found.group(2)) if found else 0.0
 
 
 def interrupt_trials(trials: int, runs: int, tmp: Path, reference, rng: random.Random) -> dict:
@@ -214,18 +214,26 @@ def interrupt_trials(trials: int, runs: int, tmp: Path, reference, rng: random.R
             text=True,
             preexec_fn=default_sigint,
         )
-        # wait for the k-th finished run (k random in 1 .. runs-1), then interrupt at a random moment
-        # of the next one (the first run's time tells how long a run takes)
-        k_run = rng.randint(1, max(1, runs - 1))
-        first = "".join(proc.stderr.readline() for _ in range(k_run))
-        time.sleep(rng.uniform(0.0, 0.8 * run_seconds(first)))
+        # wait for the k-th finished run (k random in 2 .. runs-1), then interrupt at a random moment
+        # of the next one (the time between the last two progress lines is one run's; the first
+        # run's also holds the setup)
+        k_run = rng.randint(2, max(2, runs - 1))
+        lines = [proc.stderr.readline() for _ in range(k_run)]
+        one_run = max(run_seconds(lines[-1]) - run_seconds(lines[-2]), 0.05)
+        time.sleep(rng.uniform(0.0, 0.8 * one_run))
         proc.send_signal(signal.SIGINT)
         _, rest = proc.communicate(timeout=300)
-        err = first + rest
-        ok = proc.returncode == 130 and clean_stderr(err, allowed=("qdrift: interrupted",))
+        err = "".join(lines) + rest
+        clean = clean_stderr(err, allowed=("qdrift: interrupted",))
         if proc.returncode == 0:  # finished before the signal: not an interrupt trial
             counts["finished before the signal"] += 1
-        elif not ok:
+        elif proc.returncode == 130 and clean:
+            counts["interrupted"] += 1
+        elif proc.returncode == -signal.SIGINT and clean:
+            # ended by the signal itself (a shell shows exit 130): it came when Python's handler was
+            # not installed (interpreter start or exit); no output, the store is checked below
+            counts["ended by the signal"] += 1
+        else:
             counts["crash"] += 1
             examples.append(f"exit {proc.returncode}: {' | '.join(err.splitlines()[-3:])}")
         again = in_process(*record_args(out, runs), "--quiet")
@@ -234,6 +242,8 @@ def interrupt_trials(trials: int, runs: int, tmp: Path, reference, rng: random.R
             examples.append(f"resume exit {again.returncode}: {again.stderr.strip()[-200:]}")
         elif not same_store(out, reference):
             counts["loss"] += 1
+        else:
+            counts["resumed identical"] += 1
         counts["tried"] += 1
     return {**counts, "examples": examples[:3]}
 
@@ -439,7 +449,10 @@ def report(r: dict, durations: dict, elapsed: float, args) -> str:
         (
             f"Ctrl-C (SIGINT) during `qdrift record` of {args.runs} runs, then the same command",
             f"{intr.get('tried', 0)} trials",
-            f"{intr.get('tried', 0) - intr.get('finished before the signal', 0)} interrupted and resumed",
+            f"{intr.get('interrupted', 0)} interrupted (exit 130, `qdrift: interrupted`), "
+            f"{intr.get('ended by the signal', 0)} ended by the signal outside Python's handler (exit -2, "
+            f"130 in a shell, no output), {intr.get('finished before the signal', 0)} finished before it; "
+            f"{intr.get('resumed identical', 0)} resumed to the uninterrupted store",
             intr.get("crash", 0),
             intr.get("loss", 0),
         ),
