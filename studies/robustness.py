@@ -476,7 +476,12 @@ def report(r: dict, durations: dict, elapsed: float, args) -> str:
             "each copy read, then the same command",
             f"{rk['kill points']} kill points",
             f"{rk['before the store existed']} before the store existed (creation window), "
-            f"{rk['store existed']} after; every read showed complete runs only, every resume the reference",
+            f"{rk['store existed']} after; "
+            + (
+                "every read showed complete runs only, every resume the reference"
+                if not rk["reader failures"] and not rk["resume failures"]
+                else f"{rk['reader failures']} reads and {rk['resume failures']} resumes failed"
+            ),
             rk["reader failures"],
             rk["resume failures"],
         ),
