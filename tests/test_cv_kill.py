@@ -11,9 +11,11 @@ before the output exists to just before its final commit mark. For every copy:
 - the same ``qdrift cv`` command, run again on the copy, exits 0 with the uninterrupted result
   (the Dataset identical, attributes included).
 
-The strength search is part of the command (``--pair``), so the kills cover every calibration
-count's part, the strength part and the final combined result. ``studies/robustness.py`` reports
-the same counts (:func:`kill_trials`).
+The first test kills at every write of ``qdrift cv --no-strength`` (the creation, every
+calibration count's part, the combined result); the second at every write of the strength
+search's part (``--pair``, its grid shrunk to keep the test quick). ``studies/robustness.py`` kills
+the full command (learning curve and strength search, the command's own grid) at every write and
+reports the counts (:func:`kill_trials`).
 """
 
 from __future__ import annotations
@@ -86,14 +88,19 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
 
 @contextlib.contextmanager
-def snapshot_every_write(work: Path, snapshots: Path) -> Iterator[list[Path]]:
-    """While active, copy the folder ``work`` to ``snapshots/NNNN`` just before each file zarr writes."""
+def snapshot_every_write(
+    work: Path, snapshots: Path, only: Callable[[str], bool] | None = None
+) -> Iterator[list[Path]]:
+    """While active, copy the folder ``work`` to ``snapshots/NNNN`` just before each file zarr writes
+    (``only``: just before the writes whose path, relative to ``work``, it accepts)."""
     taken: list[Path] = []
     real_put, serial = zarr_local._put, threading.Lock()  # zarr writes from threads: one at a time
 
     def put(path, value, exclusive=False):
         with serial:
             if exclusive and path.exists():  # zarr's "create the parent group if missing": changes nothing
+                return real_put(path, value, exclusive=exclusive)
+            if only is not None and not only(str(Path(path).relative_to(work))):
                 return real_put(path, value, exclusive=exclusive)
             taken.append(snapshots / f"{len(taken):04d}")
             shutil.copytree(work, taken[-1], symlinks=True)
@@ -119,11 +126,16 @@ def same_result(a: xr.Dataset, b: xr.Dataset) -> bool:
 
 
 def kill_trials(
-    store: Path, root: Path, args: Callable[[Path, Path], list[str]] = cv_args, examples: list[str] | None = None
+    store: Path,
+    root: Path,
+    args: Callable[[Path, Path], list[str]] = cv_args,
+    examples: list[str] | None = None,
+    only: Callable[[str], bool] | None = None,
 ) -> Counter:
     """Kill ``qdrift cv`` at every file write of its output (see the module docstring); counts of outcomes.
 
     ``root`` must be an empty folder; ``reference`` is computed there first, uninterrupted.
+    ``only``: kill only at the writes whose path (``cv.zarr/...``) it accepts.
     Keys: ``kill points``, ``output existed``, ``reads refused`` (one line), ``reads finished``,
     ``reader failures``, ``resumed identical``, ``resume failures``.
     """
@@ -137,7 +149,7 @@ def kill_trials(
     work, snaps = root / "work", root / "snapshots"
     work.mkdir()
     snaps.mkdir()
-    with snapshot_every_write(work, snaps) as taken:
+    with snapshot_every_write(work, snaps, only) as taken:
         code, _, err = run_cli(args(store, work / "cv.zarr"))
     if code != 0:
         raise AssertionError(f"the snapshotted cv failed: {err}")
@@ -216,16 +228,36 @@ def store(tmp_path_factory) -> Path:
     return make_store(tmp_path_factory.mktemp("cv-kill") / "calib.zarr", runs=2)
 
 
+def without_strength(store: Path, out: Path) -> list[str]:
+    args = cv_args(store, out)
+    at = args.index("--pair")
+    return [*args[:at], *args[at + 2 :], "--no-strength"]
+
+
 def test_cv_killed_at_every_write_resumes_to_the_uninterrupted_result(store, scratch):
+    """Every write of ``qdrift cv --no-strength``: the creation, each count's part, the combined result."""
     examples: list[str] = []
-    with small_strength_grid():
-        counts = kill_trials(store, scratch, examples=examples)
+    counts = kill_trials(store, scratch, args=without_strength, examples=examples)
     assert examples == [], (dict(counts), examples[:5])
     assert counts["kill points"] > 20  # every part's arrays and marks, the root result, the creation
     assert 0 < counts["output existed"] < counts["kill points"]  # the first kill precedes the output
     assert counts["resumed identical"] == counts["kill points"]
     assert counts["reads finished"] == 0  # every copy predates the final commit mark
     assert counts["reads refused"] == counts["kill points"]
+
+
+def test_cv_killed_at_every_write_of_the_strength_search_resumes_to_the_same_choice(store, scratch):
+    """Every write of the strength search's part (with ``--pair``; the combined result's writes are
+    the test above's code path, and the study kills at every write of this command)."""
+    examples: list[str] = []
+    with small_strength_grid():
+        counts = kill_trials(
+            store, scratch, examples=examples, only=lambda path: path.startswith("cv.zarr/parts/strength/")
+        )
+    assert examples == [], (dict(counts), examples[:5])
+    assert counts["kill points"] > 10  # each array's metadata and chunks, the part's commit mark
+    assert counts["output existed"] == counts["kill points"]
+    assert counts["resumed identical"] == counts["reads refused"] == counts["kill points"]
 
 
 def test_rerunning_a_finished_cv_writes_nothing(store, scratch):
