@@ -39,6 +39,7 @@ CORRECTION_PATH = [
     "qdrift_stats.correct.corrector.xǁCorrectorǁ*",
     "qdrift_stats.correct.corrector.x__check_channels__*",
     "qdrift_stats.loop.x_run_sampler__*",
+    "qdrift_stats.loop.x_advance_step__*",  # the model calls and scheduler steps of one step (run_sampler's body)
     "qdrift_stats.loop.x_scale_model_input__*",
     "qdrift_stats.estimators.empirical.x_t_interval__*",
     "qdrift_stats.estimators.empirical.x_per_run_second_moment__*",
@@ -51,6 +52,9 @@ CORRECTION_PATH = [
     SB + "x_first_order_gain__*",
     SB + "xǁStepGridǁ*",
     SB + "x_step_grid__*",
+    SB + "x_step_calls__*",  # which timestep entries make up each step (one per step but Heun's)
+    SB + "x_call_steps__*",
+    SB + "xǁSchedulerAdapterǁcall_steps__*",
     SB + "x_vp_grid__*",  # the DDIM (and DDPM, LCM) levels, moved out of DDIMAdapter.grid
     SB + "x_gain_on__*",
     SB + "x_output_gains__*",
@@ -158,6 +162,9 @@ def main() -> None:
         action="store_true",
         help="re-run only the path's mutants not yet killed (survived, timeout, not checked), e.g. after new tests",
     )
+    parser.add_argument(
+        "--also", nargs="*", default=[], help="with --again: mutant name patterns to re-run in any case (changed code)"
+    )
     parser.add_argument("--max-children", type=int, default=2, help="mutmut worker processes")
     args = parser.parse_args()
     start = time.time()
@@ -166,7 +173,8 @@ def main() -> None:
         if args.again:
             stored = results()
             patterns = sorted(k for k, v in stored.items() if on_path(k) and v != "killed" and k not in EQUIVALENT)
-            print(f"re-running {len(patterns)} mutants", flush=True)
+            print(f"re-running {len(patterns)} mutants and {args.also}", flush=True)
+            patterns += args.also
         if patterns:
             mutmut("run", "--max-children", str(args.max_children), *patterns, stream=True)
     statuses = results()

@@ -200,3 +200,344 @@ def test_estimator_file_corrector_carries_the_decomposition_and_the_device():
     m = torch.ones(1, 2, dtype=torch.float64)
     torch.testing.assert_close(corrector.correct_output(0, m), m / 1.25)
     torch.testing.assert_close(corrector.correct_output(1, m), m - 0.5)
+
+
+# ---- stochastic samplers: the noise-lowering split and the corrector's noise path ---------------------
+def test_stochastic_split_lowers_the_noise_variance_by_lambda_v_and_leaves_the_rest_to_the_pull():
+    """``remaining = max(lambda v - s^2, 0)``, ``f = s (1 - sqrt(max(1 - lambda v / s^2, 0)))`` (0 where v = 0),
+    so that the kept noise ``s - f`` has variance ``max(s^2 - lambda v, 0)``; a step without noise (s = 0)
+    leaves everything to the pull."""
+    from qdrift_stats.correct.coefficients import stochastic_split
+
+    v = np.array([0.09, 0.25, 0.0, 0.5])
+    s = np.array([0.5, 0.4, 0.3, 0.0])
+    remaining, f = stochastic_split(v, s)
+    np.testing.assert_allclose(remaining, [0.0, 0.25 - 0.16, 0.0, 0.5], rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(f, [0.5 * (1 - np.sqrt(1 - 0.09 / 0.25)), 0.4, 0.0, 0.0], rtol=1e-14)
+    np.testing.assert_allclose((s - f) ** 2, [0.25 - 0.09, 0.0, 0.09, 0.0], rtol=1e-12, atol=1e-15)
+    # strength multiplies v; per channel: each channel's own v against the step's s
+    remaining, f = stochastic_split(v, s, strength=2.0)
+    np.testing.assert_allclose(remaining, [0.0, 0.5 - 0.16, 0.0, 1.0], rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(f[0], 0.5 * (1 - np.sqrt(1 - 0.18 / 0.25)), rtol=1e-14)
+    vc = np.array([[0.09, 0.16], [0.0, 0.05]])
+    remaining, f = stochastic_split(vc, np.array([0.5, 0.2]))
+    assert remaining.shape == f.shape == (2, 2) and f.dtype == np.float64
+    np.testing.assert_allclose(f, [[0.5 * (1 - 0.8), 0.5 * (1 - 0.6)], [0.0, 0.2]], rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(remaining, [[0.0, 0.0], [0.0, 0.01]], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(stochastic_split(np.float32([0.09]), np.float32([0.5]))[1], 0.1, rtol=1e-7)
+
+
+def _noise_corrector(channel_axis=1, dtype=torch.float64):
+    from qdrift_stats.correct.corrector import Corrector
+
+    _, grid = _grid("euler", 3)
+    c = np.array([[0.2, 0.5], [0.0, 0.0], [0.0, 0.0]])
+    f = np.array([[0.0, 0.0], [0.3, 0.6], [0.0, 0.0]])
+    k = np.array([[0.25, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    mu = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    corrector = Corrector(grid, c, torch.device("cpu"), dtype, k=k, mu=mu, channel_axis=channel_axis, noise_factor=f)
+    return grid, corrector
+
+
+def test_corrector_lowers_the_injected_noise_per_channel_then_pulls():
+    """Step 1 lowers the noise channel by channel, ``x' - f_c z``, and has no pull; step 0 pulls channel by
+    channel, ``x' - c_c (x' - a_next x0_hat)``, with ``x0_hat = (x - b_0 m) / a_0`` (Euler, epsilon)."""
+    grid, corrector = _noise_corrector()
+    assert corrector.needs_noise and corrector.noise_active == [False, True, False]
+    assert corrector.pull_active == [True, False, False] and corrector.active == [True, True, False]
+    x = torch.linspace(-1, 1, 2 * 2 * 3, dtype=torch.float64).reshape(2, 2, 3)
+    m, x_next, z = 0.5 * x + 0.1, 0.9 * x, torch.full((2, 2, 3), 2.0, dtype=torch.float64)
+    out = corrector(1, x, m, x_next, z)
+    torch.testing.assert_close(out[:, 0], x_next[:, 0] - 0.3 * 2.0)
+    torch.testing.assert_close(out[:, 1], x_next[:, 1] - 0.6 * 2.0)
+    x0 = (x - grid.b[0] * m) / grid.a[0]
+    out = corrector(0, x, m, x_next)
+    for ch, c in ((0, 0.2), (1, 0.5)):
+        torch.testing.assert_close(out[:, ch], x_next[:, ch] - c * (x_next[:, ch] - grid.a_next[0] * x0[:, ch]))
+    assert corrector(2, x, m, x_next) is x_next
+    with pytest.raises(
+        QDriftError, match=r"^step 1 injects noise that the correction lowers, but the sampler did not show it$"
+    ):
+        corrector(1, x, m, x_next)
+    with pytest.raises(
+        QDriftError,
+        match=r"^the estimator is per channel with 2 channels, the samples have shape \(3, 2\); fit it on a store of this model$",
+    ):
+        corrector(0, x.transpose(1, 2), m.transpose(1, 2), x_next.transpose(1, 2))
+    # channels last (packed tokens): the same numbers along axis -1
+    _, last = _noise_corrector(channel_axis=-1)
+    xt, mt, nt = x.transpose(1, 2), m.transpose(1, 2), x_next.transpose(1, 2)
+    torch.testing.assert_close(last(0, xt, mt, nt), out.transpose(1, 2))
+    torch.testing.assert_close(last(1, xt, mt, nt, z.transpose(1, 2))[..., 1], nt[..., 1] - 1.2)
+
+
+def test_corrector_to_keeps_every_part_of_the_correction():
+    """``to`` moves the coefficients, the noise factor, the decomposition and the channel axis; device and dtype
+    are the requested ones."""
+    _, corrector = _noise_corrector(channel_axis=-1, dtype=torch.float32)
+    moved = corrector.to("cpu", torch.float64)
+    for name in ("coefficients", "noise_factor", "scale", "shift"):
+        assert getattr(moved, name).dtype == torch.float64
+    np.testing.assert_array_equal(moved.noise_factor.numpy(), [[0.0, 0.0], [0.3, 0.6], [0.0, 0.0]])
+    np.testing.assert_array_equal(moved.scale.numpy()[0], [0.8, 1.0])
+    np.testing.assert_array_equal(moved.shift.numpy()[2], [0.0, 1.0])
+    assert moved.channel_axis == -1 and moved.noise_active == [False, True, False]
+    assert moved.output_active == [True, False, True]
+    half = corrector.to("cpu", torch.float16)
+    assert half.coefficients.dtype == torch.float16 and half.noise_factor.dtype == torch.float16
+    meta = corrector.to("meta", torch.float32)
+    assert meta.coefficients.device.type == "meta" and meta.noise_factor.device.type == "meta"
+
+
+def test_channelwise_defaults_to_axis_one_and_divergence_risk_to_strength_one():
+    from qdrift_stats.correct.coefficients import channelwise
+
+    like = torch.zeros(2, 3, 4, 5)
+    assert channelwise(torch.ones(3), like).shape == (1, 3, 1, 1)
+    assert channelwise(torch.ones(5), like, -1).shape == (1, 1, 1, 5)
+    scalar = torch.tensor(0.5)
+    assert channelwise(scalar, like) is scalar
+    np.testing.assert_allclose(divergence_risk(np.array([0.5]), np.array([1.0])), [0.25], rtol=1e-14)
+
+
+def test_adapter_x0_hat_is_the_grid_estimate_at_the_steps_own_level():
+    from qdrift_stats.schedulers.base import get_adapter
+
+    _, grid = _grid("euler", 3)
+    x, m = torch.tensor([[1.0, -2.0]], dtype=torch.float64), torch.tensor([[0.5, 0.25]], dtype=torch.float64)
+    for i in (0, 2):
+        expected = (x - grid.b[i] * m) / grid.a[i]  # epsilon: x = a x0 + b eps
+        torch.testing.assert_close(get_adapter("euler").x0_hat(grid, i, x, m), expected)
+
+
+def test_loop_passes_the_generator_and_shows_the_step_noise_to_a_noise_lowering_corrector():
+    """Euler ancestral written out by hand (epsilon model ``0.1 * input``): the model sees ``x / sqrt(s^2 + 1)``,
+    the step goes to ``s_down`` along ``eps`` and adds ``s_up z_i`` with ``z_i`` the generator's i-th standard
+    normal draw; the corrector then removes ``f_i z_i``, with the same ``z_i``."""
+    from qdrift_stats.correct.corrector import Corrector
+    from qdrift_stats.loop import run_sampler
+
+    sched, grid = _grid("euler-ancestral", 3)
+    f = np.array([0.3, 0.7, 0.0])
+    corrector = Corrector(grid, np.zeros(3), torch.device("cpu"), torch.float64, noise_factor=f)
+    x0 = torch.linspace(-2, 2, 8, dtype=torch.float64).reshape(2, 4) * float(grid.b[0])
+    out = run_sampler(lambda z, t: 0.1 * z, sched, x0, corrector=corrector, generator=torch.Generator().manual_seed(5))
+    draws = torch.Generator().manual_seed(5)
+    x = x0
+    for i in range(3):
+        s, s_next = float(grid.b[i]), float(grid.b_next[i])
+        s_up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
+        s_down = (s_next**2 - s_up**2) ** 0.5
+        eps = 0.1 * x / (s**2 + 1) ** 0.5
+        z = torch.randn(x.shape, generator=draws, dtype=torch.float64)
+        x = x + eps * (s_down - s) + (s_up - f[i]) * z
+    torch.testing.assert_close(out, x)
+    # without the corrector, the same generator gives the same noise
+    sched2, _ = _grid("euler-ancestral", 3)
+    plain = run_sampler(lambda z, t: 0.1 * z, sched2, x0, generator=torch.Generator().manual_seed(5))
+    sched3, _ = _grid("euler-ancestral", 3)
+    again = run_sampler(lambda z, t: 0.1 * z, sched3, x0, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(plain, again, rtol=0, atol=0)
+    assert not torch.allclose(plain, out)
+
+
+def test_every_adapter_grid_carries_its_name_and_refuses_a_sigma_table_of_the_wrong_length():
+    from qdrift_stats.schedulers.base import adapter_for, step_grid
+
+    for name in ("euler", "ddim", "dpmpp-2m", "flow-euler", "flow-dpmpp-2m"):
+        sched, _ = _grid(name, 4)
+        assert step_grid(sched).name == name
+        if name != "ddim":
+            sched.sigmas = sched.sigmas[:-1]
+            with pytest.raises(
+                QDriftError, match=rf"^{name}: expected 5 sigmas, got 4 \(unsupported scheduler options\)$"
+            ):
+                adapter_for(sched).grid(sched)
+
+
+def test_per_channel_checks_and_decomposition_follow_the_channel_axis():
+    """Per-channel values need a channel axis of the right size: 2-d samples ``(batch, channel)`` are fine,
+    1-d ones and a wrong size are refused with the counts; the decomposition ``(m - mu_c) / (1 + k_c)`` acts
+    along ``channel_axis`` (-1: channels last)."""
+    from qdrift_stats.correct.corrector import Corrector
+
+    grid, corrector = _noise_corrector()
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    m, x_next = 0.5 * x, 0.9 * x
+    x0 = (x - grid.b[0] * m) / grid.a[0]
+    expected = x_next - torch.tensor([0.2, 0.5], dtype=torch.float64) * (x_next - grid.a_next[0] * x0)
+    torch.testing.assert_close(corrector(0, x, m, x_next), expected)
+    torch.testing.assert_close(corrector.correct_output(0, m), torch.stack([m[:, 0] / 1.25, m[:, 1]], dim=1))
+    with pytest.raises(
+        QDriftError,
+        match=r"^the estimator is per channel with 2 channels, the samples have shape \(\); fit it on a store",
+    ):
+        corrector(0, x[:, 0], m[:, 0], x_next[:, 0])
+    with pytest.raises(
+        QDriftError,
+        match=r"^the decomposition is per channel with 2 channels, the samples have shape \(3, 4\); fit it on a store",
+    ):
+        corrector.correct_output(0, torch.zeros(1, 3, 4, dtype=torch.float64))
+    _, last = _noise_corrector(channel_axis=-1)
+    m3 = torch.arange(12, dtype=torch.float64).reshape(2, 3, 2)
+    out = last.correct_output(0, m3)
+    torch.testing.assert_close(out[..., 0], m3[..., 0] / 1.25)
+    torch.testing.assert_close(out[..., 1], m3[..., 1])
+    torch.testing.assert_close(last.correct_output(2, m3)[..., 1], m3[..., 1] - 1.0)
+    from_v = Corrector.from_variance(grid, np.full(3, 0.01), "drift", 1.0, torch.device("meta"), torch.float32)
+    assert from_v.coefficients.device.type == "meta"
+
+
+def test_estimator_file_corrector_published_form_is_the_increment_rescaling_with_the_files_strength():
+    """Form ``published`` (the baseline): an :class:`IncrementCorrector` with ``c = lambda V |s' - s| / (2 s)``
+    (Euler), ratio 1, lambda the file's strength unless one is given; the decomposition and channel axis
+    travel with it; device and dtype are the requested ones."""
+    from qdrift_stats.correct.corrector import IncrementCorrector
+    from qdrift_stats.correct.estimator_file import EstimatorFile
+
+    sched, grid = _grid("euler", 4)
+    est = EstimatorFile.zeros_like_grid(sched, correction="published")
+    V = np.array([0.4, 0.3, 0.2, 0.1])
+    est.tensors["output_variance"] = V
+    est.tensors["k"] = np.array([0.25, 0.0, 0.0, 0.0])
+    est.tensors["mu"] = np.array([0.0, 0.5, 0.0, 0.0])
+    est.metadata["correction"]["strength"] = 2.0
+    est.metadata["sample_dims"] = ["token", "channel"]
+    rule = V * np.abs(grid.b_next - grid.b) / (2 * grid.b)
+    corrector = est.corrector(sched, dtype=torch.float64)
+    assert isinstance(corrector, IncrementCorrector) and corrector.channel_axis == -1
+    np.testing.assert_allclose(corrector.coefficients.numpy(), 2.0 * rule, rtol=1e-12)
+    assert corrector.ratio == [1.0, 1.0, 1.0, 1.0]
+    np.testing.assert_allclose(corrector.scale.numpy(), [0.8, 1.0, 1.0, 1.0], rtol=1e-12)
+    np.testing.assert_allclose(corrector.shift.numpy(), [0.0, 0.5, 0.0, 0.0])
+    x, x_next = torch.ones(1, 2, dtype=torch.float64), torch.full((1, 2), 0.5, dtype=torch.float64)
+    torch.testing.assert_close(corrector(0, x, x, x_next), x_next + 2.0 * rule[0] * (x_next - x))
+    given = est.corrector(sched, strength=3.0, device="meta")
+    assert given.coefficients.device.type == "meta" and given.coefficients.dtype == torch.float32
+    np.testing.assert_allclose(given.to("cpu", torch.float64).coefficients.numpy(), 3.0 * rule, rtol=1e-12)
+    drift = EstimatorFile.zeros_like_grid(sched, correction="drift")
+    drift.tensors["output_variance"] = V
+    assert isinstance(drift.corrector(sched, correction="published"), IncrementCorrector)
+    assert not isinstance(drift.corrector(sched), IncrementCorrector)
+
+
+def test_estimator_file_corrector_device_dtype_and_the_stochastic_split():
+    """Deterministic schedulers: float32 by default, the requested device. A stochastic scheduler (Euler
+    ancestral, noise ``s_up = b' sqrt(b^2 - b'^2) / b``): the noise is lowered by ``f = s (1 - sqrt(1 - v / s^2))``
+    where ``v < s^2`` and only ``max(v - s^2, 0)`` is left to the pull, ``c = min(rest / (2 b'^2), 1)``."""
+    from qdrift_stats.correct.estimator_file import EstimatorFile
+
+    sched, grid = _grid("euler", 4)
+    est = EstimatorFile.zeros_like_grid(sched, correction="drift")
+    est.tensors["variance"] = 0.01 * grid.b_next**2
+    assert est.corrector(sched).coefficients.dtype == torch.float32
+    on_meta = est.corrector(sched, device="meta", dtype=torch.float64)
+    assert on_meta.coefficients.device.type == "meta" and on_meta.coefficients.dtype == torch.float64
+    anc, g = _grid("euler-ancestral", 4)
+    est = EstimatorFile.zeros_like_grid(anc, correction="drift")
+    s = g.b_next * np.sqrt(g.b**2 - g.b_next**2) / g.b
+    v = np.array([0.25 * s[0] ** 2, 2.0 * s[1] ** 2, 0.5 * s[2] ** 2, 0.0])
+    est.tensors["variance"] = v
+    corrector = est.corrector(anc, dtype=torch.float64)
+    f = np.array([s[0] * (1 - np.sqrt(0.75)), s[1], s[2] * (1 - np.sqrt(0.5)), 0.0])
+    np.testing.assert_allclose(corrector.noise_factor.numpy(), f, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(corrector.coefficients.numpy(), [0.0, s[1] ** 2 / (2 * g.b_next[1] ** 2), 0.0, 0.0])
+    assert corrector.noise_active == [True, True, True, False]
+
+
+def test_estimator_file_corrector_says_what_differs_with_the_samplers_call():
+    from qdrift_stats.correct.estimator_file import EstimatorFile
+
+    sched, _ = _grid("euler", 4)
+    est = EstimatorFile.zeros_like_grid(sched, correction="drift")
+    est.metadata["grid"] = {"set_timesteps": {"mu": 0.5}}
+    other, _ = _grid("euler", 6)
+    with pytest.raises(QDriftError, match=r"the sigma shift \(mu 0\.5 vs 0\.8: another image size\)"):
+        est.corrector(other, call={"mu": 0.8})
+    with pytest.raises(QDriftError, match=r"the sigma shift \(mu 0\.5 vs 0\.8: another image size\)"):
+        est.coefficients(step_grid_of(other), call={"mu": 0.8})
+
+
+def step_grid_of(sched):
+    from qdrift_stats.schedulers.base import step_grid
+
+    return step_grid(sched)
+
+
+def test_coefficients_are_computed_in_float64_from_float32_inputs():
+    """Both inputs are converted to float64 before any arithmetic: the result equals the float64 formula
+    on the (exactly upcast) float32 values to rounding, where float32 arithmetic would be off by ~1e-8."""
+    v32, b32 = np.float32([0.1, 0.3]), np.float32([0.7, 0.9])
+    v, b = v32.astype(np.float64), b32.astype(np.float64)
+    np.testing.assert_allclose(correction_coefficients(v32, b32, "drift", 3.0), 3.0 * v / b**2 / 2, rtol=1e-15)
+    np.testing.assert_allclose(correction_coefficients(v32, b, "drift", 3.0), 3.0 * v / b**2 / 2, rtol=1e-15)
+    np.testing.assert_allclose(correction_coefficients(v, b32, "drift", 3.0), 3.0 * v / b**2 / 2, rtol=1e-15)
+
+
+def test_estimator_file_grid_match_tolerances_are_absolute_on_timesteps_and_tight_at_the_clean_level():
+    from qdrift_stats.correct.estimator_file import EstimatorFile
+    from qdrift_stats.schedulers.base import StepGrid
+
+    sched, grid = _grid("euler", 4)
+    est = EstimatorFile.zeros_like_grid(sched, correction="drift")
+    assert grid.b_next[-1] == 0 and grid.timesteps[0] > 900
+
+    def with_(timesteps=None, b_next=None):
+        return StepGrid(
+            grid.name,
+            grid.timesteps if timesteps is None else timesteps,
+            grid.a,
+            grid.b,
+            grid.a_next,
+            grid.b_next if b_next is None else b_next,
+            grid.prediction_type,
+        )
+
+    # timesteps: 1e-6 absolute, no relative part (a relative 5e-6 moves t ~ 999 by 5e-3)
+    assert not est._same_grid(with_(timesteps=grid.timesteps * (1 + 5e-6)))
+    assert est._same_grid(with_(timesteps=grid.timesteps + 5e-7))
+    # b_next = 0 at the clean level: 1e-9 absolute
+    assert not est._same_grid(with_(b_next=grid.b_next + np.array([0, 0, 0, 5e-9])))
+    assert est._same_grid(with_(b_next=grid.b_next + np.array([0, 0, 0, 5e-10])))
+
+
+def test_estimator_file_coefficients_read_the_files_strength_and_form():
+    from qdrift_stats.correct.estimator_file import EstimatorFile
+
+    sched, grid = _grid("euler", 4)
+    est = EstimatorFile.zeros_like_grid(sched, correction="drift")
+    est.tensors["variance"] = np.array([0.01, 0.02, 0.03, 0.04]) * grid.b_next**2
+    est.metadata["correction"]["strength"] = 2.0
+    np.testing.assert_allclose(est.coefficients(grid), [0.01, 0.02, 0.03, 0.0], rtol=1e-12)
+    np.testing.assert_allclose(est.coefficients(grid, strength=1.0), [0.005, 0.01, 0.015, 0.0], rtol=1e-12)
+    est.tensors["output_variance"] = np.array([0.4, 0.3, 0.2, 0.1])
+    rule = est.tensors["output_variance"] * np.abs(grid.b_next - grid.b) / (2 * grid.b)
+    np.testing.assert_allclose(est.coefficients(grid, correction="published"), 2.0 * rule, rtol=1e-12)
+    est.metadata["correction"]["form"] = "published"
+    np.testing.assert_allclose(est.coefficients(grid, strength=0.5), 0.5 * rule, rtol=1e-12)
+
+
+def test_estimator_file_stochastic_corrector_keeps_form_strength_decomposition_and_channel_axis():
+    from qdrift_stats.correct.estimator_file import EstimatorFile
+
+    anc, g = _grid("euler-ancestral", 4)
+    s = g.b_next * np.sqrt(g.b**2 - g.b_next**2) / g.b
+    est = EstimatorFile.zeros_like_grid(anc, correction="drift")
+    est.tensors["variance"] = np.array([s[0] ** 2, 0.25 * s[1] ** 2, 0.0, 0.0])  # x 2 (strength): 2 s0^2, s1^2 / 2
+    est.tensors["k"] = np.array([0.25, 0.0, 0.0, 0.0])
+    est.tensors["mu"] = np.array([0.0, 0.5, 0.0, 0.0])
+    est.metadata["correction"]["strength"] = 2.0
+    est.metadata["sample_dims"] = ["token", "channel"]
+    corrector = est.corrector(anc, correction="shrink", dtype=torch.float64)
+    assert corrector.channel_axis == -1
+    np.testing.assert_allclose(corrector.noise_factor.numpy()[:2], [s[0], s[1] * (1 - np.sqrt(0.5))], rtol=1e-12)
+    gamma0 = s[0] ** 2 / g.b_next[0] ** 2  # the rest, 2 s0^2 - s0^2, over b'^2
+    np.testing.assert_allclose(corrector.coefficients.numpy(), [1 - 1 / np.sqrt(1 + gamma0), 0, 0, 0], rtol=1e-12)
+    np.testing.assert_allclose(corrector.scale.numpy(), [0.8, 1, 1, 1], rtol=1e-12)
+    np.testing.assert_allclose(corrector.shift.numpy(), [0, 0.5, 0, 0])
+    drift = est.corrector(anc, dtype=torch.float64)  # the file's form
+    np.testing.assert_allclose(drift.coefficients.numpy()[0], gamma0 / 2, rtol=1e-12)
+    sched, _ = _grid("euler", 4)
+    det = EstimatorFile.zeros_like_grid(sched, correction="drift")
+    det.metadata["sample_dims"] = ["token", "channel"]
+    assert det.corrector(sched).channel_axis == -1
