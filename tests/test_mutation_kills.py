@@ -261,7 +261,8 @@ def test_corrector_lowers_the_injected_noise_per_channel_then_pulls():
         corrector(1, x, m, x_next)
     with pytest.raises(
         QDriftError,
-        match=r"^the estimator is per channel with 2 channels, the samples have shape \(3, 2\); fit it on a store of this model$",
+        match=r"^the estimator is per channel with 2 channels, the samples have shape \(3, 2\); "
+        r"fit it on a store of this model$",
     ):
         corrector(0, x.transpose(1, 2), m.transpose(1, 2), x_next.transpose(1, 2))
     # channels last (packed tokens): the same numbers along axis -1
