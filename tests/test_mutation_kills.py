@@ -542,3 +542,90 @@ def test_estimator_file_stochastic_corrector_keeps_form_strength_decomposition_a
     det = EstimatorFile.zeros_like_grid(sched, correction="drift")
     det.metadata["sample_dims"] = ["token", "channel"]
     assert det.corrector(sched).channel_axis == -1
+
+
+def test_heun_steps_two_calls_per_landing_with_the_effective_output_and_one_correction():
+    """Heun written out by hand (epsilon model ``0.1 * input``, levels ``s_0 > s_1 > s_2 > 0``): a predictor Euler
+    call to ``s'``, a corrector call at the predicted state, landing on ``x + (e1 + e2) / 2 (s' - s)``; the last
+    step is one Euler call. The output map ``1 / (1 + k_i)`` acts on both calls of step ``i``; the pull, once per
+    landing, uses the effective output ``(e1 + e2) / 2`` in ``x0_hat = x - s m``; the callback sees that output,
+    the first call's input and timestep, and the model sees the timesteps in order."""
+    from qdrift_stats.correct.corrector import Corrector
+    from qdrift_stats.loop import advance_step, run_sampler
+
+    sched, grid = _grid("heun", 3)
+    levels = sched.sigmas.double().numpy()[[0, 1, 3, 5]]
+    np.testing.assert_allclose(grid.b_next, levels[1:], rtol=1e-12)
+    c, k = np.array([0.2, 0.1, 0.0]), np.array([0.25, 0.0, 0.0])
+    corrector = Corrector(grid, c, torch.device("cpu"), torch.float64, k=k)
+    seen_t, info = [], []
+
+    def model(z, t, **cond):
+        seen_t.append(float(t))
+        return 0.1 * z
+
+    x0 = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3) * float(levels[0])
+    out = run_sampler(model, sched, x0, corrector=corrector, callback=info.append)
+    assert seen_t == [float(t) for t in sched.timesteps]
+    x = x0
+    for i in range(3):
+        s, s_next = float(levels[i]), float(levels[i + 1])
+        e1 = 0.1 * x / (s**2 + 1) ** 0.5 / (1 + k[i])
+        if s_next > 0:
+            x_pred = x + e1 * (s_next - s)
+            e2 = 0.1 * x_pred / (s_next**2 + 1) ** 0.5 / (1 + k[i])
+            m = (e1 + e2) / 2
+        else:
+            m = e1
+        x_next = x + m * (s_next - s)
+        x_next = x_next - c[i] * (x_next - (x - s * m))  # a = 1: x0_hat = x - s m
+        torch.testing.assert_close(info[i]["output"], m)
+        torch.testing.assert_close(info[i]["model_input"], x / (s**2 + 1) ** 0.5)
+        assert float(info[i]["t"]) == float(sched.timesteps[2 * i])
+        x = x_next
+    torch.testing.assert_close(out, x)
+    # advance_step on its own: step 0 by default, no noise shown unless asked, a grid needed for two calls
+    fresh, _ = _grid("heun", 3)
+    state, m, first, noise = advance_step(lambda z, t: 0.1 * z, fresh, x0, [0, 1], {}, {}, grid=grid)
+    s, s_next = float(levels[0]), float(levels[1])
+    e1 = 0.1 * x0 / (s**2 + 1) ** 0.5
+    e2 = 0.1 * (x0 + e1 * (s_next - s)) / (s_next**2 + 1) ** 0.5
+    torch.testing.assert_close(m, (e1 + e2) / 2)
+    torch.testing.assert_close(state, x0 + (e1 + e2) / 2 * (s_next - s))
+    torch.testing.assert_close(first, x0 / (s**2 + 1) ** 0.5)
+    assert noise is None
+    again, _ = _grid("heun", 3)
+    with pytest.raises(QDriftError, match=r"^a step with more than one model call needs the scheduler's step grid$"):
+        advance_step(lambda z, t: 0.1 * z, again, x0, [0, 1], {}, {})
+
+
+def test_ddpm_noise_lowering_removes_f_times_the_generators_draw_at_the_landing():
+    """DDPM draws its step noise ``z_0`` as the generator's first standard normal; with noise lowering ``f_0`` on
+    step 0 the landed state is the plain one minus ``f_0 z_0`` (same generator seed); without ``capture`` the
+    step shows no noise."""
+    from qdrift_stats.correct.corrector import Corrector
+    from qdrift_stats.loop import advance_step, run_sampler
+
+    _, grid = _grid("ddpm", 3)
+    f = np.array([0.05, 0.0, 0.0])
+    corrector = Corrector(grid, np.zeros(3), torch.device("cpu"), torch.float64, noise_factor=f)
+    x0 = torch.linspace(-1, 1, 8, dtype=torch.float64).reshape(2, 4)
+    lowered, plain = [], []
+    for target, corr in ((lowered, corrector), (plain, None)):
+        sched, _ = _grid("ddpm", 3)
+        run_sampler(
+            lambda z, t: 0.1 * z,
+            sched,
+            x0,
+            corrector=corr,
+            callback=lambda s, target=target: target.append(s["x_next"]),
+            generator=torch.Generator().manual_seed(11),
+        )
+    z0 = torch.randn(x0.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    torch.testing.assert_close(plain[0] - lowered[0], 0.05 * z0)
+    sched, _ = _grid("ddpm", 3)
+    kw = {"generator": torch.Generator().manual_seed(11)}
+    assert advance_step(lambda z, t: 0.1 * z, sched, x0, [0], {}, kw)[3] is None
+    sched, _ = _grid("ddpm", 3)
+    kw = {"generator": torch.Generator().manual_seed(11)}
+    torch.testing.assert_close(advance_step(lambda z, t: 0.1 * z, sched, x0, [0], {}, kw, capture=True)[3], z0)
