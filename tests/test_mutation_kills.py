@@ -629,3 +629,38 @@ def test_ddpm_noise_lowering_removes_f_times_the_generators_draw_at_the_landing(
     sched, _ = _grid("ddpm", 3)
     kw = {"generator": torch.Generator().manual_seed(11)}
     torch.testing.assert_close(advance_step(lambda z, t: 0.1 * z, sched, x0, [0], {}, kw, capture=True)[3], z0)
+
+
+def test_stochastic_split_computes_in_float64_from_float32_inputs():
+    from qdrift_stats.correct.coefficients import stochastic_split
+
+    v32, s32 = np.float32([0.1, 0.3]), np.float32([0.7, 0.9])
+    v, s = 3.0 * v32.astype(np.float64), s32.astype(np.float64)
+    remaining, f = stochastic_split(v32, s32, 3.0)
+    np.testing.assert_allclose(f, s * (1 - np.sqrt(np.clip(1 - v / s**2, 0, None))), rtol=1e-15)
+    np.testing.assert_allclose(remaining, np.maximum(v - s**2, 0.0), rtol=1e-15, atol=0)
+    assert f.dtype == remaining.dtype == np.float64
+
+
+def test_noise_lowering_keeps_the_states_dtype():
+    """The drawn noise is cast to the state's dtype: a float32 state stays float32 under a float64 noise."""
+    from qdrift_stats.correct.corrector import Corrector
+
+    _, grid = _grid("euler", 3)
+    corrector = Corrector(grid, np.zeros(3), torch.device("cpu"), torch.float32, noise_factor=np.array([0.5, 0, 0]))
+    x = torch.ones(2, 3)
+    out = corrector(0, x, x, x, torch.full((2, 3), 2.0, dtype=torch.float64))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.zeros(2, 3))
+
+
+def test_a_scheduler_without_adapter_takes_one_timestep_entry_per_step():
+    from diffusers import KDPM2DiscreteScheduler
+
+    from qdrift_stats.schedulers.base import call_steps, find_adapter
+    from qdrift_stats.testbed import VP_SCHEDULER_CONFIG
+
+    sched = KDPM2DiscreteScheduler.from_config(VP_SCHEDULER_CONFIG)
+    sched.set_timesteps(3)
+    assert find_adapter(sched) is None
+    np.testing.assert_array_equal(call_steps(sched), np.arange(len(sched.timesteps)))
