@@ -194,6 +194,14 @@ class PersistentFit(FittedEstimator):
             + f"\naccumulated / independent (sum w / sum v over corrected steps): {self.persistence_ratio:.2f}, "
             + f"persistence measured along the {'quantized' if self.path_used == 'quantized' else 'FP'} path"
         )
+        if self.residual_fraction is not None:
+            rho = np.asarray(self.residual_fraction)
+            text += (
+                f"\npull sized by the local spread: residual fraction {rho.max():.3g} to {rho.min():.3g} over the "
+                f"steps, model error in the residual up to {float(np.max(self.residual_error)):.3g} (docs/method.md)"
+            )
+        else:
+            text += "\npull as for a state that is all noise (no residual fraction measured)"
         return text + (f"\nnote: {self.path_note}" if self.path_note else "")
 
 
