@@ -193,6 +193,16 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def runs_in(path: Path) -> int:
+    """Complete runs a store holds (0 if it cannot be opened)."""
+    from qdrift_stats.record.store import open_store
+
+    try:
+        return int(open_store(path).sizes["run"])
+    except Exception:  # noqa: BLE001 - no store yet
+        return 0
+
+
 def run_seconds(progress: str) -> float:
     """The elapsed time of a progress line (``qdrift record: run 3/6 done, elapsed 1m02s, ...``)."""
     import re
@@ -233,6 +243,8 @@ def interrupt_trials(trials: int, runs: int, tmp: Path, reference, rng: random.R
             # ended by the signal itself (a shell shows exit 130): it came when Python's handler was
             # not installed (interpreter start or exit); no output, the store is checked below
             counts["ended by the signal"] += 1
+            if runs_in(out) == runs:
+                counts["ended by the signal after the last run"] += 1
         else:
             counts["crash"] += 1
             examples.append(f"exit {proc.returncode}: {' | '.join(err.splitlines()[-3:])}")
@@ -451,7 +463,9 @@ def report(r: dict, durations: dict, elapsed: float, args) -> str:
             f"{intr.get('tried', 0)} trials",
             f"{intr.get('interrupted', 0)} interrupted (exit 130, `qdrift: interrupted`), "
             f"{intr.get('ended by the signal', 0)} ended by the signal outside Python's handler (exit -2, "
-            f"130 in a shell, no output), {intr.get('finished before the signal', 0)} finished before it; "
+            f"130 in a shell, no output; {intr.get('ended by the signal after the last run', 0)} of them with "
+            f"all {args.runs} runs stored, i.e. at interpreter exit), "
+            f"{intr.get('finished before the signal', 0)} finished before it; "
             f"{intr.get('resumed identical', 0)} resumed to the uninterrupted store",
             intr.get("crash", 0),
             intr.get("loss", 0),
