@@ -664,3 +664,66 @@ def test_a_scheduler_without_adapter_takes_one_timestep_entry_per_step():
     sched.set_timesteps(3)
     assert find_adapter(sched) is None
     np.testing.assert_array_equal(call_steps(sched), np.arange(len(sched.timesteps)))
+
+
+# ---- the pull with a local spread (residual fraction rho, residual error delta) ----------------------
+def test_local_spread_shrink_solves_its_defining_equation_and_reduces_to_the_plain_forms():
+    """With ``u = 1 / (1 + rho gamma)`` the shrink ``c`` solves ``(1 - c rho)^2 + c^2 rho delta u = u`` (the residual's
+    spread brought back), smallest root; where no ``c`` reaches ``u`` it minimises the left side (``c = rho / A``,
+    ``A = rho^2 + rho delta u``). The drift is ``min(gamma / 2, 1 / (rho + delta))``. ``rho = 1, delta = 0``: the
+    plain forms. Per channel: the step's rho and delta for every channel."""
+    v = np.array([0.02, 0.08, 0.5, 0.3, 0.1])
+    b_next = np.array([0.5, 0.4, 0.3, 0.2, 0.0])
+    rho = np.array([0.6, 0.9, 0.3, 1.0, 0.5])
+    delta = np.array([0.05, 0.0, 2.0, 0.0, 0.1])
+    gamma = np.where(b_next > 0, v / np.where(b_next > 0, b_next, 1) ** 2, 0.0)
+    u = 1 / (1 + rho * gamma)
+    c = correction_coefficients(v, b_next, "shrink", residual_fraction=rho, residual_error=delta)
+    lhs = (1 - c * rho) ** 2 + c**2 * rho * delta * u
+    A = rho**2 + rho * delta * u
+    reachable = rho**2 - A * (1 - u) >= 0
+    assert reachable[:2].all() and not reachable[2]  # step 2: no pull reaches u
+    np.testing.assert_allclose(lhs[:2], u[:2], rtol=1e-12)
+    np.testing.assert_allclose(c[3], 1 - 1 / np.sqrt(1 + gamma[3]), rtol=1e-12)  # rho = 1, delta = 0
+    np.testing.assert_allclose(c[2], rho[2] / A[2], rtol=1e-12)
+    assert c[4] == 0.0  # lands on b = 0
+    # the smaller root: the other root 2 rho / A - c also solves the equation
+    assert np.all(c[:2] < rho[:2] / A[:2])
+    drift = correction_coefficients(v, b_next, "drift", 2.0, residual_fraction=rho, residual_error=delta)
+    np.testing.assert_allclose(drift, np.minimum(gamma, 1 / (rho + delta)) * (b_next > 0) + 0.0, rtol=1e-12)
+    plain = correction_coefficients(v, b_next, "shrink", residual_fraction=np.ones(5))
+    np.testing.assert_allclose(plain, correction_coefficients(v, b_next, "shrink"), rtol=1e-12)
+    only_rho = correction_coefficients(v, b_next, "shrink", residual_fraction=rho)
+    u0 = 1 / (1 + rho * gamma)
+    np.testing.assert_allclose(((1 - only_rho * rho) ** 2)[:4], u0[:4], rtol=1e-12)  # delta absent: 0
+    vc = np.stack([v, 2 * v], axis=1)
+    per_channel = correction_coefficients(vc, b_next, "shrink", residual_fraction=rho, residual_error=delta)
+    np.testing.assert_allclose(per_channel[:, 0], c, rtol=1e-12)
+    two = correction_coefficients(2 * v, b_next, "shrink", residual_fraction=rho, residual_error=delta)
+    np.testing.assert_allclose(per_channel[:, 1], two, rtol=1e-12)
+
+
+def test_residual_terms_are_checked_with_one_line():
+    for bad in (np.array([0.5, 0.0]), np.array([0.5, 1.5]), np.array([0.5, np.nan]), np.array([0.5])):
+        with pytest.raises(QDriftError, match=r"^residual fraction must be 2 numbers in \(0, 1\]$"):
+            correction_coefficients(np.ones(2), np.ones(2), "shrink", residual_fraction=bad)
+    for bad in (np.array([0.1, -0.1]), np.array([0.1, np.inf]), np.array([0.1])):
+        with pytest.raises(QDriftError, match=r"^residual error must be 2 finite numbers >= 0$"):
+            correction_coefficients(np.ones(2), np.ones(2), residual_fraction=np.ones(2), residual_error=bad)
+    np.testing.assert_allclose(
+        correction_coefficients(np.ones(2), np.ones(2), "drift", residual_fraction=np.ones(2)), [0.5, 0.5]
+    )
+
+
+def test_estimator_file_passes_its_residual_terms_to_the_pull():
+    from qdrift_stats.correct.estimator_file import EstimatorFile
+
+    sched, grid = _grid("euler", 4)
+    est = EstimatorFile.zeros_like_grid(sched, correction="drift")
+    est.tensors["variance"] = 0.1 * grid.b_next**2
+    est.tensors["residual_fraction"] = np.array([0.5, 1.0, 1.0, 1.0])
+    est.tensors["residual_error"] = np.array([0.0, 19.5, 0.0, 0.0])
+    # drift: min(gamma / 2, 1 / (rho + delta)) with gamma = 0.1: 0.05 everywhere but where 1 / (rho + delta) < 0.05
+    np.testing.assert_allclose(est.coefficients(grid), [0.05, 1 / 20.5, 0.05, 0.0], rtol=1e-12)
+    corrector = est.corrector(sched, dtype=torch.float64)
+    np.testing.assert_allclose(corrector.coefficients.numpy(), [0.05, 1 / 20.5, 0.05, 0.0], rtol=1e-12)
