@@ -32,6 +32,7 @@ EF = "qdrift_stats.correct.estimator_file.xǁEstimatorFileǁ"
 SB = "qdrift_stats.schedulers.base."
 CORRECTION_PATH = [
     "qdrift_stats.correct.coefficients.x_correction_coefficients__*",
+    "qdrift_stats.correct.coefficients.x_residual_terms__*",  # the local-spread pull's rho, delta
     "qdrift_stats.correct.coefficients.x_apply_correction__*",
     "qdrift_stats.correct.coefficients.x_stochastic_split__*",
     "qdrift_stats.correct.coefficients.x_channelwise__*",
@@ -47,6 +48,7 @@ CORRECTION_PATH = [
     EF + "coefficients__*",
     EF + "corrector__*",
     EF + "_same_grid__*",
+    EF + "residual_terms_on__*",
     SB + "x_x0_from_output__*",
     SB + "x_x0_slope__*",
     SB + "x_first_order_gain__*",
