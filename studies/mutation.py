@@ -80,6 +80,8 @@ BASELINE = [
 # accepted input). mutmut numbers a function's mutants in order, so a name points elsewhere once that function's
 # code changes: an entry counts only while `mutmut show NAME` still contains its line (checked by the report).
 CC = "qdrift_stats.correct.coefficients.x_correction_coefficients__mutmut_"
+SS = "qdrift_stats.correct.coefficients.x_stochastic_split__mutmut_"
+CO = "qdrift_stats.correct.corrector.xǁCorrectorǁ__init____mutmut_"
 EQUIVALENT: dict[str, tuple[str, str]] = {
     CC + "44": (
         "reshape((-2,) +",
@@ -102,7 +104,72 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "np.where(b2 > 0, b2, 2.0)",
         "inner np.where(..., 2.0): the placeholder divisor is used only where the outer np.where discards it",
     ),
+    CC + "139": (
+        "with np.errstate(invalid=None):",
+        "the local-spread root (rho - sqrt(max(disc, 0))) / A has A = rho^2 + rho delta u > 0 (rho > 0 is checked) "
+        "and a non-negative square root argument: no invalid operation, so the error state is never consulted",
+    ),
+    SS + "17": ("reshape((-2,) +", "as correction_coefficients _44 (any negative size is the unknown dimension)"),
+    SS + "32": (
+        'np.errstate(divide=None, invalid="ignore")',
+        "the division is by np.where(s2 > 0, s2, 1.0), never 0: the divide state is never consulted",
+    ),
+    SS + "33": (
+        'np.errstate(divide="ignore", invalid=None)',
+        "1 - v / s2 is finite (v and s2 finite, divisor never 0) and the square root takes a value clipped at 0: "
+        "no invalid operation",
+    ),
+    SS + "34": ('np.errstate(invalid="ignore")', "as _32 (divide left out)"),
+    SS + "35": ('np.errstate(divide="ignore", )', "as _33 (invalid left out)"),
+    SS + "47": (
+        "keep = np.where(s2 >= 0,",
+        "where s2 = 0 (s = 0) keep is only used in factor = s (1 - keep) = 0 whatever keep is",
+    ),
+    SS + "64": (
+        "np.where(s2 >= 0, s2, 1.0)",
+        "inner where: at s2 = 0 the quotient (inf or nan) is discarded by the outer np.where(s2 > 0, ..., 1.0), "
+        "under the errstate that silences it",
+    ),
+    SS + "66": ("np.where(s2 > 0, s2, 2.0)", "the placeholder divisor is used only where the outer where discards it"),
+    SS + "68": (
+        "0.0, None)), 2.0)",
+        "keep = 2 where s = 0 gives factor = 0 * (1 - 2) = -0.0, which equals 0: the step stays inactive "
+        "(row != 0 is False) and x - (-0.0) z = x",
+    ),
+    SS + "76": (
+        "factor = np.where(variance >= 0,",
+        "where v = 0, keep = 1 (sqrt(1 - 0), or the s = 0 value 1), so s (1 - keep) = 0, the else value",
+    ),
+    CO + "4": (
+        "coefficients = np.asarray(coefficients, dtype=None)",
+        "the host array is only compared with 0, reshaped and handed to torch.as_tensor(dtype=...) (also by to()); "
+        "float32 and integer values convert to float64 exactly, so every tensor is the same",
+    ),
+    CO + "6": ("coefficients = np.asarray(coefficients, )", "as _4"),
+    CO + "14": ("np.asarray(noise_factor, dtype=None)", "as _4 for the noise factor"),
+    CO + "16": ("np.asarray(noise_factor, )", "as _4 for the noise factor"),
+    CO + "40": ("coefficients.reshape(grid.num_steps, -2)", "any negative size is the unknown dimension, as -1"),
+    "qdrift_stats.loop.x_run_sampler__mutmut_12": (
+        'getattr(corrector, "needs_noise", None)',
+        "bool(None) is bool(False): the default only matters through bool()",
+    ),
+    "qdrift_stats.schedulers.base.x_vp_grid__mutmut_22": (
+        "np.clip(1.0 - abar_next, None, None)",
+        "1 - abar_next >= 0 for every cumulative-alpha table (abar <= 1, DDIM's final_alpha_cumprod at most 1; "
+        "1.0 - 1.0 is exactly 0), so the lower clip never acts",
+    ),
+    "qdrift_stats.schedulers.ddim.xǁDDIMAdapterǁgrid__mutmut_24": (
+        "np.clip(prev, None, None)",
+        "prev >= -stride > -len(alphas_cumprod) is a valid (negative) index, and np.where(prev >= 0, ..., final) "
+        "discards what it reads",
+    ),
 }
+for _n in (35, 40, 41, 48, 53, 54):
+    EQUIVALENT[f"qdrift_stats.loop.x_advance_step__mutmut_{_n}"] = (
+        "return_dict=None)[0]" if _n in (35, 48) else ("return_dict=True)[0]" if _n in (41, 54) else "**kwargs, )[0]"),
+        "scheduler.step returns a SchedulerOutput (a diffusers BaseOutput) when return_dict is true or left out; "
+        "indexing it with 0 gives its first field, prev_sample, the same tensor as the tuple's [0]",
+    )
 
 
 def checked_equivalents() -> dict[str, str]:

@@ -319,8 +319,8 @@ def test_loop_passes_the_generator_and_shows_the_step_noise_to_a_noise_lowering_
     from qdrift_stats.loop import run_sampler
 
     sched, grid = _grid("euler-ancestral", 3)
-    f = np.array([0.3, 0.7, 0.0])
-    corrector = Corrector(grid, np.zeros(3), torch.device("cpu"), torch.float64, noise_factor=f)
+    f, c = np.array([0.3, 0.7, 0.0]), np.array([0.1, 0.0, 0.0])
+    corrector = Corrector(grid, c, torch.device("cpu"), torch.float64, noise_factor=f)
     x0 = torch.linspace(-2, 2, 8, dtype=torch.float64).reshape(2, 4) * float(grid.b[0])
     out = run_sampler(lambda z, t: 0.1 * z, sched, x0, corrector=corrector, generator=torch.Generator().manual_seed(5))
     draws = torch.Generator().manual_seed(5)
@@ -331,7 +331,8 @@ def test_loop_passes_the_generator_and_shows_the_step_noise_to_a_noise_lowering_
         s_down = (s_next**2 - s_up**2) ** 0.5
         eps = 0.1 * x / (s**2 + 1) ** 0.5
         z = torch.randn(x.shape, generator=draws, dtype=torch.float64)
-        x = x + eps * (s_down - s) + (s_up - f[i]) * z
+        x_next = x + eps * (s_down - s) + (s_up - f[i]) * z
+        x = x_next - c[i] * (x_next - (x - s * eps))  # then the pull to x0_hat = x - s eps (a = 1)
     torch.testing.assert_close(out, x)
     # without the corrector, the same generator gives the same noise
     sched2, _ = _grid("euler-ancestral", 3)
@@ -727,3 +728,35 @@ def test_estimator_file_passes_its_residual_terms_to_the_pull():
     np.testing.assert_allclose(est.coefficients(grid), [0.05, 1 / 20.5, 0.05, 0.0], rtol=1e-12)
     corrector = est.corrector(sched, dtype=torch.float64)
     np.testing.assert_allclose(corrector.coefficients.numpy(), [0.05, 1 / 20.5, 0.05, 0.0], rtol=1e-12)
+
+
+def test_t_interval_of_one_run_is_the_value_with_no_interval():
+    from qdrift_stats.estimators.empirical import t_interval
+
+    mean, low, high = t_interval(np.array([[1.0, 2.0]]), 0.95)
+    np.testing.assert_array_equal(mean, [1.0, 2.0])
+    assert low.shape == high.shape == (2,) and np.isnan(low).all() and np.isnan(high).all()
+
+
+def test_local_spread_terms_are_used_in_float64():
+    v, b = np.array([0.02, 0.08]), np.array([0.5, 0.4])
+    rho32, delta32 = np.float32([0.6, 0.9]), np.float32([0.05, 0.3])
+    exact = correction_coefficients(
+        v, b, "shrink", residual_fraction=rho32.astype(np.float64), residual_error=delta32.astype(np.float64)
+    )
+    np.testing.assert_array_equal(
+        correction_coefficients(v, b, "shrink", residual_fraction=rho32, residual_error=delta32), exact
+    )
+
+
+def test_loop_runs_a_scheduler_without_adapter_one_call_per_entry():
+    from diffusers import KDPM2DiscreteScheduler
+
+    from qdrift_stats.loop import run_sampler
+    from qdrift_stats.testbed import VP_SCHEDULER_CONFIG
+
+    sched = KDPM2DiscreteScheduler.from_config(VP_SCHEDULER_CONFIG)
+    sched.set_timesteps(3)
+    calls = []
+    run_sampler(lambda z, t: calls.append(float(t)) or torch.zeros_like(z), sched, torch.ones(1, 2))
+    assert calls == [float(t) for t in sched.timesteps]
