@@ -760,3 +760,55 @@ def test_loop_runs_a_scheduler_without_adapter_one_call_per_entry():
     calls = []
     run_sampler(lambda z, t: calls.append(float(t)) or torch.zeros_like(z), sched, torch.ones(1, 2))
     assert calls == [float(t) for t in sched.timesteps]
+
+
+def test_corrector_decomposition_checks_and_tensors():
+    from qdrift_stats.correct.corrector import Corrector
+
+    _, grid = _grid("euler", 3)
+    c = np.zeros(3)
+    with pytest.raises(QDriftError, match=r"^decomposition has 2 steps but the sampler has 3$"):
+        Corrector(grid, c, torch.device("cpu"), torch.float64, k=np.zeros(2))
+    with pytest.raises(QDriftError, match=r"^decomposition has 3 steps but the sampler has 3$"):
+        Corrector(grid, c, torch.device("cpu"), torch.float64, mu=np.zeros(2))
+    with pytest.raises(QDriftError, match=r"^decomposition coefficient k must be > -1 at every step$"):
+        Corrector(grid, c, torch.device("cpu"), torch.float64, k=np.array([0.0, -1.0, 0.0]))
+    with pytest.raises(QDriftError, match=r"^noise correction has 2 steps but the sampler has 3$"):
+        Corrector(grid, c, torch.device("cpu"), torch.float64, noise_factor=np.zeros(2))
+    only_mu = Corrector(grid, c, torch.device("meta"), torch.float32, mu=np.array([[0.0, 1.0], [0, 0], [0, 0]]))
+    assert only_mu.scale.device.type == only_mu.shift.device.type == "meta"
+    assert only_mu.scale.dtype == only_mu.shift.dtype == torch.float32 and only_mu.scale.shape == (3,)
+    assert only_mu.output_active == [True, False, False] and only_mu.noise_factor is None
+    plain = Corrector(grid, c, torch.device("cpu"), torch.float64)
+    assert plain.scale is None and plain.shift is None and plain.output_active == [False] * 3
+    near = Corrector(grid, c, torch.device("cpu"), torch.float64, k=np.array([-0.5, 0.0, 0.0]))
+    np.testing.assert_allclose(near.scale.numpy(), [2.0, 1.0, 1.0])
+
+
+def test_gain_on_uses_the_adapter_named_by_the_grid_and_the_generic_gain_otherwise():
+    from dataclasses import replace
+
+    from qdrift_stats.schedulers.base import first_order_gain, gain_on
+
+    _, grid = _grid("euler-ancestral", 4)
+    s = grid.b_next * np.sqrt(grid.b**2 - grid.b_next**2) / grid.b
+    np.testing.assert_allclose(gain_on(grid), np.sqrt(grid.b_next**2 - s**2) - grid.b, rtol=1e-12)
+    generic = first_order_gain(grid.prediction_type, grid.a, grid.b, grid.a_next, grid.b_next)
+    np.testing.assert_allclose(gain_on(replace(grid, name="not-registered")), generic, rtol=1e-12)
+    np.testing.assert_allclose(generic, grid.b_next - grid.b, rtol=1e-12)  # Euler on epsilon
+
+
+def test_estimator_file_residual_terms_on_img2img_grids_pad_the_early_steps():
+    from qdrift_stats.correct.estimator_file import EstimatorFile
+
+    sched, _ = _grid("euler", 6)
+    full = EstimatorFile.zeros_like_grid(sched, correction="drift")
+    est = EstimatorFile({k: v[2:] for k, v in full.tensors.items()}, dict(full.metadata, steps=4))
+    est.tensors["residual_fraction"] = np.array([0.5, 0.6, 0.7, 0.8])
+    rho, delta = est.residual_terms_on(step_grid_of(sched))
+    np.testing.assert_array_equal(rho, [1, 1, 0.5, 0.6, 0.7, 0.8])
+    np.testing.assert_array_equal(delta, np.zeros(6))
+    est.tensors["residual_error"] = np.array([0.1, 0.2, 0.3, 0.4])
+    np.testing.assert_array_equal(est.residual_terms_on(step_grid_of(sched))[1], [0, 0, 0.1, 0.2, 0.3, 0.4])
+    other, _ = _grid("euler", 5)
+    assert est.residual_terms_on(step_grid_of(other)) == (None, None)
