@@ -812,3 +812,19 @@ def test_estimator_file_residual_terms_on_img2img_grids_pad_the_early_steps():
     np.testing.assert_array_equal(est.residual_terms_on(step_grid_of(sched))[1], [0, 0, 0.1, 0.2, 0.3, 0.4])
     other, _ = _grid("euler", 5)
     assert est.residual_terms_on(step_grid_of(other)) == (None, None)
+
+
+def test_x0_slope_per_prediction_type_in_float64():
+    """``d x0_hat / d output``: ``-b / a`` (epsilon), ``-b / sqrt(a^2 + b^2)`` (v: ``x0 = a x / r^2 - b v / r``),
+    1 (sample), ``-b`` (flow velocity); float32 levels are converted first; unknown types refused."""
+    from qdrift_stats.schedulers.base import x0_slope
+
+    a32, b32 = np.float32([0.6, 0.3]), np.float32([1.7, 0.9])
+    a, b = a32.astype(np.float64), b32.astype(np.float64)
+    np.testing.assert_array_equal(x0_slope("v_prediction", a32, b32), -b / np.sqrt(a * a + b * b))
+    np.testing.assert_array_equal(x0_slope("epsilon", a32, b32), -b / a)
+    np.testing.assert_array_equal(x0_slope("sample", a32, b32), [1.0, 1.0])
+    np.testing.assert_array_equal(x0_slope("flow_prediction", a32, b32), -b)
+    np.testing.assert_allclose(x0_slope("v_prediction", 0.6, 1.7), -1.7 / np.sqrt(3.25), rtol=1e-15)
+    with pytest.raises(QDriftError, match=r"^unsupported prediction_type 'bogus'$"):
+        x0_slope("bogus", a, b)
