@@ -165,6 +165,32 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "discards what it reads",
     ),
 }
+EQUIVALENT.update(
+    {
+        CC + "157": (
+            "return np.where(b2 >= 0, np.where(disc >= 0, exact, rho / A), 0.0)",
+            "where b2 = 0, gamma = 0 so u = 1, disc = rho^2 >= 0 and exact = (rho - rho) / A = 0: the same 0",
+        ),
+        CC + "165": (
+            "np.where(disc > 0, exact, rho / A)",
+            "at disc = 0 exactly, exact = (rho - 0) / A = rho / A: both branches agree",
+        ),
+        CO + "60": ("self._noise_host.reshape(grid.num_steps, -2)", "any negative size is the unknown dimension"),
+        CO + "150": ("k.reshape(len(k), -2)", "any negative size is the unknown dimension"),
+        CO + "156": ("mu.reshape(len(mu), -2)", "any negative size is the unknown dimension"),
+        "qdrift_stats.estimators.empirical.x_t_interval__mutmut_9": (
+            "np.full_like(mean, None), np.full_like(mean, np.nan)",
+            "np.full_like of a float array with None fills it with nan (mean is a float mean)",
+        ),
+        "qdrift_stats.estimators.empirical.x_t_interval__mutmut_13": ("np.full_like(mean, None)", "as _9"),
+        "qdrift_stats.correct.coefficients.x_residual_terms__mutmut_26": (
+            "np.asarray(residual_error, dtype=None)",
+            "delta only meets float64 operands (rho + delta, rho * delta * u with rho float64): float32 or integer "
+            "delta converts exactly, so every result is the same",
+        ),
+        "qdrift_stats.correct.coefficients.x_residual_terms__mutmut_28": ("np.asarray(residual_error, )", "as _26"),
+    }
+)
 for _n in (35, 40, 41, 48, 53, 54):
     EQUIVALENT[f"qdrift_stats.loop.x_advance_step__mutmut_{_n}"] = (
         "return_dict=None)[0]" if _n in (35, 48) else ("return_dict=True)[0]" if _n in (41, 54) else "**kwargs, )[0]"),

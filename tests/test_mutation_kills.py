@@ -828,3 +828,46 @@ def test_x0_slope_per_prediction_type_in_float64():
     np.testing.assert_allclose(x0_slope("v_prediction", 0.6, 1.7), -1.7 / np.sqrt(3.25), rtol=1e-15)
     with pytest.raises(QDriftError, match=r"^unsupported prediction_type 'bogus'$"):
         x0_slope("bogus", a, b)
+
+
+def test_float32_levels_and_decomposition_are_used_in_float64():
+    from qdrift_stats.correct.corrector import Corrector
+    from qdrift_stats.schedulers.base import first_order_gain, x0_slope
+
+    a32, b32, an32, bn32 = (
+        np.float32([0.6, 0.7]),
+        np.float32([0.8, 0.7]),
+        np.float32([0.7, 0.9]),
+        np.float32([0.7, 0.4]),
+    )
+    a, b, an, bn = (v.astype(np.float64) for v in (a32, b32, an32, bn32))
+    np.testing.assert_array_equal(first_order_gain("epsilon", a32, b32, an32, bn32), (an - bn * a / b) * (-b / a))
+    assert x0_slope("sample", a32, b32).shape == (2,)
+    _, grid = _grid("euler", 3)
+    k32 = np.float32([0.1, 0.3, 0.0])
+    corrector = Corrector(grid, np.zeros(3), torch.device("cpu"), torch.float64, k=k32, mu=np.float32([0.1, 0, 0]))
+    np.testing.assert_array_equal(corrector.scale.numpy(), 1.0 / (1.0 + k32.astype(np.float64)))
+
+
+def test_estimator_file_stochastic_corrector_device_dtype_strength_and_residual_terms():
+    from qdrift_stats.correct.estimator_file import EstimatorFile
+
+    anc, g = _grid("euler-ancestral", 4)
+    s = g.b_next * np.sqrt(g.b**2 - g.b_next**2) / g.b
+    est = EstimatorFile.zeros_like_grid(anc, correction="drift")
+    est.tensors["variance"] = np.array([s[0] ** 2, 0.0, 0.0, 0.0])  # x 2 (the file's strength): rest s0^2
+    est.metadata["correction"]["strength"] = 2.0
+    c = est.corrector(anc, device="meta")
+    assert c.coefficients.device.type == "meta" and c.coefficients.dtype == torch.float32
+    np.testing.assert_allclose(
+        est.corrector(anc, dtype=torch.float64).coefficients.numpy()[0], s[0] ** 2 / (2 * g.b_next[0] ** 2), rtol=1e-12
+    )
+    est.tensors["residual_fraction"] = np.array([0.5, 1.0, 1.0, 1.0])
+    est.tensors["residual_error"] = np.array([1.5, 0.0, 0.0, 0.0])
+    # drift clipped at 1 / (rho + delta) = 0.5 when gamma / 2 is larger
+    est.tensors["variance"] = np.array([s[0] ** 2 + 2 * g.b_next[0] ** 2, 0.0, 0.0, 0.0]) / 2
+    np.testing.assert_allclose(est.corrector(anc, dtype=torch.float64).coefficients.numpy()[0], 0.5, rtol=1e-12)
+    est.metadata["grid"] = {"set_timesteps": {"mu": 0.5}}
+    other, _ = _grid("euler-ancestral", 6)
+    with pytest.raises(QDriftError, match=r"the sigma shift \(mu 0\.5 vs 0\.8: another image size\)"):
+        est.corrector(other, call={"mu": 0.8})
