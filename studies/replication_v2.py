@@ -18,6 +18,15 @@ docs/results.md).
 
     python studies/replication_v2.py                       # the reduced table in docs/results.md
     python studies/replication_v2.py --samples 1000 --cells all   # the full version (hours on 2 cores)
+    python studies/replication_v2.py --samples 1000 --cells degraded --rows published ptqd persistent \
+        --csv replication_v2_degraded.csv                  # every cell the v1 table measured as degraded
+
+``--cells degraded`` takes the cells whose paired ``Q - FP`` in FD to the FP distribution the v1
+replication table (``docs/results/replication_table.csv``, 1000 samples) measured above 0; each is then
+re-tested here on this run's own samples. Besides each row against Q, that run reports the default
+(``persistent``) against each peer per cell, and the median gap closed over the cells degraded in this run
+with a bootstrap interval (each cell's sets resampled with one index draw shared by every row, cells drawn
+independently), so the median difference default - peer is paired.
 """
 
 from __future__ import annotations
@@ -56,6 +65,9 @@ ROWS = (
     "decomposed",
 )
 REDUCED_CELLS = [("unet", "ddim", "w3a4"), ("dit", "flow-euler", "w3a4")]
+V1_TABLE = ROOT / "docs" / "results" / "replication_table.csv"
+DEFAULT_ROW = "persistent"
+PEERS = ("published", "ptqd")
 SCHEDULERS = {"unet": ("ddim", "euler", "dpmpp-2m"), "dit": ("flow-euler", "flow-dpmpp-2m")}
 
 
@@ -67,20 +79,51 @@ def draw(pair, scheduler, steps, n, seed, model="q", estimator=None):
     return features_of(images) if np.isfinite(images).all() else None
 
 
+def degraded_cells(path=V1_TABLE):
+    """``(model, scheduler, recipe)`` of every cell whose v1 paired ``Q - FP`` (FD to FP) interval lies above 0."""
+    cells = []
+    for r in csv.DictReader(path.open()):
+        low = r.get("q_minus_fp_fp_lo", "")
+        key = (r["model"], r["scheduler"], r["recipe"])
+        if low not in ("", "nan") and float(low) > 0 and key not in cells:
+            cells.append(key)
+    return cells
+
+
+def fp_sets(job):
+    """FP features from the sample seeds and the independent FP reference: shared by every recipe of a scheduler."""
+    model, scheduler, args = job
+    torch.set_num_threads(1)
+    fp_pair = digits_pair(model, name=f"digits_{model}_fp")
+    return (model, scheduler), {
+        "fp": draw(fp_pair, scheduler, args.steps, args.samples, 100_000, "fp"),
+        "reference": draw(fp_pair, scheduler, args.steps, args.samples, 200_000, "fp"),
+    }
+
+
+def bootstrap_fd(fd, feats, keys, n_boot, seed):
+    """``{key: (n_boot,)}`` FD of every set under one shared row resampling per replicate (paired across keys)."""
+    rng = np.random.default_rng(seed)
+    n = len(feats[keys[0]])
+    out = {k: np.empty(n_boot) for k in keys}
+    for b in range(n_boot):
+        idx = torch.as_tensor(rng.integers(0, n, n))
+        for k in keys:
+            out[k][b] = fd(feats[k][idx])
+    return out
+
+
 def cell(job):
-    model, scheduler, recipe, args = job
+    model, scheduler, recipe, args, fp_feats = job
     torch.set_num_threads(1)
     start = time.time()
     name = pair_name(model, recipe)
     pair = named_pair(name)
-    fp_pair = digits_pair(model, name=f"digits_{model}_fp")
     steps, n = args.steps, args.samples
     out = {"model": model, "scheduler": scheduler, "recipe": recipe}
-    feats = {
-        "fp": draw(fp_pair, scheduler, steps, n, 100_000, "fp"),
-        "reference": draw(fp_pair, scheduler, steps, n, 200_000, "fp"),
-        "q": draw(pair, scheduler, steps, n, 100_000, "q"),
-    }
+    if fp_feats is None:
+        fp_feats = fp_sets((model, scheduler, args))[1]
+    feats = {**fp_feats, "q": draw(pair, scheduler, steps, n, 100_000, "q")}
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "c.zarr"
         record(
@@ -125,6 +168,17 @@ def cell(job):
         est, lo, hi = paired_difference(fd, feats["q"], feats[row], args.bootstrap)
         out[f"{row}_minus_q"], out[f"{row}_minus_q_lo"], out[f"{row}_minus_q_hi"] = est, lo, hi
         out[f"closed_{row}"] = (out["fd_q"] - out[f"fd_{row}"]) / gap if gap != 0 else float("nan")
+    keys = ["fp", "q"] + [row for row in args.rows if feats[row] is not None]
+    boot = bootstrap_fd(fd, feats, keys, args.bootstrap, seed=2)
+    if DEFAULT_ROW in boot:
+        for peer in PEERS:
+            if peer in boot:
+                diffs = boot[DEFAULT_ROW] - boot[peer]
+                out[f"{DEFAULT_ROW}_minus_{peer}"] = out[f"fd_{DEFAULT_ROW}"] - out[f"fd_{peer}"]
+                out[f"{DEFAULT_ROW}_minus_{peer}_lo"], out[f"{DEFAULT_ROW}_minus_{peer}_hi"] = np.percentile(
+                    diffs, [2.5, 97.5]
+                )
+    out["_boot"] = boot
     out["seconds"] = time.time() - start
     print(
         f"{model}/{scheduler}/{recipe}: Q-FP {out['q_minus_fp']:+.3f}; "
@@ -183,7 +237,7 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--cells", default="reduced", choices=("reduced", "all"))
+    parser.add_argument("--cells", default="reduced", choices=("reduced", "all", "degraded"))
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="rows to compute")
     parser.add_argument("--csv", default="replication_v2.csv", help="CSV name under docs/results/")
     parser.add_argument(
@@ -198,19 +252,30 @@ def main():
         return
     if args.cells == "all":
         cells = [(m, s, r) for m in ("unet", "dit") for s in SCHEDULERS[m] for r in ZOO_RECIPES]
+    elif args.cells == "degraded":
+        cells = degraded_cells()
     else:
         cells = REDUCED_CELLS
     start = time.time()
     with ProcessPoolExecutor(args.processes) as pool:
-        rows = list(pool.map(cell, [(m, s, r, args) for m, s, r in cells]))
+        pairs = sorted({(m, s) for m, s, _ in cells})
+        fps = dict(pool.map(fp_sets, [(m, s, args) for m, s in pairs]))
+        rows = list(pool.map(cell, [(m, s, r, args, fps[(m, s)]) for m, s, r in cells]))
     elapsed = time.time() - start
     out = ROOT / "docs" / "results" / args.csv
+    boots = {}
     for r in rows:
         r["minutes"] = elapsed / 60
+        for key, values in r.pop("_boot").items():
+            boots[f"{r['model']}/{r['scheduler']}/{r['recipe']}/{key}"] = values
+    np.savez(out.with_name(out.stem + "_bootstrap.npz"), **boots)
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    if args.cells == "degraded":
+        write_degraded_docs(rows, boots, args, elapsed, command_line())
+        return
     if args.csv != "replication_v2.csv":
         return
     write_docs(rows, args, elapsed, command_line())
@@ -279,6 +344,86 @@ def write_docs(rows, args, elapsed, command, rendered=False):
     ]
     write_section("replication_v2", "\n".join(md))
     return cells
+
+
+def median_closure(rows, boots, row):
+    """Median gap closed by ``row`` over ``rows`` and its bootstrap replicates ``(n_boot,)``."""
+    reps = []
+    for r in rows:
+        key = f"{r['model']}/{r['scheduler']}/{r['recipe']}"
+        q, fp, x = boots[f"{key}/q"], boots[f"{key}/fp"], boots[f"{key}/{row}"]
+        reps.append((q - x) / (q - fp))
+    return float(np.median([r[f"closed_{row}"] for r in rows])), np.median(np.stack(reps), axis=0)
+
+
+def write_degraded_docs(rows, boots, args, elapsed, command):
+    shown = [r for r in ROWS if f"closed_{r}" in rows[0]]
+    degraded = [r for r in rows if r["q_minus_fp_lo"] > 0]
+    head = (
+        "| cell | FD→FP: FP | Q | Q − FP [paired CI] | "
+        + " | ".join(f"{r}: gap closed (row − Q [paired CI])" for r in shown)
+        + "".join(f" | {DEFAULT_ROW} − {p} [paired CI]" for p in PEERS if f"{DEFAULT_ROW}_minus_{p}" in rows[0])
+        + " | budget: persistence / bias / explained (PTQD) / independent |\n|"
+        + "---|" * (4 + len(shown) + sum(f"{DEFAULT_ROW}_minus_{p}" in rows[0] for p in PEERS) + 1)
+    )
+    lines = [head]
+    for r in rows:
+        cells = [
+            f"{pct(r[f'closed_{row}'])} ({r[f'{row}_minus_q']:+.3f} [{r[f'{row}_minus_q_lo']:+.3f}, "
+            f"{r[f'{row}_minus_q_hi']:+.3f}] {verdict(r[f'{row}_minus_q_lo'], r[f'{row}_minus_q_hi'])})"
+            for row in shown
+        ]
+        for p in PEERS:
+            k = f"{DEFAULT_ROW}_minus_{p}"
+            if k in r:
+                cells.append(
+                    f"{r[k]:+.3f} [{r[k + '_lo']:+.3f}, {r[k + '_hi']:+.3f}] {verdict(r[k + '_lo'], r[k + '_hi'])}"
+                )
+        flag = "" if r["q_minus_fp_lo"] > 0 else " (not degraded here)"
+        lines.append(
+            f"| {r['model']}/{r['scheduler']}/{r['recipe']}{flag} | {r['fd_fp']:.3f} | {r['fd_q']:.3f} | "
+            f"{r['q_minus_fp']:+.3f} [{r['q_minus_fp_lo']:+.3f}, {r['q_minus_fp_hi']:+.3f}] | "
+            + " | ".join(cells)
+            + f" | {pct(r['budget_fraction_persistence'])} / {pct(r['budget_fraction_bias'])} / "
+            f"{pct(r['budget_fraction_explained_ptqd'])} / {pct(r['budget_fraction_independent'])} |"
+        )
+    summary = [f"Over the {len(degraded)} cells degraded in this run (Q − FP interval above 0), median gap closed:"]
+    medians_by_row = {}
+    for row in shown if degraded else []:
+        est, reps = median_closure(degraded, boots, row)
+        medians_by_row[row] = reps
+        lo, hi = np.percentile(reps, [2.5, 97.5])
+        summary.append(f"- `{row}`: {pct(est)} [{pct(lo)}, {pct(hi)}]")
+    if DEFAULT_ROW in medians_by_row:
+        for p in PEERS:
+            if p in medians_by_row:
+                est = median_closure(degraded, boots, DEFAULT_ROW)[0] - median_closure(degraded, boots, p)[0]
+                lo, hi = np.percentile(medians_by_row[DEFAULT_ROW] - medians_by_row[p], [2.5, 97.5])
+                points = f"{100 * est:+.0f} points [{100 * lo:+.0f}, {100 * hi:+.0f}]"
+                summary.append(f"- median `{DEFAULT_ROW}` − median `{p}`: {points}")
+    worse = (
+        [f"{r['model']}/{r['scheduler']}/{r['recipe']}" for r in rows if r[f"{DEFAULT_ROW}_minus_q_lo"] > 0]
+        if f"{DEFAULT_ROW}_minus_q_lo" in rows[0]
+        else []
+    )
+    summary.append(
+        f"- cells where `{DEFAULT_ROW}` is significantly worse than Q: " + (", ".join(worse) if worse else "none")
+    )
+    md = [
+        f"Generated by `{command}` ({elapsed / 60:.1f} min on 2 shared CPU cores). Numbers in "
+        f"`docs/results/{args.csv}`, bootstrap replicates in `docs/results/{Path(args.csv).stem}_bootstrap.npz`.",
+        "",
+        f"{len(rows)} cells (every cell the v1 table measured as degraded in FD to FP), {args.samples} samples per "
+        f"set, {args.steps} steps, guidance 2.0; calibration: {args.runs} paired runs x 64 samples (seeds 0..), shared "
+        "by every row; FD in the digits classifier's feature space to an independent FP set (seeds 200000+); paired "
+        f"percentile bootstrap ({args.bootstrap} resamples); library rows: shrink form, strength 1. Gap closed = "
+        "(FD Q − FD row) / (FD Q − FD FP); a negative `row − Q` or `default − peer` favours the first.",
+        "",
+        "\n".join(lines),
+        "",
+        "\n".join(summary),
+    ]
+    write_section("replication_v2_degraded", "\n".join(md))
 
 
 if __name__ == "__main__":
