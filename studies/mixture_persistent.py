@@ -8,11 +8,11 @@ the true mixture; 'gap closed' = (Q - corrected) / (Q - FP) with a 95% paired bo
 
 Rows: ``first-order`` (the per-step statistic, the library's default before this study),
 ``persistent`` (the default of ``qdrift fit``: increments of the accumulated excess variance,
-persistence measured along the quantized path, PTQD's output map at steps where the output explains
->= 20% of the error, the pull sized by the local spread, ``spread="local"``), ``persistent-noise-pull``
+persistence measured along the quantized path, each step's mean error removed and PTQD's slope where it
+explains >= 10% of the predicted final deviation, the pull sized by the local spread, ``spread="local"``), ``persistent-noise-pull``
 (the same with the pull of a state that is all noise, ``spread="noise"``: the default before the local
 spread), ``persistent-nobias`` (no bias term), ``persistent-fp`` (no bias term, persistence measured along
-the FP path only), ``persistent-ptqd`` (PTQD's map at every step where R^2 >= 0.01), ``published`` (the
+the FP path only), ``persistent-ptqd`` (PTQD's whole map at every step where R^2 >= 0.01), ``published`` (the
 published Q-Drift code's statistic and correction) and ``ptqd`` (PTQD's output map). Library rows use the
 shrink form, strength 1 (nothing hand-set).
 

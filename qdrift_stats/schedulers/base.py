@@ -131,6 +131,36 @@ def first_order_gain(
     return (a_next - b_next * a / b) * x0_slope(prediction_type, a, b)
 
 
+def state_coefficients(prediction_type: str, a, b, a_next, b_next) -> np.ndarray:
+    """``(steps,)`` the first-order step's coefficient ``A_i`` on the state, the model output held fixed.
+
+    The first-order step is ``x_{i+1} = a_{i+1} x0_hat + b_{i+1} eps_hat`` with ``eps_hat = (x - a x0_hat) / b``;
+    with ``d = d x0_hat / d x`` at fixed output (``1/a`` epsilon, ``a / (a^2 + b^2)`` v, ``0`` sample,
+    ``1`` flow velocity; :func:`qdrift_stats.schedulers.base.x0_from_output`),
+    ``A = a_{i+1} d + b_{i+1} (1 - a d) / b``: ``a_{i+1} / a_i`` for epsilon (1 for Euler's VE
+    coordinates), 1 for flow matching.
+    """
+    a, b, a_next, b_next = (np.asarray(v, dtype=np.float64) for v in (a, b, a_next, b_next))
+    if prediction_type == "epsilon":
+        d = 1.0 / a
+    elif prediction_type == "v_prediction":
+        d = a / (a * a + b * b)
+    elif prediction_type == "sample":
+        d = np.zeros_like(a)
+    else:  # flow velocity: x0_hat = x - b v
+        d = np.ones_like(a)
+    return a_next * d + b_next * (1.0 - a * d) / b
+
+
+def propagators(A: np.ndarray) -> np.ndarray:
+    """``P_i = prod_{j > i} A_j``: how a perturbation made at step ``i`` reaches the final state."""
+    A = np.asarray(A, dtype=np.float64)
+    P = np.ones_like(A)
+    for i in range(len(A) - 2, -1, -1):
+        P[i] = P[i + 1] * A[i + 1]
+    return P
+
+
 def is_flow_config(config: dict[str, Any]) -> bool:
     """Whether a pair's scheduler config describes a flow-matching (velocity) model."""
     return (
