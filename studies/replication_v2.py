@@ -241,6 +241,13 @@ def main():
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--cells", default="reduced", choices=("reduced", "all", "degraded"))
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="MODEL/SCHEDULER/RECIPE",
+        help="only these of the chosen cells (to split a run over several invocations; writes the CSV, not the docs: "
+        "merge with --render)",
+    )
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="rows to compute")
     parser.add_argument("--csv", default="replication_v2.csv", help="CSV name under docs/results/")
     parser.add_argument(
@@ -262,6 +269,11 @@ def main():
         cells = degraded_cells()
     else:
         cells = REDUCED_CELLS
+    if args.only:
+        unknown = sorted(set(args.only) - {"/".join(c) for c in cells})
+        if unknown:
+            parser.error(f"--only: not among the chosen cells: {', '.join(unknown)}")
+        cells = [c for c in cells if "/".join(c) in args.only]
     start = time.time()
     with ProcessPoolExecutor(args.processes) as pool:
         pairs = sorted({(m, s) for m, s, _ in cells})
@@ -279,6 +291,8 @@ def main():
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    if args.only:
+        return
     if args.cells == "degraded":
         write_degraded_docs(rows, boots, args, elapsed, command_line())
         return
@@ -376,12 +390,13 @@ def render_degraded(args):
         later_default = f"closed_{DEFAULT_ROW}" in table_k[0]
         for base in rows:
             cell_key = f"{base['model']}/{base['scheduler']}/{base['recipe']}"
-            extra = next(r for r in table_k if all(r[c] == base[c] for c in ("model", "scheduler", "recipe")))
-            if later_default:
+            extra = next((r for r in table_k if all(r[c] == base[c] for c in ("model", "scheduler", "recipe"))), None)
+            if extra is None:
+                continue
+            if later_default and f"closed_{PREVIOUS_DEFAULT}" not in base:
                 for key in [key for key in base if _row_of(key) == DEFAULT_ROW]:
                     base[key.replace(DEFAULT_ROW, PREVIOUS_DEFAULT, 1)] = base.pop(key)
-                if f"{cell_key}/{DEFAULT_ROW}" in boots:
-                    boots[f"{cell_key}/{PREVIOUS_DEFAULT}"] = boots.pop(f"{cell_key}/{DEFAULT_ROW}")
+                boots[f"{cell_key}/{PREVIOUS_DEFAULT}"] = boots.pop(f"{cell_key}/{DEFAULT_ROW}")
             base.update({key: v for key, v in extra.items() if _row_of(key) is not None})
             for name in ("fp", "q"):  # same seeds: the same sets; keep the first run's replicates
                 boot_k.pop(f"{cell_key}/{name}", None)
@@ -395,9 +410,13 @@ def render_degraded(args):
                     lo, hi = np.percentile(diffs, [2.5, 97.5])
                     base[f"{DEFAULT_ROW}_minus_{peer}_lo"], base[f"{DEFAULT_ROW}_minus_{peer}_hi"] = lo, hi
     minutes = sum(float(next(csv.DictReader(f.open()))["minutes"]) for f in files)
+    missing = [f"{r['model']}/{r['scheduler']}/{r['recipe']}" for r in rows if f"closed_{DEFAULT_ROW}" not in r]
+    if missing:
+        raise SystemExit(f"no {DEFAULT_ROW} row for {', '.join(missing)} in {', '.join(args.render)}")
     commands = " and ".join(
         f"`python studies/replication_v2.py --samples {args.samples} --cells degraded --rows {_rows_in(f)} "
-        f"--csv {f.name}`"
+        + (f"--only {' '.join(_cells_in(f))} " if len(_cells_in(f)) < len(rows) else "")
+        + f"--csv {f.name}`"
         for f in files
     )
     args.csv = files[0].name
@@ -417,6 +436,10 @@ def _row_of(key):
 def _rows_in(path):
     first = next(csv.DictReader(path.open()))
     return " ".join(r for r in ROWS if f"closed_{r}" in first)
+
+
+def _cells_in(path):
+    return [f"{r['model']}/{r['scheduler']}/{r['recipe']}" for r in csv.DictReader(path.open())]
 
 
 def _argv_tail():
