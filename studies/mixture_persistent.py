@@ -9,7 +9,9 @@ the true mixture; 'gap closed' = (Q - corrected) / (Q - FP) with a 95% paired bo
 Rows: ``first-order`` (the per-step statistic, the library's default before this study),
 ``persistent`` (the default of ``qdrift fit``: increments of the accumulated excess variance,
 persistence measured along the quantized path, each step's mean error removed and PTQD's slope where it
-explains >= 10% of the predicted final deviation, the pull sized by the local spread, ``spread="local"``), ``persistent-noise-pull``
+explains >= 10% of the predicted final deviation, the pull sized by the local spread, ``spread="local"``),
+``persistent-carried`` (the same with the cross term taken with the deviation the state carries,
+``cross="carried"``, instead of the earlier perturbations only; an option), ``persistent-noise-pull``
 (the same with the pull of a state that is all noise, ``spread="noise"``: the default before the local
 spread), ``persistent-nobias`` (no bias term), ``persistent-fp`` (no bias term, persistence measured along
 the FP path only), ``persistent-ptqd`` (PTQD's whole map at every step where R^2 >= 0.01), ``published`` (the
@@ -63,6 +65,7 @@ ROWS = (
     "first-order",
     "persistent",
     "persistent-noise-pull",
+    "persistent-carried",
     "persistent-nobias",
     "persistent-fp",
     "persistent-ptqd",
@@ -78,6 +81,8 @@ def estimator_for(row: str):
         return PersistentEstimator(bias="none", path="fp")
     if row == "persistent-noise-pull":
         return PersistentEstimator(spread="noise")
+    if row == "persistent-carried":
+        return PersistentEstimator(cross="carried")
     return get_estimator(row)
 
 

@@ -31,6 +31,15 @@ seeds re-run in lock-step along the *quantized* path (:func:`quantized_path_erro
 the store's per-step ``v_i``: ``w_i = v_i * (w_i / v_i)_quantized``. ``path="fp"`` uses the store
 alone (no model calls).
 
+Optionally (``cross="carried"``, with the model pair and the pull sized by the local spread), the cross term is
+taken with the deviation the state *carries* where the step lands, not with the earlier perturbations alone
+(:func:`carried_cross_terms`): it adds the first-order coupling of an error that is a
+function of the state with the state's own deviation (a weight error ``dW x`` dilates or contracts each mode),
+carries deviations as the local spread ``S = b / sqrt(rho)`` is carried (not as ``b``), and leaves out shifts that
+a whole local component shares (measured against the error at a sibling of each state). ``docs/method.md``,
+"The cross term with the carried deviation". It repairs the flow weight error, which the default
+under-corrects, but is not the default: on the testbed it trades that for other cells (``docs/results.md``).
+
 ``Delta_j`` is the first-order perturbation ``gain_j * r_j`` (``gain``: the store's first-order
 coordinate, as the ``first-order`` statistic), where ``r_j`` is the output error left after an
 optional bias term (:mod:`qdrift_stats.estimators.bias`): ``none``, ``ptqd`` (the per-step
@@ -68,6 +77,8 @@ PROPAGATIONS: tuple[str, ...] = ("noise", "none")
 PATHS: tuple[str, ...] = ("quantized", "fp")
 #: How the pull coefficient sees the spread it acts on (see :class:`PersistentEstimator`).
 SPREADS: tuple[str, ...] = ("local", "noise")
+#: What a step's perturbation is correlated with (see :class:`PersistentEstimator`).
+CROSS_TERMS: tuple[str, ...] = ("carried", "accumulated")
 #: Smallest residual fraction used (a level where the noise estimate is numerically 0).
 RHO_FLOOR = 1e-6
 
@@ -151,6 +162,108 @@ def accumulated_cross_terms(
     return out
 
 
+def explained_by_sibling(deviation: np.ndarray, delta: np.ndarray, sibling: np.ndarray) -> np.ndarray:
+    """Products ``deviation * delta`` less the part the sibling's error explains: ``d Delta - beta d Delta'``.
+
+    ``beta`` (per group, in ``[0, 1]``) is the least-squares coefficient of ``d Delta`` on ``d Delta'`` over the
+    trajectories: the share of the error that the state's local component has in common (the sibling meets it
+    too). Near 1 for an error smooth in the state (a weight error: its component-wide part is removed, with its
+    noise); near 0 for an error rough in the state (the sibling's error is unrelated; subtracting it would only
+    add noise).
+    """
+    p, q = deviation * delta, deviation * sibling
+    qc = q - q.mean(axis=-1, keepdims=True)
+    qq = np.sum(qc * qc, axis=-1, keepdims=True)
+    pq = np.sum(qc * (p - p.mean(axis=-1, keepdims=True)), axis=-1, keepdims=True)
+    beta = np.clip(np.where(qq > 0, pq / np.where(qq > 0, qq, 1.0), 0.0), 0.0, 1.0)
+    return p - beta * q
+
+
+def carried_cross_terms(
+    delta: np.ndarray,
+    sibling_delta: np.ndarray,
+    residual: np.ndarray,
+    rho: np.ndarray,
+    b: np.ndarray,
+    b_next: np.ndarray,
+    units: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-step cross terms of each perturbation with the local deviation the state carries where it lands.
+
+    For data locally ``N(mu, s^2)`` the marginal at level ``(a, b)`` has spread ``S^2 = a^2 s^2 + b^2 = b^2 / rho``
+    around ``a mu``; the FP residual is ``x - a x0_hat = rho y`` with ``y = x - a mu`` the local deviation, and the
+    probability-flow ODE carries ``y`` from level ``i`` to ``i + 1`` by ``S_{i+1} / S_i``. A step's perturbation
+    ``Delta_i`` adds ``2 E[y_{i+1} Delta_i] + E Delta_i^2`` to the local spread, with the covariance taken *within*
+    the local component (a shift that all samples of a component share is not spread). Along the quantized path
+    ``y`` is the FP deviation plus what earlier steps left, ``D``, so the cross term has two parts
+    (``docs/method.md``, "The cross term with the carried deviation"):
+
+    - ``accumulated``: ``E[D_{i+1} Delta_i]``, ``D_{i+1} = sum_{j <= i} Delta_j S_{i+1} / S_{j+1}`` (the earlier
+      perturbations, carried as the local spread is): a low-noise product of perturbations.
+    - ``state``: ``E[(y_hat_{i+1} - D_{i+1}) Delta_i]`` with ``y_hat_{i+1} = (S_{i+1} / S_i) res_i / rho_i``: the
+      first-order coupling of an error that is a function of the state with the state's FP deviation (a weight
+      error ``dW x`` dilates or contracts the spread). Noisy (a product with the whole deviation): the estimator
+      shrinks it by the James-Stein factor of its total over the steps.
+
+    Both are taken within the component: ``Delta'_i`` is the perturbation at a *sibling* of the state (same local
+    mean, fresh deviation, :func:`quantized_path_errors`), which meets the component's mean error and none of the
+    state's deviation; each product is reduced by the part the sibling's explains (:func:`explained_by_sibling`),
+    which removes the products of shifts that a whole component shares (a weight error moves each mode's mean,
+    step after step: that is not spread).
+
+    Args:
+        delta, sibling_delta: ``(steps, groups, n)`` perturbations at the quantized path's states and at their siblings.
+        residual: ``(steps, groups, n)`` the FP residual ``x_i - a_i x0_hat_i`` at each step's input, same order.
+        rho: ``(steps,)`` residual fractions in ``(0, 1]`` (:func:`residual_fraction`).
+        b, b_next: ``(steps,)`` the level of each step's input and the level it lands on.
+        units: optional ``(n,)`` labels of the independent units for the standard errors.
+
+    Returns:
+        ``accumulated``, ``accumulated_se``, ``state``, ``state_se``, each ``(steps, groups)`` (0 on steps that start
+        or land on ``b = 0``), and ``state_total``, ``state_total_se`` (``(groups,)``): the state term summed over the
+        steps in units of the landing spread, ``sum_i state_i rho_{i+1} / b_{i+1}^2``, and its standard error over
+        the units. Where step ``i + 1`` has no residual fraction (the grid's last step) ``rho_i`` is used.
+    """
+    delta = np.asarray(delta, dtype=np.float64)
+    sibling = np.asarray(sibling_delta, dtype=np.float64)
+    residual = np.asarray(residual, dtype=np.float64)
+    rho = np.asarray(rho, dtype=np.float64)
+    steps, groups, n = delta.shape
+    unit_ids = np.arange(n) if units is None else np.unique(np.asarray(units), return_inverse=True)[1]
+    n_units = int(unit_ids.max()) + 1
+    counts = np.bincount(unit_ids, minlength=n_units)
+    names = ("accumulated", "accumulated_se", "state", "state_se")
+    out = {name: np.zeros((steps, groups)) for name in names}
+    total = np.zeros((groups, n_units))  # per unit: sum over steps of the state term relative to S_{i+1}^2
+
+    def per_unit_means(product: np.ndarray) -> np.ndarray:
+        return np.stack([np.bincount(unit_ids, weights=row, minlength=n_units) / counts for row in product])
+
+    def mean_and_se(product: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if n_units < 2:
+            return product.mean(axis=-1), np.zeros(groups)
+        return product.mean(axis=-1), per_unit_means(product).std(axis=-1, ddof=1) / np.sqrt(n_units)
+
+    acc = np.zeros((groups, n))  # D at the current step's input level
+    for i in range(steps):
+        if b_next[i] <= 0 or b[i] <= 0:
+            continue
+        rho_next = rho[i + 1] if i + 1 < steps else rho[i]
+        carry = (float(b_next[i]) / float(b[i])) * np.sqrt(rho[i] / rho_next)  # S_{i+1} / S_i
+        carried = carry * acc
+        deviation = carry * residual[i] / rho[i]
+        out["accumulated"][i], out["accumulated_se"][i] = mean_and_se(
+            explained_by_sibling(carried, delta[i], sibling[i])
+        )
+        state = explained_by_sibling(deviation - carried, delta[i], sibling[i])
+        out["state"][i], out["state_se"][i] = mean_and_se(state)
+        total += per_unit_means(state) * (rho_next / float(b_next[i]) ** 2)
+        acc = carried + delta[i]
+    out["state_total"] = total.mean(axis=-1)
+    out["state_total_se"] = total.std(axis=-1, ddof=1) / np.sqrt(n_units) if n_units > 1 else np.zeros(groups)
+    return out
+
+
 def persistent_statistic(v: np.ndarray, cross: np.ndarray, cross_se: np.ndarray, b_next: np.ndarray) -> np.ndarray:
     """``w_i = max(0, v_i + 2 * shrink(cross_i))``; ``v_i`` on steps that land on ``b = 0``."""
     w = np.maximum(0.0, v + 2.0 * shrink_to_zero(cross, cross_se))
@@ -218,8 +331,8 @@ class PersistentFit(FittedEstimator):
 
 
 def quantized_path_errors(
-    pair: Any, scheduler_name: str, steps: int, seeds: list[int], batch: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    pair: Any, scheduler_name: str, steps: int, seeds: list[int], batch: int, residuals: bool = False
+) -> tuple[np.ndarray, ...]:
     """Output errors along the quantized sampler's own path, and what the pull's residual holds there.
 
     The lock-step recording (:mod:`qdrift_stats.record.lockstep`) evaluates both models on the FP
@@ -236,19 +349,24 @@ def quantized_path_errors(
         ``eps_hat = (x_i - a_i x0_hat_i) / b_i`` (1 where the state is mostly noise, below 1 where the data's
         own spread dominates) and the mean square difference of the quantized and FP noise estimates
         (the model error in the residual the pull acts on). See ``docs/method.md``, "The pull where the
-        data's spread dominates".
+        data's spread dominates". With ``residuals=True`` also, each ``(run, step, sample, *shape)``: the FP
+        residual ``x_i - a_i x0_hat_i`` at each step's input (0 where ``b_i = 0``), and the output error and FP
+        output at a *sibling* of each state (:func:`_sibling_errors`: the same local mean, a fresh deviation drawn
+        from a generator seeded with ``seed + SIBLING_SEED_OFFSET``), for :func:`carried_cross_terms`. For a step
+        with two model calls (Heun) the sibling is evaluated at the step's first call only.
     """
     from qdrift_stats.loop import advance_step, initial_noise, prepared_scheduler
     from qdrift_stats.schedulers.base import step_calls, step_grid, step_kwargs
 
-    errors, outputs, powers, noise = [], [], [], []
+    errors, outputs, powers, noise, kept, sib_e, sib_m = [], [], [], [], [], [], []
     with torch.no_grad():
         for seed in seeds:
             sched_fp = prepared_scheduler(pair, scheduler_name, steps)
             sched_q = prepared_scheduler(pair, scheduler_name, steps)
             kw_fp, kw_q = step_kwargs(sched_fp), step_kwargs(sched_q)
             x, cond = initial_noise(pair, sched_q, batch, seed)
-            e_run, m_run, p_run, n_run = [], [], [], []
+            e_run, m_run, p_run, n_run, r_run, se_run, sm_run = [], [], [], [], [], [], []
+            sibling_noise = torch.Generator().manual_seed(int(seed) + SIBLING_SEED_OFFSET)
             plan = step_calls(sched_q)  # a two-call step (Heun) gives its effective outputs
             levels = step_grid(sched_q)
             grid = levels if len(plan) != len(sched_q.timesteps) else None
@@ -260,27 +378,68 @@ def quantized_path_errors(
                 m_run.append(m_fp.double().cpu().numpy())
                 a, b = float(levels.a[i]), float(levels.b[i])
                 if b > 0:
-                    eps_fp = (x - a * levels.x0_from_output(i, x, m_fp)).double() / b
+                    res_fp = (x - a * levels.x0_from_output(i, x, m_fp)).double()
+                    eps_fp = res_fp / b
                     eps_q = (x - a * levels.x0_from_output(i, x, m_q)).double() / b
                     p_run.append(float(torch.mean(eps_fp**2)))
                     n_run.append(float(torch.mean((eps_q - eps_fp) ** 2)))
                 else:
+                    res_fp = torch.zeros_like(x, dtype=torch.float64)
                     p_run.append(float("nan"))
                     n_run.append(float("nan"))
+                if residuals:
+                    r_run.append(res_fp.cpu().numpy())
+                    e_sib, m_sib = _sibling_errors(
+                        pair, sched_q, sched_q.timesteps[calls[0]], x, res_fp, b, cond, sibling_noise
+                    )
+                    se_run.append(e_sib)
+                    sm_run.append(m_sib)
                 x = x_q
             errors.append(np.stack(e_run))
             outputs.append(np.stack(m_run))
             powers.append(p_run)
             noise.append(n_run)
+            if residuals:
+                kept.append(np.stack(r_run))
+                sib_e.append(np.stack(se_run))
+                sib_m.append(np.stack(sm_run))
     e, m = np.stack(errors), np.stack(outputs)
     if not (np.all(np.isfinite(e)) and np.all(np.isfinite(m))):
         raise QDriftError("non-finite model output along the quantized path")
-    return (
+    out = (
         e,
         m,
         np.mean(np.asarray(powers, dtype=np.float64), axis=0),
         np.mean(np.asarray(noise, dtype=np.float64), axis=0),
     )
+    if not residuals:
+        return out
+    return out + (np.stack(kept), np.stack(sib_e), np.stack(sib_m))
+
+
+#: Offset of the seed of the siblings' noise from the run's seed (a fixed, documented stream).
+SIBLING_SEED_OFFSET = 7919
+
+
+def _sibling_errors(pair, scheduler, t, x, res_fp, b, cond, generator) -> tuple[np.ndarray, np.ndarray]:
+    """Output error and FP output at a sibling of each state: the same local mean, a fresh local deviation.
+
+    With ``rho`` the batch's residual fraction, the local mean is ``x - res / rho`` and the local spread
+    ``S = b / sqrt(rho)``; the sibling is ``x - res / rho + S z``. Returns the output error and the FP output at
+    the siblings; zeros where ``b = 0``.
+    """
+    from qdrift_stats.loop import scale_model_input
+
+    if b <= 0:
+        zero = np.zeros(tuple(x.shape))
+        return zero, zero
+    rho = float(np.clip(float(torch.mean(res_fp**2)) / (b * b), RHO_FLOOR, 1.0))
+    z = torch.randn(tuple(x.shape), generator=generator, dtype=torch.float32).to(device=x.device, dtype=torch.float64)
+    sibling = (x.double() - res_fp / rho + (b / np.sqrt(rho)) * z).to(x.dtype)
+    model_input = scale_model_input(scheduler, sibling, t)
+    m_fp = pair.fp(model_input, t, **cond)
+    m_q = pair.q(model_input, t, **cond)
+    return (m_q - m_fp).double().cpu().numpy(), m_fp.double().cpu().numpy()
 
 
 def residual_fraction(eps_power: np.ndarray) -> np.ndarray:
@@ -375,6 +534,12 @@ class PersistentEstimator(Estimator):
             ``rho_i = E |x - a x0_hat|^2 / (b^2 dim)`` at each level and exported as the file's
             ``residual_fraction`` (needs the pair; see ``docs/method.md``); ``"noise"``: the pull as derived
             for a state that is all noise (``rho = 1``).
+        cross: with ``spread="local"`` and the pair: ``"carried"``: the cross term of each perturbation with
+            the local deviation the state carries where it lands, estimated from the FP residual along the
+            quantized path (:func:`carried_cross_terms`; it holds the first-order coupling of an error that is a
+            function of the state as well as persistence); ``"accumulated"``: with the earlier perturbations only,
+            propagated as the state's noise (:func:`accumulated_cross_terms`; the default). Otherwise the accumulated
+            one is used.
         pair: the model pair for ``path="quantized"`` (a pair is code: it is never imported from the store).
     """
 
@@ -395,6 +560,7 @@ class PersistentEstimator(Estimator):
         max_points: int = 200_000,
         seed: int = 0,
         spread: str = "local",
+        cross: str = "accumulated",
         pair: Any = None,
     ):
         self.bias = check_bias(bias)
@@ -417,6 +583,9 @@ class PersistentEstimator(Estimator):
         if spread not in SPREADS:
             raise QDriftError(f"unknown spread {spread!r}; choose {' or '.join(SPREADS)}")
         self.spread = spread
+        if cross not in CROSS_TERMS:
+            raise QDriftError(f"unknown cross term {cross!r}; choose {' or '.join(CROSS_TERMS)}")
+        self.cross = cross
         self.pair = pair
 
     def bias_at_step(self, delta_out: np.ndarray, out_fp: np.ndarray, channel: np.ndarray, index):
@@ -529,17 +698,43 @@ class PersistentEstimator(Estimator):
                     "noise (no residual fraction; docs/method.md)"
                 )
         if pair is not None:
-            e_q, m_q, eps_power, eps_error = quantized_path_errors(
-                pair, str(ds.attrs.get("scheduler")), steps, [int(s) for s in ds["seed"].values], shape[1]
+            carried = self.spread == "local" and self.cross == "carried"
+            e_q, m_q, eps_power, eps_error, *res_q = quantized_path_errors(
+                pair,
+                str(ds.attrs.get("scheduler")),
+                steps,
+                [int(s) for s in ds["seed"].values],
+                shape[1],
+                residuals=carried,
             )
             if self.spread == "local":
                 rho = residual_fraction(eps_power)
                 rho_error = np.where(np.isfinite(eps_error), eps_error, 0.0)
             e_q = np.moveaxis(e_q, 1, 0).reshape(steps, runs, -1)
             m_q = np.moveaxis(m_q, 1, 0).reshape(steps, runs, -1)
-            terms_q = accumulated_cross_terms(
-                pooled(perturbations(e_q, m_q, biases)), b_next, self.propagation, None, units
-            )
+            delta_q = pooled(perturbations(e_q, m_q, biases))
+            terms_q = accumulated_cross_terms(delta_q, b_next, self.propagation, None, units)
+            if carried:
+
+                def flat(a: np.ndarray) -> np.ndarray:
+                    return np.moveaxis(a, 1, 0).reshape(steps, runs, -1)
+
+                def ordered(a: np.ndarray) -> np.ndarray:
+                    a = flat(a)
+                    return pooled(np.stack([a[i][:, order].reshape(runs, groups, n) for i in range(steps)]))
+
+                delta_sib = pooled(perturbations(flat(res_q[1]), flat(res_q[2]), biases))
+                parts = carried_cross_terms(delta_q, delta_sib, ordered(res_q[0]), rho, grid["b"], b_next, units)
+                # the state term is noisy step by step; its total over the steps is better determined:
+                # every step's value is shrunk by the total's James-Stein factor
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    keep = np.where(
+                        parts["state_total"] != 0,
+                        shrink_to_zero(parts["state_total"], parts["state_total_se"]) / parts["state_total"],
+                        0.0,
+                    )
+                terms_q["cross"] = shrink_to_zero(parts["accumulated"], parts["accumulated_se"]) + keep * parts["state"]
+                terms_q["cross_se"] = np.zeros_like(terms_q["cross"])  # already shrunk, part by part
             w_path = persistent_statistic(terms_q["v"], terms_q["cross"], terms_q["cross_se"], b_next)
             ratio = np.where(terms_q["v"] > 0, w_path / np.where(terms_q["v"] > 0, terms_q["v"], 1.0), 1.0)
             terms["cross"], terms["cross_se"] = terms_q["cross"], terms_q["cross_se"]
