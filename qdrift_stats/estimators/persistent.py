@@ -522,7 +522,7 @@ class PersistentEstimator(Estimator):
             explain, summed along the trajectory (:func:`output_map_shares`), to be applied: the slope
             ``k_i m_fp`` (with the regression's intercept), else each step's mean error ``E e_i`` alone (a
             shift, which the centred variance statistic cannot see), else nothing. Default 0.1: the testbed's
-            slopes measure at most 6%, where applying them costs the flow weight pair half its repair; the
+            slopes measure at most 6.6%, where applying them costs the flow weight pair half its repair; the
             digits U-Net's w4a4 and w3a4 slopes measure 22% and 48%, where they are most of the repair
             (``docs/method.md``).
         min_r2, min_scale: where the slope is applied, a step takes ``k, mu`` from the regression only if
