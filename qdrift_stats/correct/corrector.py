@@ -8,8 +8,11 @@ denoising loop (:func:`qdrift_stats.loop.run_sampler`) or the diffusers wrapper
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from qdrift_stats.correct.coefficients import apply_correction, channelwise, correction_coefficients
 from qdrift_stats.errors import QDriftError
@@ -30,6 +33,8 @@ class Corrector:
         noise_factor: optional ``(steps[, channels])`` ``f_i`` of a stochastic sampler: the step's
             injected noise ``z`` (shown to :meth:`__call__`) is lowered, ``x_{i+1} - f_i z``
             (:func:`qdrift_stats.correct.coefficients.stochastic_split`).
+        output_map: optional affine output map (:class:`AffineOutputMap`), applied to the model output after
+            ``k, mu``.
     """
 
     def __init__(
@@ -42,6 +47,7 @@ class Corrector:
         mu: np.ndarray | None = None,
         channel_axis: int = 1,
         noise_factor: np.ndarray | None = None,
+        output_map: AffineOutputMap | None = None,
     ):
         coefficients = np.asarray(coefficients, dtype=np.float64)
         self.channel_axis = int(channel_axis)
@@ -78,6 +84,13 @@ class Corrector:
                 bool(np.any(kk != 0) or np.any(mm != 0))
                 for kk, mm in zip(k.reshape(len(k), -1), mu.reshape(len(mu), -1))
             ]
+        self.output_map = None if output_map is None else output_map.to(device, dtype)
+        if self.output_map is not None:
+            if self.output_map.num_steps != grid.num_steps:
+                raise QDriftError(
+                    f"output map has {self.output_map.num_steps} steps but the sampler has {grid.num_steps}"
+                )
+            self.output_active = [a or m for a, m in zip(self.output_active, self.output_map.active)]
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Corrector:
         """The same correction with its per-step tensors on ``device`` in ``dtype`` (one transfer each,
@@ -92,6 +105,7 @@ class Corrector:
             mu=mu,
             channel_axis=self.channel_axis,
             noise_factor=self._noise_host,
+            output_map=self.output_map,
         )
 
     @property
@@ -100,13 +114,21 @@ class Corrector:
         return any(self.noise_active)
 
     def correct_output(self, i: int, model_output: torch.Tensor) -> torch.Tensor:
-        """The decomposition's output correction ``(m_q - mu_i) / (1 + k_i)`` (identity without one)."""
+        """The output correction: the decomposition's ``(m_q - mu_i) / (1 + k_i)``, then the affine output map's
+        ``m - offset_i - L_i (m - center_i)`` (identity without either)."""
         if not self.output_active[i]:
             return model_output
-        axis = self.channel_axis
-        _check_channels(self.scale, model_output, axis, "decomposition")
-        scale, shift = channelwise(self.scale[i], model_output, axis), channelwise(self.shift[i], model_output, axis)
-        return scale * (model_output - shift)
+        if self.scale is not None:
+            axis = self.channel_axis
+            _check_channels(self.scale, model_output, axis, "decomposition")
+            scale, shift = (
+                channelwise(self.scale[i], model_output, axis),
+                channelwise(self.shift[i], model_output, axis),
+            )
+            model_output = scale * (model_output - shift)
+        if self.output_map is not None and self.output_map.active[i]:
+            model_output = self.output_map(i, model_output)
+        return model_output
 
     @classmethod
     def from_variance(
@@ -174,6 +196,60 @@ class IncrementCorrector(Corrector):
             return x_next
         c = channelwise(self.coefficients[i], x_next, self.channel_axis)
         return x_next + c * (x_next - self.ratio[i] * x)
+
+
+class AffineOutputMap:
+    """The affine output map ``m -> m - offset_i - L_i (m - center_i)`` on the sampler's device and dtype.
+
+    Fitted by :mod:`qdrift_stats.estimators.output_map` and carried by estimator files (``map_center``,
+    ``map_offset``, ``map_weight``). Pure tensor operations, no host synchronisation.
+
+    Args:
+        structure: ``"mean"`` (no ``weight``), ``"local"`` (``weight`` ``(steps, C, C, k, k)``, a convolution
+            with zero padding) or ``"full"`` (``weight`` ``(steps, D, D)``, ``L_i(x) = x_flat @ weight_i``).
+        center, offset: ``(steps, *sample_shape)``, output units.
+        active: per step, whether the map does anything there (a step outside a calibrated img2img range does not).
+    """
+
+    def __init__(
+        self,
+        structure: str,
+        center: Any,
+        offset: Any,
+        weight: Any = None,
+        active: list[bool] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if structure not in ("mean", "local", "full") or (weight is None) != (structure == "mean"):
+            raise QDriftError(f"an output map of structure {structure!r} needs {'no ' if weight is None else ''}weight")
+        self.structure = structure
+        self._host = (center, offset, weight)
+        self.center = torch.as_tensor(np.asarray(center), device=device, dtype=dtype)
+        self.offset = torch.as_tensor(np.asarray(offset), device=device, dtype=dtype)
+        self.weight = None if weight is None else torch.as_tensor(np.asarray(weight), device=device, dtype=dtype)
+        self.num_steps = int(self.center.shape[0])
+        self.active = [True] * self.num_steps if active is None else list(active)
+        self.padding = 0 if self.weight is None or structure != "local" else int(self.weight.shape[-1]) // 2
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> AffineOutputMap:
+        center, offset, weight = self._host
+        return AffineOutputMap(self.structure, center, offset, weight, self.active, device, dtype)
+
+    def __call__(self, i: int, output: torch.Tensor) -> torch.Tensor:
+        """The mapped output ``(batch, *sample_shape)`` of step ``i`` (shapes checked, values not)."""
+        if tuple(output.shape[1:]) != tuple(self.center.shape[1:]):
+            raise QDriftError(
+                f"the output map was fitted for samples of shape {tuple(self.center.shape[1:])}, the model output "
+                f"has {tuple(output.shape[1:])}; fit it on a store of this model and resolution"
+            )
+        mapped = output - self.offset[i]
+        if self.weight is None:
+            return mapped
+        d = output - self.center[i]
+        if self.structure == "local":
+            return mapped - F.conv2d(d, self.weight[i], padding=self.padding)
+        return mapped - (d.reshape(len(d), -1) @ self.weight[i]).reshape(d.shape)
 
 
 def _check_channels(per_step: torch.Tensor, like: torch.Tensor, axis: int, what: str) -> None:

@@ -57,6 +57,13 @@ if TYPE_CHECKING:
 
 FORMAT = "qdrift-estimator"
 FORMAT_VERSION = 1
+#: The version of a file that carries an affine output map (``map_*`` tensors): a reader of version 1
+#: would ignore the map and apply the statistic fitted to the error the map leaves, so it must refuse.
+FORMAT_VERSION_MAP = 2
+READ_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MAP)
+#: The affine output map (:mod:`qdrift_stats.estimators.output_map`): ``(steps, *sample_shape)`` each, and
+#: ``map_weight`` ``(steps, C, C, k, k)`` (local) or ``(steps, D, D)`` (full).
+MAP_TENSORS = ("map_center", "map_offset", "map_weight")
 METADATA_KEY = "qdrift"
 _REQUIRED_TENSORS = ("variance", "timesteps", "a_next", "b_next")
 _OPTIONAL_TENSORS = ("k", "mu", "ci_low", "ci_high", "output_variance", "residual_fraction", "residual_error")
@@ -152,6 +159,8 @@ class EstimatorFile:
             },
         }
         metadata.update(_pipeline_metadata(attrs))
+        if "map_center" in tensors:
+            metadata["format_version"] = FORMAT_VERSION_MAP
         return cls({k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}, metadata)
 
     @classmethod
@@ -232,10 +241,10 @@ class EstimatorFile:
                 f"{path} is not a qdrift estimator file (format "
                 f"{metadata.get('format') if isinstance(metadata, dict) else None!r})"
             )
-        if metadata.get("format_version") != FORMAT_VERSION:
+        if metadata.get("format_version") not in READ_VERSIONS or isinstance(metadata.get("format_version"), bool):
             raise QDriftError(
                 f"{path} has estimator format version {metadata.get('format_version')!r}; this "
-                f"qdrift-stats reads version {FORMAT_VERSION}"
+                f"qdrift-stats reads versions {', '.join(map(str, READ_VERSIONS))}"
             )
         cls.validate(tensors, metadata, str(path))
         return cls(tensors, metadata, path)
@@ -340,6 +349,7 @@ class EstimatorFile:
         check_number(metadata["correction"].get("strength", 1.0), f"{source}: correction strength", low=0.0)
         if not isinstance(metadata["scheduler"].get("config", {}) or {}, dict):
             raise QDriftError(f"{source}: metadata scheduler config must be a JSON object")
+        _validate_output_map(tensors, metadata, steps, source)
         declared = metadata.get("steps")
         if declared is not None and (isinstance(declared, bool) or declared != steps):
             raise QDriftError(f"{source}: metadata says {declared!r} steps, the tensors hold {steps}")
@@ -533,6 +543,7 @@ class EstimatorFile:
         device = torch.device(device) if device is not None else scheduler.timesteps.device
         dtype = dtype or torch.float32
         k, mu = self.decomposition_on(grid)
+        output_map = self.output_map_on(grid)
         if (correction or self.form) == PUBLISHED:
             from qdrift_stats.correct.corrector import IncrementCorrector
 
@@ -542,7 +553,9 @@ class EstimatorFile:
         adapter = adapter_for(scheduler)
         if not adapter.stochastic:
             coefficients = self.coefficients(grid, correction, strength, call)
-            return Corrector(grid, coefficients, device, dtype, k=k, mu=mu, channel_axis=self.channel_axis)
+            return Corrector(
+                grid, coefficients, device, dtype, k=k, mu=mu, channel_axis=self.channel_axis, output_map=output_map
+            )
         # stochastic sampler: lower the injected noise first, pull only what it cannot absorb
         form = correction or self.metadata["correction"]["form"]
         lam = self.metadata["correction"].get("strength", 1.0) if strength is None else strength
@@ -557,6 +570,7 @@ class EstimatorFile:
             mu=mu,
             channel_axis=self.channel_axis,
             noise_factor=noise_factor,
+            output_map=output_map,
         )
 
     # ---- provenance -----------------------------------------------------------------------
@@ -652,6 +666,30 @@ class EstimatorFile:
             )
         return out
 
+    def output_map_on(self, grid: StepGrid):
+        """The affine output map (:class:`~qdrift_stats.correct.corrector.AffineOutputMap`, on the host) on a
+        sampler's grid, or ``None`` where the file has none. On the fitted grid as stored; img2img (the file covers
+        the last steps): inactive before them; any other grid is refused (a map describes the model at the
+        calibrated timesteps only)."""
+        from qdrift_stats.correct.corrector import AffineOutputMap
+
+        if "map_center" not in self.tensors:
+            return None
+        structure = self.metadata["estimator"]["output_map"]["structure"]
+        center, offset, weight = (self.tensors.get(k) for k in MAP_TENSORS)
+        if self._same_grid(grid):
+            return AffineOutputMap(structure, center, offset, weight)
+        offset_steps = self._grid_offset(grid)
+        source = str(self.path) if self.path else "estimator"
+        if offset_steps is None:
+            raise QDriftError(f"{source} carries an output map fitted on its own grid only; re-record for this grid")
+
+        def pad(v):
+            return None if v is None else np.concatenate([np.zeros((offset_steps,) + v.shape[1:]), v])
+
+        active = [False] * offset_steps + [True] * self.steps
+        return AffineOutputMap(structure, pad(center), pad(offset), pad(weight), active)
+
     def decomposition_on(self, grid: StepGrid) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The output decomposition ``(k, mu)`` on a sampler's grid (``None`` where the file has none).
 
@@ -669,6 +707,48 @@ class EstimatorFile:
             None if v is None else interpolate_over_timesteps(self.tensors["timesteps"], v, grid.timesteps)
             for v in (k, mu)
         )
+
+
+def _validate_output_map(tensors: dict[str, np.ndarray], metadata: dict[str, Any], steps: int, source: str) -> None:
+    """Check the affine output map's tensors against its ``estimator.output_map`` metadata (one-line errors)."""
+    present = [k for k in MAP_TENSORS if k in tensors]
+    entry = metadata.get("estimator", {}).get("output_map")
+    if not present and entry is None:
+        return
+    if metadata.get("format_version", FORMAT_VERSION_MAP) != FORMAT_VERSION_MAP:
+        raise QDriftError(f"{source}: an output map needs estimator format version {FORMAT_VERSION_MAP}")
+    if not isinstance(entry, dict) or entry.get("structure") not in ("mean", "local", "full"):
+        raise QDriftError(f"{source}: the output map needs estimator metadata 'output_map' with a known structure")
+    if "map_center" not in tensors or "map_offset" not in tensors:
+        raise QDriftError(f"{source}: the output map needs the tensors map_center and map_offset")
+    center, offset = tensors["map_center"], tensors["map_offset"]
+    if center.ndim < 2 or center.shape != offset.shape or center.shape[0] != steps:
+        raise QDriftError(
+            f"{source}: map_center {tuple(center.shape)} and map_offset {tuple(offset.shape)} must both be "
+            f"({steps}, *sample_shape)"
+        )
+    structure, weight = entry["structure"], tensors.get("map_weight")
+    shape = center.shape[1:]
+    dim = int(np.prod(shape))
+    expected = {
+        "mean": None,
+        "local": None if weight is None else (steps, shape[0], shape[0], weight.shape[-1], weight.shape[-1]),
+        "full": (steps, dim, dim),
+    }[structure]
+    if structure == "local" and (
+        len(shape) != 3 or weight is None or weight.ndim != 5 or weight.shape[-1] % 2 != 1 or weight.shape != expected
+    ):
+        raise QDriftError(
+            f"{source}: a local output map needs map_weight (steps, C, C, k, k) with odd k, C = {shape[0]}"
+        )
+    if (weight is None) != (expected is None) or (weight is not None and weight.shape != expected):
+        raise QDriftError(
+            f"{source}: map_weight has shape {None if weight is None else tuple(weight.shape)}, "
+            f"the {structure} map needs {expected}"
+        )
+    for k in present:
+        if not np.all(np.isfinite(tensors[k])) or np.any(np.abs(tensors[k]) > 1e30):
+            raise QDriftError(f"{source}: tensor {k!r} must be finite (and below 1e30 in size)")
 
 
 def same_pair_name(a: str, b: str) -> bool:

@@ -62,6 +62,7 @@ import xarray as xr
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators.base import Estimator, FittedEstimator, as_dataset, check_finite_store, grid_of
 from qdrift_stats.estimators.bias import (
+    BIAS_TERMS,
     channel_index,
     check_bias,
     conditional_gaussian,
@@ -70,10 +71,14 @@ from qdrift_stats.estimators.bias import (
 )
 from qdrift_stats.estimators.decomposed import output_regression, subsample_index
 from qdrift_stats.estimators.empirical import t_interval
+from qdrift_stats.estimators.output_map import OutputMap, select_output_map
 from qdrift_stats.record.store import storage_errors_as_qdrift
 from qdrift_stats.schedulers.base import propagators, state_coefficients
 
 PROPAGATIONS: tuple[str, ...] = ("noise", "none")
+#: The output terms this estimator can apply: ``"map"`` (the affine output map chosen on held-out runs,
+#: :mod:`qdrift_stats.estimators.output_map`) beside the bias terms of :mod:`qdrift_stats.estimators.bias`.
+PERSISTENT_BIASES: tuple[str, ...] = ("map",) + BIAS_TERMS
 PATHS: tuple[str, ...] = ("quantized", "fp")
 #: How the pull coefficient sees the spread it acts on (see :class:`PersistentEstimator`).
 SPREADS: tuple[str, ...] = ("local", "noise")
@@ -293,16 +298,23 @@ class PersistentFit(FittedEstimator):
     residual_error: np.ndarray | None = None
     output_map_shares: tuple[float, float] = (float("nan"), float("nan"))
     output_terms: tuple[str, ...] = ()
+    output_map: OutputMap | None = None
+    map_shares: dict[str, float] | None = None
 
     def export_tensors(self) -> dict[str, np.ndarray]:
         """``residual_fraction`` and ``residual_error`` per step, when measured (the pull then accounts for the
-        local spread and for the model error in the residual)."""
-        if self.residual_fraction is None:
-            return {}
-        return {
-            "residual_fraction": np.asarray(self.residual_fraction, dtype=np.float64),
-            "residual_error": np.asarray(self.residual_error, dtype=np.float64),
-        }
+        local spread and for the model error in the residual); the affine output map's tensors, when applied."""
+        out = {}
+        if self.residual_fraction is not None:
+            out["residual_fraction"] = np.asarray(self.residual_fraction, dtype=np.float64)
+            out["residual_error"] = np.asarray(self.residual_error, dtype=np.float64)
+        if self.output_map is not None:
+            out.update(self.output_map.tensors())
+        return out
+
+    def export_metadata(self) -> dict[str, Any]:
+        """The affine output map's structure, kernel, ridge and held-out share (``output_map``), when applied."""
+        return {} if self.output_map is None else {"output_map": self.output_map.metadata()}
 
     def summary(self, max_rows: int = 12) -> str:
         text = (
@@ -318,6 +330,20 @@ class PersistentFit(FittedEstimator):
             )
         else:
             text += "\npull as for a state that is all noise (no residual fraction measured)"
+        if self.map_shares is not None:
+            best = max(self.map_shares, key=self.map_shares.get) if self.map_shares else None
+            if self.output_map is not None:
+                text += (
+                    f"\naffine output map: {self.output_map.name} explains {self.output_map.share:.1%} of the "
+                    "predicted final deviation on held-out runs; applied"
+                )
+            elif best is not None:
+                text += (
+                    f"\naffine output map: the best candidate, {best}, explains {self.map_shares[best]:.1%} of the "
+                    "predicted final deviation on held-out runs; not applied"
+                )
+            else:
+                text += "\naffine output map: needs at least 2 runs to be chosen on held-out runs; not applied"
         mean_share, slope_share = self.output_map_shares
         if np.isfinite(slope_share):
             applied = {(): "neither is applied", ("mean",): "each step's mean error is removed"}.get(
@@ -453,6 +479,17 @@ def residual_fraction(eps_power: np.ndarray) -> np.ndarray:
     return np.clip(rho, RHO_FLOOR, 1.0)
 
 
+def trajectory_weights(gain: np.ndarray, grid: dict[str, np.ndarray], prediction_type: str | None) -> np.ndarray:
+    """``(steps,)`` ``P_i gain_i``: how much of a step's output error reaches the final state (first order),
+    with the propagators of the scheduler's coefficients on the state (1 without a prediction type)."""
+    steps = len(gain)
+    if prediction_type:
+        A = state_coefficients(str(prediction_type), grid["a"], grid["b"], grid["a_next"], grid["b_next"])
+    else:
+        A = np.ones(steps)
+    return propagators(A) * np.asarray(gain, dtype=np.float64)
+
+
 def output_map_shares(
     errors: list[np.ndarray],
     outputs: list[np.ndarray],
@@ -502,10 +539,14 @@ class PersistentEstimator(Estimator):
     """Per-step increments of the accumulated excess variance (see the module docstring).
 
     Args:
-        bias: ``"ptqd"`` (default: PTQD's per-step ``k m_fp + mu``; the slope ``k`` only where the FP output
-            explains at least ``min_explained`` of the predicted final deviation, see :func:`output_map_shares`,
-            else the step's mean error alone where that explains as much, else nothing), ``"none"`` or
-            ``"conditional"`` (the published code's per-channel conditional mean).
+        bias: ``"map"`` (default): the affine output map ``m_q - offset_i - L_i (m_q - center_i)`` whose
+            structure (each element's mean, a local convolution, a dense matrix) and ridge explain the most of
+            the predicted final deviation on held-out calibration runs, applied where that share reaches
+            ``min_explained`` (:func:`~qdrift_stats.estimators.output_map.select_output_map`); the statistic is
+            then fitted to the error the map leaves. ``"ptqd"``: PTQD's per-step ``k m_fp + mu``; the slope ``k``
+            only where the FP output explains at least ``min_explained`` of the predicted final deviation, see
+            :func:`output_map_shares`, else the step's mean error alone where that explains as much, else
+            nothing. ``"none"`` or ``"conditional"`` (the published code's per-channel conditional mean).
         per_channel: one value per channel (first sample dim) instead of one per step.
         path: where persistence is measured. ``"quantized"`` (default): the per-step size ``v_i`` comes
             from the store (the FP path, as every estimator), the persistence factor ``w_i / v_i`` from
@@ -548,7 +589,7 @@ class PersistentEstimator(Estimator):
 
     def __init__(
         self,
-        bias: str = "ptqd",
+        bias: str = "map",
         per_channel: bool = False,
         path: str = "quantized",
         propagation: str = "noise",
@@ -563,7 +604,9 @@ class PersistentEstimator(Estimator):
         cross: str = "accumulated",
         pair: Any = None,
     ):
-        self.bias = check_bias(bias)
+        if bias not in PERSISTENT_BIASES:
+            raise QDriftError(f"unknown bias term {bias!r}; choose one of {', '.join(PERSISTENT_BIASES)}")
+        self.bias = check_bias(bias) if bias != "map" else bias
         if propagation not in PROPAGATIONS:
             raise QDriftError(f"unknown propagation {propagation!r}; choose {', '.join(PROPAGATIONS)}")
         if path not in PATHS:
@@ -591,7 +634,7 @@ class PersistentEstimator(Estimator):
     def bias_at_step(self, delta_out: np.ndarray, out_fp: np.ndarray, channel: np.ndarray, index):
         """``(k, mu, k_full, mu_full)``: the bias term at one step, per channel (``(channels,)``) and
         broadcast to the flattened positions (``(n,)``) or scalars."""
-        if self.bias == "none":
+        if self.bias in ("none", "map"):  # the map is fitted for the whole trajectory in fit
             return 0.0, 0.0, 0.0, 0.0
         sub = (lambda a: a) if index is None else (lambda a: a[:, index])
         if self.bias == "ptqd":  # the raw regression; the slope is decided for the whole trajectory in fit
@@ -662,6 +705,24 @@ class PersistentEstimator(Estimator):
             ks.append(k)
             mus.append(mu)
         shares = (float("nan"), float("nan"))
+        out_map, map_shares = None, None
+        sample_shape = shape[2:]
+        if self.bias == "map":
+            out_map, map_shares = select_output_map(
+                [(outputs[i] + errors[i]).reshape(runs, shape[1], *sample_shape) for i in range(steps)],
+                [errors[i].reshape(runs, shape[1], *sample_shape) for i in range(steps)],
+                trajectory_weights(gain, grid, ds.attrs.get("prediction_type")),
+                self.min_explained,
+            )
+
+        def mapped(e: np.ndarray, m_fp: np.ndarray, step: int) -> np.ndarray:
+            """The error left after the map, in ``e``'s shape (``e``, ``m_fp``: ``(..., samples * D)`` or shaped)."""
+            if out_map is None:
+                return e
+            flat = (e + m_fp).reshape(-1, *sample_shape)
+            return e - out_map.predict(step, flat).reshape(e.shape)
+
+        errors = [mapped(errors[i], outputs[i], i) for i in range(steps)]
         if self.bias == "ptqd":
             raw_k = np.asarray(ks, dtype=np.float64)
             shares = output_map_shares(
@@ -712,6 +773,10 @@ class PersistentEstimator(Estimator):
                 rho_error = np.where(np.isfinite(eps_error), eps_error, 0.0)
             e_q = np.moveaxis(e_q, 1, 0).reshape(steps, runs, -1)
             m_q = np.moveaxis(m_q, 1, 0).reshape(steps, runs, -1)
+            e_q = np.stack([mapped(e_q[i], m_q[i], i) for i in range(steps)])
+            if carried and out_map is not None:
+                sib_e, sib_m = np.moveaxis(res_q[1], 1, 0), np.moveaxis(res_q[2], 1, 0)
+                res_q[1] = np.moveaxis(np.stack([mapped(sib_e[i], sib_m[i], i) for i in range(steps)]), 0, 1)
             delta_q = pooled(perturbations(e_q, m_q, biases))
             terms_q = accumulated_cross_terms(delta_q, b_next, self.propagation, None, units)
             if carried:
@@ -776,5 +841,8 @@ class PersistentEstimator(Estimator):
                 name
                 for name, share in zip(("mean", "slope"), shares)
                 if self.bias == "ptqd" and share >= self.min_explained
-            ),
+            )
+            + ((f"map:{out_map.name}",) if out_map is not None else ()),
+            output_map=out_map,
+            map_shares=map_shares,
         )
