@@ -1,4 +1,5 @@
-"""The default estimator's PTQD output map: its slope and its mean, each decided on the whole trajectory.
+"""The PTQD output map (``bias="ptqd"``, the default before the affine map): its slope and its mean, each
+decided on the whole trajectory.
 
 ``output_map_shares`` is pinned against hand arithmetic; the fit against stores whose error is a known
 per-step offset or a known linear function of the FP output.
@@ -77,7 +78,7 @@ def test_output_map_share_propagates_each_step_to_the_final_state():
 
 def test_a_pure_offset_is_removed_as_each_steps_mean_and_no_slope_is_applied():
     offsets = np.linspace(-0.3, 0.4, STEPS)
-    fitted = PersistentEstimator(path="fp").fit(linear_store(0.0, offsets, noise=0.01))
+    fitted = PersistentEstimator(bias="ptqd", path="fp").fit(linear_store(0.0, offsets, noise=0.01))
     assert fitted.output_terms == ("mean",) and fitted.output_map_shares[1] < 0.01
     np.testing.assert_array_equal(fitted.k, np.zeros(STEPS))
     # the mean of 3 x 128 x 4 values with noise 0.01: within 5e-3 of the offset at every step
@@ -87,7 +88,7 @@ def test_a_pure_offset_is_removed_as_each_steps_mean_and_no_slope_is_applied():
 def test_an_error_linear_in_the_output_gets_the_slope_and_the_intercept():
     offsets = np.full(STEPS, 0.1)
     ds = linear_store(0.5, offsets, noise=0.05)
-    fitted = PersistentEstimator(path="fp").fit(ds)
+    fitted = PersistentEstimator(bias="ptqd", path="fp").fit(ds)
     # flow: P = 1; per element the final deviation is sum_i g_i (0.5 m_i + 0.1 + 0.05 z_i), the slope's part
     # sum_i g_i 0.5 m_i: share = 0.25 S2 / (0.25 S2 + 0.01 S1^2 + 0.0025 S2), S1 = sum g, S2 = sum g^2
     g = ds["gain"].values
@@ -102,13 +103,15 @@ def test_an_error_linear_in_the_output_gets_the_slope_and_the_intercept():
 def test_below_the_threshold_the_same_error_keeps_only_its_mean():
     ds = linear_store(0.5, np.full(STEPS, 0.1), noise=0.05)
     # the mean's share here is 0.01 S1^2 / E T^2, well below 0.3; the slope's about 0.8
-    fitted = PersistentEstimator(path="fp", min_explained=0.9).fit(ds)
+    fitted = PersistentEstimator(bias="ptqd", path="fp", min_explained=0.9).fit(ds)
     assert fitted.output_terms == ()
     np.testing.assert_array_equal(fitted.k, np.zeros(STEPS))
     np.testing.assert_array_equal(fitted.mu, np.zeros(STEPS))
     assert "neither is applied" in fitted.summary()
     offset = linear_store(0.0, np.full(STEPS, 0.3), noise=0.05)
-    fitted = PersistentEstimator(path="fp", min_explained=0.9).fit(offset)  # a shift is ~97% of the deviation
+    fitted = PersistentEstimator(bias="ptqd", path="fp", min_explained=0.9).fit(
+        offset
+    )  # a shift is ~97% of the deviation
     assert fitted.output_terms == ("mean",)
     np.testing.assert_array_equal(fitted.k, np.zeros(STEPS))
     means = [float(offset["delta_out"].isel(step=i).mean()) for i in range(STEPS)]

@@ -74,7 +74,7 @@ def stores():
 @pytest.mark.parametrize("scheduler", ["ddim", "flow-euler"])
 def test_persistent_statistic_matches_the_closed_form_for_an_error_constant_along_each_trajectory(stores, scheduler):
     ds = stores[(scheduler, "constant")]
-    fitted = PersistentEstimator(center=False, path="fp").fit(ds)
+    fitted = PersistentEstimator(bias="ptqd", center=False, path="fp").fit(ds)
     g, b = ds["gain"].values, ds["b_next"].values
     m = float(np.mean(ds["delta_out"].isel(step=0).values ** 2))  # E e^2 (the same at every step)
     for i in range(STEPS):
@@ -91,7 +91,7 @@ def test_persistent_statistic_matches_the_closed_form_for_an_error_constant_alon
 @pytest.mark.parametrize("scheduler", ["ddim", "flow-euler"])
 def test_persistent_statistic_equals_the_per_step_one_for_independent_errors(stores, scheduler):
     ds = stores[(scheduler, "independent")]
-    fitted = PersistentEstimator(center=False, path="fp").fit(ds)
+    fitted = PersistentEstimator(bias="ptqd", center=False, path="fp").fit(ds)
     g = ds["gain"].values
     truth = g**2  # E e^2 = 1 at every step
     # each v_i pools 4 x 256 x 8 unit-variance values: 3 standard errors ~ 0.13 relative to chi^2 spread

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from qdrift_stats.correct.coefficients import apply_correction, channelwise, correction_coefficients
 from qdrift_stats.errors import QDriftError
+from qdrift_stats.estimators.output_map import LOCAL_ITERATIONS, invert_local
 from qdrift_stats.schedulers import StepGrid
 
 
@@ -199,14 +199,17 @@ class IncrementCorrector(Corrector):
 
 
 class AffineOutputMap:
-    """The affine output map ``m -> m - offset_i - L_i (m - center_i)`` on the sampler's device and dtype.
+    """The affine output map on the sampler's device and dtype: the corrected output solves
+    ``m = m_q - offset_i - K_i (m - c_i)`` (``c_i = center_i - offset_i``; see
+    :mod:`qdrift_stats.estimators.output_map`).
 
     Fitted by :mod:`qdrift_stats.estimators.output_map` and carried by estimator files (``map_center``,
     ``map_offset``, ``map_weight``). Pure tensor operations, no host synchronisation.
 
     Args:
-        structure: ``"mean"`` (no ``weight``), ``"local"`` (``weight`` ``(steps, C, C, k, k)``, a convolution
-            with zero padding) or ``"full"`` (``weight`` ``(steps, D, D)``, ``L_i(x) = x_flat @ weight_i``).
+        structure: ``"mean"`` (no ``weight``: ``m_q - offset_i``), ``"local"`` (``weight`` ``(steps, C, C, k, k)``,
+            ``K_i`` a convolution with zero padding, inverted by ``iterations`` fixed-point steps) or ``"full"``
+            (``weight`` ``(steps, D, D)`` ``W_i = I - (I + K_i)^{-1}``: ``m_q - offset_i - (m_q - center_i) W_i``).
         center, offset: ``(steps, *sample_shape)``, output units.
         active: per step, whether the map does anything there (a step outside a calibrated img2img range does not).
     """
@@ -220,6 +223,7 @@ class AffineOutputMap:
         active: list[bool] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        iterations: int = LOCAL_ITERATIONS,
     ):
         if structure not in ("mean", "local", "full") or (weight is None) != (structure == "mean"):
             raise QDriftError(f"an output map of structure {structure!r} needs {'no ' if weight is None else ''}weight")
@@ -230,11 +234,11 @@ class AffineOutputMap:
         self.weight = None if weight is None else torch.as_tensor(np.asarray(weight), device=device, dtype=dtype)
         self.num_steps = int(self.center.shape[0])
         self.active = [True] * self.num_steps if active is None else list(active)
-        self.padding = 0 if self.weight is None or structure != "local" else int(self.weight.shape[-1]) // 2
+        self.iterations = int(iterations)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> AffineOutputMap:
         center, offset, weight = self._host
-        return AffineOutputMap(self.structure, center, offset, weight, self.active, device, dtype)
+        return AffineOutputMap(self.structure, center, offset, weight, self.active, device, dtype, self.iterations)
 
     def __call__(self, i: int, output: torch.Tensor) -> torch.Tensor:
         """The mapped output ``(batch, *sample_shape)`` of step ``i`` (shapes checked, values not)."""
@@ -243,13 +247,12 @@ class AffineOutputMap:
                 f"the output map was fitted for samples of shape {tuple(self.center.shape[1:])}, the model output "
                 f"has {tuple(output.shape[1:])}; fit it on a store of this model and resolution"
             )
-        mapped = output - self.offset[i]
         if self.weight is None:
-            return mapped
-        d = output - self.center[i]
+            return output - self.offset[i]
         if self.structure == "local":
-            return mapped - F.conv2d(d, self.weight[i], padding=self.padding)
-        return mapped - (d.reshape(len(d), -1) @ self.weight[i]).reshape(d.shape)
+            return invert_local(output, self.offset[i], self.center[i], self.weight[i], self.iterations)
+        d = output - self.center[i]
+        return output - self.offset[i] - (d.reshape(len(d), -1) @ self.weight[i]).reshape(d.shape)
 
 
 def _check_channels(per_step: torch.Tensor, like: torch.Tensor, axis: int, what: str) -> None:

@@ -1,28 +1,38 @@
-"""The affine output map: a per-step linear model of the quantized output's error, chosen on held-out runs.
+"""The affine output map: a per-step linear model of the output error in the FP output, inverted at sampling.
 
 PTQD models each step's output error ``e_i = m_q - m_fp`` as ``k_i m_fp + mu_i`` with one scalar ``k_i``
-and ``mu_i``; the published Q-Drift code as a per-channel Gaussian conditional mean given ``m_q``. Real
-PTQ error has more structure than that: a weight error ``Delta W x`` mixes neighbouring positions and
-channels, and an activation error has a mean that depends on the position. This module fits, per step,
+and ``mu_i`` and recovers ``m_fp = (m_q - mu_i) / (1 + k_i)``. Real PTQ error has more structure than one
+slope: a weight error ``Delta W x`` mixes neighbouring positions and channels, and an activation error has a
+mean that depends on the position. This module fits, per step, on the calibration store's paired outputs,
 
-    e_i  ~  offset_i + L_i (m_q - center_i)                  (the conditional mean E[e_i | m_q], linear)
+    e_i  =  offset_i + K_i (m_fp - c_i) + r_i          (ridge regression; c_i the mean FP output)
 
-on the calibration store's paired outputs, by ridge regression, and the corrector applies the output
-``m_q - offset_i - L_i (m_q - center_i)`` (see :class:`qdrift_stats.correct.corrector.Corrector`). Everything
-it uses is in the quantized output itself, so it costs no model call. Structures of ``L_i``:
+and the corrector inverts it: the corrected output solves ``m = m_q - offset_i - K_i (m - c_i)``, i.e.
+``m = c_i + (I + K_i)^{-1} (m_q - offset_i - c_i)``, which is ``m_fp + (I + K_i)^{-1} r_i``. As in PTQD the
+regression is on the FP output and the map is inverted (an errors-in-variables fit): the part of the error
+that is not a function of the output, ``r_i``, keeps its spread, for the variance statistic to remove.
+Regressing ``e`` on ``m_q`` instead (the conditional mean ``E[e | m_q]``) would also shrink the noise
+``r_i`` towards the mean and, together with the pull, remove spread twice; on the testbed's activation rounding
+that overshot by 37-56% of the gap (``docs/method.md``). Everything the corrector uses is in the quantized
+output itself, so it costs no model call. Structures of ``K_i``:
 
-- ``"mean"``: ``L_i = 0``; ``offset_i`` is each output element's mean error (per position and channel);
-- ``"local"``: ``L_i`` a ``k x k`` convolution over all channels, the same at every position (needs
-  image-shaped samples ``(channels, height, width)``; ``C^2 k^2`` weights per step, any image size);
-- ``"full"``: a dense ``D x D`` matrix over the ``D`` output elements (only for ``D <= MAX_FULL_DIM``).
+- ``"mean"``: ``K_i = 0``; ``offset_i`` is each output element's mean error (per position and channel);
+- ``"local"``: ``K_i`` a ``k x k`` convolution over all channels, the same at every position (needs
+  image-shaped samples ``(channels, height, width)``; ``C^2 k^2`` weights per step, any image size); the
+  inverse is taken by :data:`LOCAL_ITERATIONS` fixed-point steps ``m <- m_q - offset - K (m - c)`` (a Neumann
+  series), so only kernels whose operator norm bound ``max_out sum |w|`` is below :data:`MAX_LOCAL_NORM` are
+  candidates;
+- ``"full"``: a dense ``D x D`` matrix over the ``D`` output elements (only for ``D <= MAX_FULL_DIM``), inverted
+  exactly and stored as ``W = I - (I + K)^{-1}``: ``m = m_q - offset - (m_q - center) W``.
 
 **Choice on held-out runs.** A map that fits the calibration runs may still not predict a new run's
 error, and what matters is the final sample, not one step. Each candidate (structure, kernel, ridge) is
 fitted leaving one calibration run out and scored by the share of the *predicted final deviation*
 ``T = sum_i P_i gain_i e_i`` (the error budget's propagation, :func:`qdrift_stats.schedulers.base.propagators`)
-of the left-out run that it explains, ``1 - E|T - T_hat|^2 / E|T|^2`` pooled over the left-out runs
-(:func:`heldout_shares`). The best candidate is applied if it explains at least ``min_explained``
-(:func:`select_output_map`). Derivation and measurements: ``docs/method.md``, "The affine output map".
+of the left-out run that its ``offset_i + K_i (m_fp - c_i)`` explains, ``1 - E|T - T_hat|^2 / E|T|^2`` pooled
+over the left-out runs (:func:`heldout_shares`). The best candidate is applied if it explains at least
+``min_explained`` (:func:`select_output_map`). Derivation and measurements: ``docs/method.md``, "The affine
+output map".
 
 Ridge: ``(X'X + ridge * tr(X'X)/p I) W = X'Y`` with ``p`` features, so ``ridge`` is relative to the
 features' mean square and means the same at every step and scale.
@@ -42,6 +52,10 @@ from qdrift_stats.errors import QDriftError
 STRUCTURES = ("mean", "local", "full")
 #: The largest output size (elements per sample) a dense map is fitted for: ``D^2`` weights per step.
 MAX_FULL_DIM = 1024
+#: Fixed-point steps that invert a local map at sampling time (error below ``norm^(n+1)`` of the map's own size).
+LOCAL_ITERATIONS = 6
+#: The largest operator norm bound of a local map's kernel for which it is a candidate (the iteration converges).
+MAX_LOCAL_NORM = 0.5
 #: Candidates tried by :func:`select_output_map`: ``(structure, kernel, ridge)``.
 DEFAULT_CANDIDATES: tuple[tuple[str, int, float], ...] = (
     ("mean", 0, 0.0),
@@ -99,16 +113,37 @@ def _solve(gram: np.ndarray, cross: np.ndarray, ridge: float) -> np.ndarray:
     return np.linalg.solve(gram + ridge * scale * np.eye(gram.shape[0]), cross)
 
 
+def local_norm(kernel: np.ndarray) -> float:
+    """An upper bound of a ``(C, C, k, k)`` convolution's operator norm (max over output channels of the
+    absolute weights' sum, the infinity norm of the zero-padded convolution)."""
+    return float(np.abs(kernel).reshape(kernel.shape[0], -1).sum(axis=1).max())
+
+
+def invert_local(m_q: Any, offset: Any, center: Any, kernel: Any, iterations: int = LOCAL_ITERATIONS):
+    """``m = m_q - offset - K (m - c)`` by fixed-point steps, ``c = center - offset`` (torch tensors, any device).
+
+    The first step from ``m = m_q - offset`` gives ``m_q - offset - K (m_q - center)``; each further one adds a
+    term of the Neumann series of ``(I + K)^{-1}``.
+    """
+    padding = kernel.shape[-1] // 2
+    base = m_q - offset
+    fp_center = center - offset
+    m = base - F.conv2d(m_q - center, kernel, padding=padding)
+    for _ in range(iterations - 1):
+        m = base - F.conv2d(m - fp_center, kernel, padding=padding)
+    return m
+
+
 @dataclass(frozen=True)
 class OutputMap:
     """A fitted affine output map (module docstring), float64 host arrays.
 
     Attributes:
         structure, kernel, ridge: the candidate (``kernel`` 0 unless local).
-        center, offset: ``(steps, *sample_shape)`` ``center_i`` (mean quantized output) and ``offset_i``
-            (mean error), output units.
-        weight: ``None`` for ``"mean"``; local: ``(steps, C, C, k, k)`` convolution kernels (out, in);
-            full: ``(steps, D, D)`` with ``L_i(x) = x_flat @ weight_i``.
+        center, offset: ``(steps, *sample_shape)`` the mean quantized output ``c_i + offset_i`` and the mean
+            error ``offset_i``, output units.
+        weight: ``None`` for ``"mean"``; local: ``(steps, C, C, k, k)`` the kernels of ``K_i`` (out, in);
+            full: ``(steps, D, D)`` ``W_i = I - (I + K_i)^{-1}`` (row vectors: ``x_flat @ W_i``).
         shares: the held-out share of the predicted final deviation of every candidate tried (name -> share).
     """
 
@@ -129,16 +164,16 @@ class OutputMap:
         """The held-out share of the predicted final deviation this map explains."""
         return float(self.shares.get(self.name, float("nan")))
 
-    def predict(self, i: int, m_q: np.ndarray) -> np.ndarray:
-        """The predicted error ``offset_i + L_i (m_q - center_i)`` for quantized outputs ``(n, *sample_shape)``."""
-        out = np.broadcast_to(self.offset[i], m_q.shape).astype(np.float64)
+    def apply(self, i: int, m_q: np.ndarray) -> np.ndarray:
+        """The corrected output of step ``i`` for quantized outputs ``(n, *sample_shape)`` (what the corrector does)."""
+        m_q = np.asarray(m_q, dtype=np.float64)
         if self.weight is None:
-            return out
-        d = np.asarray(m_q, dtype=np.float64) - self.center[i]
+            return m_q - self.offset[i]
         if self.structure == "full":
-            return out + (d.reshape(len(d), -1) @ self.weight[i]).reshape(d.shape)
-        kern = torch.from_numpy(np.ascontiguousarray(self.weight[i]))
-        return out + F.conv2d(torch.from_numpy(np.ascontiguousarray(d)), kern, padding=self.kernel // 2).numpy()
+            d = (m_q - self.center[i]).reshape(len(m_q), -1)
+            return m_q - self.offset[i] - (d @ self.weight[i]).reshape(m_q.shape)
+        t = [torch.from_numpy(np.ascontiguousarray(a)) for a in (m_q, self.offset[i], self.center[i], self.weight[i])]
+        return invert_local(*t).numpy()
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The estimator file's tensors ``map_center``, ``map_offset`` (and ``map_weight``)."""
@@ -149,44 +184,73 @@ class OutputMap:
 
     def metadata(self) -> dict[str, Any]:
         """The estimator file's ``output_map`` metadata entry."""
-        return {"structure": self.structure, "kernel": self.kernel, "ridge": self.ridge, "share": self.share}
+        meta = {"structure": self.structure, "kernel": self.kernel, "ridge": self.ridge, "share": self.share}
+        if self.structure == "local":
+            meta["iterations"] = LOCAL_ITERATIONS
+        return meta
+
+
+def _regression(x: np.ndarray, y: np.ndarray, structure: str, kernel: int, ridge: float) -> np.ndarray:
+    """The solved ridge regression of centred errors ``y`` on centred FP outputs ``x`` (``(n, *shape)`` each):
+    local ``(C, C, k, k)``, full ``(D, D)`` (row vectors)."""
+    solved = _solve(*_normal_equations(x, y, structure, kernel), ridge)
+    if structure == "local":
+        c = x.shape[1]
+        return solved.T.reshape(c, c, kernel, kernel)
+    return solved
+
+
+def _normal_equations(x, y, structure, kernel):
+    X, Y = _features(x, structure, kernel), _targets(y, structure)
+    return X.T @ X, X.T @ Y
 
 
 def fit_output_map(
-    m_q: list[np.ndarray], errors: list[np.ndarray], structure: str, kernel: int = 0, ridge: float = 0.0
+    m_fp: list[np.ndarray], errors: list[np.ndarray], structure: str, kernel: int = 0, ridge: float = 0.0
 ) -> OutputMap:
-    """Fit one structure on every run.
+    """Fit one structure on every run and invert it (module docstring).
 
     Args:
-        m_q, errors: per step, ``(n, *sample_shape)`` quantized outputs and output errors ``m_q - m_fp``
-            (runs and samples pooled).
+        m_fp, errors: per step, ``(n, *sample_shape)`` FP outputs and output errors ``m_q - m_fp`` (runs and
+            samples pooled).
         structure, kernel, ridge: see the module docstring.
     """
-    shape = tuple(m_q[0].shape[1:])
+    shape = tuple(m_fp[0].shape[1:])
     if structure not in STRUCTURES:
         raise QDriftError(f"unknown output map structure {structure!r}; choose {', '.join(STRUCTURES)}")
     if not applicable(structure, shape, kernel):
         raise QDriftError(f"a {structure} output map does not fit samples of shape {shape}")
     centers, offsets, weights = [], [], []
-    for x, y in zip(m_q, errors):
+    for x, y in zip(m_fp, errors):
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-        center, offset = x.mean(axis=0), y.mean(axis=0)
-        centers.append(center)
+        fp_center, offset = x.mean(axis=0), y.mean(axis=0)
+        centers.append(fp_center + offset)  # the mean quantized output
         offsets.append(offset)
         if structure == "mean":
             continue
-        X, Y = _features(x - center, structure, kernel), _targets(y - offset, structure)
-        solved = _solve(X.T @ X, X.T @ Y, ridge)  # (p, outputs)
-        if structure == "local":
-            c = shape[0]
-            solved = solved.T.reshape(c, c, kernel, kernel)  # conv2d's (out, in, k, k)
-        weights.append(solved)
+        K = _regression(x - fp_center, y - offset, structure, kernel, ridge)
+        if structure == "full":
+            if not invertible("full", K):
+                raise QDriftError(f"the dense output map of step {len(weights)} is not invertible (I + K singular)")
+            eye = np.eye(K.shape[0])
+            K = eye - np.linalg.inv(eye + K)  # W = I - (I + K)^{-1}
+        weights.append(K)
     weight = None if structure == "mean" else np.stack(weights)
     return OutputMap(structure, int(kernel), float(ridge), np.stack(centers), np.stack(offsets), weight, {})
 
 
+def invertible(structure: str, K: np.ndarray) -> bool:
+    """Whether a fitted ``K_i`` can be inverted as the corrector does: a local kernel's norm bound below
+    :data:`MAX_LOCAL_NORM`; a dense ``I + K`` with a condition number below 1e6."""
+    if structure == "local":
+        return local_norm(K) < MAX_LOCAL_NORM
+    if structure == "full":
+        return bool(np.linalg.cond(np.eye(K.shape[0]) + K) < 1e6)
+    return True
+
+
 def heldout_shares(
-    m_q: list[np.ndarray],
+    m_fp: list[np.ndarray],
     errors: list[np.ndarray],
     weights: np.ndarray,
     candidates: tuple[tuple[str, int, float], ...] = DEFAULT_CANDIDATES,
@@ -194,12 +258,13 @@ def heldout_shares(
     """Leave-one-run-out share of the predicted final deviation each candidate explains.
 
     ``T = sum_i weights_i e_i`` per left-out sample (``weights_i = P_i gain_i``); each candidate is fitted on
-    the other runs at every step and predicts ``T_hat``; the share is ``1 - sum |T - T_hat|^2 / sum |T|^2``
-    over all left-out runs (negative: worse than predicting nothing). The per-position mean is left out
-    exactly; the slopes are regressed on outputs centred by the mean of all runs (a second-order leak).
+    the other runs at every step and predicts ``T_hat = sum_i weights_i (offset_i + K_i (m_fp - c_i))``; the
+    share is ``1 - sum |T - T_hat|^2 / sum |T|^2`` over all left-out runs (negative: worse than predicting
+    nothing). The per-position mean is left out exactly (offset and centre from the other runs); the slopes are
+    regressed on outputs centred by the mean of all runs (a second-order leak).
 
     Args:
-        m_q, errors: per step, ``(runs, samples, *sample_shape)``.
+        m_fp, errors: per step, ``(runs, samples, *sample_shape)`` FP outputs and output errors.
         weights: ``(steps,)`` ``P_i gain_i``.
     """
     steps, runs = len(errors), errors[0].shape[0]
@@ -210,10 +275,10 @@ def heldout_shares(
     T = sum(weights[i] * np.asarray(errors[i], dtype=np.float64) for i in range(steps))  # (runs, samples, *shape)
     T_hat = {candidate_name(*c): np.zeros_like(T) for c in tried}
     for i in range(steps):
-        x = np.asarray(m_q[i], dtype=np.float64)
+        x = np.asarray(m_fp[i], dtype=np.float64)
         y = np.asarray(errors[i], dtype=np.float64)
         n = x.shape[1]
-        run_y = y.sum(axis=1)  # (runs, *shape)
+        run_x, run_y = x.sum(axis=1), y.sum(axis=1)  # (runs, *shape)
         center = x.reshape(-1, *shape).mean(axis=0)
         by_structure: dict[tuple[str, int], tuple[list, list, list]] = {}
         for structure, kernel, _ in tried:
@@ -230,6 +295,7 @@ def heldout_shares(
             )
         for r in range(runs):
             offset = (run_y.sum(axis=0) - run_y[r]) / (n * (runs - 1))  # the training fold's mean error
+            fold_center = (run_x.sum(axis=0) - run_x[r]) / (n * (runs - 1))
             for structure, kernel, ridge in tried:
                 pred = np.broadcast_to(offset, y[r].shape)
                 if structure != "mean":
@@ -237,7 +303,10 @@ def heldout_shares(
                     gram = sum(grams) - grams[r]
                     cross = sum(crosses) - crosses[r]
                     solved = _solve(gram, cross, ridge)
+                    # the left-out run centred by the fold's own mean, as the fitted map would centre it
+                    shift = _features((center - fold_center)[None], structure, kernel) @ solved
                     pred = pred + _apply_features(feats[r] @ solved, structure, y[r].shape)
+                    pred = pred + _apply_features(shift, structure, (1, *shape))
                 T_hat[candidate_name(structure, kernel, ridge)][r] += weights[i] * pred
     denom = float(np.sum(T**2))
     if denom <= 0:
@@ -253,28 +322,33 @@ def _apply_features(out: np.ndarray, structure: str, shape: tuple[int, ...]) -> 
 
 
 def select_output_map(
-    m_q: list[np.ndarray],
+    m_fp: list[np.ndarray],
     errors: list[np.ndarray],
     weights: np.ndarray,
     min_explained: float = 0.1,
     candidates: tuple[tuple[str, int, float], ...] = DEFAULT_CANDIDATES,
 ) -> tuple[OutputMap | None, dict[str, float]]:
     """The candidate with the largest held-out share (:func:`heldout_shares`), fitted on every run, if that
-    share reaches ``min_explained``; else ``None``. Returns it with the shares of every candidate tried.
+    share reaches ``min_explained`` and the fit can be inverted at every step (:func:`invertible`; else the next
+    best); ``None`` if no candidate qualifies. Returns it with the shares of every candidate tried.
 
-    Args: as :func:`heldout_shares` (``m_q``, ``errors`` per step ``(runs, samples, *sample_shape)``).
+    Args: as :func:`heldout_shares` (``m_fp``, ``errors`` per step ``(runs, samples, *sample_shape)``).
     """
-    shares = heldout_shares(m_q, errors, weights, candidates)
-    if not shares:
-        return None, shares
-    best = max(shares, key=lambda name: shares[name])
-    if not shares[best] >= min_explained:
-        return None, shares
-    structure, kernel, ridge = next(c for c in candidates if candidate_name(*c) == best)
+    shares = heldout_shares(m_fp, errors, weights, candidates)
     shape = tuple(errors[0].shape[2:])
-    pooled_x = [np.asarray(a).reshape(-1, *shape) for a in m_q]
+    pooled_x = [np.asarray(a).reshape(-1, *shape) for a in m_fp]
     pooled_y = [np.asarray(a).reshape(-1, *shape) for a in errors]
-    fitted = fit_output_map(pooled_x, pooled_y, structure, kernel, ridge)
-    return OutputMap(
-        fitted.structure, fitted.kernel, fitted.ridge, fitted.center, fitted.offset, fitted.weight, dict(shares)
-    ), shares
+    for name in sorted(shares, key=lambda key: -shares[key]):
+        if not shares[name] >= min_explained:
+            break
+        structure, kernel, ridge = next(c for c in candidates if candidate_name(*c) == name)
+        try:
+            fitted = fit_output_map(pooled_x, pooled_y, structure, kernel, ridge)
+        except QDriftError:  # a dense map that cannot be inverted
+            continue
+        if structure == "local" and not all(invertible("local", k) for k in fitted.weight):
+            continue
+        return OutputMap(
+            fitted.structure, fitted.kernel, fitted.ridge, fitted.center, fitted.offset, fitted.weight, dict(shares)
+        ), shares
+    return None, shares

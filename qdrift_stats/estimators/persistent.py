@@ -539,11 +539,12 @@ class PersistentEstimator(Estimator):
     """Per-step increments of the accumulated excess variance (see the module docstring).
 
     Args:
-        bias: ``"map"`` (default): the affine output map ``m_q - offset_i - L_i (m_q - center_i)`` whose
-            structure (each element's mean, a local convolution, a dense matrix) and ridge explain the most of
-            the predicted final deviation on held-out calibration runs, applied where that share reaches
-            ``min_explained`` (:func:`~qdrift_stats.estimators.output_map.select_output_map`); the statistic is
-            then fitted to the error the map leaves. ``"ptqd"``: PTQD's per-step ``k m_fp + mu``; the slope ``k``
+        bias: ``"map"`` (default): the affine output map, PTQD's decomposition with structure: the error's
+            regression ``offset_i + K_i (m_fp - c_i)`` on the FP output, inverted at sampling time, whose structure
+            (each element's mean, a local convolution, a dense matrix) and ridge explain the most of the predicted
+            final deviation on held-out calibration runs, applied where that share reaches ``min_explained``
+            (:mod:`~qdrift_stats.estimators.output_map`); the statistic is then fitted to the error the corrected
+            output keeps. ``"ptqd"``: PTQD's per-step ``k m_fp + mu``; the slope ``k``
             only where the FP output explains at least ``min_explained`` of the predicted final deviation, see
             :func:`output_map_shares`, else the step's mean error alone where that explains as much, else
             nothing. ``"none"`` or ``"conditional"`` (the published code's per-channel conditional mean).
@@ -709,18 +710,19 @@ class PersistentEstimator(Estimator):
         sample_shape = shape[2:]
         if self.bias == "map":
             out_map, map_shares = select_output_map(
-                [(outputs[i] + errors[i]).reshape(runs, shape[1], *sample_shape) for i in range(steps)],
+                [outputs[i].reshape(runs, shape[1], *sample_shape) for i in range(steps)],
                 [errors[i].reshape(runs, shape[1], *sample_shape) for i in range(steps)],
                 trajectory_weights(gain, grid, ds.attrs.get("prediction_type")),
                 self.min_explained,
             )
 
         def mapped(e: np.ndarray, m_fp: np.ndarray, step: int) -> np.ndarray:
-            """The error left after the map, in ``e``'s shape (``e``, ``m_fp``: ``(..., samples * D)`` or shaped)."""
+            """The error the corrected output keeps, ``map(m_q) - m_fp``, in ``e``'s shape (``e``, ``m_fp``:
+            ``(..., samples * D)`` or shaped)."""
             if out_map is None:
                 return e
-            flat = (e + m_fp).reshape(-1, *sample_shape)
-            return e - out_map.predict(step, flat).reshape(e.shape)
+            m_q = (e + m_fp).reshape(-1, *sample_shape)
+            return out_map.apply(step, m_q).reshape(e.shape) - m_fp
 
         errors = [mapped(errors[i], outputs[i], i) for i in range(steps)]
         if self.bias == "ptqd":
