@@ -66,6 +66,7 @@ ROWS = (
     "persistent",
     "persistent-noise-pull",
     "persistent-carried",
+    "persistent-accumulated",
     "persistent-nobias",
     "persistent-fp",
     "persistent-ptqd",
@@ -83,6 +84,8 @@ def estimator_for(row: str):
         return PersistentEstimator(spread="noise")
     if row == "persistent-carried":
         return PersistentEstimator(cross="carried")
+    if row == "persistent-accumulated":
+        return PersistentEstimator(cross="accumulated")
     return get_estimator(row)
 
 

@@ -83,7 +83,7 @@ PATHS: tuple[str, ...] = ("quantized", "fp")
 #: How the pull coefficient sees the spread it acts on (see :class:`PersistentEstimator`).
 SPREADS: tuple[str, ...] = ("local", "noise")
 #: What a step's perturbation is correlated with (see :class:`PersistentEstimator`).
-CROSS_TERMS: tuple[str, ...] = ("carried", "accumulated")
+CROSS_TERMS: tuple[str, ...] = ("auto", "carried", "accumulated")
 #: Smallest residual fraction used (a level where the noise estimate is numerically 0).
 RHO_FLOOR = 1e-6
 
@@ -580,8 +580,9 @@ class PersistentEstimator(Estimator):
             the local deviation the state carries where it lands, estimated from the FP residual along the
             quantized path (:func:`carried_cross_terms`; it holds the first-order coupling of an error that is a
             function of the state as well as persistence); ``"accumulated"``: with the earlier perturbations only,
-            propagated as the state's noise (:func:`accumulated_cross_terms`; the default). Otherwise the accumulated
-            one is used.
+            propagated as the state's noise (:func:`accumulated_cross_terms`); ``"auto"`` (default): the carried one
+            where the affine output map is applied (the error is then measurably a function of the state), else the
+            accumulated one. Without the pair or with ``spread="noise"`` the accumulated one is used.
         pair: the model pair for ``path="quantized"`` (a pair is code: it is never imported from the store).
     """
 
@@ -602,7 +603,7 @@ class PersistentEstimator(Estimator):
         max_points: int = 200_000,
         seed: int = 0,
         spread: str = "local",
-        cross: str = "accumulated",
+        cross: str = "auto",
         pair: Any = None,
     ):
         if bias not in PERSISTENT_BIASES:
@@ -628,7 +629,7 @@ class PersistentEstimator(Estimator):
             raise QDriftError(f"unknown spread {spread!r}; choose {' or '.join(SPREADS)}")
         self.spread = spread
         if cross not in CROSS_TERMS:
-            raise QDriftError(f"unknown cross term {cross!r}; choose {' or '.join(CROSS_TERMS)}")
+            raise QDriftError(f"unknown cross term {cross!r}; choose {', '.join(CROSS_TERMS)}")
         self.cross = cross
         self.pair = pair
 
@@ -761,7 +762,11 @@ class PersistentEstimator(Estimator):
                     "noise (no residual fraction; docs/method.md)"
                 )
         if pair is not None:
-            carried = self.spread == "local" and self.cross == "carried"
+            # "auto": the carried cross term where the affine map applies, i.e. where the error is measurably a
+            # function of the state (docs/method.md, "The affine output map")
+            carried = self.spread == "local" and (
+                self.cross == "carried" or (self.cross == "auto" and out_map is not None)
+            )
             e_q, m_q, eps_power, eps_error, *res_q = quantized_path_errors(
                 pair,
                 str(ds.attrs.get("scheduler")),
