@@ -228,3 +228,22 @@ def test_the_local_norm_is_the_convolutions_spectral_norm():
     kernel = np.zeros((1, 1, 3, 3))
     kernel[0, 0, 1] = [0.1, 0.2, 0.1]
     assert local_norm(kernel, (1, 400), iterations=400) == pytest.approx(0.4, rel=1e-3)
+
+
+def test_chunked_fits_and_scores_equal_the_unchunked_ones(monkeypatch):
+    import qdrift_stats.estimators.output_map as output_map
+
+    rng = np.random.default_rng(6)
+    m_fp = [rng.normal(size=(3, 10, *SHAPE)) for _ in range(2)]
+    errors = [0.2 * m + 0.1 * rng.normal(size=m.shape) for m in m_fp]
+    weights = np.array([1.0, 0.5])
+    whole = heldout_shares(m_fp, errors, weights)
+    fitted = fit_output_map([m.reshape(-1, *SHAPE) for m in m_fp], [e.reshape(-1, *SHAPE) for e in errors], "local", 3)
+    monkeypatch.setattr(output_map, "MAX_FEATURE_VALUES", 1700)  # 3 samples per chunk: 10 per run is uneven
+    assert output_map._chunks(10, "local", 3, SHAPE)[-1] == slice(9, 10)
+    chunked = heldout_shares(m_fp, errors, weights)
+    assert chunked.keys() == whole.keys()
+    for name in whole:
+        assert chunked[name] == pytest.approx(whole[name], abs=1e-12)
+    again = fit_output_map([m.reshape(-1, *SHAPE) for m in m_fp], [e.reshape(-1, *SHAPE) for e in errors], "local", 3)
+    np.testing.assert_allclose(again.weight, fitted.weight, atol=1e-12)

@@ -212,9 +212,34 @@ def _regression(x: np.ndarray, y: np.ndarray, structure: str, kernel: int, ridge
     return solved
 
 
+#: Regression features materialised at once (float64 values): the fit and the held-out scores go through the
+#: samples in chunks of this size, so memory does not grow with the number of samples (a 5 x 5 map of 4-channel
+#: 64 x 64 latents has 100 features per position).
+MAX_FEATURE_VALUES = 1 << 24
+
+
+def _chunks(n: int, structure: str, kernel: int, shape: tuple[int, ...]) -> list[slice]:
+    per_sample = int(np.prod(shape)) if structure == "full" else int(np.prod(shape[1:])) * shape[0] * kernel**2
+    size = max(1, MAX_FEATURE_VALUES // max(per_sample, 1))
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 def _normal_equations(x, y, structure, kernel):
-    X, Y = _features(x, structure, kernel), _targets(y, structure)
-    return X.T @ X, X.T @ Y
+    """``(X'X, X'Y)`` of centred outputs ``x`` and errors ``y`` ``(n, *shape)``, accumulated in chunks."""
+    gram = cross = 0.0
+    for part in _chunks(len(x), structure, kernel, x.shape[1:]):
+        X, Y = _features(x[part], structure, kernel), _targets(y[part], structure)
+        gram = gram + X.T @ X
+        cross = cross + X.T @ Y
+    return gram, cross
+
+
+def _predict(x, solved, structure, kernel):
+    """``L(x)`` for centred outputs ``x`` ``(n, *shape)`` with a solved ``(p, outputs)`` regression, in chunks."""
+    out = np.empty_like(x)
+    for part in _chunks(len(x), structure, kernel, x.shape[1:]):
+        out[part] = _apply_features(_features(x[part], structure, kernel) @ solved, structure, x[part].shape)
+    return out
 
 
 def fit_output_map(
@@ -292,33 +317,23 @@ def heldout_shares(
         n = x.shape[1]
         run_x, run_y = x.sum(axis=1), y.sum(axis=1)  # (runs, *shape)
         center = x.reshape(-1, *shape).mean(axis=0)
-        by_structure: dict[tuple[str, int], tuple[list, list, list]] = {}
+        offset_all = y.reshape(-1, *shape).mean(axis=0)  # targets centred by the pooled mean (the leak above)
+        by_structure: dict[tuple[str, int], tuple[list, list]] = {}
         for structure, kernel, _ in tried:
             if structure == "mean" or (structure, kernel) in by_structure:
                 continue
-            feats = [_features(x[r] - center, structure, kernel) for r in range(runs)]
-            # targets centred by each run's own training-fold mean below; here by the pooled mean
-            offset_all = y.reshape(-1, *shape).mean(axis=0)
-            targs = [_targets(y[r] - offset_all, structure) for r in range(runs)]
-            by_structure[(structure, kernel)] = (
-                feats,
-                [f.T @ f for f in feats],
-                [f.T @ t for f, t in zip(feats, targs)],
-            )
+            pairs = [_normal_equations(x[r] - center, y[r] - offset_all, structure, kernel) for r in range(runs)]
+            by_structure[(structure, kernel)] = ([g for g, _ in pairs], [c for _, c in pairs])
         for r in range(runs):
             offset = (run_y.sum(axis=0) - run_y[r]) / (n * (runs - 1))  # the training fold's mean error
             fold_center = (run_x.sum(axis=0) - run_x[r]) / (n * (runs - 1))
             for structure, kernel, ridge in tried:
                 pred = np.broadcast_to(offset, y[r].shape)
                 if structure != "mean":
-                    feats, grams, crosses = by_structure[(structure, kernel)]
-                    gram = sum(grams) - grams[r]
-                    cross = sum(crosses) - crosses[r]
-                    solved = _solve(gram, cross, ridge)
+                    grams, crosses = by_structure[(structure, kernel)]
+                    solved = _solve(sum(grams) - grams[r], sum(crosses) - crosses[r], ridge)
                     # the left-out run centred by the fold's own mean, as the fitted map would centre it
-                    shift = _features((center - fold_center)[None], structure, kernel) @ solved
-                    pred = pred + _apply_features(feats[r] @ solved, structure, y[r].shape)
-                    pred = pred + _apply_features(shift, structure, (1, *shape))
+                    pred = pred + _predict(x[r] - fold_center, solved, structure, kernel)
                 T_hat[candidate_name(structure, kernel, ridge)][r] += weights[i] * pred
     denom = float(np.sum(T**2))
     if denom <= 0:

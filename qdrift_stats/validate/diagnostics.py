@@ -373,7 +373,8 @@ def classify(diag: xr.Dataset) -> dict[str, Any]:
         caveats.append(
             f"what the decomposition leaves also persists along trajectories ({persist:.1f}x the "
             "independent variance): "
-            "try 'persistent-ptqd' (the PTQD bias term with the persistence-aware statistic)"
+            "try 'persistent' (its affine output map removes the part the output explains, inverted before each "
+            "step, and the persistence-aware statistic sizes what is left; docs/results.md)"
         )
     if np.isfinite(lb) and lb > AUTOCORRELATED_REJECT:
         caveats.append(
