@@ -52,9 +52,13 @@ def latents(pipe, call, seed=5, steps=STEPS):
 
 
 def zero_of(est: EstimatorFile) -> EstimatorFile:
-    tensors = {k: v for k, v in est.tensors.items() if k not in ("k", "mu")}
+    """The same file with no correction: no output terms (``k``, ``mu``, the affine output map), zero variance."""
+    tensors = {k: v for k, v in est.tensors.items() if k not in ("k", "mu") and not k.startswith("map_")}
     tensors["variance"] = np.zeros_like(est.variance)
-    return EstimatorFile(tensors, json.loads(json.dumps(est.metadata)))
+    metadata = json.loads(json.dumps(est.metadata))
+    metadata["estimator"].pop("output_map", None)
+    metadata["format_version"] = 1
+    return EstimatorFile(tensors, metadata)
 
 
 def chain(fp, q, call, tmp_path, steps=STEPS, guidance_key="guidance_scale"):

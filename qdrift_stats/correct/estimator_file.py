@@ -543,7 +543,6 @@ class EstimatorFile:
         device = torch.device(device) if device is not None else scheduler.timesteps.device
         dtype = dtype or torch.float32
         k, mu = self.decomposition_on(grid)
-        output_map = self.output_map_on(grid)
         if (correction or self.form) == PUBLISHED:
             from qdrift_stats.correct.corrector import IncrementCorrector
 
@@ -552,14 +551,22 @@ class EstimatorFile:
             return IncrementCorrector(grid, c, ratio, device, dtype, k=k, mu=mu, channel_axis=self.channel_axis)
         adapter = adapter_for(scheduler)
         if not adapter.stochastic:
-            coefficients = self.coefficients(grid, correction, strength, call)
+            coefficients = self.coefficients(grid, correction, strength, call)  # refuses another grid, saying why
             return Corrector(
-                grid, coefficients, device, dtype, k=k, mu=mu, channel_axis=self.channel_axis, output_map=output_map
+                grid,
+                coefficients,
+                device,
+                dtype,
+                k=k,
+                mu=mu,
+                channel_axis=self.channel_axis,
+                output_map=self.output_map_on(grid),
             )
         # stochastic sampler: lower the injected noise first, pull only what it cannot absorb
         form = correction or self.metadata["correction"]["form"]
         lam = self.metadata["correction"].get("strength", 1.0) if strength is None else strength
         remaining, noise_factor = stochastic_split(self.variance_on(grid, call=call), adapter.noise_std(grid), lam)
+        output_map = self.output_map_on(grid)
         coefficients = correction_coefficients(remaining, grid.b_next, form, 1.0, *self.residual_terms_on(grid))
         return Corrector(
             grid,
