@@ -550,24 +550,14 @@ class EstimatorFile:
             c, ratio = self.published_on(grid, float(lam))
             return IncrementCorrector(grid, c, ratio, device, dtype, k=k, mu=mu, channel_axis=self.channel_axis)
         adapter = adapter_for(scheduler)
+        noise_factor = None
         if not adapter.stochastic:
             coefficients = self.coefficients(grid, correction, strength, call)  # refuses another grid, saying why
-            return Corrector(
-                grid,
-                coefficients,
-                device,
-                dtype,
-                k=k,
-                mu=mu,
-                channel_axis=self.channel_axis,
-                output_map=self.output_map_on(grid),
-            )
-        # stochastic sampler: lower the injected noise first, pull only what it cannot absorb
-        form = correction or self.metadata["correction"]["form"]
-        lam = self.metadata["correction"].get("strength", 1.0) if strength is None else strength
-        remaining, noise_factor = stochastic_split(self.variance_on(grid, call=call), adapter.noise_std(grid), lam)
-        output_map = self.output_map_on(grid)
-        coefficients = correction_coefficients(remaining, grid.b_next, form, 1.0, *self.residual_terms_on(grid))
+        else:  # stochastic sampler: lower the injected noise first, pull only what it cannot absorb
+            form = correction or self.metadata["correction"]["form"]
+            lam = self.metadata["correction"].get("strength", 1.0) if strength is None else strength
+            remaining, noise_factor = stochastic_split(self.variance_on(grid, call=call), adapter.noise_std(grid), lam)
+            coefficients = correction_coefficients(remaining, grid.b_next, form, 1.0, *self.residual_terms_on(grid))
         return Corrector(
             grid,
             coefficients,
@@ -577,7 +567,7 @@ class EstimatorFile:
             mu=mu,
             channel_axis=self.channel_axis,
             noise_factor=noise_factor,
-            output_map=output_map,
+            output_map=self.output_map_on(grid),  # after the grid check above, which says what differs
         )
 
     # ---- provenance -----------------------------------------------------------------------
