@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import xarray as xr
 
 from qdrift_stats import testbed
 from qdrift_stats.correct.corrector import AffineOutputMap
@@ -26,8 +25,7 @@ from qdrift_stats.estimators.output_map import (
 )
 from qdrift_stats.estimators.persistent import PersistentEstimator
 from qdrift_stats.loop import prepared_scheduler
-from qdrift_stats.record.store import run_dataset
-from qdrift_stats.schedulers.base import output_gains, scheduler_identity, step_grid
+from tests.test_output_map_gate import flow_store
 
 SHAPE = (2, 5, 6)  # channels, height, width
 
@@ -139,26 +137,12 @@ def test_the_corrector_map_equals_the_fitted_map():
 
 def map_store(slope: float, noise: float, steps: int = 6, runs: int = 3, batch: int = 96, seed: int = 0):
     """A flow-Euler store of 8-element samples whose error is ``slope * (m_fp's previous element) + noise * z``."""
-    pair = testbed.mixture_flow_noise()
-    sched = prepared_scheduler(pair, "flow-euler", steps)
-    grid = step_grid(sched)
-    gains = output_gains("flow-euler", pair.scheduler_config, steps)
-    coords = {"timestep": grid.timesteps, "a": grid.a, "b": grid.b, "a_next": grid.a_next, "b_next": grid.b_next}
-    attrs = {
-        "scheduler": "flow-euler",
-        "scheduler_config": json.dumps(scheduler_identity(sched)["config"]),
-        "prediction_type": grid.prediction_type,
-        "pair": "synthetic-map",
-    }
-    rng = np.random.default_rng(seed)
-    parts = []
-    for r in range(runs):
+
+    def draw(rng):
         m_fp = rng.standard_normal((steps, batch, 8))
-        e = slope * np.roll(m_fp, 1, axis=-1) + noise * rng.standard_normal((steps, batch, 8))
-        arrays = {"delta_x": gains[:, None, None] * e, "delta_out": e, "out_fp": m_fp}
-        parts.append(run_dataset(arrays, r, r, coords, attrs))
-    ds = xr.concat(parts, dim="run").assign_coords(gain=("step", gains))
-    return ds.assign_attrs(attrs)
+        return slope * np.roll(m_fp, 1, axis=-1) + noise * rng.standard_normal((steps, batch, 8)), m_fp
+
+    return flow_store(draw, steps, runs, "synthetic-map", seed)
 
 
 def test_the_default_applies_a_map_that_explains_the_error_and_fits_the_statistic_to_what_is_left(tmp_path):

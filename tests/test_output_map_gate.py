@@ -22,28 +22,39 @@ from qdrift_stats.schedulers.base import output_gains, scheduler_identity, step_
 RUNS, BATCH, DIM, STEPS = 3, 128, 4, 6
 
 
-def linear_store(slope: float, offsets: np.ndarray, noise: float, seed: int = 0) -> xr.Dataset:
-    """A flow-Euler store whose output error is ``slope * m_fp + offsets[i] + noise * z``."""
+def flow_store(draw, steps: int, runs: int, name: str, seed: int = 0) -> xr.Dataset:
+    """A flow-Euler store on the testbed's grid whose run ``r`` holds ``draw(rng) -> (e, m_fp)``, each
+    ``(steps, batch, dim)``: the output error and the FP output."""
     pair = testbed.mixture_flow_noise()
-    sched = prepared_scheduler(pair, "flow-euler", STEPS)
+    sched = prepared_scheduler(pair, "flow-euler", steps)
     grid = step_grid(sched)
-    gains = output_gains("flow-euler", pair.scheduler_config, STEPS)
+    gains = output_gains("flow-euler", pair.scheduler_config, steps)
     coords = {"timestep": grid.timesteps, "a": grid.a, "b": grid.b, "a_next": grid.a_next, "b_next": grid.b_next}
     attrs = {
         "scheduler": "flow-euler",
         "scheduler_config": json.dumps(scheduler_identity(sched)["config"]),
         "prediction_type": grid.prediction_type,
-        "pair": "synthetic-linear",
+        "pair": name,
     }
     rng = np.random.default_rng(seed)
     parts = []
-    for r in range(RUNS):
-        out_fp = rng.standard_normal((STEPS, BATCH, DIM))
-        e = slope * out_fp + offsets[:, None, None] + noise * rng.standard_normal((STEPS, BATCH, DIM))
+    for r in range(runs):
+        e, out_fp = draw(rng)
         arrays = {"delta_x": gains[:, None, None] * e, "delta_out": e, "out_fp": out_fp}
         parts.append(run_dataset(arrays, r, r, coords, attrs))
     ds = xr.concat(parts, dim="run").assign_coords(gain=("step", gains))
     return ds.assign_attrs(attrs)
+
+
+def linear_store(slope: float, offsets: np.ndarray, noise: float, seed: int = 0) -> xr.Dataset:
+    """A flow-Euler store whose output error is ``slope * m_fp + offsets[i] + noise * z``."""
+
+    def draw(rng):
+        out_fp = rng.standard_normal((STEPS, BATCH, DIM))
+        e = slope * out_fp + offsets[:, None, None] + noise * rng.standard_normal((STEPS, BATCH, DIM))
+        return e, out_fp
+
+    return flow_store(draw, STEPS, RUNS, "synthetic-linear", seed)
 
 
 def test_output_map_share_of_two_steps_by_hand_without_propagation():
