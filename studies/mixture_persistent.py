@@ -7,11 +7,12 @@ the true mixture; 'gap closed' = (Q - corrected) / (Q - FP) with a 95% paired bo
 (the sample sets share their seeds and are resampled jointly).
 
 Rows: ``first-order`` (the per-step statistic, the library's default before this study),
-``persistent`` (the default of ``qdrift fit``: increments of the accumulated excess variance,
-persistence measured along the quantized path, each step's mean error removed and PTQD's slope where it
-explains >= 10% of the predicted final deviation, the pull sized by the local spread, ``spread="local"``),
-``persistent-carried`` (the same with the cross term taken with the deviation the state carries,
-``cross="carried"``, instead of the earlier perturbations only; an option), ``persistent-noise-pull``
+``persistent`` (the default of ``qdrift fit``: increments of the excess variance the state carries,
+persistence measured along the quantized path, the affine output map where it explains >= 10% of the
+predicted final deviation on held-out runs, the pull sized by the local spread; ``cross="carried"``),
+``persistent-auto`` (the default before: the carried cross term only where the map applies, the
+accumulated one elsewhere, ``cross="auto"``), ``persistent-accumulated`` (the cross term with the earlier
+perturbations only, ``cross="accumulated"``), ``persistent-noise-pull``
 (the same with the pull of a state that is all noise, ``spread="noise"``: the default before the local
 spread), ``persistent-nobias`` (no bias term), ``persistent-fp`` (no bias term, persistence measured along
 the FP path only), ``persistent-ptqd`` (PTQD's whole map at every step where R^2 >= 0.01), ``published`` (the
@@ -65,7 +66,7 @@ ROWS = (
     "first-order",
     "persistent",
     "persistent-noise-pull",
-    "persistent-carried",
+    "persistent-auto",
     "persistent-accumulated",
     "persistent-nobias",
     "persistent-fp",
@@ -82,8 +83,8 @@ def estimator_for(row: str):
         return PersistentEstimator(bias="none", path="fp")
     if row == "persistent-noise-pull":
         return PersistentEstimator(spread="noise")
-    if row == "persistent-carried":
-        return PersistentEstimator(cross="carried")
+    if row == "persistent-auto":
+        return PersistentEstimator(cross="auto")
     if row == "persistent-accumulated":
         return PersistentEstimator(cross="accumulated")
     return get_estimator(row)

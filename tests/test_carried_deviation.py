@@ -132,3 +132,33 @@ def test_the_sibling_share_is_removed_only_where_the_sibling_meets_the_same_erro
     np.testing.assert_allclose(explained_by_sibling(d, own, own), 0.0, atol=1e-12)
     kept = explained_by_sibling(d, own, rng.standard_normal((1, 50_000)))
     assert np.mean(kept) == pytest.approx(0.5, abs=0.03)
+
+
+def test_the_default_takes_the_carried_cross_term_also_where_no_output_map_applies(tmp_path):
+    # The low-frequency sine is not a function of the output (no affine map passes), so "auto" (the default before)
+    # takes the accumulated term there; the default takes the carried one everywhere (docs/results.md, "The same
+    # cells over independent calibrations").
+    from qdrift_stats import testbed
+
+    pair = testbed.mixture_flow_lowfreq()
+    path = record(
+        pair,
+        tmp_path / "s.zarr",
+        pair_name="qdrift_stats.testbed:mixture_flow_lowfreq",
+        scheduler_name="flow-euler",
+        steps=10,
+        runs=3,
+        batch_size=32,
+        seed=0,
+    )
+    default = PersistentEstimator(pair=pair).fit(path)
+    carried = PersistentEstimator(cross="carried", pair=pair).fit(path)
+    auto = PersistentEstimator(cross="auto", pair=pair).fit(path)
+    accumulated = PersistentEstimator(cross="accumulated", pair=pair).fit(path)
+    assert auto.output_map is None and default.output_map is None
+    assert (default.cross_used, auto.cross_used) == ("carried", "accumulated")
+    np.testing.assert_array_equal(default.variance, carried.variance)
+    np.testing.assert_array_equal(auto.variance, accumulated.variance)
+    assert not np.array_equal(default.variance, auto.variance)
+    assert "cross term with the deviation the state carries" in default.summary()
+    assert "cross term with the earlier perturbations" in auto.summary()
