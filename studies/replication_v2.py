@@ -93,8 +93,7 @@ def draw(pair, scheduler, steps, n, seed, model="q", estimator=None):
 
 def estimator_of(row):
     """The estimator of a row: a registry name, or ``persistent-accumulated`` (the default's affine output map
-    with the accumulated cross term everywhere, the default's cross term before it chose the carried one where
-    the map applies)."""
+    with the accumulated cross term everywhere; the default takes the carried one)."""
     if row == "persistent-accumulated":
         return PersistentEstimator(cross="accumulated")
     return get_estimator(row)

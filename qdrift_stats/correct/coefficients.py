@@ -108,6 +108,85 @@ def correction_coefficients(
     return np.where(b2 > 0, np.where(disc >= 0, exact, rho / A), 0.0)
 
 
+def own_error_factor(a: np.ndarray, b: np.ndarray, a_next: np.ndarray, b_next: np.ndarray) -> np.ndarray:
+    """``(steps,)`` ``eta_i``: the pull's residual ``x_{i+1} - a_{i+1} x0_hat_i`` holds ``eta_i`` times the step's own
+    perturbation ``Delta_i = gain_i e_i`` (``e_i`` the output error), for any prediction type.
+
+    With ``s = d x0_hat / d m`` the first-order step's gain is ``(a_{i+1} - b_{i+1} a_i / b_i) s`` and the residual's
+    share of ``e`` is ``gain - a_{i+1} s = -(b_{i+1} a_i / b_i) s``; their ratio is
+    ``eta = -a_i b_{i+1} / (a_{i+1} b_i - a_i b_{i+1})``, negative on a denoising grid (the pull *enlarges* the
+    step's own error: it keeps the part of the error that sits in ``x0_hat``). 0 where ``b_{i+1} = 0``.
+    """
+    a, b, a_next, b_next = (np.asarray(v, dtype=np.float64) for v in (a, b, a_next, b_next))
+    denominator = a_next * b - a * b_next
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eta = np.where(
+            (b_next > 0) & (denominator != 0), -a * b_next / np.where(denominator != 0, denominator, 1.0), 0.0
+        )
+    return eta
+
+
+def landing_coefficients(
+    variance: np.ndarray,
+    independent_variance: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    a_next: np.ndarray,
+    b_next: np.ndarray,
+    residual_fraction: np.ndarray,
+    strength: float = 1.0,
+) -> np.ndarray:
+    """Pull coefficients that return the landing level's local spread, with the step's own error modelled.
+
+    For data locally ``N(mu, s^2)`` the deviation ``y`` from ``a mu`` has spread ``S^2 = b^2 / rho`` at each level.
+    After step ``i`` the deviation is ``y_c + Delta``: ``y_c`` what the FP flow carried (spread ``S_{i+1}^2``),
+    ``Delta`` the step's perturbation (``E |Delta|^2 = v``, ``2 E[y_c . Delta] = w - v``: ``w`` the
+    persistence-aware statistic, ``v`` the per-step one). The pull's residual is ``q y_c + eta Delta`` with
+    ``q = sqrt(rho_i rho_{i+1})`` (the FP noise estimate made at level ``i`` holds that share of the landing
+    deviation) and ``eta`` from
+    :func:`own_error_factor`. So ``c`` solves, in units of ``S_{i+1}^2`` (``W = lambda w / S^2``,
+    ``V = lambda v / S^2``, ``K = (W - V) / 2``),
+
+        (1 - c q)^2 + (1 - c eta)^2 V + 2 (1 - c q)(1 - c eta) K = 1,
+
+    the smaller root, or the spread-minimising ``c`` where no pull reaches the target. At ``q = eta = 1`` it is the
+    shrink form ``1 - 1 / sqrt(1 + W)``. ``rho_{i+1}`` is the next step's fraction (the last step keeps its own).
+
+    Args:
+        variance, independent_variance: ``(steps,)`` or ``(steps, channels)`` ``w_i`` and ``v_i`` (state units^2).
+        a, b, a_next, b_next: ``(steps,)`` the grid's levels.
+        residual_fraction: ``(steps,)`` ``rho_i`` in ``(0, 1]`` at each step's input.
+        strength: ``lambda``, multiplies ``w`` and ``v``.
+
+    Returns:
+        float64 ``c_i >= 0`` of the variance's shape; 0 where ``b_{i+1} = 0``.
+    """
+    w = np.asarray(variance, dtype=np.float64)
+    v = np.asarray(independent_variance, dtype=np.float64)
+    if v.shape != w.shape:
+        raise QDriftError(f"independent variance has shape {v.shape}, the variance {w.shape}")
+    rho = np.asarray(residual_fraction, dtype=np.float64)
+    b_next = np.asarray(b_next, dtype=np.float64)
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    rho_next = np.append(rho[1:], rho[-1:])
+    q = np.sqrt(rho * rho_next).reshape(shape)
+    eta = own_error_factor(a, b, a_next, b_next).reshape(shape)
+    spread = (b_next**2 / rho_next).reshape(shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        W = np.where(spread > 0, strength * w / np.where(spread > 0, spread, 1.0), 0.0)
+        V = np.where(spread > 0, strength * v / np.where(spread > 0, spread, 1.0), 0.0)
+    K = (W - V) / 2.0
+    A = q * q + V * eta * eta + 2.0 * K * q * eta
+    B = q + V * eta + K * (q + eta)
+    disc = B * B - A * W
+    with np.errstate(divide="ignore", invalid="ignore"):
+        root = np.where(
+            disc >= 0, (B - np.sqrt(np.maximum(disc, 0.0))) / np.where(A > 0, A, 1.0), B / np.where(A > 0, A, 1.0)
+        )
+        c = np.where(A > 0, root, np.where(B > 0, W / (2.0 * np.where(B > 0, B, 1.0)), 0.0))
+    return np.where(b_next.reshape(shape) > 0, np.maximum(c, 0.0), 0.0)
+
+
 def residual_terms(
     residual_fraction: np.ndarray, residual_error: np.ndarray | None, steps: int
 ) -> tuple[np.ndarray, np.ndarray]:

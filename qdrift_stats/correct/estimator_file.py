@@ -10,6 +10,9 @@ Tensors (float64):
   step's input (the share of the marginal's spread the residual ``x - a x0_hat`` holds), and optional
   ``residual_error``: ``(steps,)`` ``>= 0``, the mean square model error in that noise estimate; the pull then
   accounts for the local spread (:func:`qdrift_stats.correct.coefficients.correction_coefficients`); absent: 1 and 0;
+- optional ``independent_variance``: the variance's shape, the per-step statistic ``v_i`` beside the
+  persistence-aware ``variance`` ``w_i``, with ``residual_fraction``: the shrink pull then solves the condition
+  at the landing level (:func:`qdrift_stats.correct.coefficients.landing_coefficients`; format version 3);
 - optional ``curve_log_b``, ``curve_log_u``, ``curve_log_kappa``: ``(points,)``, a smooth
   estimator's model over ``log b`` (see :mod:`qdrift_stats.estimators.smooth`).
 
@@ -46,6 +49,7 @@ from qdrift_stats.correct.coefficients import (
     FILE_FORMS,
     PUBLISHED,
     correction_coefficients,
+    landing_coefficients,
     published_coefficients,
     stochastic_split,
 )
@@ -60,13 +64,25 @@ FORMAT_VERSION = 1
 #: The version of a file that carries an affine output map (``map_*`` tensors): a reader of version 1
 #: would ignore the map and apply the statistic fitted to the error the map leaves, so it must refuse.
 FORMAT_VERSION_MAP = 2
-READ_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MAP)
+#: The version of a file that carries ``independent_variance`` (the landing-level pull): a reader of version 2
+#: would ignore it and apply a different pull, so it must refuse.
+FORMAT_VERSION_LANDING = 3
+READ_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MAP, FORMAT_VERSION_LANDING)
 #: The affine output map (:mod:`qdrift_stats.estimators.output_map`): ``(steps, *sample_shape)`` each, and
 #: ``map_weight`` ``(steps, C, C, k, k)`` (local) or ``(steps, D, D)`` (full).
 MAP_TENSORS = ("map_center", "map_offset", "map_weight")
 METADATA_KEY = "qdrift"
 _REQUIRED_TENSORS = ("variance", "timesteps", "a_next", "b_next")
-_OPTIONAL_TENSORS = ("k", "mu", "ci_low", "ci_high", "output_variance", "residual_fraction", "residual_error")
+_OPTIONAL_TENSORS = (
+    "k",
+    "mu",
+    "ci_low",
+    "ci_high",
+    "output_variance",
+    "residual_fraction",
+    "residual_error",
+    "independent_variance",
+)
 # A smooth estimator's model over log b (not per step): (points,) each, see variance_on.
 CURVE_TENSORS = ("curve_log_b", "curve_log_u", "curve_log_kappa")
 
@@ -161,6 +177,8 @@ class EstimatorFile:
         metadata.update(_pipeline_metadata(attrs))
         if "map_center" in tensors:
             metadata["format_version"] = FORMAT_VERSION_MAP
+        if "independent_variance" in tensors:
+            metadata["format_version"] = FORMAT_VERSION_LANDING
         return cls({k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}, metadata)
 
     @classmethod
@@ -342,6 +360,18 @@ class EstimatorFile:
             raise QDriftError(
                 f"{source}: residual_error must be one finite number >= 0 per step, with residual_fraction"
             )
+        if "independent_variance" in tensors and metadata.get("format_version") != FORMAT_VERSION_LANDING:
+            raise QDriftError(f"{source}: independent_variance needs estimator format version {FORMAT_VERSION_LANDING}")
+        if "independent_variance" in tensors and (
+            "residual_fraction" not in tensors
+            or tensors["independent_variance"].shape != tensors["variance"].shape
+            or not np.all(np.isfinite(tensors["independent_variance"]))
+            or np.any(tensors["independent_variance"] < 0)
+        ):
+            raise QDriftError(
+                f"{source}: independent_variance must be finite, >= 0 and of the variance's shape, with "
+                "residual_fraction"
+            )
         if "output_variance" in tensors and (
             not np.all(np.isfinite(tensors["output_variance"])) or np.any(tensors["output_variance"] < 0)
         ):
@@ -478,7 +508,29 @@ class EstimatorFile:
         if form == PUBLISHED:
             return self.published_on(grid, float(lam))[0]
         variance = self.variance_on(grid, call=call)
-        return correction_coefficients(variance, grid.b_next, form, float(lam), *self.residual_terms_on(grid))
+        rho, error = self.residual_terms_on(grid)
+        independent = self.independent_variance_on(grid)
+        if form == "shrink" and independent is not None:
+            return landing_coefficients(
+                variance, independent, grid.a, grid.b, grid.a_next, grid.b_next, rho, float(lam)
+            )
+        return correction_coefficients(variance, grid.b_next, form, float(lam), rho, error)
+
+    def independent_variance_on(self, grid: StepGrid) -> np.ndarray | None:
+        """The per-step ``v_i`` (``independent_variance``) on a sampler's grid, or ``None`` without it.
+
+        Same grid: the stored values; img2img (the file covers the last steps): 0 on the steps before (they
+        have no statistic either). Call after :meth:`variance_on`.
+        """
+        if "independent_variance" not in self.tensors:
+            return None
+        v = self.tensors["independent_variance"]
+        if self._same_grid(grid):
+            return v
+        offset = self._grid_offset(grid)
+        if offset is not None:
+            return np.concatenate([np.zeros((offset,) + v.shape[1:]), v])
+        return None
 
     def residual_terms_on(self, grid: StepGrid) -> tuple[np.ndarray | None, np.ndarray | None]:
         """``(residual_fraction, residual_error)`` per step on a sampler's grid; ``(None, None)`` without them.
@@ -712,8 +764,8 @@ def _validate_output_map(tensors: dict[str, np.ndarray], metadata: dict[str, Any
     entry = metadata.get("estimator", {}).get("output_map")
     if not present and entry is None:
         return
-    if metadata.get("format_version", FORMAT_VERSION_MAP) != FORMAT_VERSION_MAP:
-        raise QDriftError(f"{source}: an output map needs estimator format version {FORMAT_VERSION_MAP}")
+    if metadata.get("format_version", FORMAT_VERSION_MAP) not in (FORMAT_VERSION_MAP, FORMAT_VERSION_LANDING):
+        raise QDriftError(f"{source}: an output map needs estimator format version {FORMAT_VERSION_MAP} or later")
     if not isinstance(entry, dict) or entry.get("structure") not in ("mean", "local", "full"):
         raise QDriftError(f"{source}: the output map needs estimator metadata 'output_map' with a known structure")
     if "map_center" not in tensors or "map_offset" not in tensors:

@@ -83,7 +83,7 @@ PROPAGATIONS: tuple[str, ...] = ("noise", "none")
 PERSISTENT_BIASES: tuple[str, ...] = ("map",) + BIAS_TERMS
 PATHS: tuple[str, ...] = ("quantized", "fp")
 #: How the pull coefficient sees the spread it acts on (see :class:`PersistentEstimator`).
-SPREADS: tuple[str, ...] = ("local", "noise")
+SPREADS: tuple[str, ...] = ("local", "noise", "landing")
 #: What a step's perturbation is correlated with (see :class:`PersistentEstimator`).
 CROSS_TERMS: tuple[str, ...] = ("carried", "accumulated", "auto")
 #: Smallest residual fraction used (a level where the noise estimate is numerically 0).
@@ -312,6 +312,8 @@ class PersistentFit(FittedEstimator):
         if self.residual_fraction is not None:
             out["residual_fraction"] = np.asarray(self.residual_fraction, dtype=np.float64)
             out["residual_error"] = np.asarray(self.residual_error, dtype=np.float64)
+            if self.params.get("spread") == "landing":
+                out["independent_variance"] = np.asarray(self.independent_variance, dtype=np.float64)
         if self.output_map is not None:
             out.update(self.output_map.tensors())
         return out
@@ -584,7 +586,10 @@ class PersistentEstimator(Estimator):
             the clean estimate, measured along the quantized path as the residual fraction
             ``rho_i = E |x - a x0_hat|^2 / (b^2 dim)`` at each level and exported as the file's
             ``residual_fraction`` (needs the pair; see ``docs/method.md``); ``"noise"``: the pull as derived
-            for a state that is all noise (``rho = 1``).
+            for a state that is all noise (``rho = 1``); ``"landing"``: as ``"local"``, and the file also carries the
+            per-step ``v_i`` (``independent_variance``), with which the pull solves the condition at the landing level
+            that models how it acts on the step's own error
+            (:func:`qdrift_stats.correct.coefficients.landing_coefficients`; an option, ``docs/method.md``).
         cross: with ``spread="local"`` and the pair: ``"carried"``: the cross term of each perturbation with
             the local deviation the state carries where it lands, estimated from the FP residual along the
             quantized path (:func:`carried_cross_terms`; it holds the first-order coupling of an error that is a
@@ -638,7 +643,7 @@ class PersistentEstimator(Estimator):
         self.max_points = max_points
         self.seed = seed
         if spread not in SPREADS:
-            raise QDriftError(f"unknown spread {spread!r}; choose {' or '.join(SPREADS)}")
+            raise QDriftError(f"unknown spread {spread!r}; choose {', '.join(SPREADS)}")
         self.spread = spread
         if cross not in CROSS_TERMS:
             raise QDriftError(f"unknown cross term {cross!r}; choose {', '.join(CROSS_TERMS)}")
@@ -776,7 +781,7 @@ class PersistentEstimator(Estimator):
         if pair is not None:
             # "auto": the carried cross term where the affine map applies, i.e. where the error is measurably a
             # function of the state (docs/method.md, "The affine output map")
-            carried = self.spread == "local" and (
+            carried = self.spread != "noise" and (
                 self.cross == "carried" or (self.cross == "auto" and out_map is not None)
             )
             e_q, m_q, eps_power, eps_error, *res_q = quantized_path_errors(
@@ -787,7 +792,7 @@ class PersistentEstimator(Estimator):
                 shape[1],
                 residuals=carried,
             )
-            if self.spread == "local":
+            if self.spread != "noise":
                 rho = residual_fraction(eps_power)
                 rho_error = np.where(np.isfinite(eps_error), eps_error, 0.0)
             e_q = np.moveaxis(e_q, 1, 0).reshape(steps, runs, -1)
