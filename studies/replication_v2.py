@@ -11,7 +11,8 @@ Rows: ``published`` (the published Q-Drift code's conditional variance and step 
 off), ``ptqd`` (PTQD's output map), ``first-order`` (the library's default before issue 12),
 ``persistent`` (the persistence-aware statistic, the default of ``qdrift fit``, with the pull sized by the local
 spread), ``persistent-noise-pull`` (the same with the pull of a state that is all noise: the default before the
-local spread), ``persistent-ptqd``, ``decomposed``. Library rows
+local spread), ``persistent-ptqd``, ``persistent-landing`` (the default's statistic with the pull solved at the landing
+level, an option), ``decomposed``. Library rows
 use the shrink form at strength 1. The automatic choice (``auto``) is not a row here: it samples
 the pair ~50 times per fold, which this shared 2-core machine cannot afford per cell (see
 docs/results.md).
@@ -64,6 +65,7 @@ ROWS = (
     "persistent-nobias",
     "persistent-ptqd",
     "persistent-accumulated",
+    "persistent-landing",
     "decomposed",
 )
 REDUCED_CELLS = [("unet", "ddim", "w3a4"), ("dit", "flow-euler", "w3a4")]
