@@ -30,3 +30,19 @@ def small_store(tmp_path, vp_pair):
     path = tmp_path / "calib.zarr"
     record(vp_pair, path, pair_name=VP_PAIR, scheduler_name="euler", steps=8, runs=3, batch_size=16, seed=0)
     return path
+
+
+def testbed_store(tmp_path, family: str, scheduler: str, steps: int, runs: int, batch_size: int):
+    """``(pair, path)``: a store recorded from the testbed pair ``family`` (seed 0) under ``tmp_path``."""
+    pair = getattr(testbed, family)()
+    path = record(
+        pair,
+        tmp_path / f"{family}.zarr",
+        pair_name=f"qdrift_stats.testbed:{family}",
+        scheduler_name=scheduler,
+        steps=steps,
+        runs=runs,
+        batch_size=batch_size,
+        seed=0,
+    )
+    return pair, path

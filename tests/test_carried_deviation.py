@@ -138,19 +138,9 @@ def test_the_default_takes_the_carried_cross_term_also_where_no_output_map_appli
     # The low-frequency sine is not a function of the output (no affine map passes), so "auto" (the default before)
     # takes the accumulated term there; the default takes the carried one everywhere (docs/results.md, "The same
     # cells over independent calibrations").
-    from qdrift_stats import testbed
+    from tests.conftest import testbed_store
 
-    pair = testbed.mixture_flow_lowfreq()
-    path = record(
-        pair,
-        tmp_path / "s.zarr",
-        pair_name="qdrift_stats.testbed:mixture_flow_lowfreq",
-        scheduler_name="flow-euler",
-        steps=10,
-        runs=3,
-        batch_size=32,
-        seed=0,
-    )
+    pair, path = testbed_store(tmp_path, "mixture_flow_lowfreq", "flow-euler", steps=10, runs=3, batch_size=32)
     default = PersistentEstimator(pair=pair).fit(path)
     carried = PersistentEstimator(cross="carried", pair=pair).fit(path)
     auto = PersistentEstimator(cross="auto", pair=pair).fit(path)

@@ -129,24 +129,13 @@ def test_a_landing_file_is_checked_on_load(tmp_path):
         EstimatorFile.validate(*landing_file(independent_variance=np.ones((3, 2))), "f")
 
 
-def test_the_persistent_estimator_with_the_landing_pull_exports_v_and_samples_with_it(tmp_path):
-    from qdrift_stats import testbed
+def test_the_persistent_estimator_with_the_landing_pull_exports_v_and_its_file_pulls_with_it(tmp_path):
     from qdrift_stats.estimators.persistent import PersistentEstimator
     from qdrift_stats.loop import prepared_scheduler
-    from qdrift_stats.record.lockstep import record
     from qdrift_stats.schedulers import get_adapter
+    from tests.conftest import testbed_store
 
-    pair = testbed.mixture_vp_noise()
-    path = record(
-        pair,
-        tmp_path / "s.zarr",
-        pair_name="qdrift_stats.testbed:mixture_vp_noise",
-        scheduler_name="ddim",
-        steps=8,
-        runs=2,
-        batch_size=16,
-        seed=0,
-    )
+    pair, path = testbed_store(tmp_path, "mixture_vp_noise", "ddim", steps=8, runs=2, batch_size=16)
     fitted = PersistentEstimator(spread="landing", pair=pair).fit(path)
     local = PersistentEstimator(pair=pair).fit(path)
     np.testing.assert_array_equal(fitted.variance, local.variance)  # the same statistic, another pull

@@ -40,7 +40,8 @@ a whole local component shares (measured against the error at a sibling of each 
 "The cross term with the carried deviation". ``cross="accumulated"`` keeps the earlier perturbations only (the
 formula above); ``cross="auto"`` (the default before) takes the carried term only where the affine output map
 applies. Measured over independent calibration draws on the testbed (``studies/calibration_draws.py``), the carried
-term reaches the 80% target on average on every persistent cell, the other two do not (``docs/results.md``).
+term reaches the 80% target on average on every persistent cell; the ``auto`` rule misses one
+(``docs/results.md``).
 
 ``Delta_j`` is the first-order perturbation ``gain_j * r_j`` (``gain``: the store's first-order
 coordinate, as the ``first-order`` statistic), where ``r_j`` is the output error left after an
@@ -590,16 +591,15 @@ class PersistentEstimator(Estimator):
             per-step ``v_i`` (``independent_variance``), with which the pull solves the condition at the landing level
             that models how it acts on the step's own error
             (:func:`qdrift_stats.correct.coefficients.landing_coefficients`; an option, ``docs/method.md``).
-        cross: with ``spread="local"`` and the pair: ``"carried"``: the cross term of each perturbation with
-            the local deviation the state carries where it lands, estimated from the FP residual along the
-            quantized path (:func:`carried_cross_terms`; it holds the first-order coupling of an error that is a
-            function of the state as well as persistence; the default); ``"accumulated"``: with the earlier
+        cross: with ``spread="local"`` or ``"landing"`` and the pair: ``"carried"``: the cross term of each
+            perturbation with the local deviation the state carries where it lands, estimated from the FP residual
+            along the quantized path (:func:`carried_cross_terms`; it holds the first-order coupling of an error that
+            is a function of the state as well as persistence; the default); ``"accumulated"``: with the earlier
             perturbations only, propagated as the state's noise (:func:`accumulated_cross_terms`); ``"auto"`` (the
-            default before):
-            the carried one where the affine output map is applied (the error is then measurably a function of the
-            state), else the accumulated one. The carried term costs one more evaluation of both models per step and
-            calibration sample (a sibling state). Without the pair or with ``spread="noise"`` the accumulated one is
-            used.
+            default before): the carried one where the affine output map is applied (the error is then measurably a
+            function of the state), else the accumulated one. The carried term costs one more evaluation of both
+            models per step and calibration sample (a sibling state). Without the pair or with ``spread="noise"`` the
+            accumulated one is used.
         pair: the model pair for ``path="quantized"`` (a pair is code: it is never imported from the store).
     """
 
@@ -779,8 +779,8 @@ class PersistentEstimator(Estimator):
                     "noise (no residual fraction; docs/method.md)"
                 )
         if pair is not None:
-            # "auto": the carried cross term where the affine map applies, i.e. where the error is measurably a
-            # function of the state (docs/method.md, "The affine output map")
+            # "carried" (the default) everywhere; "auto" only where the affine map applies, i.e. where the error is
+            # measurably a function of the state (docs/method.md, "The cross term with the carried deviation")
             carried = self.spread != "noise" and (
                 self.cross == "carried" or (self.cross == "auto" and out_map is not None)
             )
