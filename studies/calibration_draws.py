@@ -16,6 +16,7 @@ number of draws below the issue's target (80% persistent, 90% noise-like), and w
     python studies/calibration_draws.py              # the table in docs/results.md (about 15 min on 2 cores)
     python studies/calibration_draws.py --cross auto # the rule before (carried cross term only where the map applies)
     python studies/calibration_draws.py --spread landing  # the landing-level pull (an option)
+    python studies/calibration_draws.py --estimator auto  # the automatic choice (qdrift fit --estimator auto)
     python studies/calibration_draws.py --compare calibration_draws calibration_draws_auto   # the aggregates
     python studies/calibration_draws.py --quick      # a smoke run, not for the docs
 """
@@ -36,6 +37,7 @@ from _report import ROOT, command_line, pct, write_section
 from mixture_persistent import FAMILIES, STEPS, within_var_batch
 
 from qdrift_stats import testbed
+from qdrift_stats.correct.auto import AutoEstimator
 from qdrift_stats.correct.estimator_file import EstimatorFile
 from qdrift_stats.correct.sample import sample
 from qdrift_stats.estimators.persistent import PersistentEstimator
@@ -57,7 +59,7 @@ def cell(job):
         "fp": sample(pair, scheduler, STEPS, samples, 2000, EVAL_SEED, model="fp"),
         "q": sample(pair, scheduler, STEPS, samples, 2000, EVAL_SEED, model="q"),
     }
-    choices = []
+    choices, chosen = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for draw in range(draws):
             store = Path(tmp) / f"c{draw}.zarr"
@@ -71,13 +73,20 @@ def cell(job):
                 batch_size=64,
                 seed=draw,
             )
-            fitted = PersistentEstimator(pair=pair, **options).fit(store)
+            if options.get("estimator") == "auto":
+                fitted = AutoEstimator(pair=pair).fit(store)
+                c = fitted.choice
+                chosen.append("none" if c["estimator"] is None else f"{c['estimator']}/{c['form']}/{c['profile']}")
+            else:
+                fitted = PersistentEstimator(pair=pair, **options).fit(store)
             path = Path(tmp) / f"d{draw}.safetensors"
             fitted.export(path)
             finals[draw] = sample(
                 pair, scheduler, STEPS, samples, 2000, EVAL_SEED, model="q", estimator=EstimatorFile.load(path)
             )
-            choices.append((fitted.output_map is not None, float(fitted.persistence_ratio)))
+            choices.append(
+                ("map_center" in fitted.export_tensors(), float(getattr(fitted, "persistence_ratio", float("nan"))))
+            )
     flat = {k: torch.as_tensor(v, dtype=torch.float64).reshape(len(v), -1) for k, v in finals.items()}
     modes = {k: pair.mixture.assign(v) for k, v in flat.items()}
     full = {k: within_var_batch(flat[k], modes[k], torch.arange(samples)[None])[0] for k in flat}
@@ -110,6 +119,7 @@ def cell(job):
         "ratio_max": max(c[1] for c in choices),
         "closed_nll_mean": float(nll_closed.mean()),
         "closed_per_draw": " ".join(f"{c:.4f}" for c in closed),
+        "auto_chose": "; ".join(chosen),
         "seconds": time.time() - start,
     }
     print(
@@ -121,21 +131,43 @@ def cell(job):
     return out
 
 
-def table(rows):
+def chose(text: str) -> str:
+    """What the automatic choice took over a cell's draws, counted: ``default 6, map alone 1, first-order/shrink 1``."""
+    counts: dict[str, int] = {}
+    for pick in text.split("; "):
+        name, *rest = pick.split("/")
+        if pick == "none":
+            key = "no correction"
+        elif name == "persistent" and rest == ["shrink", "[1.0, 1.0]"]:
+            key = "default"
+        elif name == "persistent" and rest[1] == "[0.0, 0.0]":
+            key = "map alone"
+        else:
+            key = f"{name}/{rest[0]}"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def table(rows, auto: bool = False):
+    what = "auto" if auto else "default"
+    last = "auto chose (draws)" if auto else "map (and carried cross) applied | sum w / sum v"
     head = (
-        "| family | regime | scheduler | within-var FP | Q | default: mean over draws [95%] | range over draws "
-        "| sd | draws below target | map (and carried cross) applied | sum w / sum v | NLL gap closed (mean) |\n|"
-        + "---|"
-        * 12
+        f"| family | regime | scheduler | within-var FP | Q | {what}: mean over draws [95%] | range over draws "
+        f"| sd | draws below target | {last} | NLL gap closed (mean) |\n|" + "---|" * (11 if auto else 12)
     )
     lines = [head]
     for r in rows:
+        tail = (
+            chose(r["auto_chose"])
+            if auto
+            else f"{r['map_applied']} of {r['draws']} | {r['ratio_min']:.2f} to {r['ratio_max']:.2f}"
+        )
         lines.append(
             f"| {r['family'].replace('mixture_', '')} | {r['regime']} | {r['scheduler']} | {r['within_var_fp']:.4f} "
             f"| {r['within_var_q']:.4f} | {pct(r['closed_mean'])} [{pct(r['closed_mean_lo'])}, "
             f"{pct(r['closed_mean_hi'])}] | {pct(r['closed_min'])} to {pct(r['closed_max'])} | "
-            f"{pct(r['closed_sd'])} | {r['draws_below_target']} of {r['draws']} | {r['map_applied']} of {r['draws']} "
-            f"| {r['ratio_min']:.2f} to {r['ratio_max']:.2f} | {pct(r['closed_nll_mean'])} |"
+            f"{pct(r['closed_sd'])} | {r['draws_below_target']} of {r['draws']} | {tail} | "
+            f"{pct(r['closed_nll_mean'])} |"
         )
     return "\n".join(lines)
 
@@ -202,6 +234,12 @@ def main():
         default=None,
         help="the persistent estimator's pull (spread) instead of its default (a variant: own CSV and docs section)",
     )
+    parser.add_argument(
+        "--estimator",
+        choices=["auto"],
+        default=None,
+        help="fit with the automatic choice (qdrift fit --estimator auto) instead of the default (own CSV and section)",
+    )
     parser.add_argument("--quick", action="store_true", help="two cells, two draws, tiny sizes; writes nothing")
     parser.add_argument(
         "--compare",
@@ -215,7 +253,11 @@ def main():
         md = f"Generated by `{command_line()}` from the CSVs named.\n\n" + comparison(args.compare)
         write_section("calibration_draws_comparison", md)
         return
-    options = {k: v for k, v in (("cross", args.cross), ("spread", args.spread)) if v is not None}
+    options = {
+        k: v
+        for k, v in (("cross", args.cross), ("spread", args.spread), ("estimator", args.estimator))
+        if v is not None
+    }
     jobs = [
         (f, s, regime, args.draws, args.samples, args.bootstrap, options)
         for f, scheds, regime in FAMILIES
@@ -229,25 +271,26 @@ def main():
     elapsed = time.time() - start
     if args.quick:
         return
-    name = "_".join(["calibration_draws", *options.values()])
+    name = "_".join(["calibration_draws", *(f"fit_{v}" if k == "estimator" else v for k, v in options.items())])
     out = ROOT / "docs" / "results" / f"{name}.csv"
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    variant = "".join(f", {k}={v}" for k, v in options.items())
+    variant = "".join(f", {k}={v}" for k, v in options.items() if k != "estimator")
+    fit = "`qdrift fit --estimator auto`" if options.get("estimator") == "auto" else "the default `qdrift fit`"
     md = [
         f"Generated by `{command_line()}` ({elapsed / 60:.1f} min on 2 shared CPU cores, {args.processes} processes). "
         f"All numbers in `docs/results/{name}.csv` (with each draw's value).",
         "",
-        f"50 steps; the default `qdrift fit` (with the pair{variant}) on {args.draws} independent calibration "
+        f"50 steps; {fit} (with the pair{variant}) on {args.draws} independent calibration "
         "stores per cell "
         f"(seeds 0 to {args.draws - 1}, 5 runs x 64 samples each); every fit evaluated on the same {args.samples} "
         "evaluation seeds; within-mode variance under the true mixture; 'gap closed' = (Q - corrected) / (Q - FP). "
         f"Interval: 95% bootstrap of the mean over draws, resampling the draws and the evaluation samples jointly "
         f"({args.bootstrap} resamples). Target: 80% on persistent cells, 90% on noise-like ones.",
         "",
-        table(rows),
+        table(rows, auto=options.get("estimator") == "auto"),
         "",
         summary(rows),
     ]

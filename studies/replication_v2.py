@@ -12,15 +12,18 @@ off), ``ptqd`` (PTQD's output map), ``first-order`` (the library's default befor
 ``persistent`` (the persistence-aware statistic, the default of ``qdrift fit``, with the pull sized by the local
 spread), ``persistent-noise-pull`` (the same with the pull of a state that is all noise: the default before the
 local spread), ``persistent-ptqd``, ``persistent-landing`` (the default's statistic with the pull solved at the landing
-level, an option), ``decomposed``. Library rows
-use the shrink form at strength 1. The automatic choice (``auto``) is not a row here: it samples
-the pair ~50 times per fold, which this shared 2-core machine cannot afford per cell (see
-docs/results.md).
+level, an option), ``decomposed``, ``auto`` (``qdrift fit --estimator auto``: it samples the pair some 30 times per
+held-out run, 10 to 30 minutes per cell on one CPU core, so it is run on chosen cells with ``--only``, beside
+``persistent``, and rendered against it with ``--render-auto``). Library rows use the shrink form at strength 1
+(``auto`` the form and profile it chose).
 
     python studies/replication_v2.py                       # the reduced table in docs/results.md
     python studies/replication_v2.py --samples 1000 --cells all   # the full version (hours on 2 cores)
     python studies/replication_v2.py --samples 1000 --cells degraded --rows published ptqd persistent \
         --csv replication_v2_degraded.csv                  # every cell the v1 table measured as degraded
+    python studies/replication_v2.py --samples 1000 --cells degraded --rows persistent auto \
+        --only unet/ddim/w3a4 --csv replication_v2_auto.csv  # the automatic choice on chosen cells
+    python studies/replication_v2.py --render-auto replication_v2_auto.csv   # its section
 
 ``--cells degraded`` takes the cells whose paired ``Q - FP`` in FD to the FP distribution the v1
 replication table (``docs/results/replication_table.csv``, 1000 samples) measured above 0; each is then
@@ -67,6 +70,7 @@ ROWS = (
     "persistent-accumulated",
     "persistent-landing",
     "decomposed",
+    "auto",
 )
 REDUCED_CELLS = [("unet", "ddim", "w3a4"), ("dit", "flow-euler", "w3a4")]
 V1_TABLE = ROOT / "docs" / "results" / "replication_table.csv"
@@ -169,9 +173,15 @@ def cell(job):
         ):
             out[f"budget_{key}"] = float(budget[key].values)
         for row in args.rows:
+            fit_start = time.time()
             est = estimator_of(row)
             fitted = (est.with_params(pair=pair) if "pair" in est.param_names() else est).fit(store)
             out[f"ratio_{row}"] = float(getattr(fitted, "persistence_ratio", float("nan")))
+            if row == "auto":
+                c = fitted.choice
+                out["auto_chose"] = "none" if c["estimator"] is None else f"{c['estimator']}/{c['form']}/{c['profile']}"
+                out["auto_reason"] = c["reason"]
+                out["auto_fit_minutes"] = (time.time() - fit_start) / 60
             path = Path(tmp) / f"{row}.safetensors"
             fitted.export(path)
             feats[row] = draw(pair, scheduler, steps, n, 100_000, "q", EstimatorFile.load(path))
@@ -200,6 +210,10 @@ def cell(job):
                 out[f"{DEFAULT_ROW}_minus_{peer}_lo"], out[f"{DEFAULT_ROW}_minus_{peer}_hi"] = np.percentile(
                     diffs, [2.5, 97.5]
                 )
+        if "auto" in boot:
+            diffs = boot["auto"] - boot[DEFAULT_ROW]
+            out[f"auto_minus_{DEFAULT_ROW}"] = out["fd_auto"] - out[f"fd_{DEFAULT_ROW}"]
+            out[f"auto_minus_{DEFAULT_ROW}_lo"], out[f"auto_minus_{DEFAULT_ROW}_hi"] = np.percentile(diffs, [2.5, 97.5])
     out["_boot"] = boot
     out["seconds"] = time.time() - start
     print(
@@ -275,7 +289,17 @@ def main():
         help="only render the docs section from these CSVs under docs/results/ (columns of later files are "
         "added to the rows of the first, matched by cell; same seeds, so the FP and Q sets are the same)",
     )
+    parser.add_argument(
+        "--render-auto",
+        nargs="+",
+        metavar="CSV",
+        help="only render the auto row against the default from runs with --rows persistent auto (section "
+        "replication_v2_auto)",
+    )
     args = parser.parse_args()
+    if args.render_auto:
+        render_auto(args)
+        return
     if args.render and args.cells == "degraded":
         render_degraded(args)
         return
@@ -467,6 +491,52 @@ def _argv_tail():
     import sys
 
     return " ".join(sys.argv[1:])
+
+
+def render_auto(args):
+    """The ``auto`` row against the default on the cells it was run on (runs with ``--rows persistent auto``): the
+    section ``replication_v2_auto``."""
+    files = [ROOT / "docs" / "results" / name for name in args.render_auto]
+    rows = [{k: _num(v) for k, v in r.items()} for f in files for r in csv.DictReader(f.open())]
+    lines = [
+        "| cell | Q − FP [paired CI] | default (`persistent`): gap closed (row − Q) | `auto`: gap closed (row − Q) | "
+        "auto − default [paired CI] | auto chose (estimator/form/profile) | why | auto fit (min) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        pieces = []
+        for row in (DEFAULT_ROW, "auto"):
+            lo, hi = r[f"{row}_minus_q_lo"], r[f"{row}_minus_q_hi"]
+            pieces.append(
+                f"{pct(r[f'closed_{row}'])} ({r[f'{row}_minus_q']:+.3f} [{lo:+.3f}, {hi:+.3f}] {verdict(lo, hi)})"
+            )
+        k = f"auto_minus_{DEFAULT_ROW}"
+        who = {"helps": "auto better", "hurts": "default better", "neutral": "tie"}[verdict(r[k + "_lo"], r[k + "_hi"])]
+        lines.append(
+            f"| {r['model']}/{r['scheduler']}/{r['recipe']} | {r['q_minus_fp']:+.3f} [{r['q_minus_fp_lo']:+.3f}, "
+            f"{r['q_minus_fp_hi']:+.3f}] | {pieces[0]} | {pieces[1]} | {r[k]:+.3f} [{r[k + '_lo']:+.3f}, "
+            f"{r[k + '_hi']:+.3f}] {who} | {r['auto_chose']} | {r['auto_reason']} | {r['auto_fit_minutes']:.1f} |"
+        )
+    commands = " and ".join(
+        f"`python studies/replication_v2.py --samples {args.samples} --cells degraded --rows persistent auto "
+        f"--only {' '.join(_cells_in(f))} --csv {f.name}`"
+        for f in files
+    )
+    minutes = sum(float(next(csv.DictReader(f.open()))["minutes"]) for f in files)
+    md = [
+        f"Generated by {commands} ({minutes:.1f} min of wall time on 2 shared CPU cores), rendered by "
+        f"`python studies/replication_v2.py {_argv_tail()}`. Numbers in "
+        + ", ".join(f"`docs/results/{f.name}`" for f in files)
+        + ".",
+        "",
+        f"{len(rows)} of the degraded cells, {args.samples} samples per set, the same seeds, calibration store and "
+        "FD as the table above; `auto` is `qdrift fit --estimator auto` with its defaults (candidates first-order, "
+        "persistent, persistent-ptqd, decomposed; strengths 0 to 32; 2 segments of log b; shrink then drift; "
+        "the default kept unless beaten beyond the held-out noise).",
+        "",
+        "\n".join(lines),
+    ]
+    write_section("replication_v2_auto", "\n".join(md))
 
 
 def write_degraded_docs(rows, boots, args, elapsed, command, rendered=None):

@@ -67,3 +67,142 @@ def test_auto_refuses_one_run_and_never_imports_the_pair_named_in_the_store(stor
         AutoEstimator().fit(ds)  # the store names a real pair; it is still not imported
     with pytest.raises(QDriftError):
         AutoEstimator(score="likelihood")
+
+
+@pytest.fixture(scope="module")
+def weight_store(tmp_path_factory):
+    """A flow pair whose error is a fixed weight error: the default fits an output map and the residual terms."""
+    from tests.conftest import testbed_store
+
+    return testbed_store(tmp_path_factory.mktemp("auto_weight"), "mixture_flow_weight", "flow-euler", 10, 3, 64)
+
+
+@pytest.mark.parametrize("spread", ["local", "landing"])
+def test_a_candidate_is_scored_with_the_correction_its_exported_file_applies(weight_store, spread):
+    import torch
+
+    from qdrift_stats.correct.auto import profiled_file
+    from qdrift_stats.estimators.persistent import PersistentEstimator
+    from qdrift_stats.loop import prepared_scheduler
+    from qdrift_stats.schedulers.base import step_grid
+
+    pair, path = weight_store
+    fit = PersistentEstimator(spread=spread, pair=pair).fit(path)
+    assert fit.output_map is not None and fit.residual_fraction is not None  # the terms the old search dropped
+    sched = prepared_scheduler(pair, "flow-euler", 10)
+    grid = step_grid(sched)
+    plain = EstimatorFile.from_fitted(fit)
+    steps = grid.num_steps
+    ones, twos = np.ones(steps), np.full(steps, 2.0)
+    half = np.where(np.arange(steps) < 5, 0.0, 1.0)
+    same = profiled_file(fit, "shrink", ones).corrector(sched, device="cpu", dtype=torch.float64)
+    reference = plain.corrector(sched, device="cpu", dtype=torch.float64)
+    np.testing.assert_array_equal(same.coefficients.numpy(), reference.coefficients.numpy())
+    for name in ("center", "offset", "weight"):
+        np.testing.assert_array_equal(
+            getattr(same.output_map, name).numpy(), getattr(reference.output_map, name).numpy()
+        )
+    # a uniform profile of 2 is the file's strength 2, per step
+    doubled = profiled_file(fit, "shrink", twos).coefficients(grid)
+    np.testing.assert_allclose(doubled, plain.coefficients(grid, strength=2.0), rtol=1e-12, atol=0)
+    assert not np.allclose(doubled, plain.coefficients(grid))
+    # a profile of 0 on the first five steps: no pull there, the strength-1 pull after (each step's c is its own)
+    piecewise = profiled_file(fit, "shrink", half).coefficients(grid)
+    np.testing.assert_array_equal(piecewise[:5], 0.0)
+    np.testing.assert_allclose(piecewise[5:], plain.coefficients(grid)[5:], rtol=1e-12, atol=0)
+    # the output map acts whatever the strength
+    zero = profiled_file(fit, "shrink", np.zeros(steps)).corrector(sched, device="cpu", dtype=torch.float64)
+    assert not zero.pull_active[0] and any(zero.output_active)
+
+
+def test_auto_scores_the_output_map_alone_and_exports_what_it_chose(weight_store, tmp_path):
+    import torch
+
+    from qdrift_stats.correct.auto import corrects_output
+    from qdrift_stats.loop import prepared_scheduler
+
+    pair, path = weight_store
+    fitted = AutoEstimator(
+        candidates=("persistent",), forms=("shrink",), strengths=(0.0, 1.0), segments=1, pair=pair
+    ).fit(path)
+    trials = {tuple(t["profile"]): t["score"] for t in fitted.trials}
+    # strength 0 still applies the map: it is sampled and scored, not taken as uncorrected Q
+    assert set(trials) == {(0.0,), (1.0,)}
+    assert trials[(0.0,)] != fitted.choice["q_score"]
+    assert fitted.choice["estimator"] == "persistent" and fitted.choice["profile"] == [1.0]
+    fitted.export(tmp_path / "auto.safetensors")
+    loaded = EstimatorFile.load(tmp_path / "auto.safetensors")
+    persistent = get_estimator("persistent").with_params(pair=pair).fit(path)
+    assert corrects_output(persistent)
+    own = EstimatorFile.from_fitted(persistent)
+    for key in ("residual_fraction", "residual_error", "map_center", "map_offset", "map_weight"):
+        np.testing.assert_array_equal(loaded.tensors[key], own.tensors[key])
+    assert loaded.metadata["estimator"]["output_map"] == own.metadata["estimator"]["output_map"]
+    sched = prepared_scheduler(pair, "flow-euler", 10)
+    np.testing.assert_allclose(
+        loaded.corrector(sched, dtype=torch.float64).coefficients.numpy(),
+        own.corrector(sched, dtype=torch.float64).coefficients.numpy(),
+        rtol=1e-12,
+        atol=0,
+    )
+
+
+def test_each_strength_scan_stops_patience_strengths_after_its_best(store):
+    grid = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+    fitted = AutoEstimator(
+        candidates=("first-order",),
+        forms=("shrink",),
+        strengths=grid,
+        segments=1,
+        patience=2,
+        pair=testbed.mixture_vp_noise(),
+    ).fit(store)
+    scored = [t["profile"][0] for t in fitted.trials]  # strength 0 is Q's score, not a trial
+    scores = [fitted.choice["q_score"]] + [t["score"] for t in fitted.trials]
+    best = int(np.argmin(scores))
+    assert [0.0] + scored == list(grid[: min(len(grid), best + 3)])
+    with pytest.raises(QDriftError, match="patience"):
+        AutoEstimator(patience=0)
+
+
+def test_the_paired_score_difference_is_zero_for_one_set_and_sees_a_shift():
+    from qdrift_stats.correct.auto import paired_score_difference
+
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((200, 3))
+    a = ref + 0.3 * rng.standard_normal((200, 3))  # row i near reference row i, as a corrected draw would be
+    h = local_bandwidth(ref)
+    assert paired_score_difference(a, a, ref, "mmd", h, n_boot=50) == (0.0, 0.0, 0.0)
+    for score in ("mmd", "energy"):
+        d, low, high = paired_score_difference(a + 0.5, a, ref, score, h, n_boot=200)
+        assert d == pytest.approx(distribution_score(a + 0.5, ref, score, h) - distribution_score(a, ref, score, h))
+        assert 0.0 < low < d < high
+    with pytest.raises(QDriftError, match="same size"):
+        paired_score_difference(a[:10], a, ref)
+
+
+@pytest.mark.parametrize("family, scheduler", [("mixture_vp_noise", "ddim"), ("mixture_vp_weight", "euler")])
+def test_the_default_is_kept_unless_the_search_beats_it_beyond_the_noise(tmp_path, family, scheduler):
+    from tests.conftest import testbed_store
+
+    pair, path = testbed_store(tmp_path, family, scheduler, 10, 3, 64)
+    fitted = AutoEstimator(
+        candidates=("first-order", "persistent"),
+        forms=("shrink",),
+        strengths=(0.0, 1.0, 4.0, 16.0),
+        segments=1,
+        pair=pair,
+    ).fit(path)
+    c, scores = fitted.choice, {(t["estimator"], t["profile"][0]): t["score"] for t in fitted.trials}
+    best = min(scores, key=scores.get)
+    against = c["against_default"]
+    assert best != ("persistent", 1.0) and against["against"] == "persistent"
+    assert against["difference"] == pytest.approx(scores[best] - scores[("persistent", 1.0)])
+    assert against["low"] < against["difference"] < against["high"]
+    kept = (c["estimator"], c["profile"][0]) == ("persistent", 1.0)
+    assert kept == (against["high"] >= 0)
+    assert c["score"] == pytest.approx(scores[(c["estimator"], c["profile"][0])]) and c["score"] < c["q_score"]
+    # the noise-like pair: first-order at 4 scores lower but not beyond the noise, so the default stays;
+    # the weight error: the output map alone beats the default's pull beyond it
+    assert kept == (family == "mixture_vp_noise")
+    assert "beyond the held-out noise" in c["reason"] and "automatic choice" in fitted.summary()
