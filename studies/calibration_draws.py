@@ -16,6 +16,7 @@ number of draws below the issue's target (80% persistent, 90% noise-like), and w
     python studies/calibration_draws.py              # the table in docs/results.md (about 15 min on 2 cores)
     python studies/calibration_draws.py --cross auto # the rule before (carried cross term only where the map applies)
     python studies/calibration_draws.py --spread landing  # the landing-level pull (an option)
+    python studies/calibration_draws.py --path mapped     # persistence measured along the output-mapped path
     python studies/calibration_draws.py --estimator auto  # the automatic choice (qdrift fit --estimator auto)
     python studies/calibration_draws.py --compare calibration_draws calibration_draws_auto   # the aggregates
     python studies/calibration_draws.py --quick      # a smoke run, not for the docs
@@ -113,6 +114,8 @@ def cell(job):
         "closed_min": float(closed.min()),
         "closed_max": float(closed.max()),
         "closed_sd": float(closed.std(ddof=1)),
+        "within_var_ratio_min": float(min(full[d] / full["fp"] for d in range(draws))),
+        "within_var_ratio_max": float(max(full[d] / full["fp"] for d in range(draws))),
         "draws_below_target": int((closed < TARGET[regime]).sum()),
         "map_applied": int(sum(c[0] for c in choices)),
         "ratio_min": min(c[1] for c in choices),
@@ -149,11 +152,15 @@ def chose(text: str) -> str:
 
 
 def table(rows, auto: bool = False):
+    ratio = int("within_var_ratio_min" in rows[0])
     what = "auto" if auto else "default"
     last = "auto chose (draws)" if auto else "map (and carried cross) applied | sum w / sum v"
     head = (
         f"| family | regime | scheduler | within-var FP | Q | {what}: mean over draws [95%] | range over draws "
-        f"| sd | draws below target | {last} | NLL gap closed (mean) |\n|" + "---|" * (11 if auto else 12)
+        f"| sd | draws below target | {last} | NLL gap closed (mean) |"
+        + (" corrected within-var / FP (range over draws) |" if ratio else "")
+        + "\n|"
+        + "---|" * ((11 if auto else 12) + ratio)
     )
     lines = [head]
     for r in rows:
@@ -168,6 +175,7 @@ def table(rows, auto: bool = False):
             f"{pct(r['closed_mean_hi'])}] | {pct(r['closed_min'])} to {pct(r['closed_max'])} | "
             f"{pct(r['closed_sd'])} | {r['draws_below_target']} of {r['draws']} | {tail} | "
             f"{pct(r['closed_nll_mean'])} |"
+            + (f" {r['within_var_ratio_min']:.2f} to {r['within_var_ratio_max']:.2f} |" if ratio else "")
         )
     return "\n".join(lines)
 
@@ -235,6 +243,11 @@ def main():
         help="the persistent estimator's pull (spread) instead of its default (a variant: own CSV and docs section)",
     )
     parser.add_argument(
+        "--path",
+        default=None,
+        help="the persistent estimator's path instead of its default (a variant: own CSV and docs section)",
+    )
+    parser.add_argument(
         "--estimator",
         choices=["auto"],
         default=None,
@@ -255,7 +268,12 @@ def main():
         return
     options = {
         k: v
-        for k, v in (("cross", args.cross), ("spread", args.spread), ("estimator", args.estimator))
+        for k, v in (
+            ("cross", args.cross),
+            ("spread", args.spread),
+            ("path", args.path),
+            ("estimator", args.estimator),
+        )
         if v is not None
     }
     jobs = [

@@ -240,6 +240,45 @@ def test_quantized_path_of_an_exact_pair_is_the_fp_path():
     assert np.all(e == 0)
 
 
+def test_the_mapped_path_steps_with_the_corrected_output_and_returns_the_error_it_keeps(weight_store):
+    pair, seeds = testbed.mixture_vp_weight(), [int(s) for s in xr.open_zarr(weight_store)["seed"].values]
+    plain = quantized_path_errors(pair, "ddim", 6, seeds, 16)
+    same = quantized_path_errors(pair, "ddim", 6, seeds, 16, correct_output=lambda i, m: m)
+    for a, b in zip(plain, same):
+        np.testing.assert_array_equal(a, b)
+    # the quantized output shifted by a known step-dependent offset: at step 0 (same state) the error kept is the
+    # uncorrected one plus the offset; the shifted output is what the scheduler steps with, so the path leaves
+    # the quantized one after step 0
+    calls = []
+
+    def offset(i, m):
+        calls.append(i)
+        return m + 0.01 * (i + 1)
+
+    e, m_fp, *_ = quantized_path_errors(pair, "ddim", 6, seeds, 16, correct_output=offset)
+    assert calls == list(range(6)) * len(seeds)
+    m_q_raw = plain[0][:, 0] + plain[1][:, 0]
+    np.testing.assert_allclose(e[:, 0], m_q_raw + 0.01 - m_fp[:, 0], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(m_fp[:, 0], plain[1][:, 0])
+    assert not np.allclose(m_fp[:, -1], plain[1][:, -1], rtol=1e-3, atol=1e-4)
+
+
+def test_the_mapped_path_is_the_quantized_one_where_no_map_applies_and_differs_where_one_does(weight_store, tmp_path):
+    from tests.conftest import testbed_store
+
+    pair = testbed.mixture_vp_weight()
+    mapped = PersistentEstimator(path="mapped", pair=pair).fit(weight_store)
+    quantized = PersistentEstimator(pair=pair).fit(weight_store)
+    assert mapped.output_map is not None and mapped.path_used == "mapped" and "output-mapped" in mapped.summary()
+    np.testing.assert_array_equal(mapped.independent_variance, quantized.independent_variance)  # from the store
+    assert not np.allclose(mapped.variance, quantized.variance)
+    noise_pair, noise_store = testbed_store(tmp_path, "mixture_vp_noise", "ddim", steps=6, runs=2, batch_size=16)
+    a = PersistentEstimator(path="mapped", pair=noise_pair).fit(noise_store)
+    b = PersistentEstimator(pair=noise_pair).fit(noise_store)
+    assert a.output_map is None and a.path_used == "quantized"
+    np.testing.assert_array_equal(a.variance, b.variance)
+
+
 def test_with_the_pair_persistence_is_measured_along_the_quantized_path_and_never_from_the_store(weight_store):
     with_pair = PersistentEstimator(pair=testbed.mixture_vp_weight()).fit(weight_store)
     assert with_pair.path_used == "quantized" and not with_pair.path_note

@@ -82,7 +82,7 @@ PROPAGATIONS: tuple[str, ...] = ("noise", "none")
 #: The output terms this estimator can apply: ``"map"`` (the affine output map chosen on held-out runs,
 #: :mod:`qdrift_stats.estimators.output_map`) beside the bias terms of :mod:`qdrift_stats.estimators.bias`.
 PERSISTENT_BIASES: tuple[str, ...] = ("map",) + BIAS_TERMS
-PATHS: tuple[str, ...] = ("quantized", "fp")
+PATHS: tuple[str, ...] = ("quantized", "mapped", "fp")
 #: How the pull coefficient sees the spread it acts on (see :class:`PersistentEstimator`).
 SPREADS: tuple[str, ...] = ("local", "noise", "landing")
 #: What a step's perturbation is correlated with (see :class:`PersistentEstimator`).
@@ -327,7 +327,9 @@ class PersistentFit(FittedEstimator):
         text = (
             super().summary(max_rows)
             + f"\naccumulated / independent (sum w / sum v over corrected steps): {self.persistence_ratio:.2f}, "
-            + f"persistence measured along the {'quantized' if self.path_used == 'quantized' else 'FP'} path, "
+            + "persistence measured along the "
+            + {"quantized": "quantized", "mapped": "output-mapped quantized"}.get(self.path_used, "FP")
+            + " path, "
             + (
                 "cross term with the deviation the state carries"
                 if self.cross_used == "carried"
@@ -369,7 +371,13 @@ class PersistentFit(FittedEstimator):
 
 
 def quantized_path_errors(
-    pair: Any, scheduler_name: str, steps: int, seeds: list[int], batch: int, residuals: bool = False
+    pair: Any,
+    scheduler_name: str,
+    steps: int,
+    seeds: list[int],
+    batch: int,
+    residuals: bool = False,
+    correct_output: Any = None,
 ) -> tuple[np.ndarray, ...]:
     """Output errors along the quantized sampler's own path, and what the pull's residual holds there.
 
@@ -380,6 +388,10 @@ def quantized_path_errors(
     this differs from the FP path: the quantized trajectory's own deviation changes the error, so
     an error that repeats along the (barely moving) FP path may not repeat along the Q path.
     Same seeds and batch as the store's runs (same initial noise and conditions).
+
+    ``correct_output``: optional ``(i, m_q) -> m`` applied to the quantized output before its scheduler step
+    (the affine output map, ``path="mapped"``): the path is then the one the corrected sampler follows before
+    its pull, and ``e`` is the error the corrected output keeps there (``m - m_fp``).
 
     Returns:
         ``e`` and ``m_fp``, each ``(run, step, sample, *shape)``; ``eps_power`` and ``eps_error``, each
@@ -411,7 +423,8 @@ def quantized_path_errors(
             for i, calls in enumerate(plan):
                 # the FP step keeps the FP history in step
                 _, m_fp, _, _ = advance_step(pair.fp, sched_fp, x, calls, cond, kw_fp, i=i, grid=grid)
-                x_q, m_q, _, _ = advance_step(pair.q, sched_q, x, calls, cond, kw_q, i=i, grid=grid)
+                fix = None if correct_output is None else (lambda m, i=i: correct_output(i, m))
+                x_q, m_q, _, _ = advance_step(pair.q, sched_q, x, calls, cond, kw_q, i=i, grid=grid, correct_output=fix)
                 e_run.append((m_q - m_fp).double().cpu().numpy())
                 m_run.append(m_fp.double().cpu().numpy())
                 a, b = float(levels.a[i]), float(levels.b[i])
@@ -566,7 +579,9 @@ class PersistentEstimator(Estimator):
             the same seeds re-run in lock-step along the quantized sampler's own path
             (:func:`quantized_path_errors`; needs the model pair, ``pair=`` or ``qdrift fit --pair``, never
             taken from the store; without it the FP path is used and the fit says so in ``path_note``).
-            ``"fp"``: everything from the store (no model calls; overstates the persistence of an error
+            ``"mapped"`` (an option): the same, but along the path the corrected sampler follows before its pull,
+            the quantized output put through the affine output map at every step (the quantized path where no map
+            applies). ``"fp"``: everything from the store (no model calls; overstates the persistence of an error
             that is rough in the state, see ``docs/method.md``).
         propagation: ``"noise"`` (default) or ``"none"``, see :func:`accumulated_cross_terms`.
         center: count the accumulated perturbation's variance across samples (per channel), not
@@ -768,8 +783,8 @@ class PersistentEstimator(Estimator):
         terms = accumulated_cross_terms(pooled(delta), b_next, self.propagation, None, units)
         w_path = persistent_statistic(terms["v"], terms["cross"], terms["cross_se"], b_next)
         v = terms["v"]
-        pair, path_note, rho, rho_error, carried = None, "", None, None, False
-        if self.path == "quantized":
+        pair, path_note, rho, rho_error, carried, on_mapped = None, "", None, None, False, False
+        if self.path in ("quantized", "mapped"):
             try:
                 pair = self._pair(ds)
             except QDriftError as exc:
@@ -784,6 +799,12 @@ class PersistentEstimator(Estimator):
             carried = self.spread != "noise" and (
                 self.cross == "carried" or (self.cross == "auto" and out_map is not None)
             )
+            on_mapped = self.path == "mapped" and out_map is not None
+
+            def apply_map(i: int, m: torch.Tensor) -> torch.Tensor:
+                fixed = out_map.apply(i, m.detach().double().cpu().numpy())
+                return torch.as_tensor(fixed, dtype=m.dtype, device=m.device)
+
             e_q, m_q, eps_power, eps_error, *res_q = quantized_path_errors(
                 pair,
                 str(ds.attrs.get("scheduler")),
@@ -791,13 +812,15 @@ class PersistentEstimator(Estimator):
                 [int(s) for s in ds["seed"].values],
                 shape[1],
                 residuals=carried,
+                correct_output=apply_map if on_mapped else None,
             )
             if self.spread != "noise":
                 rho = residual_fraction(eps_power)
                 rho_error = np.where(np.isfinite(eps_error), eps_error, 0.0)
             e_q = np.moveaxis(e_q, 1, 0).reshape(steps, runs, -1)
             m_q = np.moveaxis(m_q, 1, 0).reshape(steps, runs, -1)
-            e_q = np.stack([mapped(e_q[i], m_q[i], i) for i in range(steps)])
+            if not on_mapped:  # on the mapped path the error is already that of the corrected output
+                e_q = np.stack([mapped(e_q[i], m_q[i], i) for i in range(steps)])
             if carried and out_map is not None:
                 sib_e, sib_m = np.moveaxis(res_q[1], 1, 0), np.moveaxis(res_q[2], 1, 0)
                 res_q[1] = np.moveaxis(np.stack([mapped(sib_e[i], sib_m[i], i) for i in range(steps)]), 0, 1)
@@ -856,7 +879,7 @@ class PersistentEstimator(Estimator):
             cross_se=squeeze(terms["cross_se"]),
             accumulated=squeeze(terms["accumulated"]),
             persistence_ratio=float(np.sum(variance[active])) / total_v if total_v > 0 else float("nan"),
-            path_used="quantized" if pair is not None else "fp",
+            path_used=("mapped" if on_mapped else "quantized") if pair is not None else "fp",
             path_note=path_note,
             residual_fraction=rho,
             residual_error=rho_error,
