@@ -310,8 +310,8 @@ def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: 
     help="Estimator name: persistent (default: the per-step statistic plus the persistence of the error along the "
     "quantized path, which re-runs the store's seeds with --pair; without --pair measured on the FP path, and the "
     "fit says so), first-order (the per-step statistic alone), empirical, decomposed, persistent-nobias, "
-    "persistent-noise-pull, persistent-landing, persistent-ptqd, auto (chosen by cross-validation; needs --pair), "
-    "published and ptqd (the peers), ...",
+    "persistent-noise-pull, persistent-landing, persistent-mapped, persistent-ptqd, auto (chosen by "
+    "cross-validation; needs --pair), published and ptqd (the peers), ...",
 )
 @click.option(
     "--correction",
