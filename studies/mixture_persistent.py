@@ -12,7 +12,9 @@ persistence measured along the quantized path, the affine output map where it ex
 predicted final deviation on held-out runs, the pull sized by the local spread; ``cross="carried"``),
 ``persistent-auto`` (the default before: the carried cross term only where the map applies, the
 accumulated one elsewhere, ``cross="auto"``), ``persistent-accumulated`` (the cross term with the earlier
-perturbations only, ``cross="accumulated"``), ``persistent-noise-pull``
+perturbations only, ``cross="accumulated"``), ``persistent-mapped`` (persistence measured along the path the
+corrected sampler follows before its pull, the quantized output put through the affine output map,
+``path="mapped"``), ``persistent-noise-pull``
 (the same with the pull of a state that is all noise, ``spread="noise"``: the default before the local
 spread), ``persistent-nobias`` (no bias term), ``persistent-fp`` (no bias term, persistence measured along
 the FP path only), ``persistent-ptqd`` (PTQD's whole map at every step where R^2 >= 0.01), ``published`` (the
@@ -68,6 +70,7 @@ ROWS = (
     "persistent-noise-pull",
     "persistent-auto",
     "persistent-accumulated",
+    "persistent-mapped",
     "persistent-nobias",
     "persistent-fp",
     "persistent-ptqd",
