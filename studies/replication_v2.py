@@ -13,8 +13,8 @@ off), ``ptqd`` (PTQD's output map), ``first-order`` (the library's default befor
 spread), ``persistent-noise-pull`` (the same with the pull of a state that is all noise: the default before the
 local spread), ``persistent-ptqd``, ``persistent-landing`` (the default's statistic with the pull solved at the landing
 level, an option), ``persistent-mapped`` (persistence measured along the path the corrected sampler follows before
-its pull), ``decomposed``, ``auto`` (``qdrift fit --estimator auto``: it samples the pair some 30 times per
-held-out run, 10 to 30 minutes per cell on one CPU core, so it is run on chosen cells with ``--only``, beside
+its pull), ``decomposed``, ``auto`` (``qdrift fit --estimator auto``: it samples the pair tens of times per
+held-out run, 20 to 30 minutes per cell on one shared CPU core, so it is run on chosen cells with ``--only``, beside
 ``persistent``, and rendered against it with ``--render-auto``). Library rows use the shrink form at strength 1
 (``auto`` the form and profile it chose).
 
