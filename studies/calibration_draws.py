@@ -17,6 +17,7 @@ number of draws below the issue's target (80% persistent, 90% noise-like), and w
     python studies/calibration_draws.py --cross auto # the rule before (carried cross term only where the map applies)
     python studies/calibration_draws.py --spread landing  # the landing-level pull (an option)
     python studies/calibration_draws.py --path mapped     # persistence measured along the output-mapped path
+    python studies/calibration_draws.py --spread landing --path mapped   # both options together
     python studies/calibration_draws.py --estimator auto  # the automatic choice (qdrift fit --estimator auto)
     python studies/calibration_draws.py --compare calibration_draws calibration_draws_auto   # the aggregates
     python studies/calibration_draws.py --quick      # a smoke run, not for the docs
