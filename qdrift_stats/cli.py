@@ -308,9 +308,10 @@ def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: 
     default="persistent",
     show_default=True,
     help="Estimator name: persistent (default: the per-step statistic plus the persistence of the error along the "
-    "quantized path, which re-runs the store's seeds with --pair; without --pair measured on the FP path, and the "
-    "fit says so), first-order (the per-step statistic alone), empirical, decomposed, persistent-nobias, "
-    "persistent-noise-pull, persistent-landing, persistent-mapped, persistent-ptqd, auto (chosen by "
+    "path the corrected sampler follows before its pull, which re-runs the store's seeds with --pair; without --pair "
+    "measured on the FP path, and the fit says so), first-order (the per-step statistic alone), empirical, decomposed, "
+    "persistent-nobias, persistent-noise-pull, persistent-landing, persistent-quantized-path (the default before), "
+    "persistent-ptqd, auto (chosen by "
     "cross-validation; needs --pair), published and ptqd (the peers), ...",
 )
 @click.option(

@@ -13,7 +13,8 @@ off), ``ptqd`` (PTQD's output map), ``first-order`` (the library's default befor
 spread), ``persistent-noise-pull`` (the same with the pull of a state that is all noise: the default before the
 local spread), ``persistent-ptqd``, ``persistent-landing`` (the default's statistic with the pull solved at the landing
 level, an option), ``persistent-mapped`` (persistence measured along the path the corrected sampler follows before
-its pull), ``decomposed``, ``auto`` (``qdrift fit --estimator auto``: it samples the pair tens of times per
+its pull: the default since the path was flipped; this row was run before the flip, when it was an option),
+``decomposed``, ``auto`` (``qdrift fit --estimator auto``: it samples the pair tens of times per
 held-out run, 20 to 30 minutes per cell on one shared CPU core, so it is run on chosen cells with ``--only``, beside
 ``persistent``, and rendered against it with ``--render-auto``). Library rows use the shrink form at strength 1
 (``auto`` the form and profile it chose).
@@ -79,13 +80,15 @@ V1_TABLE = ROOT / "docs" / "results" / "replication_table.csv"
 DEFAULT_ROW = "persistent"
 PEERS = ("published", "ptqd")
 #: How a rendered table names the default row of an earlier run, when a later run recomputed the default.
-PREVIOUS_DEFAULTS = ("persistent-r2-gate", "persistent-ptqd-terms")
+PREVIOUS_DEFAULTS = ("persistent-r2-gate", "persistent-ptqd-terms", "persistent-quantized-path")
 #: What each earlier default was, for the rendered table's header.
 PREVIOUS_MEANING = {
     "persistent-r2-gate": "the default before the output map was split (PTQD's whole map only at steps with "
     "R^2 >= 0.2)",
     "persistent-ptqd-terms": "the default before the affine output map (PTQD's slope, else each step's mean, "
     "decided on the trajectory)",
+    "persistent-quantized-path": "the default before the output-mapped path (persistence measured along the "
+    "uncorrected quantized path)",
 }
 SHOWN_ROWS = ROWS + PREVIOUS_DEFAULTS
 SCHEDULERS = {"unet": ("ddim", "euler", "dpmpp-2m"), "dit": ("flow-euler", "flow-dpmpp-2m")}

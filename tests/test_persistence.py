@@ -268,19 +268,33 @@ def test_the_mapped_path_is_the_quantized_one_where_no_map_applies_and_differs_w
 
     pair = testbed.mixture_vp_weight()
     mapped = PersistentEstimator(path="mapped", pair=pair).fit(weight_store)
-    quantized = PersistentEstimator(pair=pair).fit(weight_store)
+    quantized = PersistentEstimator(path="quantized", pair=pair).fit(weight_store)
     assert mapped.output_map is not None and mapped.path_used == "mapped" and "output-mapped" in mapped.summary()
+    assert quantized.path_used == "quantized" and "output-mapped" not in quantized.summary()
     np.testing.assert_array_equal(mapped.independent_variance, quantized.independent_variance)  # from the store
     assert not np.allclose(mapped.variance, quantized.variance)
+    # the default is the mapped path, bit for bit
+    np.testing.assert_array_equal(PersistentEstimator(pair=pair).fit(weight_store).variance, mapped.variance)
     noise_pair, noise_store = testbed_store(tmp_path, "mixture_vp_noise", "ddim", steps=6, runs=2, batch_size=16)
     a = PersistentEstimator(path="mapped", pair=noise_pair).fit(noise_store)
-    b = PersistentEstimator(pair=noise_pair).fit(noise_store)
+    b = PersistentEstimator(path="quantized", pair=noise_pair).fit(noise_store)
     assert a.output_map is None and a.path_used == "quantized"
     np.testing.assert_array_equal(a.variance, b.variance)
 
 
+def test_the_registry_names_the_default_path_and_the_one_before():
+    from qdrift_stats.estimators import registered_name
+
+    assert get_estimator("persistent").path == "mapped"
+    assert get_estimator("persistent-quantized-path").path == "quantized"
+    assert registered_name(PersistentEstimator()) == "persistent"
+    assert registered_name(PersistentEstimator(path="quantized")) == "persistent-quantized-path"
+    with pytest.raises(QDriftError, match="unknown path 'q'; choose mapped, quantized, fp"):
+        PersistentEstimator(path="q")
+
+
 def test_with_the_pair_persistence_is_measured_along_the_quantized_path_and_never_from_the_store(weight_store):
-    with_pair = PersistentEstimator(pair=testbed.mixture_vp_weight()).fit(weight_store)
+    with_pair = PersistentEstimator(path="quantized", pair=testbed.mixture_vp_weight()).fit(weight_store)
     assert with_pair.path_used == "quantized" and not with_pair.path_note
     # the store names the pair it was recorded with; it is not imported from there (a pair is code)
     without = PersistentEstimator().fit(weight_store)

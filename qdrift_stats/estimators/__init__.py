@@ -38,7 +38,8 @@ ESTIMATORS: dict[str, Callable[[], Estimator]] = {
     "persistent-nobias": partial(PersistentEstimator, bias="none"),
     "persistent-noise-pull": partial(PersistentEstimator, spread="noise"),
     "persistent-landing": partial(PersistentEstimator, spread="landing"),
-    "persistent-mapped": partial(PersistentEstimator, path="mapped"),
+    "persistent-mapped": partial(PersistentEstimator, path="mapped"),  # the default since the path was flipped
+    "persistent-quantized-path": partial(PersistentEstimator, path="quantized"),  # the default before
     "persistent-ptqd": partial(PersistentEstimator, bias="ptqd", min_explained=0.0),
     "persistent-conditional": partial(PersistentEstimator, bias="conditional"),
     "published": PublishedEstimator,  # the published Q-Drift code's statistic and correction (baseline)

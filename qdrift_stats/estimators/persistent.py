@@ -26,10 +26,14 @@ Where the persistence is measured matters. The store's lock-step recording keeps
 the FP trajectory; at high noise that trajectory barely moves, so *any* deterministic error
 repeats along it. The quantized sampler's own trajectory moves away from it, and an error that is
 a rough function of the state (a high-frequency sine, a finely rounded activation) stops repeating.
-So by default (``path="quantized"``) the persistence factor ``w_i / v_i`` is measured on the same
-seeds re-run in lock-step along the *quantized* path (:func:`quantized_path_errors`), and applied to
-the store's per-step ``v_i``: ``w_i = v_i * (w_i / v_i)_quantized``. ``path="fp"`` uses the store
-alone (no model calls).
+So the persistence factor ``w_i / v_i`` is measured on the same seeds re-run in lock-step along the
+sampler's own path (:func:`quantized_path_errors`), and applied to the store's per-step ``v_i``:
+``w_i = v_i * (w_i / v_i)_path``. By default (``path="mapped"``) that path is the one the corrected
+sampler follows before its pull: the quantized output put through the affine output map at every
+step, the plain quantized path where no map applies. ``path="quantized"`` (the default before) always
+advances with the uncorrected quantized output; where the map repairs most of a strong error, that path
+runs far from the corrected sampler's and the pull over-shrinks (the testbed's strong weight error:
+corrected within-mode variance 7-28% of FP's). ``path="fp"`` uses the store alone (no model calls).
 
 By default (``cross="carried"``, with the model pair and the pull sized by the local spread), the cross term is
 taken with the deviation the state *carries* where the step lands, not with the earlier perturbations alone
@@ -82,7 +86,7 @@ PROPAGATIONS: tuple[str, ...] = ("noise", "none")
 #: The output terms this estimator can apply: ``"map"`` (the affine output map chosen on held-out runs,
 #: :mod:`qdrift_stats.estimators.output_map`) beside the bias terms of :mod:`qdrift_stats.estimators.bias`.
 PERSISTENT_BIASES: tuple[str, ...] = ("map",) + BIAS_TERMS
-PATHS: tuple[str, ...] = ("quantized", "mapped", "fp")
+PATHS: tuple[str, ...] = ("mapped", "quantized", "fp")
 #: How the pull coefficient sees the spread it acts on (see :class:`PersistentEstimator`).
 SPREADS: tuple[str, ...] = ("local", "noise", "landing")
 #: What a step's perturbation is correlated with (see :class:`PersistentEstimator`).
@@ -574,14 +578,14 @@ class PersistentEstimator(Estimator):
             :func:`output_map_shares`, else the step's mean error alone where that explains as much, else
             nothing. ``"none"`` or ``"conditional"`` (the published code's per-channel conditional mean).
         per_channel: one value per channel (first sample dim) instead of one per step.
-        path: where persistence is measured. ``"quantized"`` (default): the per-step size ``v_i`` comes
+        path: where persistence is measured. ``"mapped"`` (default): the per-step size ``v_i`` comes
             from the store (the FP path, as every estimator), the persistence factor ``w_i / v_i`` from
-            the same seeds re-run in lock-step along the quantized sampler's own path
-            (:func:`quantized_path_errors`; needs the model pair, ``pair=`` or ``qdrift fit --pair``, never
-            taken from the store; without it the FP path is used and the fit says so in ``path_note``).
-            ``"mapped"`` (an option): the same, but along the path the corrected sampler follows before its pull,
-            the quantized output put through the affine output map at every step (the quantized path where no map
-            applies). ``"fp"``: everything from the store (no model calls; overstates the persistence of an error
+            the same seeds re-run in lock-step along the path the corrected sampler follows before its pull, the
+            quantized output put through the affine output map at every step (the quantized sampler's own path
+            where no map applies; :func:`quantized_path_errors`; needs the model pair, ``pair=`` or
+            ``qdrift fit --pair``, never taken from the store; without it the FP path is used and the fit says so in
+            ``path_note``). ``"quantized"`` (the default before): along the uncorrected quantized path even where the
+            map applies. ``"fp"``: everything from the store (no model calls; overstates the persistence of an error
             that is rough in the state, see ``docs/method.md``).
         propagation: ``"noise"`` (default) or ``"none"``, see :func:`accumulated_cross_terms`.
         center: count the accumulated perturbation's variance across samples (per channel), not
@@ -615,7 +619,8 @@ class PersistentEstimator(Estimator):
             function of the state), else the accumulated one. The carried term costs one more evaluation of both
             models per step and calibration sample (a sibling state). Without the pair or with ``spread="noise"`` the
             accumulated one is used.
-        pair: the model pair for ``path="quantized"`` (a pair is code: it is never imported from the store).
+        pair: the model pair for ``path="mapped"`` or ``"quantized"`` (a pair is code: it is never imported from the
+            store).
     """
 
     name = "persistent"
@@ -625,7 +630,7 @@ class PersistentEstimator(Estimator):
         self,
         bias: str = "map",
         per_channel: bool = False,
-        path: str = "quantized",
+        path: str = "mapped",
         propagation: str = "noise",
         center: bool = True,
         confidence: float = 0.95,
@@ -644,7 +649,7 @@ class PersistentEstimator(Estimator):
         if propagation not in PROPAGATIONS:
             raise QDriftError(f"unknown propagation {propagation!r}; choose {', '.join(PROPAGATIONS)}")
         if path not in PATHS:
-            raise QDriftError(f"unknown path {path!r}; choose quantized or fp")
+            raise QDriftError(f"unknown path {path!r}; choose {', '.join(PATHS)}")
         self.per_channel = per_channel
         self.path = path
         self.propagation = propagation
