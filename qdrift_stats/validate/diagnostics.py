@@ -421,7 +421,7 @@ def report(diag: xr.Dataset) -> str:
         *[f"  - {r}" for r in verdict["reasons"]],
         f"Use: qdrift fit STORE --estimator {verdict['estimator']} --correction {verdict['correction']}"
         + (
-            " --pair P  (it re-runs the store's seeds along the quantized path)"
+            " --pair P  (it re-runs the store's seeds along the sampler's own path)"
             if verdict["estimator"] == "persistent"
             else ""
         ),
