@@ -33,7 +33,7 @@ sampler follows before its pull: the quantized output put through the affine out
 step, the plain quantized path where no map applies. ``path="quantized"`` (the default before) always
 advances with the uncorrected quantized output; where the map repairs most of a strong error, that path
 runs far from the corrected sampler's and the pull over-shrinks (the testbed's strong weight error:
-corrected within-mode variance 7-28% of FP's). ``path="fp"`` uses the store alone (no model calls).
+corrected within-mode variance 7-27% of FP's). ``path="fp"`` uses the store alone (no model calls).
 
 By default (``cross="carried"``, with the model pair and the pull sized by the local spread), the cross term is
 taken with the deviation the state *carries* where the step lands, not with the earlier perturbations alone
