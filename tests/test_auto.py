@@ -206,3 +206,38 @@ def test_the_default_is_kept_unless_the_search_beats_it_beyond_the_noise(tmp_pat
     # the weight error: the output map alone beats the default's pull beyond it
     assert kept == (family == "mixture_vp_noise")
     assert "beyond the held-out noise" in c["reason"] and "automatic choice" in fitted.summary()
+
+
+def test_the_default_is_chosen_when_it_beats_q_although_a_scan_stopped_before_its_strength(store, monkeypatch):
+    """A scan that stops (patience) before strength 1 never scores the default; the keep-the-default step scores it
+    afterwards, and when it beats Q and everything tried, it is the choice (this used to raise a KeyError)."""
+    import qdrift_stats.correct.auto as auto
+
+    scored_at = {"strength": None}
+    profiled = auto.profiled_file
+
+    def recording_profiled_file(fitted, form, strength):
+        scored_at["strength"] = float(np.max(strength))
+        return profiled(fitted, form, strength)
+
+    by_strength = {None: 1.0, 0.0: 5.0, 0.25: 2.0, 0.5: 3.0, 1.0: 0.5}  # None: Q's score (no correction built)
+    monkeypatch.setattr(auto, "profiled_file", recording_profiled_file)
+    monkeypatch.setattr(auto, "distribution_score", lambda *args, **kw: by_strength[scored_at["strength"]])
+    fitted = AutoEstimator(
+        candidates=("persistent",),
+        forms=("shrink",),
+        strengths=(0.0, 0.25, 0.5, 1.0),
+        segments=1,
+        patience=2,
+        pair=testbed.mixture_vp_noise(),
+    ).fit(store)
+    c = fitted.choice
+    assert [t["profile"][0] for t in fitted.trials][-1] == 1.0  # scored by the keep-the-default step, last
+    assert (c["estimator"], c["form"], c["profile"], c["score"], c["q_score"]) == (
+        "persistent",
+        "shrink",
+        [1.0],
+        0.5,
+        1.0,
+    )
+    assert c["reason"] == "the default persistent scored lowest" and c["against_default"] is None

@@ -418,7 +418,11 @@ class AutoEstimator(Estimator):
         if self.anchor is not None:
             anchor_key = (self.anchor, form0, (1.0,) * n_seg)
             anchor_score = evaluate(*anchor_key)
-            if anchor_score < q_score and (chosen, form, profile) != anchor_key:
+            if anchor_score < q_score and anchor_score <= score:
+                # the default scored lowest (also when a scan stopped before the default's strength)
+                score, chosen, form, profile = anchor_score, *anchor_key
+                reason = f"the default {self.anchor} scored lowest"
+            elif anchor_score < q_score:
                 # the default stays unless the search's best beats it beyond the held-out noise (paired bootstrap)
                 difference, low, high = paired_score_difference(
                     pooled[(chosen, form, profile)],
@@ -437,8 +441,6 @@ class AutoEstimator(Estimator):
                     score, chosen, form, profile = anchor_score, *anchor_key
                 else:
                     reason = f"beats the default {self.anchor} beyond the held-out noise"
-            elif (chosen, form, profile) == anchor_key:
-                reason = f"the default {self.anchor} scored lowest"
         full = candidate(chosen or self.candidates[0]).fit(ds)
         lam = np.array([profile[s] if s >= 0 else 0.0 for s in seg]) if chosen else np.zeros(len(seg))
         variance = full.variance * lam.reshape((-1,) + (1,) * (full.variance.ndim - 1))
