@@ -311,7 +311,8 @@ def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: 
     "path the corrected sampler follows before its pull, which re-runs the store's seeds with --pair; without --pair "
     "measured on the FP path, and the fit says so), first-order (the per-step statistic alone), empirical, decomposed, "
     "persistent-nobias, persistent-noise-pull, persistent-landing, persistent-quantized-path (the default before), "
-    "persistent-ptqd, auto (chosen by "
+    "persistent-state-map (the output map may also regress on the sampler state; needs --pair), persistent-ptqd, "
+    "auto (chosen by "
     "cross-validation; needs --pair), published and ptqd (the peers), ...",
 )
 @click.option(

@@ -122,14 +122,15 @@ def advance_step(
     *,
     i: int = 0,
     grid: Any = None,
-    correct_output: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    correct_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     capture: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The model calls and scheduler steps of step ``i`` from state ``x``: ``(x_next, output, model_input, noise)``.
 
     ``calls``: the step's entries of ``scheduler.timesteps`` (one for most solvers; Heun's predictor
-    and corrector). Each call is ``scale_model_input``, ``model``, optional ``correct_output`` and
-    ``scheduler.step`` from the state the previous call left (the predicted state for Heun's corrector).
+    and corrector). Each call is ``scale_model_input``, ``model``, optional ``correct_output(output, state)`` (``state``
+    the call's scheduler sample, for a state-aware output map) and ``scheduler.step`` from the state the previous call
+    left (the predicted state for Heun's corrector).
     ``output`` is the model output for a one-call step and otherwise the step's effective output
     (:func:`~qdrift_stats.schedulers.base.first_order_output` on ``grid``, the scheduler's step grid);
     ``model_input`` is the first call's. ``capture``: record the noise the landing call draws
@@ -143,7 +144,7 @@ def advance_step(
         first_input = model_input if first_input is None else first_input
         output = model(model_input, t, **cond)
         if correct_output is not None:
-            output = correct_output(output)
+            output = correct_output(output, state)
         if capture and n == len(calls) - 1:
             with capture_step_noise(scheduler) as drawn:
                 state = scheduler.step(output, t, state, **kwargs, return_dict=False)[0]

@@ -32,5 +32,10 @@ def command_line() -> str:
     return " ".join(["python", str(script), *sys.argv[1:]])
 
 
+def processes(n: int) -> str:
+    """``"1 process"``, ``"2 processes"``: for the generated-by line."""
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
 def pct(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.0f}%"

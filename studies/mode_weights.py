@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _report import ROOT, command_line, pct, write_section
+from _report import ROOT, command_line, pct, processes, write_section
 from mixture_persistent import FAMILIES, STEPS, within_var_batch
 
 from qdrift_stats import testbed
@@ -69,17 +69,30 @@ def cell(job):
         fitted = PersistentEstimator(pair=pair).fit(store)
         fitted.export(Path(tmp) / "e.safetensors")
         est = EstimatorFile.load(Path(tmp) / "e.safetensors")
+        # the pull alone: the same estimator without the output map (its statistic fitted for no map)
+        PersistentEstimator(pair=pair, bias="none").fit(store).export(Path(tmp) / "pull.safetensors")
+        pull = EstimatorFile.load(Path(tmp) / "pull.safetensors")
+        # the option whose output map may also regress on the sampler state
+        PersistentEstimator(pair=pair, map_state=True).fit(store).export(Path(tmp) / "state.safetensors")
+        state_map = EstimatorFile.load(Path(tmp) / "state.safetensors")
         sets = {
             "fp": sample(pair, scheduler, STEPS, samples, 2000, EVAL_SEED, model="fp"),
             "fp_other": sample(pair, scheduler, STEPS, samples, 2000, OTHER_SEED, model="fp"),
             "q": sample(pair, scheduler, STEPS, samples, 2000, EVAL_SEED, model="q"),
             "corrected": sample(pair, scheduler, STEPS, samples, 2000, EVAL_SEED, model="q", estimator=est),
+            # the default's file at strength 0: its output map alone, no pull
+            "map_only": sample(
+                pair, scheduler, STEPS, samples, 2000, EVAL_SEED, model="q", estimator=est, strength=0.0
+            ),
+            "pull_only": sample(pair, scheduler, STEPS, samples, 2000, EVAL_SEED, model="q", estimator=pull),
+            "state_map": sample(pair, scheduler, STEPS, samples, 2000, EVAL_SEED, model="q", estimator=state_map),
         }
     flat = {k: torch.as_tensor(v, dtype=torch.float64).reshape(len(v), -1) for k, v in sets.items()}
     modes = {k: pair.mixture.assign(v).numpy() for k, v in flat.items()}
     k = int(max(m.max() for m in modes.values())) + 1
     props = {name: proportions(m, k) for name, m in modes.items()}
-    tv = {name: total_variation(props[name], props["fp"]) for name in ("fp_other", "q", "corrected")}
+    parts = ("corrected", "map_only", "pull_only", "state_map")
+    tv = {name: total_variation(props[name], props["fp"]) for name in ("fp_other", "q") + parts}
     rng = np.random.default_rng(0)
     boot = []
     for _ in range(reps):
@@ -106,11 +119,15 @@ def cell(job):
         "same_mode_fp_other": float(np.mean(modes["fp_other"] == modes["fp"])),
         "same_mode_q": float(np.mean(modes["q"] == modes["fp"])),
         "same_mode_corrected": float(np.mean(modes["corrected"] == modes["fp"])),
+        **{f"tv_{n}": tv[n] for n in parts[1:]},
+        **{f"tv_closed_{n}": (tv["q"] - tv[n]) / tv["q"] if tv["q"] > 0 else float("nan") for n in parts[1:]},
+        **{f"same_mode_{n}": float(np.mean(modes[n] == modes["fp"])) for n in parts[1:]},
         "within_var_closed": (within["q"] - within["corrected"]) / (within["q"] - within["fp"]),
         "within_var_corrected_over_fp": within["corrected"] / within["fp"],
+        **{f"within_var_closed_{n}": (within["q"] - within[n]) / (within["q"] - within["fp"]) for n in parts[1:]},
         "bandwidth": bandwidth,
     }
-    for name in ("q", "corrected"):
+    for name in ("q",) + parts:
         for score in ("mmd", "energy"):
             out[f"{score}_{name}"] = distribution_score(flat[name].numpy(), reference, score, bandwidth)
     out["seconds"] = time.time() - start
@@ -138,6 +155,31 @@ def table(rows):
             f"{pct(r['same_mode_fp_other'])} / {pct(r['same_mode_q'])} / {pct(r['same_mode_corrected'])} | "
             f"{pct(r['within_var_closed'])} ({pct(r['within_var_corrected_over_fp'])}) | "
             f"{r['mmd_q']:.4f} / {r['mmd_corrected']:.4f} | {r['energy_q']:.3f} / {r['energy_corrected']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def parts_table(rows):
+    """Where the repair of the mode proportions comes from, on the cells where Q moves them beyond the noise floor:
+    the default's output map alone (its file at strength 0), its pull alone (fitted without the map), both; and the
+    option whose map may also regress on the sampler state (``persistent-state-map``)."""
+    lines = [
+        "| family | scheduler | map | TV removed: map alone / pull alone / both (the default) / state-aware map | "
+        "same mode as FP's seed: Q / map alone / pull alone / both / state-aware map | "
+        "within-var gap closed: map alone / pull alone / both / state-aware map |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if not r["tv_q"] > 2 * r["tv_fp_other"]:
+            continue
+        lines.append(
+            f"| {r['family'].replace('mixture_', '')} | {r['scheduler']} | {'yes' if r['map_applied'] else 'no'} | "
+            f"{pct(r['tv_closed_map_only'])} / {pct(r['tv_closed_pull_only'])} / {pct(r['tv_closed'])} / "
+            f"{pct(r['tv_closed_state_map'])} | "
+            f"{pct(r['same_mode_q'])} / {pct(r['same_mode_map_only'])} / {pct(r['same_mode_pull_only'])} / "
+            f"{pct(r['same_mode_corrected'])} / {pct(r['same_mode_state_map'])} | "
+            f"{pct(r['within_var_closed_map_only'])} / {pct(r['within_var_closed_pull_only'])} / "
+            f"{pct(r['within_var_closed'])} / {pct(r['within_var_closed_state_map'])} |"
         )
     return "\n".join(lines)
 
@@ -192,7 +234,7 @@ def main():
         writer.writeheader()
         writer.writerows(rows)
     md = [
-        f"Generated by `{command_line()}` ({elapsed / 60:.1f} min on 2 shared CPU cores, {args.processes} processes). "
+        f"Generated by `{command_line()}` ({elapsed / 60:.1f} min on 2 shared CPU cores, {processes(args.processes)}). "
         "All numbers in `docs/results/mode_weights.csv`.",
         "",
         f"50 steps; one calibration store per cell (seed 0, 5 runs x 64 samples); the default `qdrift fit` with the "
@@ -204,6 +246,13 @@ def main():
         table(rows),
         "",
         summary(rows),
+        "",
+        "Where the repair of the mode proportions comes from, on the cells where Q's TV is above twice the noise "
+        "floor: the default's output map alone (the exported file at strength 0: no pull), the pull alone "
+        '(`PersistentEstimator(bias="none")`: the statistic fitted with no map), both (the default), and the option '
+        "whose output map may also regress on the sampler state (`persistent-state-map`: its map and pull).",
+        "",
+        parts_table(rows),
     ]
     write_section("mode_weights", "\n".join(md))
 

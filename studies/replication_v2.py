@@ -14,6 +14,7 @@ spread), ``persistent-noise-pull`` (the same with the pull of a state that is al
 local spread), ``persistent-ptqd``, ``persistent-landing`` (the default's statistic with the pull solved at the landing
 level, an option), ``persistent-mapped`` (persistence measured along the path the corrected sampler follows before
 its pull: the default since the path was flipped; this row was run before the flip, when it was an option),
+``persistent-state-map`` (the default with output maps that may also regress on the sampler state, an option),
 ``decomposed``, ``auto`` (``qdrift fit --estimator auto``: it samples the pair tens of times per
 held-out run, 20 to 30 minutes per cell on one shared CPU core, so it is run on chosen cells with ``--only``, beside
 ``persistent``, and rendered against it with ``--render-auto``). Library rows use the shrink form at strength 1
@@ -75,6 +76,7 @@ ROWS = (
     "persistent-accumulated",
     "persistent-landing",
     "persistent-mapped",
+    "persistent-state-map",
     "decomposed",
     "auto",
 )
@@ -82,6 +84,8 @@ REDUCED_CELLS = [("unet", "ddim", "w3a4"), ("dit", "flow-euler", "w3a4")]
 V1_TABLE = ROOT / "docs" / "results" / "replication_table.csv"
 DEFAULT_ROW = "persistent"
 PEERS = ("published", "ptqd")
+#: Options compared with the default in the degraded table's summary (median difference and per-cell paired verdicts).
+OPTIONS_AGAINST_DEFAULT = ("persistent-state-map",)
 #: How a rendered table names the default row of an earlier run, when a later run recomputed the default.
 PREVIOUS_DEFAULTS = ("persistent-r2-gate", "persistent-ptqd-terms", "persistent-quantized-path")
 #: What each earlier default was, for the rendered table's header.
@@ -660,6 +664,24 @@ def write_degraded_docs(rows, boots, args, elapsed, command, rendered=None):
                 lo, hi = np.percentile(medians_by_row[DEFAULT_ROW] - medians_by_row[p], [2.5, 97.5])
                 points = f"{100 * est:+.0f} points [{100 * lo:+.0f}, {100 * hi:+.0f}]"
                 summary.append(f"- median `{DEFAULT_ROW}` − median `{p}`: {points}")
+    for option in OPTIONS_AGAINST_DEFAULT:
+        if option in medians_by_row and DEFAULT_ROW in medians_by_row:
+            est = median_closure(degraded, boots, option)[0] - median_closure(degraded, boots, DEFAULT_ROW)[0]
+            lo, hi = np.percentile(medians_by_row[option] - medians_by_row[DEFAULT_ROW], [2.5, 97.5])
+            verdicts = {"helps": [], "hurts": []}
+            for r in rows:
+                key = f"{r['model']}/{r['scheduler']}/{r['recipe']}"
+                diffs = boots[f"{key}/{option}"] - boots[f"{key}/{DEFAULT_ROW}"]  # FD: below 0 favours the option
+                verdict_k = verdict(*np.percentile(diffs, [2.5, 97.5]))
+                if verdict_k in verdicts:
+                    verdicts[verdict_k].append(key)
+            summary.append(
+                f"- median `{option}` − median `{DEFAULT_ROW}`: {100 * est:+.0f} points "
+                f"[{100 * lo:+.0f}, {100 * hi:+.0f}]; "
+                f"per cell (paired FD interval) `{option}` better on {len(verdicts['helps'])} "
+                f"({', '.join(verdicts['helps']) or 'none'}), worse on {len(verdicts['hurts'])} "
+                f"({', '.join(verdicts['hurts']) or 'none'})"
+            )
     worse = (
         [f"{r['model']}/{r['scheduler']}/{r['recipe']}" for r in rows if r[f"{DEFAULT_ROW}_minus_q_lo"] > 0]
         if f"{DEFAULT_ROW}_minus_q_lo" in rows[0]

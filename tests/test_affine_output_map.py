@@ -17,6 +17,7 @@ from qdrift_stats.correct.estimator_file import EstimatorFile
 from qdrift_stats.errors import QDriftError
 from qdrift_stats.estimators.output_map import (
     MAX_LOCAL_NORM,
+    STATE_CANDIDATES,
     candidate_name,
     fit_output_map,
     heldout_shares,
@@ -101,6 +102,45 @@ def test_the_held_out_share_weights_each_step_by_its_reach_and_knows_an_exact_ma
     assert exact["local3@1e-09"] == pytest.approx(1.0, abs=1e-6)
     noise_only = heldout_shares(m_q, errors, np.array([0.0, 1.0]), candidates=(("local", 3, 1e-9),))
     assert -0.2 < noise_only["local3@1e-09"] < 0.0  # predicting noise from unrelated outputs only costs
+
+
+def test_a_state_candidate_knows_an_error_of_the_state_that_the_output_does_not_predict():
+    # the error is a known convolution of the state x, and the FP output m is independent of x: regressed on m alone
+    # nothing is explained; on (m, x) with the state's channels beside the output's, all of it (local and dense)
+    rng = np.random.default_rng(5)
+    runs, n = 3, 64
+    kernel = rng.normal(size=(2, 2, 3, 3)) * 0.3
+    m_fp = [rng.normal(size=(runs, n, *SHAPE))]
+    states = [rng.normal(size=(runs, n, *SHAPE))]
+    errors = [conv(states[0].reshape(-1, *SHAPE), kernel).reshape(runs, n, *SHAPE)]
+    tried = (("local", 3, 1e-9), ("local", 3, 1e-9, True), ("full", 0, 1e-9, True))
+    shares = heldout_shares(m_fp, errors, np.array([1.0]), candidates=tried, states=states)
+    assert set(shares) == {"local3@1e-09", "local3@1e-09+state", "full@1e-09+state"}
+    assert -0.2 < shares["local3@1e-09"] < 0.0
+    assert shares["local3@1e-09+state"] == pytest.approx(1.0, abs=1e-6)
+    # 60 features per sample and 128 training samples: the dense map is exact up to its conditioning
+    assert shares["full@1e-09+state"] == pytest.approx(1.0, abs=1e-3)
+    # without states the state candidates are not tried; the plain ones are, with the same share
+    plain = heldout_shares(m_fp, errors, np.array([1.0]), candidates=tried)
+    assert plain == {"local3@1e-09": shares["local3@1e-09"]}
+    assert all(c[3] and c[0] != "mean" for c in STATE_CANDIDATES)
+    assert candidate_name("full", 0, 0.3, True) == "full@0.3+state"
+
+
+def test_a_state_candidate_splits_an_error_that_depends_on_both_the_output_and_the_state():
+    # e = K m + L x with dense K, L on a flat sample: the output alone explains K's part, both explain all
+    rng = np.random.default_rng(6)
+    runs, n, d = 4, 200, 6
+    K, L = rng.normal(size=(d, d)) * 0.3, rng.normal(size=(d, d)) * 0.3
+    m_fp = [rng.normal(size=(runs, n, d))]
+    states = [rng.normal(size=(runs, n, d))]
+    errors = [m_fp[0] @ K + states[0] @ L]
+    shares = heldout_shares(
+        m_fp, errors, np.array([1.0]), candidates=(("full", 0, 1e-9), ("full", 0, 1e-9, True)), states=states
+    )
+    expected_plain = np.sum(K**2) / (np.sum(K**2) + np.sum(L**2))  # independent unit-variance inputs
+    assert shares["full@1e-09"] == pytest.approx(expected_plain, abs=0.03)
+    assert shares["full@1e-09+state"] == pytest.approx(1.0, abs=1e-9)
 
 
 def test_selection_applies_the_best_candidate_only_above_the_threshold():

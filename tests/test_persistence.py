@@ -243,7 +243,7 @@ def test_quantized_path_of_an_exact_pair_is_the_fp_path():
 def test_the_mapped_path_steps_with_the_corrected_output_and_returns_the_error_it_keeps(weight_store):
     pair, seeds = testbed.mixture_vp_weight(), [int(s) for s in xr.open_zarr(weight_store)["seed"].values]
     plain = quantized_path_errors(pair, "ddim", 6, seeds, 16)
-    same = quantized_path_errors(pair, "ddim", 6, seeds, 16, correct_output=lambda i, m: m)
+    same = quantized_path_errors(pair, "ddim", 6, seeds, 16, correct_output=lambda i, m, x: m)
     for a, b in zip(plain, same):
         np.testing.assert_array_equal(a, b)
     # the quantized output shifted by a known step-dependent offset: at step 0 (same state) the error kept is the
@@ -251,7 +251,7 @@ def test_the_mapped_path_steps_with_the_corrected_output_and_returns_the_error_i
     # the quantized one after step 0
     calls = []
 
-    def offset(i, m):
+    def offset(i, m, x):
         calls.append(i)
         return m + 0.01 * (i + 1)
 

@@ -15,7 +15,7 @@ import torch
 
 from qdrift_stats.correct.coefficients import apply_correction, channelwise, correction_coefficients
 from qdrift_stats.errors import QDriftError
-from qdrift_stats.estimators.output_map import LOCAL_ITERATIONS, invert_local
+from qdrift_stats.estimators.output_map import LOCAL_ITERATIONS, invert_local, local_state_term
 from qdrift_stats.schedulers import StepGrid
 
 
@@ -113,9 +113,10 @@ class Corrector:
         """Whether some step lowers the sampler's injected noise (the loop must show the step's noise)."""
         return any(self.noise_active)
 
-    def correct_output(self, i: int, model_output: torch.Tensor) -> torch.Tensor:
+    def correct_output(self, i: int, model_output: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """The output correction: the decomposition's ``(m_q - mu_i) / (1 + k_i)``, then the affine output map's
-        ``m - offset_i - L_i (m - center_i)`` (identity without either)."""
+        ``m - offset_i - L_i (m - center_i)`` (identity without either). ``state``: the scheduler's sample the
+        output was computed from (``(batch, *sample_shape)``), needed by a state-aware map only."""
         if not self.output_active[i]:
             return model_output
         if self.scale is not None:
@@ -127,7 +128,7 @@ class Corrector:
             )
             model_output = scale * (model_output - shift)
         if self.output_map is not None and self.output_map.active[i]:
-            model_output = self.output_map(i, model_output)
+            model_output = self.output_map(i, model_output, state)
         return model_output
 
     @classmethod
@@ -201,10 +202,11 @@ class IncrementCorrector(Corrector):
 class AffineOutputMap:
     """The affine output map on the sampler's device and dtype: the corrected output solves
     ``m = m_q - offset_i - K_i (m - c_i)`` (``c_i = center_i - offset_i``; see
-    :mod:`qdrift_stats.estimators.output_map`).
+    :mod:`qdrift_stats.estimators.output_map`), less the state's part for a state-aware map.
 
     Fitted by :mod:`qdrift_stats.estimators.output_map` and carried by estimator files (``map_center``,
-    ``map_offset``, ``map_weight``). Pure tensor operations, no host synchronisation.
+    ``map_offset``, ``map_weight``; ``map_state_center``, ``map_state_weight``). Pure tensor operations, no host
+    synchronisation.
 
     Args:
         structure: ``"mean"`` (no ``weight``: ``m_q - offset_i``), ``"local"`` (``weight`` ``(steps, C, C, k, k)``,
@@ -212,6 +214,10 @@ class AffineOutputMap:
             (``weight`` ``(steps, D, D)`` ``W_i = I - (I + K_i)^{-1}``: ``m_q - offset_i - (m_q - center_i) W_i``).
         center, offset: ``(steps, *sample_shape)``, output units.
         active: per step, whether the map does anything there (a step outside a calibrated img2img range does not).
+        state_center, state_weight: a state-aware map's state part (both or neither): ``(steps, *sample_shape)`` the
+            mean FP state, and local ``(steps, C, C, k, k)`` the kernels of ``L_i`` (``L_i (x - xbar_i)`` is
+            subtracted inside the fixed point) or full ``(steps, D, D)`` ``M_i`` (``(x - xbar_i) M_i`` is
+            subtracted). Calls then need the state.
     """
 
     def __init__(
@@ -224,24 +230,41 @@ class AffineOutputMap:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         iterations: int = LOCAL_ITERATIONS,
+        state_center: Any = None,
+        state_weight: Any = None,
     ):
         if structure not in ("mean", "local", "full") or (weight is None) != (structure == "mean"):
             raise QDriftError(f"an output map of structure {structure!r} needs {'no ' if weight is None else ''}weight")
+        if (state_center is None) != (state_weight is None) or (state_weight is not None and weight is None):
+            raise QDriftError("a state-aware output map needs both state tensors and a slope (local or full)")
         self.structure = structure
-        self._host = (center, offset, weight)
+        self._host = (center, offset, weight, state_center, state_weight)
         self.center = torch.as_tensor(np.asarray(center), device=device, dtype=dtype)
         self.offset = torch.as_tensor(np.asarray(offset), device=device, dtype=dtype)
         self.weight = None if weight is None else torch.as_tensor(np.asarray(weight), device=device, dtype=dtype)
+        self.state_center, self.state_weight = (
+            None if a is None else torch.as_tensor(np.asarray(a), device=device, dtype=dtype)
+            for a in (state_center, state_weight)
+        )
         self.num_steps = int(self.center.shape[0])
         self.active = [True] * self.num_steps if active is None else list(active)
         self.iterations = int(iterations)
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> AffineOutputMap:
-        center, offset, weight = self._host
-        return AffineOutputMap(self.structure, center, offset, weight, self.active, device, dtype, self.iterations)
+    @property
+    def uses_state(self) -> bool:
+        """Whether the map needs the sampler state beside the model output."""
+        return self.state_weight is not None
 
-    def __call__(self, i: int, output: torch.Tensor) -> torch.Tensor:
-        """The mapped output ``(batch, *sample_shape)`` of step ``i`` (shapes checked, values not)."""
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> AffineOutputMap:
+        center, offset, weight, state_center, state_weight = self._host
+        return AffineOutputMap(
+            self.structure, center, offset, weight, self.active, device, dtype, self.iterations,
+            state_center, state_weight,
+        )  # fmt: skip
+
+    def __call__(self, i: int, output: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """The mapped output ``(batch, *sample_shape)`` of step ``i`` (shapes checked, values not); ``state``, the
+        scheduler's sample the output was computed from, for a state-aware map."""
         if tuple(output.shape[1:]) != tuple(self.center.shape[1:]):
             raise QDriftError(
                 f"the output map was fitted for samples of shape {tuple(self.center.shape[1:])}, the model output "
@@ -249,10 +272,22 @@ class AffineOutputMap:
             )
         if self.weight is None:
             return output - self.offset[i]
+        ds = None
+        if self.uses_state:
+            if state is None or tuple(state.shape) != tuple(output.shape):
+                raise QDriftError(
+                    "this output map regresses on the sampler state: it needs the state the output was computed from, "
+                    f"of the output's shape {tuple(output.shape)}"
+                )
+            ds = state.to(output.dtype) - self.state_center[i]
         if self.structure == "local":
-            return invert_local(output, self.offset[i], self.center[i], self.weight[i], self.iterations)
+            term = None if ds is None else local_state_term(ds, 0.0, self.state_weight[i])
+            return invert_local(output, self.offset[i], self.center[i], self.weight[i], self.iterations, term)
         d = output - self.center[i]
-        return output - self.offset[i] - (d.reshape(len(d), -1) @ self.weight[i]).reshape(d.shape)
+        out = output - self.offset[i] - (d.reshape(len(d), -1) @ self.weight[i]).reshape(d.shape)
+        if ds is not None:
+            out = out - (ds.reshape(len(ds), -1) @ self.state_weight[i]).reshape(d.shape)
+        return out
 
 
 def _check_channels(per_step: torch.Tensor, like: torch.Tensor, axis: int, what: str) -> None:

@@ -297,7 +297,7 @@ class QDriftScheduler(SchedulerProxy):
             self._step_start = sample
         landing = k + 1 == len(steps) or steps[k + 1] != i
         if corrector.output_active[i]:
-            model_output = self._corrector_on(model_output).correct_output(i, model_output)
+            model_output = self._corrector_on(model_output).correct_output(i, model_output, sample)
         noise = None
         if landing and corrector.noise_active[i]:  # a stochastic step whose injected noise the correction lowers
             with capture_step_noise(self.scheduler) as drawn:

@@ -67,10 +67,16 @@ FORMAT_VERSION_MAP = 2
 #: The version of a file that carries ``independent_variance`` (the landing-level pull): a reader of version 2
 #: would ignore it and apply a different pull, so it must refuse.
 FORMAT_VERSION_LANDING = 3
-READ_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MAP, FORMAT_VERSION_LANDING)
+#: The version of a file whose output map regresses on the sampler state (``map_state_*`` tensors): a reader of
+#: version 3 would apply the map without its state part, so it must refuse. Such a file may carry everything else.
+FORMAT_VERSION_STATE_MAP = 4
+READ_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MAP, FORMAT_VERSION_LANDING, FORMAT_VERSION_STATE_MAP)
 #: The affine output map (:mod:`qdrift_stats.estimators.output_map`): ``(steps, *sample_shape)`` each, and
 #: ``map_weight`` ``(steps, C, C, k, k)`` (local) or ``(steps, D, D)`` (full).
 MAP_TENSORS = ("map_center", "map_offset", "map_weight")
+#: A state-aware map's state part: ``map_state_center`` ``(steps, *sample_shape)`` (state units), ``map_state_weight``
+#: of ``map_weight``'s shape (local: the kernels of ``L_i``; full: ``M_i = L_i (I + K_i)^{-1}``).
+MAP_STATE_TENSORS = ("map_state_center", "map_state_weight")
 METADATA_KEY = "qdrift"
 _REQUIRED_TENSORS = ("variance", "timesteps", "a_next", "b_next")
 _OPTIONAL_TENSORS = (
@@ -179,6 +185,8 @@ class EstimatorFile:
             metadata["format_version"] = FORMAT_VERSION_MAP
         if "independent_variance" in tensors:
             metadata["format_version"] = FORMAT_VERSION_LANDING
+        if "map_state_center" in tensors:
+            metadata["format_version"] = FORMAT_VERSION_STATE_MAP
         return cls({k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}, metadata)
 
     @classmethod
@@ -360,8 +368,13 @@ class EstimatorFile:
             raise QDriftError(
                 f"{source}: residual_error must be one finite number >= 0 per step, with residual_fraction"
             )
-        if "independent_variance" in tensors and metadata.get("format_version") != FORMAT_VERSION_LANDING:
-            raise QDriftError(f"{source}: independent_variance needs estimator format version {FORMAT_VERSION_LANDING}")
+        if "independent_variance" in tensors and metadata.get("format_version") not in (
+            FORMAT_VERSION_LANDING,
+            FORMAT_VERSION_STATE_MAP,
+        ):
+            raise QDriftError(
+                f"{source}: independent_variance needs estimator format version {FORMAT_VERSION_LANDING} or later"
+            )
         if "independent_variance" in tensors and (
             "residual_fraction" not in tensors
             or tensors["independent_variance"].shape != tensors["variance"].shape
@@ -726,8 +739,11 @@ class EstimatorFile:
             return None
         structure = self.metadata["estimator"]["output_map"]["structure"]
         center, offset, weight = (self.tensors.get(k) for k in MAP_TENSORS)
+        state_center, state_weight = (self.tensors.get(k) for k in MAP_STATE_TENSORS)
         if self._same_grid(grid):
-            return AffineOutputMap(structure, center, offset, weight)
+            return AffineOutputMap(
+                structure, center, offset, weight, state_center=state_center, state_weight=state_weight
+            )
         offset_steps = self._grid_offset(grid)
         source = str(self.path) if self.path else "estimator"
         if offset_steps is None:
@@ -737,7 +753,15 @@ class EstimatorFile:
             return None if v is None else np.concatenate([np.zeros((offset_steps,) + v.shape[1:]), v])
 
         active = [False] * offset_steps + [True] * self.steps
-        return AffineOutputMap(structure, pad(center), pad(offset), pad(weight), active)
+        return AffineOutputMap(
+            structure,
+            pad(center),
+            pad(offset),
+            pad(weight),
+            active,
+            state_center=pad(state_center),
+            state_weight=pad(state_weight),
+        )
 
     def decomposition_on(self, grid: StepGrid) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The output decomposition ``(k, mu)`` on a sampler's grid (``None`` where the file has none).
@@ -760,11 +784,12 @@ class EstimatorFile:
 
 def _validate_output_map(tensors: dict[str, np.ndarray], metadata: dict[str, Any], steps: int, source: str) -> None:
     """Check the affine output map's tensors against its ``estimator.output_map`` metadata (one-line errors)."""
-    present = [k for k in MAP_TENSORS if k in tensors]
+    present = [k for k in MAP_TENSORS + MAP_STATE_TENSORS if k in tensors]
     entry = metadata.get("estimator", {}).get("output_map")
     if not present and entry is None:
         return
-    if metadata.get("format_version", FORMAT_VERSION_MAP) not in (FORMAT_VERSION_MAP, FORMAT_VERSION_LANDING):
+    version = metadata.get("format_version", FORMAT_VERSION_MAP)
+    if version not in (FORMAT_VERSION_MAP, FORMAT_VERSION_LANDING, FORMAT_VERSION_STATE_MAP):
         raise QDriftError(f"{source}: an output map needs estimator format version {FORMAT_VERSION_MAP} or later")
     if not isinstance(entry, dict) or entry.get("structure") not in ("mean", "local", "full"):
         raise QDriftError(f"{source}: the output map needs estimator metadata 'output_map' with a known structure")
@@ -795,6 +820,22 @@ def _validate_output_map(tensors: dict[str, np.ndarray], metadata: dict[str, Any
             f"{source}: map_weight has shape {None if weight is None else tuple(weight.shape)}, "
             f"the {structure} map needs {expected}"
         )
+    states = [k for k in MAP_STATE_TENSORS if k in tensors]
+    if states or entry.get("state"):
+        if len(states) != 2 or entry.get("state") is not True or version != FORMAT_VERSION_STATE_MAP:
+            raise QDriftError(
+                f"{source}: a state-aware output map needs map_state_center and map_state_weight, metadata "
+                f"output_map.state true and estimator format version {FORMAT_VERSION_STATE_MAP}"
+            )
+        if weight is None or tensors["map_state_center"].shape != center.shape:
+            raise QDriftError(
+                f"{source}: a state-aware output map needs a slope and map_state_center of {center.shape}"
+            )
+        if tensors["map_state_weight"].shape != weight.shape:
+            raise QDriftError(
+                f"{source}: map_state_weight has shape {tuple(tensors['map_state_weight'].shape)}, "
+                f"map_weight {tuple(weight.shape)}: they must agree"
+            )
     for k in present:
         if not np.all(np.isfinite(tensors[k])) or np.any(np.abs(tensors[k]) > 1e30):
             raise QDriftError(f"{source}: tensor {k!r} must be finite (and below 1e30 in size)")

@@ -40,6 +40,7 @@ ESTIMATORS: dict[str, Callable[[], Estimator]] = {
     "persistent-landing": partial(PersistentEstimator, spread="landing"),
     "persistent-mapped": partial(PersistentEstimator, path="mapped"),  # the default since the path was flipped
     "persistent-quantized-path": partial(PersistentEstimator, path="quantized"),  # the default before
+    "persistent-state-map": partial(PersistentEstimator, map_state=True),  # the output map may also see the state
     "persistent-ptqd": partial(PersistentEstimator, bias="ptqd", min_explained=0.0),
     "persistent-conditional": partial(PersistentEstimator, bias="conditional"),
     "published": PublishedEstimator,  # the published Q-Drift code's statistic and correction (baseline)

@@ -78,7 +78,7 @@ from qdrift_stats.estimators.bias import (
 )
 from qdrift_stats.estimators.decomposed import output_regression, subsample_index
 from qdrift_stats.estimators.empirical import t_interval
-from qdrift_stats.estimators.output_map import OutputMap, select_output_map
+from qdrift_stats.estimators.output_map import DEFAULT_CANDIDATES, STATE_CANDIDATES, OutputMap, select_output_map
 from qdrift_stats.record.store import storage_errors_as_qdrift
 from qdrift_stats.schedulers.base import propagators, state_coefficients
 
@@ -382,6 +382,7 @@ def quantized_path_errors(
     batch: int,
     residuals: bool = False,
     correct_output: Any = None,
+    states: bool = False,
 ) -> tuple[np.ndarray, ...]:
     """Output errors along the quantized sampler's own path, and what the pull's residual holds there.
 
@@ -393,9 +394,10 @@ def quantized_path_errors(
     an error that repeats along the (barely moving) FP path may not repeat along the Q path.
     Same seeds and batch as the store's runs (same initial noise and conditions).
 
-    ``correct_output``: optional ``(i, m_q) -> m`` applied to the quantized output before its scheduler step
-    (the affine output map, ``path="mapped"``): the path is then the one the corrected sampler follows before
-    its pull, and ``e`` is the error the corrected output keeps there (``m - m_fp``).
+    ``correct_output``: optional ``(i, m_q, x) -> m`` applied to the quantized output before its scheduler step
+    (``x`` the scheduler's sample it was computed from; the affine output map, ``path="mapped"``): the path is then
+    the one the corrected sampler follows before its pull, and ``e`` is the error the corrected output keeps there
+    (``m - m_fp``).
 
     Returns:
         ``e`` and ``m_fp``, each ``(run, step, sample, *shape)``; ``eps_power`` and ``eps_error``, each
@@ -408,18 +410,20 @@ def quantized_path_errors(
         output at a *sibling* of each state (:func:`_sibling_errors`: the same local mean, a fresh deviation drawn
         from a generator seeded with ``seed + SIBLING_SEED_OFFSET``), for :func:`carried_cross_terms`. For a step
         with two model calls (Heun) the sibling is evaluated at the step's first call only.
+        With ``states=True`` two more at the end: the state at each step's input ``(run, step, sample, *shape)`` and,
+        with ``residuals``, the siblings' states (else ``None``), the inputs a state-aware output map needs.
     """
     from qdrift_stats.loop import advance_step, initial_noise, prepared_scheduler
     from qdrift_stats.schedulers.base import step_calls, step_grid, step_kwargs
 
-    errors, outputs, powers, noise, kept, sib_e, sib_m = [], [], [], [], [], [], []
+    errors, outputs, powers, noise, kept, sib_e, sib_m, xs, sib_xs = [], [], [], [], [], [], [], [], []
     with torch.no_grad():
         for seed in seeds:
             sched_fp = prepared_scheduler(pair, scheduler_name, steps)
             sched_q = prepared_scheduler(pair, scheduler_name, steps)
             kw_fp, kw_q = step_kwargs(sched_fp), step_kwargs(sched_q)
             x, cond = initial_noise(pair, sched_q, batch, seed)
-            e_run, m_run, p_run, n_run, r_run, se_run, sm_run = [], [], [], [], [], [], []
+            e_run, m_run, p_run, n_run, r_run, se_run, sm_run, x_run, sx_run = [], [], [], [], [], [], [], [], []
             sibling_noise = torch.Generator().manual_seed(int(seed) + SIBLING_SEED_OFFSET)
             plan = step_calls(sched_q)  # a two-call step (Heun) gives its effective outputs
             levels = step_grid(sched_q)
@@ -427,7 +431,7 @@ def quantized_path_errors(
             for i, calls in enumerate(plan):
                 # the FP step keeps the FP history in step
                 _, m_fp, _, _ = advance_step(pair.fp, sched_fp, x, calls, cond, kw_fp, i=i, grid=grid)
-                fix = None if correct_output is None else (lambda m, i=i: correct_output(i, m))
+                fix = None if correct_output is None else (lambda m, state, i=i: correct_output(i, m, state))
                 x_q, m_q, _, _ = advance_step(pair.q, sched_q, x, calls, cond, kw_q, i=i, grid=grid, correct_output=fix)
                 e_run.append((m_q - m_fp).double().cpu().numpy())
                 m_run.append(m_fp.double().cpu().numpy())
@@ -444,11 +448,14 @@ def quantized_path_errors(
                     n_run.append(float("nan"))
                 if residuals:
                     r_run.append(res_fp.cpu().numpy())
-                    e_sib, m_sib = _sibling_errors(
+                    e_sib, m_sib, x_sib = _sibling_errors(
                         pair, sched_q, sched_q.timesteps[calls[0]], x, res_fp, b, cond, sibling_noise
                     )
                     se_run.append(e_sib)
                     sm_run.append(m_sib)
+                    sx_run.append(x_sib)
+                if states:
+                    x_run.append(x.double().cpu().numpy())
                 x = x_q
             errors.append(np.stack(e_run))
             outputs.append(np.stack(m_run))
@@ -458,6 +465,9 @@ def quantized_path_errors(
                 kept.append(np.stack(r_run))
                 sib_e.append(np.stack(se_run))
                 sib_m.append(np.stack(sm_run))
+                sib_xs.append(np.stack(sx_run))
+            if states:
+                xs.append(np.stack(x_run))
     e, m = np.stack(errors), np.stack(outputs)
     if not (np.all(np.isfinite(e)) and np.all(np.isfinite(m))):
         raise QDriftError("non-finite model output along the quantized path")
@@ -467,34 +477,75 @@ def quantized_path_errors(
         np.mean(np.asarray(powers, dtype=np.float64), axis=0),
         np.mean(np.asarray(noise, dtype=np.float64), axis=0),
     )
-    if not residuals:
-        return out
-    return out + (np.stack(kept), np.stack(sib_e), np.stack(sib_m))
+    if residuals:
+        out = out + (np.stack(kept), np.stack(sib_e), np.stack(sib_m))
+    if states:
+        out = out + (np.stack(xs), np.stack(sib_xs) if residuals else None)
+    return out
+
+
+def fp_path_states(
+    pair: Any, scheduler_name: str, steps: int, seeds: list[int], batch: int, reproduce: list[np.ndarray] | None = None
+) -> np.ndarray:
+    """``(step, run, batch * D)`` the FP sampler's state at each step's input (its scheduler sample), re-run from the
+    store's seeds with the recording's initial and step noise: one FP model call per step and calibration sample.
+
+    ``reproduce``: per step, the store's FP outputs ``(run, batch * D)``; the re-run must give them (up to the
+    store's float rounding, 1% of their RMS), else the pair is not the one that was recorded and a one-line
+    :class:`QDriftError` says so.
+    """
+    from qdrift_stats.loop import initial_noise, prepared_scheduler, run_sampler, step_generator
+
+    states, outputs = [], []
+    with torch.no_grad():
+        for seed in seeds:
+            sched = prepared_scheduler(pair, scheduler_name, steps)
+            x, cond = initial_noise(pair, sched, batch, seed)
+            run_x, run_m = [], []
+
+            def keep(s: dict, run_x=run_x, run_m=run_m) -> None:
+                run_x.append(s["x"].double().cpu().numpy().reshape(batch, -1))
+                run_m.append(s["output"].double().cpu().numpy().reshape(batch, -1))
+
+            run_sampler(pair.fp, sched, x, cond, callback=keep, generator=step_generator(seed))
+            states.append(np.stack(run_x))
+            outputs.append(np.stack(run_m))
+    x = np.stack(states, axis=1).reshape(steps, len(seeds), -1)
+    if reproduce is not None:
+        m = np.stack(outputs, axis=1).reshape(steps, len(seeds), -1)
+        want = np.stack([np.asarray(r, dtype=np.float64) for r in reproduce])
+        scale = float(np.sqrt(np.mean(want**2))) or 1.0
+        if m.shape != want.shape or float(np.sqrt(np.mean((m - want) ** 2))) > 0.01 * scale:
+            raise QDriftError(
+                "the model pair does not reproduce the store's FP outputs from its seeds: pass the pair it was "
+                "recorded with (the state-aware map needs the FP states)"
+            )
+    return x
 
 
 #: Offset of the seed of the siblings' noise from the run's seed (a fixed, documented stream).
 SIBLING_SEED_OFFSET = 7919
 
 
-def _sibling_errors(pair, scheduler, t, x, res_fp, b, cond, generator) -> tuple[np.ndarray, np.ndarray]:
+def _sibling_errors(pair, scheduler, t, x, res_fp, b, cond, generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Output error and FP output at a sibling of each state: the same local mean, a fresh local deviation.
 
     With ``rho`` the batch's residual fraction, the local mean is ``x - res / rho`` and the local spread
-    ``S = b / sqrt(rho)``; the sibling is ``x - res / rho + S z``. Returns the output error and the FP output at
-    the siblings; zeros where ``b = 0``.
+    ``S = b / sqrt(rho)``; the sibling is ``x - res / rho + S z``. Returns the output error, the FP output and the
+    sibling states; zeros and the states themselves where ``b = 0``.
     """
     from qdrift_stats.loop import scale_model_input
 
     if b <= 0:
         zero = np.zeros(tuple(x.shape))
-        return zero, zero
+        return zero, zero, x.double().cpu().numpy()
     rho = float(np.clip(float(torch.mean(res_fp**2)) / (b * b), RHO_FLOOR, 1.0))
     z = torch.randn(tuple(x.shape), generator=generator, dtype=torch.float32).to(device=x.device, dtype=torch.float64)
     sibling = (x.double() - res_fp / rho + (b / np.sqrt(rho)) * z).to(x.dtype)
     model_input = scale_model_input(scheduler, sibling, t)
     m_fp = pair.fp(model_input, t, **cond)
     m_q = pair.q(model_input, t, **cond)
-    return (m_q - m_fp).double().cpu().numpy(), m_fp.double().cpu().numpy()
+    return (m_q - m_fp).double().cpu().numpy(), m_fp.double().cpu().numpy(), sibling.double().cpu().numpy()
 
 
 def residual_fraction(eps_power: np.ndarray) -> np.ndarray:
@@ -619,6 +670,12 @@ class PersistentEstimator(Estimator):
             function of the state), else the accumulated one. The carried term costs one more evaluation of both
             models per step and calibration sample (a sibling state). Without the pair or with ``spread="noise"`` the
             accumulated one is used.
+        map_state: with ``bias="map"``, also try maps that regress on the sampler state beside the FP output,
+            ``offset_i + K_i (m_fp - c_i) + L_i (x_i - xbar_i)``
+            (:data:`~qdrift_stats.estimators.output_map.STATE_CANDIDATES`), chosen by the same held-out share; the
+            FP states are re-run from the store's seeds with the pair (:func:`fp_path_states`: one FP model call per
+            step and calibration sample; the FP outputs must reproduce the store's) and the exported file needs
+            format version 4. An option (``docs/method.md``, "A map that sees the state"); needs the pair.
         pair: the model pair for ``path="mapped"`` or ``"quantized"`` (a pair is code: it is never imported from the
             store).
     """
@@ -641,6 +698,7 @@ class PersistentEstimator(Estimator):
         seed: int = 0,
         spread: str = "local",
         cross: str = "carried",
+        map_state: bool = False,
         pair: Any = None,
     ):
         if bias not in PERSISTENT_BIASES:
@@ -668,6 +726,9 @@ class PersistentEstimator(Estimator):
         if cross not in CROSS_TERMS:
             raise QDriftError(f"unknown cross term {cross!r}; choose {', '.join(CROSS_TERMS)}")
         self.cross = cross
+        self.map_state = bool(map_state)
+        if self.map_state and bias != "map":
+            raise QDriftError("map_state needs bias='map' (the state-aware output map)")
         self.pair = pair
 
     def bias_at_step(self, delta_out: np.ndarray, out_fp: np.ndarray, channel: np.ndarray, index):
@@ -746,23 +807,44 @@ class PersistentEstimator(Estimator):
         shares = (float("nan"), float("nan"))
         out_map, map_shares = None, None
         sample_shape = shape[2:]
+        fp_states, state_note = None, ""
         if self.bias == "map":
+            state_pair = None
+            if self.map_state:
+                try:
+                    state_pair = self._pair(ds)
+                except QDriftError as exc:
+                    state_note = f"no model pair given ({exc}); the state-aware output maps were not tried"
+            if state_pair is not None:
+                fp_states = fp_path_states(
+                    state_pair,
+                    str(ds.attrs.get("scheduler")),
+                    steps,
+                    [int(s) for s in ds["seed"].values],
+                    shape[1],
+                    reproduce=outputs,
+                )  # (step, run, samples * D)
             out_map, map_shares = select_output_map(
                 [outputs[i].reshape(runs, shape[1], *sample_shape) for i in range(steps)],
                 [errors[i].reshape(runs, shape[1], *sample_shape) for i in range(steps)],
                 trajectory_weights(gain, grid, ds.attrs.get("prediction_type")),
                 self.min_explained,
+                candidates=DEFAULT_CANDIDATES + (STATE_CANDIDATES if self.map_state else ()),
+                states=None
+                if fp_states is None
+                else [fp_states[i].reshape(runs, shape[1], *sample_shape) for i in range(steps)],
             )
 
-        def mapped(e: np.ndarray, m_fp: np.ndarray, step: int) -> np.ndarray:
-            """The error the corrected output keeps, ``map(m_q) - m_fp``, in ``e``'s shape (``e``, ``m_fp``:
-            ``(..., samples * D)`` or shaped)."""
+        def mapped(e: np.ndarray, m_fp: np.ndarray, step: int, state: np.ndarray | None = None) -> np.ndarray:
+            """The error the corrected output keeps, ``map(m_q) - m_fp``, in ``e``'s shape (``e``, ``m_fp`` and the
+            states the outputs were evaluated at: ``(..., samples * D)`` or shaped)."""
             if out_map is None:
                 return e
             m_q = (e + m_fp).reshape(-1, *sample_shape)
-            return out_map.apply(step, m_q).reshape(e.shape) - m_fp
+            x = None if state is None else state.reshape(m_q.shape)
+            return out_map.apply(step, m_q, x).reshape(e.shape) - m_fp
 
-        errors = [mapped(errors[i], outputs[i], i) for i in range(steps)]
+        errors = [mapped(errors[i], outputs[i], i, None if fp_states is None else fp_states[i]) for i in range(steps)]
         if self.bias == "ptqd":
             raw_k = np.asarray(ks, dtype=np.float64)
             shares = output_map_shares(
@@ -806,10 +888,12 @@ class PersistentEstimator(Estimator):
             )
             on_mapped = self.path == "mapped" and out_map is not None
 
-            def apply_map(i: int, m: torch.Tensor) -> torch.Tensor:
-                fixed = out_map.apply(i, m.detach().double().cpu().numpy())
+            def apply_map(i: int, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+                state = x.detach().double().cpu().numpy() if out_map.uses_state else None
+                fixed = out_map.apply(i, m.detach().double().cpu().numpy(), state)
                 return torch.as_tensor(fixed, dtype=m.dtype, device=m.device)
 
+            with_states = out_map is not None and out_map.uses_state
             e_q, m_q, eps_power, eps_error, *res_q = quantized_path_errors(
                 pair,
                 str(ds.attrs.get("scheduler")),
@@ -818,17 +902,30 @@ class PersistentEstimator(Estimator):
                 shape[1],
                 residuals=carried,
                 correct_output=apply_map if on_mapped else None,
+                states=with_states,
             )
+            x_q, sib_x = (None, None)
+            if with_states:  # the states the path's and the siblings' outputs were evaluated at
+                x_q, sib_x = res_q[-2], res_q[-1]
+                res_q = res_q[:-2]
+                x_q = np.moveaxis(x_q, 1, 0).reshape(steps, runs, -1)
             if self.spread != "noise":
                 rho = residual_fraction(eps_power)
                 rho_error = np.where(np.isfinite(eps_error), eps_error, 0.0)
             e_q = np.moveaxis(e_q, 1, 0).reshape(steps, runs, -1)
             m_q = np.moveaxis(m_q, 1, 0).reshape(steps, runs, -1)
             if not on_mapped:  # on the mapped path the error is already that of the corrected output
-                e_q = np.stack([mapped(e_q[i], m_q[i], i) for i in range(steps)])
+                e_q = np.stack([mapped(e_q[i], m_q[i], i, None if x_q is None else x_q[i]) for i in range(steps)])
             if carried and out_map is not None:
                 sib_e, sib_m = np.moveaxis(res_q[1], 1, 0), np.moveaxis(res_q[2], 1, 0)
-                res_q[1] = np.moveaxis(np.stack([mapped(sib_e[i], sib_m[i], i) for i in range(steps)]), 0, 1)
+                sib_s = None if sib_x is None else np.moveaxis(sib_x, 1, 0)
+                res_q[1] = np.moveaxis(
+                    np.stack(
+                        [mapped(sib_e[i], sib_m[i], i, None if sib_s is None else sib_s[i]) for i in range(steps)]
+                    ),
+                    0,
+                    1,
+                )
             delta_q = pooled(perturbations(e_q, m_q, biases))
             terms_q = accumulated_cross_terms(delta_q, b_next, self.propagation, None, units)
             if carried:
@@ -885,7 +982,7 @@ class PersistentEstimator(Estimator):
             accumulated=squeeze(terms["accumulated"]),
             persistence_ratio=float(np.sum(variance[active])) / total_v if total_v > 0 else float("nan"),
             path_used=("mapped" if on_mapped else "quantized") if pair is not None else "fp",
-            path_note=path_note,
+            path_note="; ".join(note for note in (path_note, state_note) if note),
             residual_fraction=rho,
             residual_error=rho_error,
             output_map_shares=shares,
