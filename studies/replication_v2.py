@@ -668,6 +668,9 @@ def write_degraded_docs(rows, boots, args, elapsed, command, rendered=None):
         if option in medians_by_row and DEFAULT_ROW in medians_by_row:
             est = median_closure(degraded, boots, option)[0] - median_closure(degraded, boots, DEFAULT_ROW)[0]
             lo, hi = np.percentile(medians_by_row[option] - medians_by_row[DEFAULT_ROW], [2.5, 97.5])
+            worse_than_q = [
+                f"{r['model']}/{r['scheduler']}/{r['recipe']}" for r in rows if r[f"{option}_minus_q_lo"] > 0
+            ]
             verdicts = {"helps": [], "hurts": []}
             for r in rows:
                 key = f"{r['model']}/{r['scheduler']}/{r['recipe']}"
@@ -675,12 +678,21 @@ def write_degraded_docs(rows, boots, args, elapsed, command, rendered=None):
                 verdict_k = verdict(*np.percentile(diffs, [2.5, 97.5]))
                 if verdict_k in verdicts:
                     verdicts[verdict_k].append(key)
+            for peer in PEERS:
+                if peer in medians_by_row:
+                    diff = median_closure(degraded, boots, option)[0] - median_closure(degraded, boots, peer)[0]
+                    p_lo, p_hi = np.percentile(medians_by_row[option] - medians_by_row[peer], [2.5, 97.5])
+                    summary.append(
+                        f"- median `{option}` − median `{peer}`: {100 * diff:+.0f} points "
+                        f"[{100 * p_lo:+.0f}, {100 * p_hi:+.0f}]"
+                    )
             summary.append(
                 f"- median `{option}` − median `{DEFAULT_ROW}`: {100 * est:+.0f} points "
                 f"[{100 * lo:+.0f}, {100 * hi:+.0f}]; "
                 f"per cell (paired FD interval) `{option}` better on {len(verdicts['helps'])} "
                 f"({', '.join(verdicts['helps']) or 'none'}), worse on {len(verdicts['hurts'])} "
-                f"({', '.join(verdicts['hurts']) or 'none'})"
+                f"({', '.join(verdicts['hurts']) or 'none'}); significantly worse than Q on "
+                + (", ".join(worse_than_q) or "none")
             )
     worse = (
         [f"{r['model']}/{r['scheduler']}/{r['recipe']}" for r in rows if r[f"{DEFAULT_ROW}_minus_q_lo"] > 0]
