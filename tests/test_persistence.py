@@ -159,6 +159,8 @@ def test_diagnose_detects_an_error_constant_along_each_trajectory_that_ljung_box
     independent = diagnose(stores[("ddim", "independent")], max_series=64)
     assert constant.attrs["regime"] == "persistent"
     assert constant.attrs["estimator"] == "persistent"
+    assert "persistent-state-map" in constant.attrs["caveats"]  # the option the zoo shows helping, as a hint
+    assert "persistent-state-map" not in independent.attrs["caveats"]
     assert float(constant["persistence_ratio"]) > 2.0
     assert np.nanmin(constant["lag1_raw"].values) > 0.99  # not demeaned per trajectory
     assert independent.attrs["regime"] != "persistent"

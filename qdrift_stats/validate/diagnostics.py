@@ -91,6 +91,13 @@ def recommended_estimator(regime: str, scheduler: str) -> str:
     return multistep if str(scheduler) in MULTISTEP else one_step
 
 
+#: The option the zoo study shows repairing more where the error is a function of the state the output does not
+#: determine (docs/results.md, "A map that sees the state").
+STATE_MAP_HINT = (
+    "with --pair, also try 'persistent-state-map' (an option: the output map may also regress on the sampler "
+    "state; on every degraded cell of the digits zoo it closed as much of the FD gap as the default or more, most "
+    "more on the DiT, where the output alone predicts the least of the error; docs/results.md)"
+)
 #: Accumulated over independent variance above which the error counts as persistent (see validate/budget.py).
 PERSISTENT_RATIO = 1.5
 
@@ -342,6 +349,7 @@ def classify(diag: xr.Dataset) -> dict[str, Any]:
             "trajectory), so the per-step "
             "statistic under-corrects"
         )
+        caveats.append(STATE_MAP_HINT)
     elif np.isfinite(kurt) and kurt > HEAVY_KURTOSIS:
         regime = "heavy-tailed"
         reasons.append(
@@ -376,6 +384,7 @@ def classify(diag: xr.Dataset) -> dict[str, Any]:
             "try 'persistent' (its affine output map removes the part the output explains, inverted before each "
             "step, and the persistence-aware statistic sizes what is left; docs/results.md)"
         )
+        caveats.append(STATE_MAP_HINT)
     if np.isfinite(lb) and lb > AUTOCORRELATED_REJECT:
         caveats.append(
             f"errors correlate across steps (Ljung-Box rejects for {lb:.0%} of sample "
