@@ -807,6 +807,8 @@ class PersistentEstimator(Estimator):
         shares = (float("nan"), float("nan"))
         out_map, map_shares = None, None
         sample_shape = shape[2:]
+        # the store's sampler and seeds, for the model re-runs (the FP states, the quantized path)
+        scheduler_name, seeds = str(ds.attrs.get("scheduler")), [int(s) for s in ds["seed"].values]
         fp_states, state_note = None, ""
         if self.bias == "map":
             state_pair = None
@@ -818,9 +820,9 @@ class PersistentEstimator(Estimator):
             if state_pair is not None:
                 fp_states = fp_path_states(
                     state_pair,
-                    str(ds.attrs.get("scheduler")),
+                    scheduler_name,
                     steps,
-                    [int(s) for s in ds["seed"].values],
+                    seeds,
                     shape[1],
                     reproduce=outputs,
                 )  # (step, run, samples * D)
@@ -896,9 +898,9 @@ class PersistentEstimator(Estimator):
             with_states = out_map is not None and out_map.uses_state
             e_q, m_q, eps_power, eps_error, *res_q = quantized_path_errors(
                 pair,
-                str(ds.attrs.get("scheduler")),
+                scheduler_name,
                 steps,
-                [int(s) for s in ds["seed"].values],
+                seeds,
                 shape[1],
                 residuals=carried,
                 correct_output=apply_map if on_mapped else None,
