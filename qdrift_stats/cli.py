@@ -307,12 +307,13 @@ def _report_recording(path: Path, runs: int, batch: int, steps: int, scheduler: 
     "estimator_name",
     default="persistent",
     show_default=True,
-    help="Estimator name: persistent (default: the per-step statistic plus the persistence of the error along the "
-    "path the corrected sampler follows before its pull, which re-runs the store's seeds with --pair; without --pair "
-    "measured on the FP path, and the fit says so), first-order (the per-step statistic alone), empirical, decomposed, "
-    "persistent-nobias, persistent-noise-pull, persistent-landing, persistent-quantized-path (the default before), "
-    "persistent-state-map (the output map may also regress on the sampler state; needs --pair), persistent-ptqd, "
-    "auto (chosen by "
+    help="Estimator name: persistent (default: an output map that regresses each step's error on the FP output and "
+    "the sampler state, inverted at sampling, and the per-step statistic plus the persistence of the error along the "
+    "path the corrected sampler follows before its pull; it re-runs the store's seeds with --pair; without --pair the "
+    "map sees the FP output only, persistence is measured on the FP path, and the fit says so), first-order (the "
+    "per-step statistic alone), empirical, decomposed, persistent-plain-map (the default before: the map sees the FP "
+    "output only), persistent-nobias, persistent-noise-pull, persistent-landing, persistent-quantized-path, "
+    "persistent-ptqd, auto (chosen by "
     "cross-validation; needs --pair), published and ptqd (the peers), ...",
 )
 @click.option(

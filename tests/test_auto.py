@@ -181,30 +181,41 @@ def test_the_paired_score_difference_is_zero_for_one_set_and_sees_a_shift():
         paired_score_difference(a[:10], a, ref)
 
 
-@pytest.mark.parametrize("family, scheduler", [("mixture_vp_noise", "ddim"), ("mixture_vp_weight", "euler")])
-def test_the_default_is_kept_unless_the_search_beats_it_beyond_the_noise(tmp_path, family, scheduler):
+@pytest.mark.parametrize(
+    "family, scheduler, anchor, kept_expected",
+    [
+        # the noise-like pair: first-order at 4 scores lower but not beyond the noise, so the default stays
+        ("mixture_vp_noise", "ddim", "persistent", True),
+        # the weight error: the output map alone beats the plain map's pull beyond the noise...
+        ("mixture_vp_weight", "euler", "persistent-plain-map", False),
+        # ...but not the default's state-aware map, which is kept
+        ("mixture_vp_weight", "euler", "persistent", True),
+    ],
+)
+def test_the_default_is_kept_unless_the_search_beats_it_beyond_the_noise(
+    tmp_path, family, scheduler, anchor, kept_expected
+):
     from tests.conftest import testbed_store
 
     pair, path = testbed_store(tmp_path, family, scheduler, 10, 3, 64)
     fitted = AutoEstimator(
-        candidates=("first-order", "persistent"),
+        candidates=("first-order", anchor),
         forms=("shrink",),
         strengths=(0.0, 1.0, 4.0, 16.0),
         segments=1,
+        anchor=anchor,
         pair=pair,
     ).fit(path)
     c, scores = fitted.choice, {(t["estimator"], t["profile"][0]): t["score"] for t in fitted.trials}
     best = min(scores, key=scores.get)
     against = c["against_default"]
-    assert best != ("persistent", 1.0) and against["against"] == "persistent"
-    assert against["difference"] == pytest.approx(scores[best] - scores[("persistent", 1.0)])
+    assert best != (anchor, 1.0) and against["against"] == anchor
+    assert against["difference"] == pytest.approx(scores[best] - scores[(anchor, 1.0)])
     assert against["low"] < against["difference"] < against["high"]
-    kept = (c["estimator"], c["profile"][0]) == ("persistent", 1.0)
+    kept = (c["estimator"], c["profile"][0]) == (anchor, 1.0)
     assert kept == (against["high"] >= 0)
     assert c["score"] == pytest.approx(scores[(c["estimator"], c["profile"][0])]) and c["score"] < c["q_score"]
-    # the noise-like pair: first-order at 4 scores lower but not beyond the noise, so the default stays;
-    # the weight error: the output map alone beats the default's pull beyond it
-    assert kept == (family == "mixture_vp_noise")
+    assert kept == kept_expected
     assert "beyond the held-out noise" in c["reason"] and "automatic choice" in fitted.summary()
 
 

@@ -159,8 +159,9 @@ def test_diagnose_detects_an_error_constant_along_each_trajectory_that_ljung_box
     independent = diagnose(stores[("ddim", "independent")], max_series=64)
     assert constant.attrs["regime"] == "persistent"
     assert constant.attrs["estimator"] == "persistent"
-    assert "persistent-state-map" in constant.attrs["caveats"]  # the option the zoo shows helping, as a hint
-    assert "persistent-state-map" not in independent.attrs["caveats"]
+    caveats = json.loads(constant.attrs["caveats"])  # the default's state-aware map needs the pair
+    assert any("--pair" in c and "sampler state" in c and "'persistent'" in c for c in caveats)
+    assert not any("sampler state" in c for c in json.loads(independent.attrs["caveats"]))
     assert float(constant["persistence_ratio"]) > 2.0
     assert np.nanmin(constant["lag1_raw"].values) > 0.99  # not demeaned per trajectory
     assert independent.attrs["regime"] != "persistent"
@@ -290,13 +291,16 @@ def test_the_registry_names_the_default_path_and_the_one_before():
     assert get_estimator("persistent").path == "mapped"
     assert get_estimator("persistent-quantized-path").path == "quantized"
     assert registered_name(PersistentEstimator()) == "persistent"
-    assert registered_name(PersistentEstimator(path="quantized")) == "persistent-quantized-path"
+    assert registered_name(PersistentEstimator(path="quantized", map_state=False)) == "persistent-quantized-path"
     with pytest.raises(QDriftError, match="unknown path 'q'; choose mapped, quantized, fp"):
         PersistentEstimator(path="q")
 
 
 def test_with_the_pair_persistence_is_measured_along_the_quantized_path_and_never_from_the_store(weight_store):
-    with_pair = PersistentEstimator(path="quantized", pair=testbed.mixture_vp_weight()).fit(weight_store)
+    # the plain map: without the pair the default's state-aware map falls back to it, so both fit the same map
+    with_pair = PersistentEstimator(path="quantized", map_state=False, pair=testbed.mixture_vp_weight()).fit(
+        weight_store
+    )
     assert with_pair.path_used == "quantized" and not with_pair.path_note
     # the store names the pair it was recorded with; it is not imported from there (a pair is code)
     without = PersistentEstimator().fit(weight_store)

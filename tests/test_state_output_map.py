@@ -171,8 +171,8 @@ def test_the_quantized_path_returns_the_states_its_outputs_were_evaluated_at(wei
 
 def test_the_persistent_estimator_fits_and_exports_a_state_map_as_format_version_4(weight_store, tmp_path):
     pair = testbed.mixture_vp_weight()
-    fitted = PersistentEstimator(pair=pair, map_state=True).fit(weight_store)
-    plain = PersistentEstimator(pair=pair).fit(weight_store)
+    fitted = PersistentEstimator(pair=pair).fit(weight_store)  # the default: the map may see the state
+    plain = PersistentEstimator(pair=pair, map_state=False).fit(weight_store)
     # the testbed's weight error is a fixed linear map of the model input: the state explains more of it
     assert fitted.output_map.uses_state and fitted.output_map.name.endswith("+state")
     assert fitted.output_map.share > plain.output_map.share
@@ -193,7 +193,12 @@ def test_the_persistent_estimator_fits_and_exports_a_state_map_as_format_version
         rtol=1e-10,
         atol=1e-12,
     )
-    assert registered_name(get_estimator("persistent-state-map")) == "persistent-state-map"
+    # the default is the state-aware map under both names; the plain map is the option named for it
+    assert get_estimator("persistent-state-map").get_params() == get_estimator("persistent").get_params()
+    assert registered_name(get_estimator("persistent-state-map")) == "persistent"
+    assert registered_name(PersistentEstimator(map_state=False)) == "persistent-plain-map"
+    assert PersistentEstimator().map_state and not PersistentEstimator(bias="none").map_state
+    assert not PersistentEstimator(bias="ptqd").map_state and not get_estimator("persistent-landing").map_state
     # without the pair the state-aware maps are not tried, and the fit says so
     no_pair = PersistentEstimator(map_state=True).fit(weight_store)
     assert not no_pair.output_map.uses_state and "state-aware output maps were not tried" in no_pair.path_note

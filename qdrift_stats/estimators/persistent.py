@@ -675,7 +675,10 @@ class PersistentEstimator(Estimator):
             (:data:`~qdrift_stats.estimators.output_map.STATE_CANDIDATES`), chosen by the same held-out share; the
             FP states are re-run from the store's seeds with the pair (:func:`fp_path_states`: one FP model call per
             step and calibration sample; the FP outputs must reproduce the store's) and the exported file needs
-            format version 4. An option (``docs/method.md``, "A map that sees the state"); needs the pair.
+            format version 4 where a state-aware map is chosen. ``None`` (default): ``True`` with ``bias="map"``
+            (the default since the flip; ``docs/method.md``, "A map that sees the state"), else ``False``;
+            ``False``: the map on the FP output only (the default before). Without the pair the plain map is fitted
+            and the fit says so in its note.
         pair: the model pair for ``path="mapped"`` or ``"quantized"`` (a pair is code: it is never imported from the
             store).
     """
@@ -698,7 +701,7 @@ class PersistentEstimator(Estimator):
         seed: int = 0,
         spread: str = "local",
         cross: str = "carried",
-        map_state: bool = False,
+        map_state: bool | None = None,
         pair: Any = None,
     ):
         if bias not in PERSISTENT_BIASES:
@@ -726,7 +729,7 @@ class PersistentEstimator(Estimator):
         if cross not in CROSS_TERMS:
             raise QDriftError(f"unknown cross term {cross!r}; choose {', '.join(CROSS_TERMS)}")
         self.cross = cross
-        self.map_state = bool(map_state)
+        self.map_state = (bias == "map") if map_state is None else bool(map_state)
         if self.map_state and bias != "map":
             raise QDriftError("map_state needs bias='map' (the state-aware output map)")
         self.pair = pair

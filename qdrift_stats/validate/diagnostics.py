@@ -91,12 +91,13 @@ def recommended_estimator(regime: str, scheduler: str) -> str:
     return multistep if str(scheduler) in MULTISTEP else one_step
 
 
-#: The option the zoo study shows repairing more where the error is a function of the state the output does not
-#: determine (docs/results.md, "A map that sees the state").
+#: Where the error persists: the default's state-aware output map needs the pair (docs/results.md, "A map that sees
+#: the state").
 STATE_MAP_HINT = (
-    "with --pair, also try 'persistent-state-map' (an option: the output map may also regress on the sampler "
-    "state; on every degraded cell of the digits zoo it closed as much of the FD gap as the default or more, most "
-    "more on the DiT, where the output alone predicts the least of the error; docs/results.md)"
+    "fit with --pair: the default 'persistent' then also regresses the error on the sampler state (the state-aware "
+    "output map, 'persistent-state-map'; without --pair it falls back to the map on the FP output and says so; on "
+    "the digits zoo the state-aware map closed as much of the FD gap as the plain one or more on every degraded "
+    "cell, most more on the DiT; docs/results.md)"
 )
 #: Accumulated over independent variance above which the error counts as persistent (see validate/budget.py).
 PERSISTENT_RATIO = 1.5
