@@ -261,10 +261,12 @@ def main():
         help="the persistent estimator's path instead of its default (a variant: own CSV and docs section)",
     )
     parser.add_argument(
-        "--map-state",
-        action="store_true",
-        help="the persistent estimator with output maps that may also regress on the sampler state (map_state=True, "
-        "qdrift fit --estimator persistent-state-map; own CSV and docs section)",
+        "--map",
+        choices=["state", "plain"],
+        default=None,
+        help="the persistent estimator's output map named explicitly: state (map_state=True, the default since the "
+        "flip; --estimator persistent-state-map) or plain (map_state=False, the FP output only: the default before, "
+        "--estimator persistent-plain-map); own CSV and docs section",
     )
     parser.add_argument(
         "--estimator",
@@ -299,7 +301,7 @@ def main():
             ("cross", args.cross),
             ("spread", args.spread),
             ("path", args.path),
-            ("map_state", True if args.map_state else None),
+            ("map_state", {"state": True, "plain": False}.get(args.map)),
             ("estimator", args.estimator),
             ("score", args.score),
         )
@@ -320,7 +322,10 @@ def main():
         return
     name = "_".join(
         ["calibration_draws"]
-        + [f"fit_{v}" if k == "estimator" else "state_map" if k == "map_state" else v for k, v in options.items()]
+        + [
+            f"fit_{v}" if k == "estimator" else ("state_map" if v else "plain_map") if k == "map_state" else v
+            for k, v in options.items()
+        ]
     )
     out = ROOT / "docs" / "results" / f"{name}.csv"
     with out.open("w", newline="") as f:
@@ -330,14 +335,14 @@ def main():
     variant = "".join(f", {k}={v}" for k, v in options.items() if k != "estimator")
     if options.get("estimator") != "auto":  # the whole configuration: the section reads the same after a default moves
         est = PersistentEstimator(**options)
-        variant = f": path={est.path}, cross={est.cross}, spread={est.spread}" + (
-            ", map_state=True (`persistent-state-map`)" if est.map_state else ""
+        variant = f": path={est.path}, cross={est.cross}, spread={est.spread}, " + (
+            "the state-aware output map, map_state=True" if est.map_state else "the plain output map, map_state=False"
         )
     fit = (
         "`qdrift fit --estimator auto`"
         if options.get("estimator") == "auto"
-        else "`qdrift fit --estimator persistent-state-map`"
-        if options.get("map_state")
+        else "`qdrift fit --estimator persistent-plain-map` (the default before the state-aware map)"
+        if options.get("map_state") is False
         else "the default `qdrift fit`"
     )
     md = [

@@ -9,16 +9,15 @@ the true mixture; 'gap closed' = (Q - corrected) / (Q - FP) with a 95% paired bo
 Rows: ``first-order`` (the per-step statistic, the library's default before this study),
 ``persistent`` (the default of ``qdrift fit``: increments of the excess variance the state carries,
 persistence measured along the path the corrected sampler follows before its pull (the quantized output put
-through the output map; ``path="mapped"``), the affine output map where it explains >= 10% of the
-predicted final deviation on held-out runs, the pull sized by the local spread; ``cross="carried"``),
-``persistent-auto`` (the default before: the carried cross term only where the map applies, the
-accumulated one elsewhere, ``cross="auto"``), ``persistent-accumulated`` (the cross term with the earlier
-perturbations only, ``cross="accumulated"``), ``persistent-quantized-path`` (the default before: persistence
-measured along the uncorrected quantized path even where the map applies, ``path="quantized"``),
-``persistent-state-map`` (the default with output maps that may also regress on the sampler state, ``map_state=True``;
-an option), ``persistent-noise-pull``
-(the same with the pull of a state that is all noise, ``spread="noise"``: the default before the local
-spread), ``persistent-nobias`` (no bias term), ``persistent-fp`` (no bias term, persistence measured along
+through the output map; ``path="mapped"``), the affine output map on the FP output and the sampler state
+(``map_state=True``) where it explains >= 10% of the predicted final deviation on held-out runs, the pull sized by
+the local spread; ``cross="carried"``), ``persistent-plain-map`` (the default before: the map on the FP output only,
+``map_state=False``), ``persistent-noise-pull`` (the plain map with the pull of a state that is all noise,
+``spread="noise"``, as the registry names it), ``persistent-auto`` (the default with the carried cross term only
+where the map applies, the accumulated one elsewhere, ``cross="auto"``), ``persistent-accumulated`` (the default with
+the cross term with the earlier perturbations only, ``cross="accumulated"``), ``persistent-quantized-path`` (the plain
+map with persistence measured along the uncorrected quantized path even where the map applies, ``path="quantized"``),
+``persistent-nobias`` (no bias term), ``persistent-fp`` (no bias term, persistence measured along
 the FP path only), ``persistent-ptqd`` (PTQD's whole map at every step where R^2 >= 0.01), ``published`` (the
 published Q-Drift code's statistic and correction) and ``ptqd`` (PTQD's output map). Library rows use the
 shrink form, strength 1 (nothing hand-set).
@@ -73,7 +72,7 @@ ROWS = (
     "persistent-auto",
     "persistent-accumulated",
     "persistent-quantized-path",
-    "persistent-state-map",
+    "persistent-plain-map",
     "persistent-nobias",
     "persistent-fp",
     "persistent-ptqd",
@@ -81,17 +80,15 @@ ROWS = (
     "ptqd",
 )
 STEPS = 50
-NLL_ROWS = ("first-order", "persistent", "persistent-state-map", "persistent-nobias", "published", "ptqd")
+NLL_ROWS = ("first-order", "persistent", "persistent-plain-map", "persistent-nobias", "published", "ptqd")
 #: Rows whose corrected within-mode variance is also shown over FP's: 'gap closed' is relative to Q, and where Q's
 #: excess is many times FP's variance, a gap closed near 100% can hide a collapse below FP.
-RATIO_ROWS = ("persistent", "persistent-quantized-path", "persistent-state-map")
+RATIO_ROWS = ("persistent", "persistent-plain-map", "persistent-quantized-path")
 
 
 def estimator_for(row: str):
     if row == "persistent-fp":
         return PersistentEstimator(bias="none", path="fp")
-    if row == "persistent-noise-pull":
-        return PersistentEstimator(spread="noise")
     if row == "persistent-auto":
         return PersistentEstimator(cross="auto")
     if row == "persistent-accumulated":
