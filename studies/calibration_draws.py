@@ -154,9 +154,10 @@ def chose(text: str) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def table(rows, auto: bool = False):
+def table(rows, auto: bool = False, label: str = "default"):
+    """The section's table; ``label`` names the corrected column (the default, or a variant's name)."""
     ratio = int("within_var_ratio_min" in rows[0])
-    what = "auto" if auto else "default"
+    what = "auto" if auto else label
     last = "auto chose (draws)" if auto else "map (and carried cross) applied | sum w / sum v"
     head = (
         f"| family | regime | scheduler | within-var FP | Q | {what}: mean over draws [95%] | range over draws "
@@ -356,7 +357,7 @@ def main():
         f"Interval: 95% bootstrap of the mean over draws, resampling the draws and the evaluation samples jointly "
         f"({args.bootstrap} resamples). Target: 80% on persistent cells, 90% on noise-like ones.",
         "",
-        table(rows, auto=options.get("estimator") == "auto"),
+        table(rows, auto=options.get("estimator") == "auto", label="default" if not options else "corrected"),
         "",
         summary(rows),
     ]

@@ -620,7 +620,8 @@ class PersistentEstimator(Estimator):
 
     Args:
         bias: ``"map"`` (default): the affine output map, PTQD's decomposition with structure: the error's
-            regression ``offset_i + K_i (m_fp - c_i)`` on the FP output, inverted at sampling time, whose structure
+            regression ``offset_i + K_i (m_fp - c_i)`` on the FP output (plus ``L_i (x_i - xbar_i)`` on the sampler
+            state where ``map_state``, the default with the pair), inverted at sampling time, whose structure
             (each element's mean, a local convolution, a dense matrix) and ridge explain the most of the predicted
             final deviation on held-out calibration runs, applied where that share reaches ``min_explained``
             (:mod:`~qdrift_stats.estimators.output_map`); the statistic is then fitted to the error the corrected
