@@ -99,11 +99,13 @@ PREVIOUS_MEANING = {
     "persistent-plain-map": "the default before the state-aware output map (the map regresses on the FP output only)",
 }
 SHOWN_ROWS = ROWS + PREVIOUS_DEFAULTS
-#: Every auto run rendered so far predates the state-aware default (said above its table).
+#: auto runs after the default's map began to see the state write CSVs named with this prefix; earlier ones were
+#: anchored on the plain map (the column "anchor" of the auto section says which).
+STATE_ANCHOR_PREFIX = "replication_v2_auto_state_"
 AUTO_RUNS_NOTE = (
-    "**Run before the default's output map saw the sampler state**: in these runs the default column and auto's "
-    "anchor (its candidate `persistent`) are the plain map, today's `persistent-plain-map`; auto against today's "
-    "default is not measured on the zoo."
+    "The column 'anchor' says which default a run had: runs before the default's output map saw the sampler state "
+    "(`plain map`) have the plain map, today's `persistent-plain-map`, as their default column and as auto's "
+    "candidate `persistent`; runs after it (`state-aware map`) have today's default."
 )
 SCHEDULERS = {"unet": ("ddim", "euler", "dpmpp-2m"), "dit": ("flow-euler", "flow-dpmpp-2m")}
 
@@ -604,11 +606,13 @@ def render_auto(args):
     """The ``auto`` row against the default on the cells it was run on (runs with ``--rows persistent auto``): the
     section ``replication_v2_auto``."""
     files = [ROOT / "docs" / "results" / name for name in args.render_auto]
-    rows = [{k: _num(v) for k, v in r.items()} for f in files for r in csv.DictReader(f.open())]
+    rows = [
+        {**{k: _num(v) for k, v in r.items()}, "anchor": _anchor_of(f)} for f in files for r in csv.DictReader(f.open())
+    ]
     lines = [
-        "| cell | Q − FP [paired CI] | default (`persistent`): gap closed (row − Q) | `auto`: gap closed (row − Q) | "
-        "auto − default [paired CI] | auto chose (estimator/form/profile) | why | auto fit (min) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| cell | anchor | Q − FP [paired CI] | default (`persistent`): gap closed (row − Q) | `auto`: gap closed "
+        "(row − Q) | auto − default [paired CI] | auto chose (estimator/form/profile) | why | auto fit (min) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         pieces = []
@@ -620,7 +624,8 @@ def render_auto(args):
         k = f"auto_minus_{DEFAULT_ROW}"
         who = {"helps": "auto better", "hurts": "default better", "neutral": "tie"}[verdict(r[k + "_lo"], r[k + "_hi"])]
         lines.append(
-            f"| {r['model']}/{r['scheduler']}/{r['recipe']} | {r['q_minus_fp']:+.3f} [{r['q_minus_fp_lo']:+.3f}, "
+            f"| {r['model']}/{r['scheduler']}/{r['recipe']} | {r['anchor']} | {r['q_minus_fp']:+.3f} "
+            f"[{r['q_minus_fp_lo']:+.3f}, "
             f"{r['q_minus_fp_hi']:+.3f}] | {pieces[0]} | {pieces[1]} | {r[k]:+.3f} [{r[k + '_lo']:+.3f}, "
             f"{r[k + '_hi']:+.3f}] {who} | {r['auto_chose']} | {r['auto_reason']} | {r['auto_fit_minutes']:.1f} |"
         )
@@ -637,6 +642,11 @@ def render_auto(args):
         "\n".join(lines),
     ]
     write_section("replication_v2_auto", "\n".join(md))
+
+
+def _anchor_of(path) -> str:
+    """Which default an auto run's CSV was anchored on (see :data:`STATE_ANCHOR_PREFIX`)."""
+    return "state-aware map" if path.name.startswith(STATE_ANCHOR_PREFIX) else "plain map"
 
 
 def write_degraded_docs(rows, boots, args, elapsed, command, rendered=None):
