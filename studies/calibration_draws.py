@@ -337,7 +337,9 @@ def main():
     if options.get("estimator") != "auto":  # the whole configuration: the section reads the same after a default moves
         est = PersistentEstimator(**options)
         variant = f": path={est.path}, cross={est.cross}, spread={est.spread}, " + (
-            "the state-aware output map, map_state=True" if est.map_state else "the plain output map, map_state=False"
+            "the state-aware output map, map_state=True"
+            if est.uses_state_map
+            else "the plain output map, map_state=False"
         )
     fit = (
         "`qdrift fit --estimator auto`"

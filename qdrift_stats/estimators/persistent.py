@@ -730,10 +730,20 @@ class PersistentEstimator(Estimator):
         if cross not in CROSS_TERMS:
             raise QDriftError(f"unknown cross term {cross!r}; choose {', '.join(CROSS_TERMS)}")
         self.cross = cross
-        self.map_state = (bias == "map") if map_state is None else bool(map_state)
+        self.map_state = None if map_state is None else bool(map_state)  # as given (clone, with_params)
         if self.map_state and bias != "map":
             raise QDriftError("map_state needs bias='map' (the state-aware output map)")
         self.pair = pair
+
+    @property
+    def uses_state_map(self) -> bool:
+        """Whether the fit tries state-aware output maps: ``map_state``, or where it is ``None``, ``bias == "map"``."""
+        return self.bias == "map" if self.map_state is None else self.map_state
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The recorded parameters, with ``map_state`` resolved (``None`` recorded as what it meant)."""
+        return {**super().params, "map_state": self.uses_state_map}
 
     def bias_at_step(self, delta_out: np.ndarray, out_fp: np.ndarray, channel: np.ndarray, index):
         """``(k, mu, k_full, mu_full)``: the bias term at one step, per channel (``(channels,)``) and
@@ -816,7 +826,7 @@ class PersistentEstimator(Estimator):
         fp_states, state_note = None, ""
         if self.bias == "map":
             state_pair = None
-            if self.map_state:
+            if self.uses_state_map:
                 try:
                     state_pair = self._pair(ds)
                 except QDriftError as exc:
@@ -835,7 +845,7 @@ class PersistentEstimator(Estimator):
                 [errors[i].reshape(runs, shape[1], *sample_shape) for i in range(steps)],
                 trajectory_weights(gain, grid, ds.attrs.get("prediction_type")),
                 self.min_explained,
-                candidates=DEFAULT_CANDIDATES + (STATE_CANDIDATES if self.map_state else ()),
+                candidates=DEFAULT_CANDIDATES + (STATE_CANDIDATES if self.uses_state_map else ()),
                 states=None
                 if fp_states is None
                 else [fp_states[i].reshape(runs, shape[1], *sample_shape) for i in range(steps)],
