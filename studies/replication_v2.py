@@ -554,7 +554,8 @@ def render_undegraded(args):
                 rows.append(r)
                 continue
             if f"{DEFAULT_ROW}_minus_q" in r and f"{DEFAULT_ROW}_minus_q" in base:
-                previous = next(name for name in PREVIOUS_DEFAULTS if f"{name}_minus_q" not in base)
+                # these runs began after the plain map's time: the newest earlier default not yet named
+                previous = next(name for name in reversed(PREVIOUS_DEFAULTS) if f"{name}_minus_q" not in base)
                 for key in [key for key in base if _row_of(key) == DEFAULT_ROW]:
                     base[key.replace(DEFAULT_ROW, previous, 1)] = base.pop(key)
             base.update({key: v for key, v in r.items() if _row_of(key) is not None})
