@@ -315,7 +315,12 @@ def main():
         nargs="+",
         metavar="CSV",
         help="only render the auto row against the default from runs with --rows persistent auto (section "
-        "replication_v2_auto)",
+        "replication_v2_auto, or --auto-section)",
+    )
+    parser.add_argument(
+        "--auto-section",
+        default="replication_v2_auto",
+        help="the docs section --render-auto writes (to keep runs against an earlier default apart)",
     )
     parser.add_argument(
         "--render-undegraded",
@@ -525,9 +530,11 @@ def _argv_tail():
 
 
 def _sources(files, samples, cells, rows_of) -> str:
-    """The docs line naming the ``--only`` runs a section was rendered from, their wall time and CSVs."""
+    """The docs line naming the ``--only`` runs a section was rendered from, their wall time and CSVs; ``cells`` is
+    the ``--cells`` value of every run, or a function of the CSV's path giving it."""
+    cells_of = cells if callable(cells) else (lambda f: cells)
     commands = " and ".join(
-        f"`python studies/replication_v2.py --samples {samples} --cells {cells} --rows {rows_of(f)} "
+        f"`python studies/replication_v2.py --samples {samples} --cells {cells_of(f)} --rows {rows_of(f)} "
         f"--only {' '.join(_cells_in(f))} --csv {f.name}`"
         for f in files
     )
@@ -607,15 +614,21 @@ def render_auto(args):
     """The ``auto`` row against the default on the cells it was run on (runs with ``--rows persistent auto``): the
     section ``replication_v2_auto``."""
     files = [ROOT / "docs" / "results" / name for name in args.render_auto]
+    v1_degraded = {"/".join(c) for c in degraded_cells()}
     rows = [
         {**{k: _num(v) for k, v in r.items()}, "anchor": _anchor_of(f)} for f in files for r in csv.DictReader(f.open())
     ]
+    # the v1 table's degraded cells come first (the order of the runs), then the others
+    rows.sort(key=lambda r: f"{r['model']}/{r['scheduler']}/{r['recipe']}" not in v1_degraded)
+    n_degraded = sum(f"{r['model']}/{r['scheduler']}/{r['recipe']}" in v1_degraded for r in rows)
     lines = [
-        "| cell | anchor | Q − FP [paired CI] | default (`persistent`): gap closed (row − Q) | `auto`: gap closed "
-        "(row − Q) | auto − default [paired CI] | auto chose (estimator/form/profile) | why | auto fit (min) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| cell | v1 degraded | anchor | Q − FP [paired CI] | default (`persistent`): gap closed (row − Q) | "
+        "`auto`: gap closed (row − Q) | auto − default [paired CI] | auto chose (estimator/form/profile) | why | "
+        "auto fit (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        name = f"{r['model']}/{r['scheduler']}/{r['recipe']}"
         pieces = []
         for row in (DEFAULT_ROW, "auto"):
             lo, hi = r[f"{row}_minus_q_lo"], r[f"{row}_minus_q_hi"]
@@ -625,24 +638,31 @@ def render_auto(args):
         k = f"auto_minus_{DEFAULT_ROW}"
         who = {"helps": "auto better", "hurts": "default better", "neutral": "tie"}[verdict(r[k + "_lo"], r[k + "_hi"])]
         lines.append(
-            f"| {r['model']}/{r['scheduler']}/{r['recipe']} | {r['anchor']} | {r['q_minus_fp']:+.3f} "
+            f"| {name} | {'yes' if name in v1_degraded else 'no'} | {r['anchor']} | {r['q_minus_fp']:+.3f} "
             f"[{r['q_minus_fp_lo']:+.3f}, "
             f"{r['q_minus_fp_hi']:+.3f}] | {pieces[0]} | {pieces[1]} | {r[k]:+.3f} [{r[k + '_lo']:+.3f}, "
             f"{r[k + '_hi']:+.3f}] {who} | {r['auto_chose']} | {r['auto_reason']} | {r['auto_fit_minutes']:.1f} |"
         )
     md = [
-        _sources(files, args.samples, "degraded", lambda f: "persistent auto"),
+        _sources(
+            files,
+            args.samples,
+            lambda f: "degraded" if set(_cells_in(f)) <= v1_degraded else "all",
+            lambda f: "persistent auto",
+        ),
         "",
-        f"{len(rows)} of the degraded cells, {args.samples} samples per set, the same seeds, calibration store and "
-        "FD as the table above; `auto` is `qdrift fit --estimator auto` with its defaults (candidates first-order, "
-        "persistent, persistent-ptqd, decomposed; strengths 0 to 32; 2 segments of log b; shrink then drift; "
+        f"{len(rows)} runs: {n_degraded} on the cells the v1 table measured as degraded (the 'v1 degraded' column; "
+        f"the others are the undegraded cells, run with `--cells all`), {args.samples} samples per set, the same "
+        "seeds, calibration store and FD as the tables above; `auto` is `qdrift fit --estimator auto` with its "
+        "defaults (candidates first-order, persistent, persistent-ptqd, decomposed; strengths 0 to 32; 2 segments "
+        "of log b; shrink then drift; "
         "the default kept unless beaten beyond the held-out noise).",
         "",
         AUTO_RUNS_NOTE,
         "",
         "\n".join(lines),
     ]
-    write_section("replication_v2_auto", "\n".join(md))
+    write_section(args.auto_section, "\n".join(md))
 
 
 def _anchor_of(path) -> str:
