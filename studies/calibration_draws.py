@@ -90,7 +90,11 @@ def cell(job):
                 pair, scheduler, STEPS, samples, 2000, EVAL_SEED, model="q", estimator=EstimatorFile.load(path)
             )
             choices.append(
-                ("map_center" in fitted.export_tensors(), float(getattr(fitted, "persistence_ratio", float("nan"))))
+                (
+                    "map_center" in fitted.export_tensors(),
+                    float(getattr(fitted, "persistence_ratio", float("nan"))),
+                    "caveat: the best output map" in fitted.summary(),  # its choice rests on the runs drawn
+                )
             )
     flat = {k: torch.as_tensor(v, dtype=torch.float64).reshape(len(v), -1) for k, v in finals.items()}
     modes = {k: pair.mixture.assign(v) for k, v in flat.items()}
@@ -124,6 +128,8 @@ def cell(job):
         "map_applied": int(sum(c[0] for c in choices)),
         "ratio_min": min(c[1] for c in choices),
         "ratio_max": max(c[1] for c in choices),
+        "caveat_draws": int(sum(c[2] for c in choices)),
+        "caveat_below_target": int(sum(c[2] and v < TARGET[regime] for c, v in zip(choices, closed))),
         "closed_nll_mean": float(nll_closed.mean()),
         "closed_per_draw": " ".join(f"{c:.4f}" for c in closed),
         "auto_chose": "; ".join(chosen),
@@ -158,14 +164,16 @@ def chose(text: str) -> str:
 def table(rows, auto: bool = False, label: str = "default"):
     """The section's table; ``label`` names the corrected column (the default, or a variant's name)."""
     ratio = int("within_var_ratio_min" in rows[0])
+    caveat = int("caveat_draws" in rows[0] and not auto)
     what = "auto" if auto else label
     last = "auto chose (draws)" if auto else "map (and carried cross) applied | sum w / sum v"
     head = (
         f"| family | regime | scheduler | within-var FP | Q | {what}: mean over draws [95%] | range over draws "
         f"| sd | draws below target | {last} | NLL gap closed (mean) |"
         + (" corrected within-var / FP (range over draws) |" if ratio else "")
+        + (" fit's map-choice caveat: draws (of the draws below target) |" if caveat else "")
         + "\n|"
-        + "---|" * ((11 if auto else 12) + ratio)
+        + "---|" * ((11 if auto else 12) + ratio + caveat)
     )
     lines = [head]
     for r in rows:
@@ -181,6 +189,7 @@ def table(rows, auto: bool = False, label: str = "default"):
             f"{pct(r['closed_sd'])} | {r['draws_below_target']} of {r['draws']} | {tail} | "
             f"{pct(r['closed_nll_mean'])} |"
             + (f" {r['within_var_ratio_min']:.2f} to {r['within_var_ratio_max']:.2f} |" if ratio else "")
+            + (f" {r['caveat_draws']} ({r['caveat_below_target']} of {r['draws_below_target']}) |" if caveat else "")
         )
     return "\n".join(lines)
 

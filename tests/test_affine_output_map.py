@@ -22,7 +22,9 @@ from qdrift_stats.estimators.output_map import (
     fit_output_map,
     heldout_shares,
     local_norm,
+    pooled_share,
     select_output_map,
+    share_jackknife_error,
 )
 from qdrift_stats.estimators.persistent import PersistentEstimator
 from qdrift_stats.loop import prepared_scheduler
@@ -151,13 +153,26 @@ def test_selection_applies_the_best_candidate_only_above_the_threshold():
     kernel[0, 1, 1, 1] = 0.3  # channel 0's error is 0.3 of channel 1's output at the same position
     signal = conv(m_q[0].reshape(-1, *SHAPE), kernel).reshape(runs, n, *SHAPE)
     errors = [signal + 0.05 * rng.normal(size=signal.shape)]
-    chosen, shares = select_output_map(m_q, errors, np.array([1.0]), min_explained=0.1)
+    chosen, shares, share_errors = select_output_map(m_q, errors, np.array([1.0]), min_explained=0.1)
     assert chosen is not None and chosen.structure == "local"
     assert chosen.share == shares[chosen.name] == max(shares.values())
     assert chosen.weight[0][0, 1, 1, 1] == pytest.approx(0.3, abs=0.02)
     assert "full@0.1" in shares  # 2 * 5 * 6 = 60 elements per sample: a dense map is tried too
-    none, _ = select_output_map(m_q, errors, np.array([1.0]), min_explained=0.9999)
+    none, *_ = select_output_map(m_q, errors, np.array([1.0]), min_explained=0.9999)
     assert none is None
+    # the jackknife error of every share is measured (runs >= 3) and small against a clear choice
+    assert set(share_errors) == set(shares) and 0 < share_errors[chosen.name] < 0.05
+
+
+def test_theshare_jackknife_error_of_a_held_out_share_drops_one_run_at_a_time():
+    # three runs of one sample each: T = 1, 2, 3 and the held-out predictions 0, 2, 2
+    T, pred = np.array([[1.0], [2.0], [3.0]]), np.array([[0.0], [2.0], [2.0]])
+    assert pooled_share(T, pred) == pytest.approx(1 - 2 / 14)
+    # without run 0: 1 - 1/13; without run 1: 1 - 2/10; without run 2: 1 - 1/5
+    leave_out = np.array([12 / 13, 8 / 10, 4 / 5])
+    expected = np.sqrt(2 / 3 * np.sum((leave_out - leave_out.mean()) ** 2))
+    assert share_jackknife_error(T, pred) == pytest.approx(expected, rel=1e-12)
+    assert np.isnan(share_jackknife_error(T[:2], pred[:2]))  # two runs: no jackknife
 
 
 def test_the_corrector_map_equals_the_fitted_map():

@@ -79,7 +79,8 @@ DEFAULT_CANDIDATES: tuple[tuple[str, int, float], ...] = (
 
 
 #: The candidates of :data:`DEFAULT_CANDIDATES` that regress on the sampler state beside the FP output (a map
-#: ``offset_i + K_i (m_fp - c_i) + L_i (x_i - xbar_i)``; measured by :func:`heldout_shares`, not yet applied).
+#: ``offset_i + K_i (m_fp - c_i) + L_i (x_i - xbar_i)``; tried by the default ``PersistentEstimator`` where the
+#: FP states are known, see its ``map_state``).
 STATE_CANDIDATES: tuple[tuple[str, int, float, bool], ...] = tuple(
     (structure, kernel, ridge, True) for structure, kernel, ridge in DEFAULT_CANDIDATES if structure != "mean"
 )
@@ -439,10 +440,38 @@ def heldout_shares(
         states: optional, per step, ``(runs, samples, *sample_shape)`` the state each output was evaluated at
             (the scheduler's sample at the step's input).
     """
+    predicted = _heldout_predictions(m_fp, errors, weights, candidates, states)
+    if predicted is None:
+        return {}
+    T, T_hat = predicted
+    return {name: pooled_share(T, pred) for name, pred in T_hat.items()}
+
+
+def pooled_share(T: np.ndarray, pred: np.ndarray, keep: np.ndarray | None = None) -> float:
+    """``1 - sum |T - T_hat|^2 / sum |T|^2`` over the runs ``keep`` (all by default); 0 where ``T`` is all 0."""
+    if keep is not None:
+        T, pred = T[keep], pred[keep]
+    denom = float(np.sum(T**2))
+    return 0.0 if denom <= 0 else 1.0 - float(np.sum((T - pred) ** 2)) / denom
+
+
+def share_jackknife_error(T: np.ndarray, pred: np.ndarray) -> float:
+    """Jackknife standard error over calibration runs of the pooled held-out share: the share recomputed without
+    each run in turn, ``sqrt((R - 1) / R * sum_r (s_(-r) - mean)^2)`` (Efron and Tibshirani 1993, ch. 11)."""
+    runs = T.shape[0]
+    if runs < 3:
+        return float("nan")
+    leave_out = np.array([pooled_share(T, pred, np.arange(runs) != r) for r in range(runs)])
+    return float(np.sqrt((runs - 1) / runs * np.sum((leave_out - leave_out.mean()) ** 2)))
+
+
+def _heldout_predictions(m_fp, errors, weights, candidates, states):
+    """``T`` ``(runs, samples, *shape)`` and each tried candidate's held-out ``T_hat`` (:func:`heldout_shares`);
+    None with fewer than 2 runs."""
     steps, runs = len(errors), errors[0].shape[0]
     shape = tuple(errors[0].shape[2:])
     if runs < 2:
-        return {}
+        return None
     tried = [
         c for c in map(_candidate, candidates) if applicable(c[0], shape, c[1]) and (states is not None or not c[3])
     ]
@@ -476,10 +505,7 @@ def heldout_shares(
                     fold_center = (run_x[state].sum(axis=0) - run_x[state][r]) / (n * (runs - 1))
                     pred = pred + _predict(inputs[state][r] - fold_center, solved, structure, kernel, shape)
                 T_hat[candidate_name(structure, kernel, ridge, state)][r] += weights[i] * pred
-    denom = float(np.sum(T**2))
-    if denom <= 0:
-        return {name: 0.0 for name in T_hat}
-    return {name: 1.0 - float(np.sum((T - pred) ** 2)) / denom for name, pred in T_hat.items()}
+    return T, T_hat
 
 
 def _apply_features(out: np.ndarray, structure: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -496,15 +522,22 @@ def select_output_map(
     min_explained: float = 0.1,
     candidates: tuple[tuple, ...] = DEFAULT_CANDIDATES,
     states: list[np.ndarray] | None = None,
-) -> tuple[OutputMap | None, dict[str, float]]:
+) -> tuple[OutputMap | None, dict[str, float], dict[str, float]]:
     """The candidate with the largest held-out share (:func:`heldout_shares`), fitted on every run, if that
     share reaches ``min_explained`` and the fit can be inverted at every step (:func:`invertible`; else the next
-    best); ``None`` if no candidate qualifies. Returns it with the shares of every candidate tried.
+    best); ``None`` if no candidate qualifies. Returns it with the shares of every candidate tried and their
+    jackknife standard errors over the calibration runs (NaN with fewer than 3 runs): a share within about two
+    of them of ``min_explained`` means that whether the map is applied depends on which runs were recorded.
 
     Args: as :func:`heldout_shares` (``m_fp``, ``errors`` and ``states`` per step
     ``(runs, samples, *sample_shape)``; state-aware candidates are tried only with ``states``).
     """
-    shares = heldout_shares(m_fp, errors, weights, candidates, states=states)
+    predicted = _heldout_predictions(m_fp, errors, weights, candidates, states)
+    if predicted is None:
+        return None, {}, {}
+    T, T_hat = predicted
+    shares = {name: pooled_share(T, pred) for name, pred in T_hat.items()}
+    share_errors = {name: share_jackknife_error(T, pred) for name, pred in T_hat.items()}
     shape = tuple(errors[0].shape[2:])
     pooled_x = [np.asarray(a).reshape(-1, *shape) for a in m_fp]
     pooled_y = [np.asarray(a).reshape(-1, *shape) for a in errors]
@@ -519,5 +552,5 @@ def select_output_map(
             continue
         if structure == "local" and not all(invertible("local", k, shape[1:]) for k in fitted.weight):
             continue
-        return replace(fitted, shares=dict(shares)), shares
-    return None, shares
+        return replace(fitted, shares=dict(shares)), shares, share_errors
+    return None, shares, share_errors

@@ -292,7 +292,9 @@ class PersistentFit(FittedEstimator):
     perturbations), ``cross`` and ``cross_se`` (the cross term with the accumulated perturbation and
     its standard error, before shrinkage), ``accumulated`` (``E U_i^2``); ``persistence_ratio``:
     ``sum w / sum v`` over the corrected steps (1 for independent errors); ``cross_used``: ``"carried"`` or
-    ``"accumulated"``, the cross term the fit took.
+    ``"accumulated"``, the cross term the fit took; ``map_shares`` and ``map_share_errors``: each output-map
+    candidate's held-out share and its jackknife standard error over the calibration runs, ``map_threshold`` the
+    share a map must reach to be applied.
     """
 
     independent_variance: np.ndarray | None = None
@@ -308,7 +310,25 @@ class PersistentFit(FittedEstimator):
     output_terms: tuple[str, ...] = ()
     output_map: OutputMap | None = None
     map_shares: dict[str, float] | None = None
+    map_share_errors: dict[str, float] | None = None
+    map_threshold: float = 0.1
     cross_used: str = "accumulated"
+
+    def _map_choice_caveat(self) -> str:
+        """A summary line where the output map's choice rests on the runs drawn: the best candidate's held-out share
+        lies within two jackknife standard errors of the threshold (empty otherwise)."""
+        if not self.map_shares or not self.map_share_errors:
+            return ""
+        best = max(self.map_shares, key=self.map_shares.get)
+        share, error = self.map_shares[best], self.map_share_errors.get(best, float("nan"))
+        if not np.isfinite(error) or abs(share - self.map_threshold) > 2.0 * error:
+            return ""
+        return (
+            f"\ncaveat: the best output map's held-out share, {share:.1%} (jackknife standard error {error:.1%} over "
+            f"the runs), is within two standard errors of the {self.map_threshold:.0%} threshold: whether the map is "
+            'applied depends on which runs were recorded; record more runs (docs/results.md, "More calibration runs '
+            'where the gap is small")'
+        )
 
     def export_tensors(self) -> dict[str, np.ndarray]:
         """``residual_fraction`` and ``residual_error`` per step, when measured (the pull then accounts for the
@@ -362,6 +382,7 @@ class PersistentFit(FittedEstimator):
                 )
             else:
                 text += "\naffine output map: needs at least 2 runs to be chosen on held-out runs; not applied"
+            text += self._map_choice_caveat()
         mean_share, slope_share = self.output_map_shares
         if np.isfinite(slope_share):
             applied = {(): "neither is applied", ("mean",): "each step's mean error is removed"}.get(
@@ -819,7 +840,7 @@ class PersistentEstimator(Estimator):
             ks.append(k)
             mus.append(mu)
         shares = (float("nan"), float("nan"))
-        out_map, map_shares = None, None
+        out_map, map_shares, map_share_errors = None, None, None
         sample_shape = shape[2:]
         # the store's sampler and seeds, for the model re-runs (the FP states, the quantized path)
         scheduler_name, seeds = str(ds.attrs.get("scheduler")), [int(s) for s in ds["seed"].values]
@@ -840,7 +861,7 @@ class PersistentEstimator(Estimator):
                     shape[1],
                     reproduce=outputs,
                 )  # (step, run, samples * D)
-            out_map, map_shares = select_output_map(
+            out_map, map_shares, map_share_errors = select_output_map(
                 [outputs[i].reshape(runs, shape[1], *sample_shape) for i in range(steps)],
                 [errors[i].reshape(runs, shape[1], *sample_shape) for i in range(steps)],
                 trajectory_weights(gain, grid, ds.attrs.get("prediction_type")),
@@ -1010,5 +1031,7 @@ class PersistentEstimator(Estimator):
             + ((f"map:{out_map.name}",) if out_map is not None else ()),
             output_map=out_map,
             map_shares=map_shares,
+            map_share_errors=map_share_errors,
+            map_threshold=self.min_explained,
             cross_used="carried" if carried else "accumulated",
         )
