@@ -93,7 +93,7 @@ def cell(job):
                 (
                     "map_center" in fitted.export_tensors(),
                     float(getattr(fitted, "persistence_ratio", float("nan"))),
-                    "caveat: the best output map" in fitted.summary(),  # its choice rests on the runs drawn
+                    bool(getattr(fitted, "map_choice_unsure", False)),  # the fit's map-choice caveat
                 )
             )
     flat = {k: torch.as_tensor(v, dtype=torch.float64).reshape(len(v), -1) for k, v in finals.items()}

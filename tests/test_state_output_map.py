@@ -213,11 +213,12 @@ def test_the_summary_warns_when_the_map_choice_rests_on_the_runs_drawn(weight_st
     fitted = PersistentEstimator(pair=testbed.mixture_vp_weight()).fit(weight_store)
     best = max(fitted.map_shares, key=fitted.map_shares.get)
     assert np.isfinite(fitted.map_share_errors[best]) and fitted.map_threshold == 0.1
-    assert "caveat" not in fitted.summary()  # the weight error's map explains far more than 10%
+    assert "caveat" not in fitted.summary() and not fitted.map_choice_unsure  # the map explains far more than 10%
     # the best share 0.13 with a standard error of 0.02 is within two of 0.1; with 0.01 it is not
     near = dict.fromkeys(fitted.map_shares, 0.0) | {best: 0.13}
     close = replace(fitted, map_shares=near, map_share_errors={best: 0.02})
     assert "caveat: the best output map's held-out share, 13.0% (jackknife standard error 2.0%" in close.summary()
+    assert close.map_choice_unsure
     assert "caveat" not in replace(close, map_share_errors={best: 0.01}).summary()
     assert "caveat" not in replace(close, map_share_errors={best: float("nan")}).summary()
 

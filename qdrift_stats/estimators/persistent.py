@@ -314,15 +314,22 @@ class PersistentFit(FittedEstimator):
     map_threshold: float = 0.1
     cross_used: str = "accumulated"
 
-    def _map_choice_caveat(self) -> str:
-        """A summary line where the output map's choice rests on the runs drawn: the best candidate's held-out share
-        lies within two jackknife standard errors of the threshold (empty otherwise)."""
+    @property
+    def map_choice_unsure(self) -> bool:
+        """Whether the output map's choice rests on the runs drawn: the best candidate's held-out share lies within
+        two jackknife standard errors (over the calibration runs) of the threshold ``map_threshold``."""
         if not self.map_shares or not self.map_share_errors:
+            return False
+        best = max(self.map_shares, key=self.map_shares.get)
+        error = self.map_share_errors.get(best, float("nan"))
+        return bool(np.isfinite(error) and abs(self.map_shares[best] - self.map_threshold) <= 2.0 * error)
+
+    def _map_choice_caveat(self) -> str:
+        """The summary's line where :attr:`map_choice_unsure` (empty otherwise)."""
+        if not self.map_choice_unsure:
             return ""
         best = max(self.map_shares, key=self.map_shares.get)
-        share, error = self.map_shares[best], self.map_share_errors.get(best, float("nan"))
-        if not np.isfinite(error) or abs(share - self.map_threshold) > 2.0 * error:
-            return ""
+        share, error = self.map_shares[best], self.map_share_errors[best]
         return (
             f"\ncaveat: the best output map's held-out share, {share:.1%} (jackknife standard error {error:.1%} over "
             f"the runs), is within two standard errors of the {self.map_threshold:.0%} threshold: whether the map is "
